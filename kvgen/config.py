@@ -1,0 +1,282 @@
+"""Pydantic models of one kvgen variant, and the cross-field rules that make a variant buildable.
+
+Field-level checks (types, ranges, enumerations) are Pydantic's; the rules that relate several fields live in
+`_cross_field_problems`, so that every rejection can name the field, the rule, the value and a fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .dtypes import DTYPES, CacheDType, IODType, ScaleDType
+from .errors import ConfigError, Problem
+
+Arch = Literal["sm_80", "sm_90a", "sm_100a"]
+KernelName = Literal["store", "load", "copy_pages", "tma_tile_load", "gather4_tile_load", "decode"]
+Swizzle = Literal["NONE", "32B", "64B", "128B"]
+
+TMA_ARCHS = frozenset({"sm_90a", "sm_100a"})
+GATHER4_ARCHS = frozenset({"sm_100a"})
+ALL_KERNELS: tuple[str, ...] = ("store", "load", "copy_pages", "tma_tile_load", "gather4_tile_load", "decode")
+SWIZZLE_BYTES = {"NONE": 16, "32B": 32, "64B": 64, "128B": 128}  # MAX: bytes() = 2^v * 16
+MAX_TILE_SMEM_BYTES = 200 * 1024  # the tile-load kernel stages one BN x BK tile; H100 allows 227 KB
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class CacheParams(_Strict):
+    kind: Literal["paged", "continuous"] = Field("paged", description="paged (page table) or continuous batching")
+    dtype: CacheDType = Field(description="element type stored in the cache")
+    num_kv_heads: int = Field(ge=1, le=256, description="KV heads per device (H)")
+    head_size: int = Field(ge=8, le=1024, description="elements per head (D)")
+    is_mla: bool = Field(False, description="MLA cache: K only (KVD = 1), one KV head")
+    page_size: int | None = Field(None, ge=1, le=1024, description="tokens per page (paged caches only)")
+    num_layers: int = Field(1, ge=1, le=1024, description="layers per page; a run-time dimension, default for allocation")
+    input_dtype: IODType | None = Field(
+        None, description="dtype of new K/V handed to store and returned by load (default: bf16, or f32 for f32 caches)"
+    )
+
+    @property
+    def kv_dim(self) -> int:
+        return 1 if self.is_mla else 2
+
+    @property
+    def io_dtype(self) -> str:
+        if self.input_dtype is not None:
+            return self.input_dtype
+        return "float32" if self.dtype == "float32" else ("float16" if self.dtype == "float16" else "bfloat16")
+
+
+class Quantization(_Strict):
+    scale_dtype: ScaleDType = Field("float32", description="dtype of the per-group scales")
+    granularity: int = Field(ge=1, le=1024, description="elements of head_size sharing one scale")
+
+
+class RopeLayout(_Strict):
+    """MAX's rope-aware FP8 MLA row: padded_depth FP8 bytes of content, then rope_dim BF16 elements."""
+
+    padded_depth: int = Field(ge=16, le=1024, description="bytes of FP8 content at the start of each row")
+    rope_dim: int = Field(ge=8, le=256, description="BF16 rope elements after the content")
+
+
+class TmaParams(_Strict):
+    swizzle: Swizzle = Field("128B", description="TMA swizzle mode of K/V tiles")
+    bn: int = Field(64, ge=1, le=256, description="rows (tokens) per K/V tile")
+    bk: int | None = Field(None, ge=1, le=1024, description="columns per tile (default: padded depth)")
+    base_alignment: int | None = Field(None, ge=1, description="alignment of tile start rows (default: bn)")
+
+
+class VariantSpec(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,47}$", description="lowercase identifier prefix of the variant")
+    description: str = ""
+    cache: CacheParams
+    quantization: Quantization | None = None
+    rope_layout: RopeLayout | None = None
+    tma: TmaParams = TmaParams()
+    archs: list[Arch] = Field(default_factory=lambda: ["sm_90a"], min_length=1)
+    kernels: list[KernelName] | None = Field(None, description="kernels to emit (default: all the archs support)")
+    sources: list[str] = Field(default_factory=list, description="user kernel sources compiled against the trait")
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> VariantSpec:
+        problems = _cross_field_problems(self)
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    # ---- derived facts used by rendering and run time -----------------------------------------------------
+    @property
+    def tma_archs(self) -> list[str]:
+        return [a for a in self.archs if a in TMA_ARCHS]
+
+    @property
+    def effective_kernels(self) -> list[str]:
+        if self.kernels is not None:
+            return list(self.kernels)
+        wanted = ["store", "load", "copy_pages"]
+        if self.tma_archs and DTYPES[self.cache.dtype].tma_type is not None:
+            wanted.append("tma_tile_load")
+        if GATHER4_ARCHS & set(self.archs) and DTYPES[self.cache.dtype].tma_type is not None:
+            wanted.append("gather4_tile_load")
+        return wanted
+
+    def kernels_for_arch(self, arch: str) -> list[str]:
+        """Kernels compiled into the cubin of one arch (TMA kernels only where the arch has TMA)."""
+        out = []
+        for k in self.effective_kernels:
+            if k == "tma_tile_load" and arch not in TMA_ARCHS:
+                continue
+            if k == "gather4_tile_load" and arch not in GATHER4_ARCHS:
+                continue
+            out.append(k)
+        return out
+
+
+def _cross_field_problems(v: VariantSpec) -> list[Problem]:
+    c, q, r, t = v.cache, v.quantization, v.rope_layout, v.tma
+    dt = DTYPES[c.dtype]
+    io = DTYPES[c.io_dtype]
+    P: list[Problem] = []
+
+    def bad(field: str, rule: str, value: Any, fix: str) -> None:
+        P.append(Problem(field, rule, value, fix))
+
+    # -- cache shape --------------------------------------------------------------------------------------
+    if c.kind == "paged" and c.page_size is None:
+        bad("cache.page_size", "a paged cache needs a page size", None, "set cache.page_size, e.g. 128")
+    if c.kind == "continuous" and c.page_size is not None:
+        bad("cache.page_size", "a continuous cache has no pages", c.page_size, "remove cache.page_size or use kind: paged")
+    if c.page_size is not None and not (_is_pow2(c.page_size) and 8 <= c.page_size <= 1024):
+        bad("cache.page_size", "must be a power of two in [8, 1024] (row and populate math use shifts)",
+            c.page_size, "use 16, 32, 64, 128 or 256")
+    if (c.head_size * dt.nbytes) % 16:
+        bad("cache.head_size", f"head_size * {dt.nbytes} B ({c.dtype}) must be a multiple of 16 B for vector and TMA access",
+            c.head_size, f"use a multiple of {16 // dt.nbytes}")
+    if (c.head_size * io.nbytes) % 16:
+        bad("cache.input_dtype", f"head_size * {io.nbytes} B ({c.io_dtype}) must be a multiple of 16 B",
+            c.head_size, f"use a head_size multiple of {16 // io.nbytes}")
+    if c.is_mla and c.num_kv_heads != 1:
+        bad("cache.num_kv_heads", "an MLA cache stores a single latent head", c.num_kv_heads, "set num_kv_heads: 1")
+    if c.input_dtype is not None and dt.nbytes == 4 and c.input_dtype != "float32":
+        bad("cache.input_dtype", "a float32 cache is fed float32 values (no silent widening of rounded data)",
+            c.input_dtype, "set input_dtype: float32 or leave it out")
+
+    # -- quantization -------------------------------------------------------------------------------------
+    if q is not None:
+        if not dt.is_fp8:
+            bad("quantization", "scales are only defined for FP8 caches", c.dtype,
+                "use dtype float8_e4m3fn (or float8_e5m2), or remove quantization")
+        if c.kind == "continuous":
+            bad("quantization", "a continuous cache is never quantized (MAX asserts this)", c.kind,
+                "use kind: paged, or remove quantization")
+        if c.head_size % q.granularity:
+            bad("quantization.granularity", "must divide head_size", q.granularity,
+                f"use a divisor of {c.head_size}, e.g. {_largest_divisor_pow2(c.head_size, 128)}")
+        elif q.granularity % 16:
+            bad("quantization.granularity", "must be a multiple of 16 so no 16-byte FP8 vector spans two scale groups",
+                q.granularity, "use 32, 64 or 128")
+
+    # -- rope-aware MLA layout ----------------------------------------------------------------------------
+    if r is not None:
+        if c.kind == "continuous":
+            bad("rope_layout", "a continuous cache has no rope-aware layout (MAX: comptime assert)", c.kind,
+                "use kind: paged")
+        if c.dtype != "float8_e4m3fn":
+            bad("rope_layout", "the rope-aware layout stores FP8 e4m3 content", c.dtype, "set cache.dtype: float8_e4m3fn")
+        if not c.is_mla:
+            bad("rope_layout", "the rope-aware layout is an MLA layout", c.is_mla, "set cache.is_mla: true")
+        if r.padded_depth % 64:
+            bad("rope_layout.padded_depth", "must be a multiple of 64 bytes (the content TMA swizzle atom)",
+                r.padded_depth, "use 512 (DeepSeek kv_lora_rank)")
+        if (r.rope_dim * 2) % 16:
+            bad("rope_layout.rope_dim", "rope bytes must be a multiple of 16", r.rope_dim, "use 64")
+        if c.head_size != r.padded_depth + 2 * r.rope_dim:
+            bad("cache.head_size", "with a rope layout head_size counts bytes: padded_depth + 2 * rope_dim",
+                c.head_size, f"set head_size: {r.padded_depth + 2 * r.rope_dim}")
+        if q is not None and q.granularity != c.head_size:
+            bad("quantization.granularity", "the rope-aware layout has one scale per token (granularity = head_size)",
+                q.granularity, f"set granularity: {c.head_size}")
+
+    # -- archs and kernels --------------------------------------------------------------------------------
+    if len(set(v.archs)) != len(v.archs):
+        bad("archs", "each arch may appear once", v.archs, "remove the duplicates")
+    kernels = v.kernels or []
+    if len(set(kernels)) != len(kernels):
+        bad("kernels", "each kernel may appear once", kernels, "remove the duplicates")
+    if "tma_tile_load" in kernels and not v.tma_archs:
+        bad("kernels", "tma_tile_load needs TMA, which sm_80 does not have", v.archs, "add sm_90a to archs")
+    if "gather4_tile_load" in kernels and not (GATHER4_ARCHS & set(v.archs)):
+        bad("kernels", "gather4_tile_load uses tile::gather4, which needs sm_100a", v.archs, "add sm_100a to archs")
+    uses_tma = any(k in v.effective_kernels for k in ("tma_tile_load", "gather4_tile_load"))
+    if uses_tma and dt.tma_type is None:
+        bad("cache.dtype", "TMA has no data type for float8_e5m2 (MAX rejects it too)", c.dtype,
+            "use float8_e4m3fn, or drop the TMA kernels from kernels")
+
+    # -- TMA tile geometry (only when a TMA kernel is emitted) -------------------------------------------
+    if uses_tma and "tma_tile_load" in v.effective_kernels:
+        P.extend(_tma_problems(v))
+    return P
+
+
+def _largest_divisor_pow2(n: int, cap: int) -> int:
+    d = 1
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def _tma_problems(v: VariantSpec) -> list[Problem]:
+    c, t = v.cache, v.tma
+    dt = DTYPES[c.dtype]
+    P: list[Problem] = []
+    span = SWIZZLE_BYTES[t.swizzle]
+    gran = span // dt.nbytes
+    row_bytes = (v.rope_layout.padded_depth if v.rope_layout else c.head_size * dt.nbytes)
+    if span > row_bytes:
+        P.append(Problem("tma.swizzle", f"the swizzle span ({span} B) must fit in one head row ({row_bytes} B)",
+                         t.swizzle, "use a smaller swizzle, e.g. 32B or NONE"))
+    if not (_is_pow2(t.bn) and 8 <= t.bn <= 256):
+        P.append(Problem("tma.bn", "must be a power of two in [8, 256] (TMA box rows <= 256)", t.bn, "use 64 or 128"))
+    bk = t.bk if t.bk is not None else _padded_depth(v)
+    if bk % gran:
+        P.append(Problem("tma.bk", f"must be a multiple of the swizzle granule ({gran} elements of {c.dtype})",
+                         bk, f"use {((bk + gran - 1) // gran) * gran}"))
+    if bk > _padded_depth(v):
+        P.append(Problem("tma.bk", "must not exceed the padded depth of a row", bk, f"use at most {_padded_depth(v)}"))
+    if _is_pow2(t.bn) and t.bn * bk * dt.nbytes > MAX_TILE_SMEM_BYTES:
+        P.append(Problem("tma.bn", f"a BN x BK tile ({t.bn} x {bk} x {dt.nbytes} B) must fit in {MAX_TILE_SMEM_BYTES} B of shared memory",
+                         t.bn, f"use bn {max(8, MAX_TILE_SMEM_BYTES // (bk * dt.nbytes) // 2)}"))
+    if t.base_alignment is not None:
+        if not _is_pow2(t.base_alignment):
+            P.append(Problem("tma.base_alignment", "must be a power of two", t.base_alignment, f"use {t.bn}"))
+        elif c.page_size and c.page_size < t.bn and t.base_alignment < c.page_size:
+            P.append(Problem("tma.base_alignment",
+                             "when a tile spans several pages (page_size < bn), populate needs tiles that start on a page",
+                             t.base_alignment, f"use a multiple of page_size ({c.page_size}), e.g. {t.bn}"))
+    return P
+
+
+def _padded_depth(v: VariantSpec) -> int:
+    """MAX padded_depth(dtype, swizzle, D) = align_up(D, granule); rope layouts read only the content."""
+    dt = DTYPES[v.cache.dtype]
+    gran = SWIZZLE_BYTES[v.tma.swizzle] // dt.nbytes
+    depth = v.rope_layout.padded_depth if v.rope_layout else v.cache.head_size
+    return ((depth + gran - 1) // gran) * gran
+
+
+def padded_depth(v: VariantSpec) -> int:
+    return _padded_depth(v)
+
+
+def validate_variant(data: dict[str, Any], source: str | None = None) -> VariantSpec:
+    """Validate one variant dict; every problem becomes a `Problem` inside one `ConfigError`."""
+    try:
+        return VariantSpec.model_validate(data)
+    except ConfigError as e:
+        raise ConfigError(e.problems, source) from None
+    except ValidationError as e:
+        raise ConfigError([_problem_from_pydantic(err) for err in e.errors()], source) from None
+
+
+def _problem_from_pydantic(err: dict[str, Any]) -> Problem:
+    field = ".".join(str(p) for p in err["loc"]) or "<config>"
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        return Problem(field, "unknown field", value, "remove it or check its spelling against the documented fields")
+    if kind == "missing":
+        return Problem(field, "required field is missing", None, f"add {field} to the config")
+    fix = err["msg"]
+    if kind in ("literal_error", "enum"):
+        fix = "use one of: " + err.get("ctx", {}).get("expected", "")
+    elif "ctx" in err and any(k in err["ctx"] for k in ("ge", "le", "gt", "lt")):
+        fix = "use a value that " + err["msg"].replace("Input should be", "is")
+    return Problem(field, err["msg"], value, fix)

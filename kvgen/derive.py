@@ -1,0 +1,150 @@
+"""Every number the templates need, computed once in Python from a validated variant.
+
+Templates only print these values; the invariants they rely on are repeated as static_asserts in the
+rendered C++ so a wrong number fails at compile time rather than corrupting a cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .config import SWIZZLE_BYTES, VariantSpec, padded_depth
+from .dtypes import DTYPES
+from .grid import Variant
+
+THREADS = 256  # kvgen::kThreads
+MAX_TOKENS_PER_BLOCK = 64  # kvgen::kMaxTokensPerBlock
+
+
+def _largest_pow2_divisor(n: int, cap: int) -> int:
+    d = 1
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+@dataclass(frozen=True)
+class StoreSplit:
+    vec: int  # input elements per 16-byte access
+    tpg: int  # lanes sharing one scale group (1 when not quantized)
+    vpt: int  # vectors per lane per item
+
+    @property
+    def elems_per_item(self) -> int:
+        return self.vec * self.vpt
+
+
+def store_split(spec: VariantSpec) -> StoreSplit:
+    """Split of a head row into lane work for store/load.
+
+    A 16-byte access of the input dtype is the unit (8 bf16). With quantization each scale group of g
+    elements is handled by TPG lanes (a power of two <= 32, so a shuffle butterfly reduces its amax)
+    holding VPT vectors each, with TPG * VPT * VEC = g.
+    """
+    io = DTYPES[spec.cache.io_dtype]
+    cache = DTYPES[spec.cache.dtype]
+    # The cache side of one vector must also be a legal 1..16-byte access; e.g. f32 in -> f32 cache is 4x4.
+    vec = 16 // io.nbytes
+    while spec.cache.head_size % vec:
+        vec //= 2
+    assert vec * cache.nbytes <= 16
+    if spec.quantization is None or spec.rope_layout is not None:
+        return StoreSplit(vec=vec, tpg=1, vpt=1)
+    g = spec.quantization.granularity
+    vectors = g // vec
+    tpg = _largest_pow2_divisor(vectors, 32)
+    return StoreSplit(vec=vec, tpg=tpg, vpt=vectors // tpg)
+
+
+def tokens_per_block(spec: VariantSpec, split: StoreSplit) -> int:
+    """Tokens one 256-thread block of store/load handles: about one item per thread, at most 64."""
+    kvd = spec.cache.kv_dim
+    items = kvd * spec.cache.num_kv_heads * (spec.cache.head_size // split.elems_per_item)
+    return max(1, min(MAX_TOKENS_PER_BLOCK, THREADS // max(1, items)))
+
+
+@dataclass(frozen=True)
+class TmaGeometry:
+    bn: int
+    bk: int
+    gran: int  # elements per swizzle granule (= inner box)
+    span: int  # swizzle span in bytes (16 for NONE)
+    swizzle: str
+    base_alignment: int
+    box_rows: int  # rows per TMA issue: min(BN, page) (one page per issue)
+    smem_bytes: int  # dynamic shared memory of the tile-load kernel (1024 B alignment slack included)
+
+
+def tma_geometry(spec: VariantSpec) -> TmaGeometry:
+    dt = DTYPES[spec.cache.dtype]
+    span = SWIZZLE_BYTES[spec.tma.swizzle]
+    gran = span // dt.nbytes
+    bk = spec.tma.bk if spec.tma.bk is not None else padded_depth(spec)
+    p = spec.cache.page_size or 0
+    box_rows = spec.tma.bn if (p == 0 or p >= spec.tma.bn) else p
+    return TmaGeometry(
+        bn=spec.tma.bn, bk=bk, gran=gran, span=span, swizzle=spec.tma.swizzle,
+        base_alignment=spec.tma.base_alignment or spec.tma.bn, box_rows=box_rows,
+        smem_bytes=spec.tma.bn * bk * dt.nbytes + 1024,
+    )
+
+
+@dataclass(frozen=True)
+class Gather4Geometry:
+    tile_rows: int
+    tile_width: int  # elements of one head row that are gathered
+    box_w: int
+
+
+def gather4_geometry(spec: VariantSpec) -> Gather4Geometry:
+    dt = DTYPES[spec.cache.dtype]
+    width = spec.rope_layout.padded_depth // dt.nbytes if spec.rope_layout else spec.cache.head_size
+    box_w = width
+    while box_w > 256 or (box_w * dt.nbytes) % 16 or width % box_w:
+        box_w //= 2
+    return Gather4Geometry(tile_rows=16, tile_width=width, box_w=box_w)
+
+
+def kernel_symbol(variant: Variant, kernel: str) -> str:
+    return f"kvgen_{variant.name}_{kernel}"
+
+
+def render_context(variant: Variant, arch: str) -> dict[str, object]:
+    """The flat dictionary one variant's templates are rendered with, for one arch."""
+    spec = variant.spec
+    c = spec.cache
+    dt, io = DTYPES[c.dtype], DTYPES[c.io_dtype]
+    q = spec.quantization
+    split = store_split(spec)
+    kernels = spec.kernels_for_arch(arch)
+    ctx: dict[str, object] = {
+        "variant": variant.name,
+        "digest": variant.digest,
+        "arch": arch,
+        "config_yaml": variant.config_json,
+        "kind": c.kind,
+        "cache_class": "PagedKVCache" if c.kind == "paged" else "ContinuousKVCache",
+        "dtype_c": dt.c_type,
+        "io_c": io.c_type,
+        "scale_c": DTYPES[q.scale_dtype].c_type if q else "float",
+        "num_heads": c.num_kv_heads,
+        "head_size": c.head_size,
+        "is_mla": c.is_mla,
+        "page_size": c.page_size or 0,
+        "quantized": q is not None,
+        "granularity": q.granularity if q else 1,
+        "fp8_max": dt.fp8_max,
+        "rope": spec.rope_layout is not None,
+        "rope_padded_depth": spec.rope_layout.padded_depth if spec.rope_layout else 0,
+        "rope_dim": spec.rope_layout.rope_dim if spec.rope_layout else 0,
+        "store_vec": split.vec,
+        "store_tpg": split.tpg,
+        "store_vpt": split.vpt,
+        "kernels": kernels,
+        "symbols": {k: kernel_symbol(variant, k) for k in kernels},
+    }
+    if "tma_tile_load" in kernels:
+        ctx["tma"] = asdict(tma_geometry(spec))
+    if "gather4_tile_load" in kernels:
+        ctx["g4"] = asdict(gather4_geometry(spec))
+    return ctx

@@ -1,0 +1,133 @@
+// kvgen common device helpers: element conversion (saturating FP8), vector access, the run-time cache
+// arguments shared with Python. Header-only; compiled by NVRTC (no <cuda.h>, no <cstdint>).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda/std/cstdint>
+
+// <cuda.h> cannot be included under NVRTC (it pulls <stdlib.h>); this matches its CUDA 13 definition.
+#ifndef KVGEN_CUTENSORMAP_DECLARED
+#define KVGEN_CUTENSORMAP_DECLARED
+struct alignas(128) CUtensorMap_st { unsigned long long opaque[16]; };
+typedef struct CUtensorMap_st CUtensorMap;
+#endif
+
+namespace kvgen {
+using cuda::std::int32_t;
+using cuda::std::int64_t;
+using cuda::std::uint32_t;
+using cuda::std::uint64_t;
+using cuda::std::uint8_t;
+
+// Error bits written (atomicOr) into CacheArgs::error_word when a launch meets data it refuses to touch.
+// The write or read is skipped, so the cache is never corrupted; the host reads the word on demand.
+enum ErrorBits : uint32_t {
+  kErrUnassignedPage = 1u << 0,  // a token maps to the null page or past the lookup-table row
+  kErrPageOutOfRange = 1u << 1,  // a page id is past the allocation
+  kErrBadRange = 1u << 2,        // CSR offsets decrease or exceed the token count
+};
+
+// Run-time description of a whole cache collection (all layers, K and V). Python packs the same layout
+// (kvgen/runtime/abi.py); keep both in sync, the static_asserts below pin the size.
+struct CacheArgs {
+  void* blocks;                    // [num_blocks, KVD, L, P, H, D] (continuous: [slots, KVD, L, S, H, D])
+  void* scales;                    // [num_blocks, KVD, L, P, H, G] or nullptr when not quantized
+  const uint32_t* cache_lengths;   // [batch] tokens already cached
+  const uint32_t* lookup_table;    // [batch, lut_row_stride] page ids (paged) / [batch] slot ids (continuous)
+  uint32_t* error_word;            // see ErrorBits; may be nullptr
+  uint32_t batch_size;
+  uint32_t lut_row_stride;         // columns of the lookup table (1 for continuous)
+  uint32_t num_blocks;             // pages including the null page / number of slots
+  uint32_t num_layers;
+  uint32_t max_seq_length;         // longest count of new tokens in this step (max_prompt_length)
+  uint32_t max_cache_length;       // longest cache_length + new tokens (max_context_length)
+  uint32_t tokens_per_slot;        // continuous caches only: the slot length S; 0 for paged
+  uint32_t reserved;
+};
+static_assert(sizeof(CacheArgs) == 72, "CacheArgs layout must match kvgen/runtime/abi.py");
+
+__device__ __forceinline__ void report(const CacheArgs& a, uint32_t bits) {
+  if (a.error_word != nullptr) atomicOr(a.error_word, bits);
+}
+
+// ---- element conversion --------------------------------------------------------------------------------
+struct e8m0_t { uint8_t bits; };  // power-of-two scale 2^(bits-127), as float8_e8m0fnu
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f32(__nv_fp8_e4m3 x) { return static_cast<float>(x); }
+__device__ __forceinline__ float to_f32(__nv_fp8_e5m2 x) { return static_cast<float>(x); }
+__device__ __forceinline__ float to_f32(e8m0_t x) {
+  // bits 0 is 2^-127 (subnormal in float32); 255 is NaN in e8m0fnu and is never produced by kvgen.
+  return x.bits == 0 ? __uint_as_float(0x00400000u) : __uint_as_float(uint32_t(x.bits) << 23);
+}
+
+template <class T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+// FP8 conversions saturate to the finite range (cvt.rn.satfinite): +-inf and overflow become +-max, never NaN.
+// A plain cvt is not satfinite and would turn overflow into NaN (MAX cast_saturating exists for this reason).
+template <> __device__ __forceinline__ __nv_fp8_e4m3 from_f32<__nv_fp8_e4m3>(float x) {
+  __nv_fp8_e4m3 r; r.__x = __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3); return r;
+}
+template <> __device__ __forceinline__ __nv_fp8_e5m2 from_f32<__nv_fp8_e5m2>(float x) {
+  __nv_fp8_e5m2 r; r.__x = __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E5M2); return r;
+}
+
+// Scale of one quantization group: amax / fp8_max, or for e8m0 the next power of two at or above it.
+// kvgen.reference.group_scale implements the same bit-level rule; keep them identical.
+template <class S> __device__ __forceinline__ S make_scale(float amax, float fp8_max);
+template <> __device__ __forceinline__ float make_scale<float>(float amax, float fp8_max) {
+  return amax > 0.f ? amax / fp8_max : 1.f;
+}
+template <> __device__ __forceinline__ e8m0_t make_scale<e8m0_t>(float amax, float fp8_max) {
+  const float r = amax / fp8_max;
+  const uint32_t b = __float_as_uint(r);
+  uint32_t e = (b >> 23) & 0xffu, m = b & 0x7fffffu;
+  uint32_t bits;
+  if (!(r > 0.f)) bits = 127u;          // zero group: scale 1
+  else if (e == 0u) bits = 1u;          // subnormal ratio: 2^-126 already covers it
+  else bits = e + (m != 0u ? 1u : 0u);  // ceil(log2(r))
+  if (bits > 254u) bits = 254u;
+  e8m0_t s; s.bits = uint8_t(bits); return s;
+}
+
+// ---- vector access ---------------------------------------------------------------------------------------
+template <class T, int N> struct Vec { T v[N]; };
+
+template <int Bytes> struct RawVec;
+template <> struct RawVec<16> { using type = uint4; };
+template <> struct RawVec<8> { using type = uint2; };
+template <> struct RawVec<4> { using type = uint32_t; };
+template <> struct RawVec<2> { using type = unsigned short; };
+template <> struct RawVec<1> { using type = uint8_t; };
+
+template <int Bytes> constexpr bool is_raw_width = Bytes == 1 || Bytes == 2 || Bytes == 4 || Bytes == 8 || Bytes == 16;
+
+// One wide load/store when the vector is 1..16 bytes (callers keep the address aligned to its size).
+template <int N, class T> __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
+  Vec<T, N> r;
+  if constexpr (is_raw_width<int(sizeof(T)) * N>) {
+    using R = typename RawVec<int(sizeof(T)) * N>::type;
+    *reinterpret_cast<R*>(&r) = *reinterpret_cast<const R*>(p);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) r.v[i] = p[i];
+  }
+  return r;
+}
+template <int N, class T> __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& x) {
+  if constexpr (is_raw_width<int(sizeof(T)) * N>) {
+    using R = typename RawVec<int(sizeof(T)) * N>::type;
+    *reinterpret_cast<R*>(p) = *reinterpret_cast<const R*>(&x);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) p[i] = x.v[i];
+  }
+}
+
+__device__ __forceinline__ uint32_t lowbit(uint32_t x) { return x & (~x + 1u); }
+}  // namespace kvgen

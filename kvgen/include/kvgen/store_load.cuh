@@ -1,0 +1,185 @@
+// Store, load (gather) and copy_pages kernels, written against the KVCacheT trait (Cache = PagedKVCache or
+// ContinuousKVCache of a rendered Traits). The rendered .cu instantiates them under extern "C" names.
+#pragma once
+#include "cache.cuh"
+
+namespace kvgen {
+
+// Work split shared by store and load. A token row (K or V, all heads) is cut into "items": each item is
+// VPT vectors of VEC input elements belonging to one scale group slice; TPG consecutive lanes share a
+// group and reduce its amax with shuffles. Python (kvgen/derive.py) picks the numbers; see it for why.
+template <class Cache, class In, int VEC, int TPG, int VPT> struct RowSplit {
+  static constexpr int H = Cache::num_heads, D = Cache::head_size, KVD = Cache::kv_dim;
+  static constexpr int elems_per_item = VEC * VPT;
+  static constexpr int items_per_head = D / elems_per_item;
+  static constexpr int items_per_row = H * items_per_head;   // one of K or V
+  static constexpr int items_per_token = KVD * items_per_row;
+  static_assert(D % elems_per_item == 0, "an item never spans two heads");
+  static_assert(TPG >= 1 && TPG <= 32 && (TPG & (TPG - 1)) == 0, "a scale group lives inside one warp");
+  static_assert(items_per_head % TPG == 0, "groups are whole items");
+};
+
+constexpr int kThreads = 256;
+constexpr int kMaxTokensPerBlock = 64;
+
+// Resolve each token of the block once, into shared memory: CSR search, position, LUT lookup -> row.
+// Row math does not depend on (kv, layer), so one view answers for K and V. Invalid tokens get kNoRow.
+constexpr uint32_t kNoRow = 0xffffffffu;
+template <class Cache> __device__ __forceinline__ void resolve_tokens(
+    const CacheArgs& a, const uint32_t* row_offsets, uint32_t tok0, uint32_t ntok, uint32_t total_tokens,
+    const uint32_t* start_pos, uint32_t* s_req, uint32_t* s_pos, uint32_t* s_row) {
+  const Cache c = Cache::view(a, 0, 0);
+  for (uint32_t i = threadIdx.x; i < ntok; i += blockDim.x) {
+    const uint32_t tok = tok0 + i;
+    uint32_t lo = 0, hi = a.batch_size;  // last b with row_offsets[b] <= tok
+    while (hi - lo > 1) {
+      const uint32_t mid = (lo + hi) >> 1;
+      if (row_offsets[mid] <= tok) lo = mid; else hi = mid;
+    }
+    const uint32_t first = row_offsets[lo];
+    uint32_t pos = kNoRow, row = kNoRow;
+    if (tok >= first && tok < row_offsets[lo + 1] && row_offsets[a.batch_size] == total_tokens) {
+      pos = (start_pos != nullptr ? start_pos[lo] : a.cache_lengths[lo]) + (tok - first);
+      if (!c.position_ok(lo, pos, row)) row = kNoRow;
+    } else {
+      report(a, kErrBadRange);
+    }
+    s_req[i] = lo;
+    s_pos[i] = pos;
+    s_row[i] = row;
+  }
+  __syncthreads();
+}
+
+// store: new K/V [T, H, D] (In) -> cache rows cache_length(b) + t, converting (and quantizing) on the way.
+template <class Cache, class In, int VEC, int TPG, int VPT>
+__device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __restrict__ k_new, const In* __restrict__ v_new,
+                                             const uint32_t* __restrict__ row_offsets, uint32_t total_tokens,
+                                             uint32_t layer, uint32_t tokens_per_block) {
+  using S = RowSplit<Cache, In, VEC, TPG, VPT>;
+  using T = typename Cache::dtype;
+  using Sc = typename Cache::scale_dtype;
+  __shared__ uint32_t s_req[kMaxTokensPerBlock], s_pos[kMaxTokensPerBlock], s_row[kMaxTokensPerBlock];
+  const uint32_t tok0 = blockIdx.x * tokens_per_block;
+  if (tok0 >= total_tokens) return;
+  const uint32_t ntok = min(tokens_per_block, total_tokens - tok0);
+  resolve_tokens<Cache>(a, row_offsets, tok0, ntok, total_tokens, nullptr, s_req, s_pos, s_row);
+  const Cache k_cache = Cache::view(a, 0, layer), v_cache = Cache::view(a, S::KVD - 1, layer);
+  const uint32_t n_items = ntok * S::items_per_token;
+  // Uniform trip count across the block so every lane of a scale group reaches the shuffles together.
+  for (uint32_t base = 0; base < n_items; base += blockDim.x) {
+    const uint32_t it = base + threadIdx.x;
+    const bool active = it < n_items;
+    const uint32_t ti = active ? it / S::items_per_token : 0;
+    const uint32_t rem = it % S::items_per_token;
+    const uint32_t kv = rem / S::items_per_row, h = (rem % S::items_per_row) / S::items_per_head;
+    const uint32_t d0 = (rem % S::items_per_head) * S::elems_per_item;
+    const uint32_t row = s_row[ti];
+    const bool ok = active && row != kNoRow;
+    const In* src = (kv == 0 ? k_new : v_new) + (uint64_t(tok0 + ti) * S::H + h) * S::D + d0;
+    float x[VPT][VEC];
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) {
+      Vec<In, VEC> in{};
+      if (active) in = load_vec<VEC>(src + j * VEC);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) x[j][e] = to_f32(in.v[e]);
+    }
+    float sf = 1.f;
+    Sc scale{};
+    if constexpr (Cache::quantization_enabled) {
+      float amax = 0.f;
+#pragma unroll
+      for (int j = 0; j < VPT; ++j)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) amax = fmaxf(amax, fabsf(x[j][e]));
+#pragma unroll
+      for (int m = TPG / 2; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+      scale = make_scale<Sc>(amax, Cache::fp8_max);
+      sf = to_f32(scale);
+    }
+    if (!ok) continue;
+    const Cache& c = kv == 0 ? k_cache : v_cache;
+    T* dst = c.blocks + int64_t(row) * S::H * S::D + int64_t(h) * S::D + d0;
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) {
+      Vec<T, VEC> out;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        // True division (not a reciprocal multiply) so the result matches the reference bit for bit.
+        out.v[e] = from_f32<T>(Cache::quantization_enabled ? x[j][e] / sf : x[j][e]);
+      }
+      store_vec<VEC>(dst + j * VEC, out);
+    }
+    if constexpr (Cache::quantization_enabled) {
+      if ((threadIdx.x & (TPG - 1)) == 0) {
+        c.scales[int64_t(row) * S::H * Cache::num_scale_groups + h * Cache::num_scale_groups
+                 + d0 / Cache::quantization_granularity] = scale;
+      }
+    }
+  }
+}
+
+// load: cache rows [start_pos(b), start_pos(b) + n_b) -> out K/V [T, H, D] (Out), dequantized.
+template <class Cache, class Out, int VEC, int VPT>
+__device__ __forceinline__ void load_ragged(const CacheArgs& a, Out* __restrict__ k_out, Out* __restrict__ v_out,
+                                            const uint32_t* __restrict__ row_offsets, const uint32_t* __restrict__ start_pos,
+                                            uint32_t total_tokens, uint32_t layer, uint32_t tokens_per_block) {
+  using S = RowSplit<Cache, Out, VEC, 1, VPT>;
+  __shared__ uint32_t s_req[kMaxTokensPerBlock], s_pos[kMaxTokensPerBlock], s_row[kMaxTokensPerBlock];
+  const uint32_t tok0 = blockIdx.x * tokens_per_block;
+  if (tok0 >= total_tokens) return;
+  const uint32_t ntok = min(tokens_per_block, total_tokens - tok0);
+  resolve_tokens<Cache>(a, row_offsets, tok0, ntok, total_tokens, start_pos, s_req, s_pos, s_row);
+  const Cache k_cache = Cache::view(a, 0, layer), v_cache = Cache::view(a, S::KVD - 1, layer);
+  const uint32_t n_items = ntok * S::items_per_token;
+  for (uint32_t it = threadIdx.x; it < n_items; it += blockDim.x) {
+    const uint32_t ti = it / S::items_per_token, rem = it % S::items_per_token;
+    const uint32_t kv = rem / S::items_per_row, h = (rem % S::items_per_row) / S::items_per_head;
+    const uint32_t d0 = (rem % S::items_per_head) * S::elems_per_item;
+    const Cache& c = kv == 0 ? k_cache : v_cache;
+    Out* dst = (kv == 0 ? k_out : v_out) + (uint64_t(tok0 + ti) * S::H + h) * S::D + d0;
+    const uint32_t pos = s_pos[ti];
+    const bool ok = s_row[ti] != kNoRow;
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) {
+      Vec<Out, VEC> v{};
+      if (ok) {
+        // Through the trait's dequantizing load (row_idx(b, pos) is the row resolve_tokens checked).
+        v = c.template load<VEC, Out>(s_req[ti], h, pos, d0 + j * VEC);
+      }
+      store_vec<VEC>(dst + j * VEC, v);
+    }
+  }
+}
+
+// copy_pages: whole pages (all layers, K and V) and their scales, src_ids[i] -> dst_ids[i].
+// A page is contiguous in the page-major layout, so this is a 16-byte vector copy per page.
+__device__ __forceinline__ void copy_pages(const CacheArgs& a, const uint32_t* __restrict__ src_ids,
+                                           const uint32_t* __restrict__ dst_ids, uint32_t n_pairs,
+                                           uint64_t page_bytes, uint64_t scale_page_bytes) {
+  const uint32_t pair = blockIdx.y;
+  if (pair >= n_pairs) return;
+  const uint32_t src = src_ids[pair], dst = dst_ids[pair];
+  // Never write the null page (the last page) nor past the allocation; reading the null page is allowed.
+  if (src >= a.num_blocks || dst + 1 >= a.num_blocks) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) report(a, kErrPageOutOfRange);
+    return;
+  }
+  const uint64_t nvec = page_bytes / 16, nsvec = scale_page_bytes / 16;
+  const uint4* s = reinterpret_cast<const uint4*>(static_cast<const char*>(a.blocks) + uint64_t(src) * page_bytes);
+  uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.blocks) + uint64_t(dst) * page_bytes);
+  const uint64_t step = uint64_t(gridDim.x) * blockDim.x;
+  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec; i += step) d[i] = s[i];
+  if (a.scales != nullptr) {
+    const char* ss = static_cast<const char*>(a.scales) + uint64_t(src) * scale_page_bytes;
+    char* sd = static_cast<char*>(a.scales) + uint64_t(dst) * scale_page_bytes;
+    for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nsvec; i += step)
+      reinterpret_cast<uint4*>(sd)[i] = reinterpret_cast<const uint4*>(ss)[i];
+    // Scale pages need not be a multiple of 16 bytes: finish the tail bytewise.
+    for (uint64_t i = nsvec * 16 + uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < scale_page_bytes; i += step)
+      sd[i] = ss[i];
+  }
+}
+
+}  // namespace kvgen
