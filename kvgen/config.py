@@ -121,7 +121,7 @@ class VariantSpec(_Strict):
 
 
 def _cross_field_problems(v: VariantSpec) -> list[Problem]:
-    c, q, r, t = v.cache, v.quantization, v.rope_layout, v.tma
+    c, q, r = v.cache, v.quantization, v.rope_layout
     dt = DTYPES[c.dtype]
     io = DTYPES[c.io_dtype]
     P: list[Problem] = []

@@ -1,0 +1,122 @@
+"""`kvgen` command line: build, list, show (and bench, on a GPU machine).
+
+Exit codes: 0 success, 2 invalid config or arguments (message on stderr, nothing written), 1 compile failure.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import CompileError, ConfigError
+
+EXIT_COMPILE = 1
+EXIT_CONFIG = 2
+
+
+def _fail(err: Exception, code: int) -> None:
+    click.echo(f"error: {err}", err=True)
+    sys.exit(code)
+
+
+@click.group()
+@click.version_option(package_name="kvgen")
+def main() -> None:
+    """Generate specialized CUDA KV-cache kernels from YAML configs."""
+
+
+@main.command("build")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="output dir (default generated/<config>)")
+@click.option("--arch", "archs", multiple=True, help="only these archs (repeatable), e.g. --arch sm_90a")
+@click.option("--jobs", "-j", default=2, show_default=True, type=click.IntRange(1, 256), help="parallel compiles")
+@click.option("--filter", "pattern", help="only variants whose name matches this glob or substring")
+@click.option("--quiet", "-q", is_flag=True, help="no progress display")
+def build_cmd(config: Path, out: Path | None, archs: tuple[str, ...], jobs: int, pattern: str | None, quiet: bool) -> None:
+    """Expand CONFIG, render, compile with NVRTC and write an importable package."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .build import build, select
+    from .grid import load_config
+
+    try:
+        cfg = load_config(config)
+        chosen = select(cfg, pattern)
+    except ConfigError as e:
+        _fail(e, EXIT_CONFIG)
+    total = sum(len([a for a in v.spec.archs if not archs or a in archs]) * (1 + len(v.spec.sources)) for v in chosen)
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("[bold]compiling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.description}"), console=console, transient=True,
+                        disable=quiet or not console.is_terminal)
+    try:
+        with progress:
+            task = progress.add_task("", total=total)
+            report = build(cfg, out=out, archs=list(archs) or None, jobs=jobs, pattern=pattern,
+                           on_done=lambda label: progress.update(task, advance=1, description=label))
+    except ConfigError as e:
+        _fail(e, EXIT_CONFIG)
+    except CompileError as e:
+        _fail(e, EXIT_COMPILE)
+    n_arch = sum(len(b.archs) for b in report.builds)
+    hits = sum(a.cache_hit for b in report.builds for a in b.archs)
+    click.echo(f"built {len(report.builds)} variant(s), {n_arch} cubin(s) ({hits} from cache) into {report.out_dir} "
+               f"in {report.seconds:.2f} s; {len(report.written)} file(s) written, {report.unchanged} unchanged")
+
+
+@main.command("list")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+def list_cmd(config: Path) -> None:
+    """Print the variants CONFIG expands to: name, archs and kernels."""
+    from .grid import load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        _fail(e, EXIT_CONFIG)
+    for v in cfg.variants:
+        click.echo(f"{v.name}\t{','.join(v.spec.archs)}\t{','.join(v.spec.effective_kernels)}")
+    click.echo(f"{len(cfg.variants)} variant(s)", err=True)
+
+
+@main.command("show")
+@click.argument("variant")
+@click.option("--config", "-c", "configs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="config file(s) to search (default: configs/*.yaml)")
+@click.option("--arch", help="arch of the rendered source (default: the variant's first)")
+def show_cmd(variant: str, configs: tuple[Path, ...], arch: str | None) -> None:
+    """Print VARIANT's config and its rendered CUDA source (VARIANT: a full name or a unique part of one)."""
+    from .grid import load_config
+    from .render import render_source
+
+    paths = list(configs) or sorted(Path("configs").glob("*.yaml"))
+    matches = []
+    for p in paths:
+        try:
+            cfg = load_config(p)
+        except ConfigError as e:
+            _fail(e, EXIT_CONFIG)
+        matches += [v for v in cfg.variants if v.name == variant or variant in v.name]
+    exact = [v for v in matches if v.name == variant]
+    matches = exact or matches
+    if len(matches) != 1:
+        names = ", ".join(v.name for v in matches[:10]) or "none"
+        _fail(ConfigError([Problem_("VARIANT", "must name exactly one variant", variant, f"matches: {names}")]), EXIT_CONFIG)
+    v = matches[0]
+    arch = arch or v.spec.archs[0]
+    click.echo(f"# {v.name} (digest {v.digest})")
+    click.echo(v.spec.model_dump_json(indent=2))
+    click.echo(render_source(v, arch))
+
+
+def Problem_(*args: object):  # noqa: N802 - tiny alias keeps the import local
+    from .errors import Problem
+
+    return Problem(*args)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""CUDA driver access: the primary context shared with PyTorch/CuPy, cubin modules, kernel launches."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+from pathlib import Path
+from typing import Any
+
+_lock = threading.Lock()
+
+
+def cu():  # noqa: ANN201 - the cuda.bindings.driver module, imported on first use
+    from cuda.bindings import driver
+
+    return driver
+
+
+def check(result: Any) -> Any:
+    """Unwrap a cuda-bindings (status, *values) tuple, raising on any error."""
+    res = result if isinstance(result, tuple) else (result,)
+    status = res[0]
+    if int(status) != 0:
+        d = cu()
+        _, msg = d.cuGetErrorString(status)
+        raise RuntimeError(f"CUDA driver error {status!r}: {msg.decode() if msg else ''}")
+    if len(res) == 1:
+        return None
+    return res[1] if len(res) == 2 else res[1:]
+
+
+@functools.cache
+def context(device: int) -> Any:
+    """Retain the device's primary context (the one PyTorch and CuPy use) and make it current."""
+    d = cu()
+    check(d.cuInit(0))
+    dev = check(d.cuDeviceGet(device))
+    ctx = check(d.cuDevicePrimaryCtxRetain(dev))
+    check(d.cuCtxSetCurrent(ctx))
+    return ctx
+
+
+def ensure_current(device: int) -> None:
+    d = cu()
+    ctx = context(device)
+    cur = check(d.cuCtxGetCurrent())
+    if int(cur) != int(ctx):
+        check(d.cuCtxSetCurrent(ctx))
+
+
+def device_arch(device: int) -> str:
+    d = cu()
+    context(device)
+    major = check(d.cuDeviceGetAttribute(d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device))
+    minor = check(d.cuDeviceGetAttribute(d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device))
+    return {(9, 0): "sm_90a", (10, 0): "sm_100a", (8, 0): "sm_80"}.get((major, minor), f"sm_{major}{minor}")
+
+
+class Kernel:
+    """One kernel of a loaded cubin; launches take a pre-packed void*[] so the host cost stays small."""
+
+    def __init__(self, module: Any, name: str, dynamic_smem: int = 0):
+        d = cu()
+        self.name = name
+        self.function = check(d.cuModuleGetFunction(module, name.encode()))
+        self.dynamic_smem = dynamic_smem
+        if dynamic_smem > 48 * 1024:
+            check(d.cuFuncSetAttribute(self.function,
+                                       d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                       dynamic_smem))
+        self._launch = d.cuLaunchKernel
+
+    def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], params: ctypes.Array, stream: int) -> None:
+        """params: a ctypes array of void* pointing at each argument's bytes (kept alive by the caller)."""
+        err = self._launch(self.function, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                           self.dynamic_smem, stream, ctypes.addressof(params), 0)
+        if int(err[0]) != 0:
+            check(err)
+
+
+class Module:
+    def __init__(self, cubin: bytes, device: int):
+        ensure_current(device)
+        self.handle = check(cu().cuModuleLoadData(cubin))
+        self.kernels: dict[str, Kernel] = {}
+
+    def kernel(self, name: str, dynamic_smem: int = 0) -> Kernel:
+        k = self.kernels.get(name)
+        if k is None:
+            k = self.kernels[name] = Kernel(self.handle, name, dynamic_smem)
+        return k
+
+
+_modules: dict[tuple[str, int], Module] = {}
+
+
+def load_module(path: Path, device: int) -> Module:
+    key = (str(path), device)
+    with _lock:
+        m = _modules.get(key)
+        if m is None:
+            m = _modules[key] = Module(Path(path).read_bytes(), device)
+        return m
+
+
+def pack(*values: ctypes._SimpleCData | ctypes.Structure | int) -> tuple[ctypes.Array, list[Any]]:
+    """A void*[] with one entry per kernel argument. Ints are taken as addresses of already-packed bytes."""
+    keep: list[Any] = []
+    arr = (ctypes.c_void_p * len(values))()
+    for i, v in enumerate(values):
+        if isinstance(v, int):
+            arr[i] = v
+        else:
+            keep.append(v)
+            arr[i] = ctypes.addressof(v)
+    return arr, keep

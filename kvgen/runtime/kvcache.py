@@ -1,0 +1,482 @@
+"""The host-side KV cache of one generated variant: tensors, lookup table, lengths, and kernel launches.
+
+Allocation uses PyTorch; `KVCache.wrap` adopts tensors the caller already has (PyTorch, or CuPy /
+__cuda_array_interface__ objects for the blocks). Launches run on the caller's current stream, allocate
+nothing and never synchronize, so they can be captured in CUDA graphs. Every launch validates its
+arguments first; the kernels additionally skip (and flag in `error_word`) any write the host could not
+prove safe, so a bad page table can never write outside the cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..derive import StoreSplit, store_split, tma_geometry, tokens_per_block
+from ..dtypes import DTYPES
+from ..errors import LaunchError
+from ..reference import padded_lut_cols
+from . import driver
+from .abi import ERROR_NAMES, CacheArgs
+from .tensors import DeviceTensor, check_tensor
+
+if TYPE_CHECKING:
+    from .tma import TmaTile
+    from .variant import GeneratedVariant
+
+THREADS = 256
+_U32 = ("uint32", "int32")
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def _torch_dtype(name: str) -> Any:
+    torch = _torch()
+    return {"uint32": torch.int32, "float8_e8m0fnu": torch.uint8}.get(name) or getattr(torch, name)
+
+
+class _Launch:
+    """Pre-packed kernel parameters: values are updated in place, so a launch allocates nothing."""
+
+    def __init__(self, kernel: driver.Kernel, *fields: Any):
+        self.kernel = kernel
+        self.fields = fields
+        self.params, self._keep = driver.pack(*fields)
+
+    def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], stream: int) -> None:
+        self.kernel.launch(grid, block, self.params, stream)
+
+
+class KVCache:
+    """A KV-cache collection (all layers, K and V) of one variant, plus its page table and lengths."""
+
+    def __init__(self, variant: type[GeneratedVariant], blocks: Any, scales: Any | None, lookup_table: Any,
+                 cache_lengths: Any, *, num_layers: int, device: int, tokens_per_slot: int = 0):
+        self.variant = variant
+        self.spec = variant.spec()
+        c = self.spec.cache
+        self.paged = c.kind == "paged"
+        self.kv_dim = c.kv_dim
+        self.num_heads, self.head_size = c.num_kv_heads, c.head_size
+        self.page_size = c.page_size if self.paged else None
+        self.page_rows = c.page_size if self.paged else tokens_per_slot  # rows per page (or slot) in one view
+        self.num_layers = num_layers
+        self.device = device
+        self.dtype = c.dtype
+        self.io_dtype = c.io_dtype
+        self.quantized = self.spec.quantization is not None
+        self.groups = (c.head_size + self.spec.quantization.granularity - 1) // self.spec.quantization.granularity if self.quantized else 0
+
+        blk = check_tensor("KVCache", "blocks", blocks, dtype=self.dtype, device=None)
+        if len(blk.shape) != 6 or blk.shape[1:] != (self.kv_dim, num_layers, self.page_rows, self.num_heads, self.head_size):
+            raise LaunchError("KVCache", "blocks", "shape must be [num_blocks, KVD, L, P, H, D] of this variant",
+                              list(blk.shape), f"allocate [n, {self.kv_dim}, {num_layers}, {self.page_rows}, {self.num_heads}, {self.head_size}]")
+        self.device = blk.device
+        self.num_blocks = blk.shape[0]
+        self.blocks, self.blocks_ptr = blocks, blk.ptr
+        self.scales = scales
+        scales_ptr = 0
+        if self.quantized:
+            if scales is None:
+                raise LaunchError("KVCache", "scales", "a quantized variant needs a scales tensor", None,
+                                  "allocate [num_blocks, KVD, L, P, H, G]")
+            sd = "uint8" if self.spec.quantization.scale_dtype == "float8_e8m0fnu" else "float32"
+            sc = check_tensor("KVCache", "scales", scales, dtype=(sd, self.spec.quantization.scale_dtype),
+                              shape=(self.num_blocks, self.kv_dim, num_layers, self.page_rows, self.num_heads, self.groups),
+                              device=self.device, align=4)
+            scales_ptr = sc.ptr
+        lut = check_tensor("KVCache", "lookup_table", lookup_table, dtype=_U32, device=self.device)
+        self.max_batch = lut.shape[0]
+        self.lut_cols = lut.shape[1] if self.paged else 1
+        if self.paged:
+            if len(lut.shape) != 2 or self.lut_cols % 8 or self.lut_cols < 16:
+                raise LaunchError("KVCache", "lookup_table", "needs round_up(pages, 8) + 16 columns (populate reads ahead)",
+                                  list(lut.shape), "build it with kvgen.reference.padded_lut_cols(max_pages)")
+        lens = check_tensor("KVCache", "cache_lengths", cache_lengths, dtype=_U32, shape=(self.max_batch,), device=self.device, align=4)
+        self.lookup_table, self.cache_lengths = lookup_table, cache_lengths
+        torch = _torch()
+        self.error_word = torch.zeros(1, dtype=torch.int32, device=f"cuda:{self.device}")
+        self._row_offsets = torch.zeros(self.max_batch + 1, dtype=torch.int32, device=f"cuda:{self.device}")
+        self.host_lut = np.full((self.max_batch, self.lut_cols), self.null_page, np.uint32) if self.paged \
+            else np.zeros(self.max_batch, np.uint32)
+        self.host_lengths = np.zeros(self.max_batch, np.uint32)
+        self.step_lengths: np.ndarray | None = None
+        self.args = CacheArgs(
+            blocks=blk.ptr, scales=scales_ptr, cache_lengths=lens.ptr, lookup_table=lut.ptr,
+            error_word=self.error_word.data_ptr(), batch_size=self.max_batch, lut_row_stride=self.lut_cols,
+            num_blocks=self.num_blocks, num_layers=num_layers, max_seq_length=0, max_cache_length=0,
+            tokens_per_slot=tokens_per_slot, reserved=0)
+        self._split: StoreSplit = store_split(self.spec)
+        self._tpb = 8 if self.spec.rope_layout else tokens_per_block(self.spec, self._split)
+        self._launches: dict[str, _Launch] = {}
+        self._scalars = {k: ctypes.c_uint32(0) for k in ("total", "layer", "tpb", "kv", "tiles", "n")}
+        self._ptrs = {k: ctypes.c_uint64(0) for k in ("a", "b", "c", "d")}
+        self._u64 = {k: ctypes.c_uint64(0) for k in ("page_bytes", "scale_bytes")}
+
+    # ---- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def allocate(cls, variant: type[GeneratedVariant], *, max_batch: int, num_pages: int | None = None,
+                 max_pages_per_request: int | None = None, num_slots: int | None = None,
+                 tokens_per_slot: int | None = None, num_layers: int | None = None, device: int = 0,
+                 fill: float | None = None) -> KVCache:
+        """Allocate blocks (+ null page), scales, lookup table (all null page) and zero cache lengths."""
+        torch = _torch()
+        spec = variant.spec()
+        c = spec.cache
+        L = num_layers or c.num_layers
+        dev = f"cuda:{device}"
+        if c.kind == "paged":
+            if not num_pages or not max_pages_per_request:
+                raise LaunchError("KVCache.allocate", "num_pages", "a paged cache needs num_pages and max_pages_per_request",
+                                  (num_pages, max_pages_per_request), "pass both, e.g. num_pages=1024, max_pages_per_request=64")
+            nb, rows, cols = num_pages + 1, c.page_size, padded_lut_cols(max_pages_per_request)
+            lut = torch.full((max_batch, cols), num_pages, dtype=torch.int32, device=dev)
+            slot_len = 0
+        else:
+            if not num_slots or not tokens_per_slot:
+                raise LaunchError("KVCache.allocate", "num_slots", "a continuous cache needs num_slots and tokens_per_slot",
+                                  (num_slots, tokens_per_slot), "pass both, e.g. num_slots=max_batch, tokens_per_slot=4096")
+            nb, rows, slot_len = num_slots, tokens_per_slot, tokens_per_slot
+            lut = torch.zeros(max_batch, dtype=torch.int32, device=dev)
+        shape = (nb, c.kv_dim, L, rows, c.num_kv_heads, c.head_size)
+        blocks = torch.empty(shape, dtype=_torch_dtype(c.dtype), device=dev)
+        if fill is not None:
+            blocks.view(torch.uint8).zero_() if fill == 0 else blocks.copy_(torch.full(shape, fill, device=dev).to(blocks.dtype))
+        scales = None
+        if spec.quantization is not None:
+            g = (c.head_size + spec.quantization.granularity - 1) // spec.quantization.granularity
+            sdt = torch.uint8 if spec.quantization.scale_dtype == "float8_e8m0fnu" else torch.float32
+            scales = torch.ones((nb, c.kv_dim, L, rows, c.num_kv_heads, g), dtype=sdt, device=dev)
+        lengths = torch.zeros(max_batch, dtype=torch.int32, device=dev)
+        cache = cls(variant, blocks, scales, lut, lengths, num_layers=L, device=device, tokens_per_slot=slot_len)
+        if c.kind == "continuous":
+            cache.host_lut[:] = np.arange(max_batch, dtype=np.uint32) % nb
+            cache.lookup_table.copy_(torch.from_numpy(cache.host_lut.astype(np.int32)))
+        return cache
+
+    @classmethod
+    def wrap(cls, variant: type[GeneratedVariant], blocks: Any, scales: Any | None, lookup_table: Any,
+             cache_lengths: Any, *, num_layers: int, tokens_per_slot: int = 0) -> KVCache:
+        """Adopt tensors the caller already owns (same layout as allocate); nothing is copied."""
+        return cls(variant, blocks, scales, lookup_table, cache_lengths, num_layers=num_layers, device=0,
+                   tokens_per_slot=tokens_per_slot)
+
+    # ---- host-side trait members ----------------------------------------------------------------------
+    @property
+    def null_page(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def stride(self) -> int:
+        return self.kv_dim * self.num_layers * self.page_rows
+
+    def get_type_name(self) -> str:
+        return f"{'PagedKVCache' if self.paged else 'ContinuousKVCache'}<{self.variant.NAME}>"
+
+    def cache_lengths_nd(self) -> Any:
+        return self.cache_lengths
+
+    def cache_length(self, b: int) -> int:
+        return int(self.host_lengths[b])
+
+    def max_prompt_length(self) -> int:
+        return int(self.args.max_seq_length)
+
+    def max_context_length(self) -> int:
+        return int(self.args.max_cache_length)
+
+    def empty_cache(self) -> bool:
+        return self.args.max_cache_length == 0
+
+    def max_tile_size(self) -> int:
+        return self.page_size if self.paged else -1
+
+    def num_kv_rows(self) -> int:
+        return (self.num_blocks - 1) * self.stride + self.page_rows
+
+    def row_idx(self, b: int, t: int) -> int:
+        if not self.paged:
+            return int(self.host_lut[b]) * self.stride + t
+        return int(self.host_lut[b, t // self.page_size]) * self.stride + t % self.page_size
+
+    def get_tma_row(self, enc: int) -> int:
+        return enc if not self.paged else (enc // self.page_size) * self.stride + enc % self.page_size
+
+    def copy(self) -> KVCache:
+        """A shallow copy sharing the tensors (MAX's copy of the trait object), with its own step state."""
+        other = object.__new__(KVCache)
+        other.__dict__.update(self.__dict__)
+        other.args = CacheArgs.from_buffer_copy(self.args)
+        other._launches = {}
+        return other
+
+    def view(self, kv: int, layer: int) -> Any:
+        """The [num_blocks, P, H, D] torch view of one (K|V, layer) slice (page stride KVD*L*P*H*D)."""
+        return self.blocks[:, kv, layer]
+
+    # ---- page table and lengths (host mirror + device copy; call outside graph capture) ----------------
+    def set_pages(self, pages: list[list[int]]) -> None:
+        """Assign physical pages per request; unassigned entries stay the null page."""
+        if not self.paged:
+            raise LaunchError("set_pages", "pages", "a continuous cache has slots, not pages", None, "use set_slots")
+        if len(pages) > self.max_batch:
+            raise LaunchError("set_pages", "pages", f"at most max_batch={self.max_batch} requests", len(pages), "allocate a larger max_batch")
+        lut = np.full((self.max_batch, self.lut_cols), self.null_page, np.uint32)
+        for b, ids in enumerate(pages):
+            ids = np.asarray(ids, dtype=np.int64)
+            if len(ids) > self.lut_cols - 16:
+                raise LaunchError("set_pages", f"pages[{b}]", f"at most {self.lut_cols - 16} pages per request",
+                                  len(ids), "allocate with a larger max_pages_per_request")
+            if len(ids) and (ids.min() < 0 or ids.max() >= self.null_page):
+                raise LaunchError("set_pages", f"pages[{b}]", f"page ids must be in [0, {self.null_page})",
+                                  int(ids.max() if len(ids) and ids.max() >= self.null_page else ids.min()),
+                                  "use ids of allocated pages (the last page is the null page)")
+            lut[b, : len(ids)] = ids
+        self.host_lut = lut
+        self.lookup_table.copy_(_torch().from_numpy(lut.view(np.int32)))
+
+    def set_slots(self, slots: list[int]) -> None:
+        if self.paged:
+            raise LaunchError("set_slots", "slots", "a paged cache has pages, not slots", None, "use set_pages")
+        s = np.zeros(self.max_batch, np.uint32)
+        s[: len(slots)] = slots
+        if len(slots) and (min(slots) < 0 or max(slots) >= self.num_blocks):
+            raise LaunchError("set_slots", "slots", f"slot ids must be in [0, {self.num_blocks})", slots, "use allocated slots")
+        self.host_lut = s
+        self.lookup_table.copy_(_torch().from_numpy(s.view(np.int32)))
+
+    def set_cache_lengths(self, lengths: list[int]) -> None:
+        n = np.zeros(self.max_batch, np.uint32)
+        n[: len(lengths)] = lengths
+        self.host_lengths = n
+        self.cache_lengths.copy_(_torch().from_numpy(n.view(np.int32)))
+
+    def capacity(self, b: int) -> int:
+        """Tokens request b can hold: its assigned pages (leading non-null LUT entries) times P, or a slot."""
+        if not self.paged:
+            return self.page_rows
+        row = self.host_lut[b]
+        unassigned = np.nonzero(row == self.null_page)[0]
+        return int(unassigned[0] if len(unassigned) else len(row)) * self.page_size
+
+    def begin_step(self, new_lengths: list[int]) -> Any:
+        """Plan one step (reused by every layer): check capacity on the host, upload CSR row offsets,
+        set max_prompt_length / max_context_length. Returns the device row-offsets tensor."""
+        n = len(new_lengths)
+        if n > self.max_batch:
+            raise LaunchError("begin_step", "new_lengths", f"at most max_batch={self.max_batch} requests", n, "allocate more")
+        for b, k in enumerate(new_lengths):
+            need = int(self.host_lengths[b]) + int(k)
+            if k < 0 or need > self.capacity(b):
+                raise LaunchError("begin_step", f"new_lengths[{b}]",
+                                  f"cache_length {int(self.host_lengths[b])} + {k} new tokens exceeds the {self.capacity(b)} "
+                                  "tokens of the pages assigned to this request", k, "assign more pages with set_pages first")
+        offs = np.zeros(self.max_batch + 1, np.int32)
+        offs[1: n + 1] = np.cumsum(new_lengths)
+        offs[n + 1:] = offs[n]
+        self._row_offsets.copy_(_torch().from_numpy(offs))
+        self.args.batch_size = n
+        self.args.max_seq_length = max(new_lengths, default=0)
+        self.args.max_cache_length = int(max((self.host_lengths[b] + k for b, k in enumerate(new_lengths)), default=0))
+        self.step_lengths = np.asarray(new_lengths, np.uint32)
+        return self._row_offsets[: n + 1]
+
+    def end_step(self) -> None:
+        """Advance cache_lengths by the step's new tokens (host mirror and device)."""
+        if self.step_lengths is None:
+            return
+        lengths = self.host_lengths.copy()
+        lengths[: len(self.step_lengths)] += self.step_lengths
+        self.set_cache_lengths(list(lengths))
+        self.step_lengths = None
+
+    # ---- errors flagged by kernels --------------------------------------------------------------------
+    def errors(self) -> list[str]:
+        """Decode the device error word (synchronizes). Empty when every launch was clean."""
+        w = int(self.error_word.item())
+        return [msg for bit, msg in ERROR_NAMES.items() if w & bit]
+
+    def raise_if_error(self) -> None:
+        errs = self.errors()
+        if errs:
+            self.error_word.zero_()
+            raise RuntimeError("kvgen kernels refused some accesses: " + "; ".join(errs))
+
+    # ---- launches -------------------------------------------------------------------------------------
+    def _kernel(self, name: str, smem: int = 0) -> driver.Kernel:
+        arch = driver.device_arch(self.device)
+        if arch not in self.variant.CUBINS:
+            raise LaunchError(self.variant.NAME, "device", "no cubin for this GPU's arch", arch,
+                              f"add {arch} to archs and rebuild (have: {', '.join(self.variant.CUBINS)})")
+        symbols = self.variant.KERNELS[arch]
+        if name not in symbols:
+            raise LaunchError(self.variant.NAME, "kernel", f"kernel {name!r} was not emitted for {arch}", name,
+                              "add it to the config's kernels and rebuild")
+        return driver.load_module(self.variant.CUBINS[arch], self.device).kernel(symbols[name], smem)
+
+    def _launch(self, key: str, name: str, fields: tuple[Any, ...], smem: int = 0) -> _Launch:
+        launch = self._launches.get(key)
+        if launch is None:
+            launch = self._launches[key] = _Launch(self._kernel(name, smem), *fields)
+        return launch
+
+    @staticmethod
+    def _stream(stream: Any) -> int:
+        if stream is None:
+            return _torch().cuda.current_stream().cuda_stream
+        if isinstance(stream, int):
+            return stream
+        return int(getattr(stream, "cuda_stream", None) or getattr(stream, "ptr", None) or stream.handle)
+
+    def _row_offsets_arg(self, kernel: str, row_offsets: Any, total: int) -> DeviceTensor:
+        if row_offsets is None:
+            if self.step_lengths is None:
+                raise LaunchError(kernel, "row_offsets", "needs begin_step(new_lengths) first or explicit CSR offsets",
+                                  None, "call cache.begin_step([...]) once per step")
+            if int(self.step_lengths.sum()) != total:
+                raise LaunchError(kernel, "k", f"has {total} rows but the step plans {int(self.step_lengths.sum())}",
+                                  total, "pass tensors with sum(new_lengths) rows")
+            row_offsets = self._row_offsets
+        return check_tensor(kernel, "row_offsets", row_offsets, dtype=_U32, device=self.device, align=4)
+
+    def _check_layer(self, kernel: str, layer: int) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise LaunchError(kernel, "layer", f"must be in [0, {self.num_layers})", layer, "pass a layer of this cache")
+
+    def _io_shape(self) -> tuple[int | None, ...]:
+        if self.spec.rope_layout:
+            r = self.spec.rope_layout
+            return (None, r.padded_depth + r.rope_dim)
+        return (None, self.num_heads, self.head_size)
+
+    def store(self, layer: int, k: Any, v: Any | None = None, row_offsets: Any = None, stream: Any = None) -> None:
+        """Write new K/V rows [T, H, D] at cache_length(b) + t (CSR row offsets; default: the step's)."""
+        kn = "store"
+        self._check_layer(kn, layer)
+        kt = check_tensor(kn, "k", k, dtype=self.io_dtype, shape=self._io_shape(), device=self.device)
+        total = kt.shape[0]
+        vptr = kt.ptr
+        if self.kv_dim == 2:
+            if v is None:
+                raise LaunchError(kn, "v", "an MHA cache stores K and V together", None, "pass v")
+            vt = check_tensor(kn, "v", v, dtype=self.io_dtype, shape=kt.shape, device=self.device)
+            vptr = vt.ptr
+        ro = self._row_offsets_arg(kn, row_offsets, total)
+        if row_offsets is not None:
+            self.args.batch_size = ro.shape[0] - 1
+        if total == 0:
+            return
+        p, s = self._ptrs, self._scalars
+        launch = self._launch("store", "store", (self.args, p["a"], p["b"], p["c"], s["total"], s["layer"], s["tpb"]))
+        p["a"].value, p["b"].value, p["c"].value = kt.ptr, vptr, ro.ptr
+        s["total"].value, s["layer"].value, s["tpb"].value = total, layer, self._tpb
+        launch(((total + self._tpb - 1) // self._tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
+
+    def load(self, layer: int, k_out: Any, v_out: Any | None, start_pos: Any, row_offsets: Any = None,
+             stream: Any = None) -> None:
+        """Read rows [start_pos(b), start_pos(b) + n_b) of every request into k_out/v_out [T, H, D], dequantized."""
+        kn = "load"
+        self._check_layer(kn, layer)
+        kt = check_tensor(kn, "k_out", k_out, dtype=self.io_dtype, shape=self._io_shape(), device=self.device)
+        total = kt.shape[0]
+        vptr = kt.ptr
+        if self.kv_dim == 2:
+            if v_out is None:
+                raise LaunchError(kn, "v_out", "an MHA cache loads K and V together", None, "pass v_out")
+            vptr = check_tensor(kn, "v_out", v_out, dtype=self.io_dtype, shape=kt.shape, device=self.device).ptr
+        ro = self._row_offsets_arg(kn, row_offsets, total)
+        if row_offsets is not None:
+            self.args.batch_size = ro.shape[0] - 1
+        sp = check_tensor(kn, "start_pos", start_pos, dtype=_U32, shape=(None,), device=self.device, align=4)
+        if sp.shape[0] < self.args.batch_size:
+            raise LaunchError(kn, "start_pos", f"needs one entry per request ({self.args.batch_size})", sp.shape[0],
+                              "pass a start position for every request")
+        if total == 0:
+            return
+        p, s = self._ptrs, self._scalars
+        launch = self._launch("load", "load", (self.args, p["a"], p["b"], p["c"], p["d"], s["total"], s["layer"], s["tpb"]))
+        p["a"].value, p["b"].value, p["c"].value, p["d"].value = kt.ptr, vptr, ro.ptr, sp.ptr
+        s["total"].value, s["layer"].value, s["tpb"].value = total, layer, self._tpb
+        launch(((total + self._tpb - 1) // self._tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
+
+    @property
+    def page_bytes(self) -> int:
+        return self.kv_dim * self.num_layers * self.page_rows * self.num_heads * self.head_size * DTYPES[self.dtype].nbytes
+
+    @property
+    def scale_page_bytes(self) -> int:
+        if not self.quantized:
+            return 0
+        sb = 1 if self.spec.quantization.scale_dtype == "float8_e8m0fnu" else 4
+        return self.kv_dim * self.num_layers * self.page_rows * self.num_heads * self.groups * sb
+
+    def copy_pages(self, src_ids: Any, dst_ids: Any, stream: Any = None) -> None:
+        """Copy whole pages (all layers, K and V, scales): src_ids[i] -> dst_ids[i] (uint32/int32 device tensors).
+        Ids past the allocation, and any write to the null page, are refused in the kernel (see errors())."""
+        kn = "copy_pages"
+        st = check_tensor(kn, "src_ids", src_ids, dtype=_U32, shape=(None,), device=self.device, align=4)
+        dt = check_tensor(kn, "dst_ids", dst_ids, dtype=_U32, shape=st.shape, device=self.device, align=4)
+        n = st.shape[0]
+        if n == 0:
+            return
+        p, s, u = self._ptrs, self._scalars, self._u64
+        launch = self._launch("copy", "copy_pages", (self.args, p["a"], p["b"], s["n"], u["page_bytes"], u["scale_bytes"]))
+        p["a"].value, p["b"].value, s["n"].value = st.ptr, dt.ptr, n
+        u["page_bytes"].value, u["scale_bytes"].value = self.page_bytes, self.scale_page_bytes
+        chunks = max(1, min(32, (self.page_bytes // 16 + THREADS - 1) // THREADS))
+        launch((chunks, n, 1), (THREADS, 1, 1), self._stream(stream))
+
+    # ---- TMA ------------------------------------------------------------------------------------------
+    def create_tma_tile(self, kv: int, layer: int, swizzle: str | None = None, bn: int | None = None,
+                        bk: int | None = None) -> TmaTile:
+        from .tma import create_tma_tile
+
+        return create_tma_tile(self, kv, layer, swizzle, bn, bk)
+
+    def create_ragged_tma_tile(self, kv: int, layer: int, swizzle: str, bm: int, bk: int) -> TmaTile:
+        from .tma import create_ragged_tma_tile
+
+        return create_ragged_tma_tile(self, kv, layer, swizzle, bm, bk)
+
+    def create_rope_tma_tile(self, layer: int, bn: int, bk: int = 64) -> TmaTile:
+        from .tma import create_rope_tma_tile
+
+        return create_rope_tma_tile(self, layer, bn, bk)
+
+    def create_gather4_tma_tile(self, kv: int, layer: int, tile_width: int, **kw: Any) -> TmaTile:
+        from .tma import create_gather4_tma_tile
+
+        return create_gather4_tma_tile(self, kv, layer, tile_width, **kw)
+
+    def create_rope_gather4_tma_tile(self, layer: int, **kw: Any) -> TmaTile:
+        from .tma import create_rope_gather4_tma_tile
+
+        return create_rope_gather4_tma_tile(self, layer, **kw)
+
+    def tile_load(self, tile: TmaTile, layer: int, kv: int, out: Any, stream: Any = None) -> None:
+        """Load every BN tile of every request (cache_length rows each) through `tile` (from create_tma_tile
+        of the same kv and layer) into out [batch, max_tiles, H, BN, BK] in the cache dtype."""
+        kn = "tma_tile_load"
+        geo = tma_geometry(self.spec)
+        ot = check_tensor(kn, "out", out, dtype=self.dtype, shape=(self.args.batch_size, None, self.num_heads, geo.bn, geo.bk),
+                          device=self.device)
+        if tile.kind != "create_tma_tile" or tile.box[-1] != geo.gran or tile.swizzle != geo.swizzle:
+            raise LaunchError(kn, "tile", "must come from create_tma_tile with this variant's swizzle and BN", tile.kind,
+                              "use cache.create_tma_tile(kv, layer)")
+        self._check_layer(kn, layer)
+        max_tiles = ot.shape[1]
+        if self.args.batch_size == 0 or max_tiles == 0:
+            return
+        p, s = self._ptrs, self._scalars
+        launch = self._launch("tile", "tma_tile_load", (tile.param_address, self.args, s["layer"], s["kv"], p["a"], s["tiles"]),
+                              smem=geo.smem_bytes)
+        launch.params[0] = tile.param_address
+        self._current_tile = tile  # keeps the descriptor bytes alive while the launch is queued
+        s["layer"].value, s["kv"].value, s["tiles"].value, p["a"].value = layer, kv, max_tiles, ot.ptr
+        launch((max_tiles, self.num_heads, self.args.batch_size), (128, 1, 1), self._stream(stream))

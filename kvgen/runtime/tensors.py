@@ -1,0 +1,100 @@
+"""Uniform view of device tensors from PyTorch, CuPy, or anything with __cuda_array_interface__ / DLPack."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import LaunchError
+
+_TORCH_NAMES = {
+    "torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16",
+    "torch.float8_e4m3fn": "float8_e4m3fn", "torch.float8_e5m2": "float8_e5m2",
+    "torch.float8_e8m0fnu": "float8_e8m0fnu", "torch.uint8": "uint8", "torch.int32": "int32",
+    "torch.uint32": "uint32", "torch.int64": "int64", "torch.uint16": "uint16", "torch.int16": "int16",
+}
+_TYPESTR = {"<f4": "float32", "<f2": "float16", "<u4": "uint32", "<i4": "int32", "|u1": "uint8", "<u1": "uint8",
+            "<i8": "int64", "<u2": "uint16", "<i2": "int16"}
+_NBYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e8m0fnu": 1,
+           "uint8": 1, "int32": 4, "uint32": 4, "int64": 8, "uint16": 2, "int16": 2}
+# Raw integer views a framework without the float type (CuPy has no bf16/fp8) may hand in for it.
+_SAME_BITS = {"bfloat16": {"uint16", "int16"}, "float8_e4m3fn": {"uint8"}, "float8_e5m2": {"uint8"},
+              "float8_e8m0fnu": {"uint8"}, "uint32": {"int32"}}
+
+
+@dataclass(frozen=True)
+class DeviceTensor:
+    ptr: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]  # in elements
+    dtype: str
+    device: int
+    obj: Any  # the original object, kept alive while a launch uses it
+
+    @property
+    def nbytes_per_elem(self) -> int:
+        return _NBYTES[self.dtype]
+
+    def is_contiguous(self) -> bool:
+        expect = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.strides)):
+            if size != 1 and stride != expect:
+                return False
+            expect *= size
+        return True
+
+
+def as_device_tensor(x: Any) -> DeviceTensor:
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        if x.device.type != "cuda":
+            raise TypeError(f"tensor is on {x.device}, not a CUDA device")
+        return DeviceTensor(x.data_ptr(), tuple(x.shape), tuple(x.stride()), _TORCH_NAMES.get(str(x.dtype), str(x.dtype)),
+                            x.device.index or 0, x)
+    cai = getattr(x, "__cuda_array_interface__", None)
+    if cai is not None:
+        shape = tuple(cai["shape"])
+        typestr = cai["typestr"]
+        dtype = _TYPESTR.get(typestr, typestr)
+        nb = _NBYTES.get(dtype, 1)
+        if cai.get("strides") is None:
+            strides, acc = [], 1
+            for s in reversed(shape):
+                strides.append(acc)
+                acc *= s
+            strides = tuple(reversed(strides))
+        else:
+            strides = tuple(s // nb for s in cai["strides"])
+        device = getattr(getattr(x, "device", None), "id", 0) or 0
+        return DeviceTensor(int(cai["data"][0]), shape, strides, dtype, device, x)
+    if hasattr(x, "__dlpack__"):
+        import torch
+
+        return as_device_tensor(torch.from_dlpack(x))
+    raise TypeError(f"{type(x).__name__} is not a CUDA tensor (torch, CuPy, __cuda_array_interface__ or DLPack)")
+
+
+def check_tensor(kernel: str, name: str, x: Any, *, dtype: str | tuple[str, ...], shape: tuple[int | None, ...] | None = None,
+                 device: int | None = None, contiguous: bool = True, align: int = 16) -> DeviceTensor:
+    """Validate one launch argument, raising LaunchError that names the rule, the value and a fix."""
+    try:
+        t = as_device_tensor(x)
+    except TypeError as e:
+        raise LaunchError(kernel, name, "must be a CUDA tensor", type(x).__name__, str(e)) from None
+    allowed = (dtype,) if isinstance(dtype, str) else dtype
+    if t.dtype not in allowed and not any(t.dtype in _SAME_BITS.get(a, ()) for a in allowed):
+        raise LaunchError(kernel, name, f"dtype must be {' or '.join(allowed)}", t.dtype, f"convert with .to({allowed[0]})")
+    if shape is not None:
+        ok = len(shape) == len(t.shape) and all(s is None or s == v for s, v in zip(shape, t.shape))
+        if not ok:
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise LaunchError(kernel, name, f"shape must be {want}", list(t.shape), "reshape or allocate with that shape")
+    if device is not None and t.device != device:
+        raise LaunchError(kernel, name, f"must be on cuda:{device} (the cache's device)", f"cuda:{t.device}",
+                          f"move it with .to('cuda:{device}')")
+    if contiguous and not t.is_contiguous():
+        raise LaunchError(kernel, name, "must be contiguous (row-major)", list(t.strides), "call .contiguous()")
+    if t.ptr % align:
+        raise LaunchError(kernel, name, f"data pointer must be {align}-byte aligned", hex(t.ptr),
+                          "pass a freshly allocated tensor, not an offset slice")
+    return t
