@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (offline): installs the carried wheels, runs the GPU tests, compute-sanitizer on a
+# subset and the benchmarks, and prints a short summary. Usage: scripts/gpu-check.sh [tests|bench|sanitize|all]...
+# Wheels come from scripts/fetch_gpu_wheels.sh (run on a machine with internet) into .whl/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/kvgen-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 KVGEN_CACHE_DIR=/tmp/kvgen-cache
+if [ -d .whl ] && [ ! -f /tmp/site/.kvgen-installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.kvgen-installed || { echo "wheel install failed"; exit 1; }
+fi
+# Our wheels go after the image's packages so torch's own dependencies keep their versions.
+export PYTHONPATH="$PWD:${PYTHONPATH:-}:/tmp/site"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+summary=()
+for step in "${@:-all}"; do
+  if [[ $step == tests || $step == all ]]; then
+    python3 -m pytest -m gpu tests/gpu -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -n 40
+    summary+=("gpu tests: $(tail -n 1 "$OUT/gpu-tests.log")")
+  fi
+  if [[ $step == sanitize || $step == all ]]; then
+    compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -m gpu tests/gpu -q -x -p no:cacheprovider \
+      -k "p16 and (bf16 or e4m3) and not graph" 2>&1 | tee "$OUT/sanitizer.log" | tail -n 8
+    summary+=("compute-sanitizer memcheck: $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer.log" | tail -n 2 | tr '\n' ' ')")
+  fi
+  if [[ $step == bench || $step == all ]]; then
+    python3 bench/store_bench.py --out "$OUT/store_bench.md" 2>&1 | tee "$OUT/store-bench.log" | tail -n 40
+    summary+=("store bench: $OUT/store_bench.md")
+  fi
+  if [[ $step == decode ]]; then
+    python3 bench/decode_bench.py --out "$OUT/decode_bench.md" 2>&1 | tee "$OUT/decode-bench.log" | tail -n 60
+  fi
+done
+echo "==== summary"
+printf '%s\n' "${summary[@]}"

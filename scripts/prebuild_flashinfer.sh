@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Build FlashInfer 0.6.12's append + decode modules for sm_90a on a CPU machine (no GPU needed),
+# into <repo>/.peers/flashinfer_cache (git-ignored), so GPU sessions need not spend their time on
+# nvcc.
+#
+# Why: FlashInfer JIT-compiles each kernel module with nvcc + ninja on first use. On the GPU box
+# that is ~67 s of a 16-core machine per fresh session; here it is ~10 min on 2 cores, but costs
+# no GPU time. The modules are plain shared objects (tvm-ffi bindings, sm_90a SASS) that depend
+# only on libcudart.so.13 / libcuda.so.1, so they load on the GPU box when copied into the
+# installed package's AOT folder (which skips ninja entirely):
+#   python - <<'PY'
+#   import sys; sys.path.insert(0, "bench"); import peers
+#   peers.flashinfer_install_prebuilt(".peers/flashinfer_cache")
+#   PY
+#
+# What is built: see bench/peers.py::flashinfer_prebuild (page module; batch decode and fa2
+# prefill modules for q=bf16, kv in {bf16, e4m3}, head_dim 128; XQA only for the page sizes /
+# GQA groups given in XQA_PAGE_SIZES / XQA_GROUPS, none by default).
+#
+# Needs: nvcc 13.0 (CUDA_HOME, default /usr/local/cuda-13.0), ninja, a host c++, and a Python
+# with torch (CPU build is fine), apache-tvm-ffi 0.1.9 and flashinfer-python 0.6.12. Unless
+# PREBUILD_PYTHON names such an interpreter, a throwaway venv is made at $PREBUILD_VENV
+# (default /tmp/kvgen_fi_prebuild_venv) from the local torch CPU wheel if one exists
+# (/opt/wheels/torch-*+cpu-*), else PyPI's torch (large download), plus .whl/flashinfer.
+#
+# Options: --generate-only  render sources and write build.ninja files, compile nothing.
+# Env: MAX_JOBS (ninja -j, default nproc), XQA_PAGE_SIZES="16 64", XQA_GROUPS="4 8",
+#      FLASHINFER_NVCC_THREADS (nvcc --threads per job, default 1).
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache="$repo_root/.peers/flashinfer_cache"
+generate_only=0
+[ "${1:-}" = "--generate-only" ] && generate_only=1
+
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda-13.0}"
+export PATH="$CUDA_HOME/bin:$PATH"
+command -v nvcc >/dev/null || { echo "nvcc not found (set CUDA_HOME)" >&2; exit 1; }
+command -v c++ >/dev/null || { echo "no host c++ compiler" >&2; exit 1; }
+
+python="${PREBUILD_PYTHON:-}"
+if [ -z "$python" ]; then
+    venv="${PREBUILD_VENV:-/tmp/kvgen_fi_prebuild_venv}"
+    python="$venv/bin/python"
+    if ! "$python" -c "import torch, tvm_ffi, flashinfer, ninja" >/dev/null 2>&1; then
+        echo "creating build venv $venv"
+        python3 -m venv "$venv"
+        fi_wheel="$(ls "$repo_root"/.whl/flashinfer_python-0.6.12-*.whl 2>/dev/null || true)"
+        [ -n "$fi_wheel" ] || fi_wheel="flashinfer-python==0.6.12"
+        local_torch="$(ls /opt/wheels/torch-*+cpu-cp"$("$python" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"-*.whl 2>/dev/null | tail -1 || true)"
+        "$python" -m pip install -q ${local_torch:-torch}
+        # apache-tvm-ffi resolves to this interpreter's wheel (cp311 here, cp312-abi3 on the GPU box).
+        "$python" -m pip install -q apache-tvm-ffi==0.1.9 ninja numpy filelock "packaging>=24.2" \
+            requests tqdm nvidia-ml-py einops tabulate click jinja2
+        "$python" -m pip install -q --no-deps "$fi_wheel"
+    fi
+fi
+
+export FLASHINFER_CUDA_ARCH_LIST=9.0a
+export FLASHINFER_WORKSPACE_BASE="$cache"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+mkdir -p "$cache"
+
+"$python" - "$repo_root" "$generate_only" <<'PY'
+import os
+import sys
+import time
+
+repo_root, generate_only = sys.argv[1], sys.argv[2] == "1"
+sys.path.insert(0, os.path.join(repo_root, "bench"))
+import peers  # noqa: E402
+
+pages = [int(x) for x in os.environ.get("XQA_PAGE_SIZES", "16").split()]
+groups = [int(x) for x in os.environ.get("XQA_GROUPS", "").split()]
+t0 = time.time()
+paths = peers.flashinfer_prebuild(
+    "9.0a",
+    workspace_base=os.environ["FLASHINFER_WORKSPACE_BASE"],
+    xqa_page_sizes=pages,
+    xqa_group_sizes=groups,
+    build=not generate_only,
+    verbose=True,
+)
+print(f"{'generated' if generate_only else 'built'} {len(paths)} modules in {time.time() - t0:.0f} s")
+total = 0
+for p in paths:
+    size = p.stat().st_size if p.exists() else 0
+    total += size
+    print(f"  {size / 2**20:8.2f} MiB  {p}")
+print(f"  {total / 2**20:8.2f} MiB  total")
+PY

@@ -1,0 +1,397 @@
+"""GPU tests: every kernel of every variant of configs/gpu_grid.yaml against the NumPy reference.
+
+Run with `pytest -m gpu` on a machine with an sm_90 GPU; skipped (with the reason) elsewhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from kvgen import reference as ref
+from kvgen.build import build
+from kvgen.derive import tma_geometry
+from kvgen.dtypes import DTYPES
+from kvgen.errors import LaunchError
+from kvgen.grid import load_config
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU visible", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[2]
+GRID = load_config(ROOT / "configs" / "gpu_grid.yaml")
+NAMES = [v.name for v in GRID.variants]
+ROPE = [n for n in NAMES if "_rope" in n]
+NAMES = [n for n in NAMES if n not in ROPE]
+CANARY = {"float8_e4m3fn": 0x7F, "float8_e5m2": 0x7C}  # NaN / +inf bytes; wider floats use +inf
+
+
+@pytest.fixture(scope="session")
+def generated(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("gen") / "gpu_grid"
+    build(GRID, out=out, jobs=8)
+    spec = importlib.util.spec_from_file_location("kvgen_gpu_grid", out / "__init__.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["kvgen_gpu_grid"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def to_np(t: torch.Tensor, dtype: str) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    if dtype == "bfloat16":
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    if dtype in ("float8_e4m3fn", "float8_e5m2"):
+        return t.view(torch.uint8).numpy().view(DTYPES[dtype].numpy)
+    if dtype == "uint32":
+        return t.numpy().view(np.uint32)
+    return t.numpy()
+
+
+def from_np(a: np.ndarray, dtype: str, device: str = "cuda") -> torch.Tensor:
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).to(device)
+    if dtype in ("float8_e4m3fn", "float8_e5m2"):
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint8)).view(getattr(torch, dtype)).to(device)
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
+def poison(cache) -> None:
+    """+inf (or FP8 NaN/inf bytes) in every element, so anything read from an unreferenced page shows."""
+    b = cache.blocks
+    if cache.dtype in CANARY:
+        b.view(torch.uint8).fill_(CANARY[cache.dtype])
+    else:
+        b.fill_(float("inf"))
+
+
+def layout(cache, new_lengths: list[int], cached: list[int], rng: np.random.Generator) -> list[list[int]]:
+    """Random, permuted page ids covering cached + new tokens of each request (pages never shared)."""
+    p = cache.page_rows
+    need = [(c + n + p - 1) // p for c, n in zip(cached, new_lengths)]
+    perm = rng.permutation(cache.null_page)
+    pages, at = [], 0
+    for k in need:
+        pages.append([int(x) for x in perm[at: at + k]])
+        at += k
+    assert at <= cache.null_page, "test layout needs more pages"
+    return pages
+
+
+def make_cache(mod, name: str, rng: np.random.Generator, cached: list[int], new: list[int], num_layers: int = 2):
+    v = mod.VARIANTS[name]
+    spec = v.spec()
+    if spec.cache.kind == "paged":
+        p = spec.cache.page_size
+        pages_needed = sum((c + n + p - 1) // p for c, n in zip(cached, new)) + 3
+        cache = v.cache(max_batch=len(new), num_pages=pages_needed, max_pages_per_request=max(
+            (c + n + p - 1) // p for c, n in zip(cached, new)) + 1, num_layers=num_layers)
+        poison(cache)
+        cache.set_pages(layout(cache, new, cached, rng))
+    else:
+        cache = v.cache(max_batch=len(new), num_slots=len(new) + 1, tokens_per_slot=max(c + n for c, n in zip(cached, new)) + 5,
+                        num_layers=num_layers)
+        poison(cache)
+        cache.set_slots(list(rng.permutation(len(new) + 1)[: len(new)]))
+    cache.set_cache_lengths(cached)
+    return v, spec, cache
+
+
+def state_of(cache, spec) -> ref.CacheState:
+    scales = None
+    if cache.scales is not None:
+        scales = to_np(cache.scales, "float32" if spec.quantization.scale_dtype == "float32" else "uint8").copy()
+    return ref.CacheState(blocks=to_np(cache.blocks, spec.cache.dtype).copy(), scales=scales,
+                          lut=cache.host_lut.copy(), cache_lengths=cache.host_lengths.copy(), paged=cache.paged)
+
+
+def random_rows(rng: np.random.Generator, shape: tuple[int, ...], io: str, scale: float = 3.0) -> np.ndarray:
+    x = (rng.standard_normal(shape) * scale).astype(np.float32)
+    return x.astype(DTYPES[io].numpy)  # values exactly representable in the input dtype
+
+
+def edge_lengths(p: int) -> tuple[list[int], list[int]]:
+    """cached and new lengths covering 0, 1, P-1, P, P+1 and a long request."""
+    cached = [0, 1, p - 1, p, 0, 3, p + 1, 2 * p]
+    new = [1, p, 1, 1, p + 1, 0, p - 1, 2 * p + 3]
+    return cached, new
+
+
+def q_args(spec):
+    q = spec.quantization
+    if spec.rope_layout is not None:
+        return None, None
+    return (q.granularity, q.scale_dtype) if q else (None, None)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_store_then_load_matches_reference(generated, name: str) -> None:
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    spec = generated.VARIANTS[name].spec()
+    p = spec.cache.page_size or 16
+    cached, new = edge_lengths(p)
+    v, spec, cache = make_cache(generated, name, rng, cached, new)
+    io = spec.cache.io_dtype
+    H, D = spec.cache.num_kv_heads, spec.cache.head_size
+    T = sum(new)
+    layer = 1
+    before = state_of(cache, spec)
+    kv_in = [random_rows(rng, (T, H, D), io) for _ in range(spec.cache.kv_dim)]
+    cache.begin_step(new)
+    cache.store(layer, *[from_np(x, io) for x in kv_in])
+    g, sd = q_args(spec)
+    refused = ref.store(before, layer, [x.astype(np.float32) for x in kv_in], np.cumsum([0, *new]), spec.cache.dtype, g, sd)
+    assert refused == 0
+    after = state_of(cache, spec)
+    # Bit-exact over the whole cache: written rows equal the reference, every other byte (canaries,
+    # other layers, the null page) is unchanged.
+    np.testing.assert_array_equal(after.blocks.view(np.uint8), before.blocks.view(np.uint8))
+    if before.scales is not None:
+        np.testing.assert_array_equal(after.scales, before.scales)
+    assert cache.errors() == []
+
+    # Load everything each request now holds (cached + new) back out, dequantized.
+    full = [c + n for c, n in zip(cached, new)]
+    starts = torch.zeros(len(full), dtype=torch.int32, device="cuda")
+    offs = torch.tensor(np.cumsum([0, *full]), dtype=torch.int32, device="cuda")
+    outs = [torch.full((sum(full), H, D), float("nan"), dtype=getattr(torch, io), device="cuda")
+            for _ in range(spec.cache.kv_dim)]
+    cache.load(layer, outs[0], outs[1] if len(outs) > 1 else None, starts, row_offsets=offs)
+    expect = ref.load(before, layer, np.cumsum([0, *full]), np.zeros(len(full), np.int64), g, sd)
+    for o, e, x in zip(outs, expect, kv_in):
+        got = to_np(o, io).astype(np.float32)
+        np.testing.assert_array_equal(got, e.astype(DTYPES[io].numpy).astype(np.float32))
+        # New rows only: the dequantized error of FP8 is bounded by half an FP8 step times the scale.
+        newrows = np.concatenate([got[sum(full[:b]) + cached[b]: sum(full[:b + 1])] for b in range(len(full))])
+        if not DTYPES[spec.cache.dtype].is_fp8:
+            np.testing.assert_array_equal(newrows, x.astype(np.float32))
+        else:
+            mant = 3 if spec.cache.dtype == "float8_e4m3fn" else 2
+            rel = np.abs(newrows - x.astype(np.float32)) / np.maximum(np.abs(x.astype(np.float32)), 1e-3)
+            big = np.abs(x.astype(np.float32)) > 0.5
+            assert np.max(rel[big]) <= 2.0 ** -mant + 1e-6 + (2.0 ** -7 if spec.quantization else 0.0)
+    # Cached rows were canaries (never written): load must reproduce them faithfully; new rows are finite.
+    assert cache.errors() == []
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "e4m3" in n or "e5m2" in n])
+def test_fp8_saturation_never_nan(generated, name: str) -> None:
+    rng = np.random.default_rng(7)
+    v, spec, cache = make_cache(generated, name, rng, [0, 0], [5, 9])
+    io = spec.cache.io_dtype
+    H, D = spec.cache.num_kv_heads, spec.cache.head_size
+    x = random_rows(rng, (14, H, D), io, scale=1e4)
+    x.reshape(-1)[::7] = np.float32(np.inf).astype(DTYPES[io].numpy)
+    x.reshape(-1)[3::11] = np.float32(-3e38 if io == "float32" else -6e4).astype(DTYPES[io].numpy)
+    cache.begin_step([5, 9])
+    cache.store(0, from_np(x, io), from_np(x, io) if spec.cache.kv_dim == 2 else None)
+    offs = torch.tensor([0, 5, 14], dtype=torch.int32, device="cuda")
+    out = torch.empty((14, H, D), dtype=getattr(torch, io), device="cuda")
+    out2 = torch.empty_like(out)
+    cache.load(0, out, out2 if spec.cache.kv_dim == 2 else None, torch.zeros(2, dtype=torch.int32, device="cuda"), offs)
+    got = out.float()
+    if spec.quantization is None:
+        assert not torch.isnan(got).any(), "saturating store produced NaN"
+        assert torch.isfinite(got).all()
+    else:
+        finite = torch.from_numpy(np.isfinite(x.astype(np.float32))).cuda()
+        groups = finite.view(14, H, -1, spec.quantization.granularity).all(-1)
+        # Groups without an inf input dequantize to finite values; none is NaN.
+        assert torch.isfinite(got.view(14, H, -1, spec.quantization.granularity)[groups]).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_copy_pages_exact(generated, name: str) -> None:
+    rng = np.random.default_rng(3)
+    v, spec, cache = make_cache(generated, name, rng, [0, 0, 0], [20, 33, 7])
+    if not cache.paged:
+        pytest.skip("copy_pages copies pages (slots of a continuous cache are copied the same way, tested paged)")
+    io = spec.cache.io_dtype
+    x = [random_rows(rng, (60, *cache._io_shape()[1:]), io) for _ in range(spec.cache.kv_dim)]
+    cache.begin_step([20, 33, 7])
+    cache.store(0, *[from_np(a, io) for a in x])
+    before = state_of(cache, spec)
+    src = [int(a) for a in cache.host_lut[1, :2]]
+    free = sorted(set(range(cache.null_page)) - set(int(a) for a in cache.host_lut.ravel()))
+    dst = free[:2]
+    cache.copy_pages(torch.tensor(src, dtype=torch.int32, device="cuda"), torch.tensor(dst, dtype=torch.int32, device="cuda"))
+    ref.copy_pages(before, src, dst)
+    after = state_of(cache, spec)
+    np.testing.assert_array_equal(after.blocks.view(np.uint8), before.blocks.view(np.uint8))
+    if before.scales is not None:
+        np.testing.assert_array_equal(after.scales, before.scales)
+    # A write to the null page or past the allocation is refused in the kernel and flagged.
+    cache.copy_pages(torch.tensor([src[0]], dtype=torch.int32, device="cuda"),
+                     torch.tensor([cache.null_page], dtype=torch.int32, device="cuda"))
+    cache.copy_pages(torch.tensor([cache.num_blocks + 5], dtype=torch.int32, device="cuda"),
+                     torch.tensor([dst[0]], dtype=torch.int32, device="cuda"))
+    np.testing.assert_array_equal(state_of(cache, spec).blocks.view(np.uint8), before.blocks.view(np.uint8))
+    assert cache.errors() != []
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "e5m2" not in n])
+def test_tma_tiles_match_reference_rows(generated, name: str) -> None:
+    rng = np.random.default_rng(11)
+    spec = generated.VARIANTS[name].spec()
+    geo = tma_geometry(spec)
+    p = spec.cache.page_size or geo.bn
+    lens = [1, p - 1, p, p + 1, geo.bn + 3, 3 * geo.bn - 1]
+    v, spec, cache = make_cache(generated, name, rng, [0] * len(lens), lens)
+    io = spec.cache.io_dtype
+    x = [random_rows(rng, (sum(lens), *cache._io_shape()[1:]), io) for _ in range(spec.cache.kv_dim)]
+    cache.begin_step(lens)
+    cache.store(1, *[from_np(a, io) for a in x])
+    cache.end_step()
+    st = state_of(cache, spec)
+    max_tiles = max((n + geo.bn - 1) // geo.bn for n in lens) + 1
+    for kv in range(spec.cache.kv_dim):
+        tile = cache.create_tma_tile(kv, 1)
+        out = torch.empty((len(lens), max_tiles, cache.num_heads, geo.bn, geo.bk), dtype=cache.blocks.dtype, device="cuda")
+        out.view(torch.uint8).fill_(0xA5)  # poison: tiles past a sequence must stay untouched
+        cache.tile_load(tile, 1, kv, out)
+        got = to_np(out, spec.cache.dtype).view(np.uint8)
+        rows = ref.view_rows(st.blocks, kv, 1).view(np.uint8).reshape(-1, cache.num_heads, cache.head_size * DTYPES[spec.cache.dtype].nbytes)
+        g = st.geometry
+        nbk = geo.bk * DTYPES[spec.cache.dtype].nbytes
+        eff = geo.box_rows
+        for b, n in enumerate(lens):
+            for t in range(max_tiles):
+                base = t * geo.bn
+                if base >= n:
+                    assert (got[b, t] == 0xA5).all(), "a tile past the sequence was written"
+                    continue
+                prs = ref.populate(g, st.lut, b, base, geo.bn, geo.base_alignment)
+                valid = min(len(prs), (n - base + eff - 1) // eff)
+                for r in range(geo.bn):
+                    page = r // eff
+                    if page >= valid:
+                        assert (got[b, t, :, r] == 0).all(), "OOB sub-page must be zero-filled"
+                    else:
+                        np.testing.assert_array_equal(got[b, t, :, r], rows[prs[page] + r % eff, :, :nbk])
+
+
+def test_paged_and_continuous_caches_agree(generated) -> None:
+    rng = np.random.default_rng(5)
+    paged = next(n for n in NAMES if n.startswith("gpu_paged_bf16_h4_d128_p16"))
+    cont = next(n for n in NAMES if n.startswith("gpu_cont_bf16"))
+    cached, new = [0, 5, 17], [9, 1, 40]
+    full = [c + n for c, n in zip(cached, new)]
+    x = [random_rows(rng, (sum(full), 4, 128), "bfloat16") for _ in range(2)]
+    outs = []
+    for name in (paged, cont):
+        v, spec, cache = make_cache(generated, name, rng, [0, 0, 0], full)
+        cache.begin_step(full)
+        cache.store(0, *[from_np(a, "bfloat16") for a in x])
+        o = [torch.empty((sum(new), 4, 128), dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+        cache.load(0, o[0], o[1], torch.tensor(cached, dtype=torch.int32, device="cuda"),
+                   torch.tensor(np.cumsum([0, *new]), dtype=torch.int32, device="cuda"))
+        outs.append([t.float().cpu() for t in o])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+        assert torch.isfinite(a).all()
+
+
+def test_cuda_graph_capture_and_replay(generated) -> None:
+    rng = np.random.default_rng(9)
+    name = next(n for n in NAMES if "e4m3" in n and "qf32" in n)
+    v, spec, cache = make_cache(generated, name, rng, [3, 0], [4, 12])
+    k = from_np(random_rows(rng, (16, 4, 128), "bfloat16"), "bfloat16")
+    vv = from_np(random_rows(rng, (16, 4, 128), "bfloat16"), "bfloat16")
+    cache.begin_step([4, 12])
+    cache.store(0, k, vv)  # eager, first launch loads the module outside the capture
+    torch.cuda.synchronize()
+    eager = cache.blocks.clone()
+    poison(cache)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        cache.store(0, k, vv)
+    poison(cache)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(cache.blocks.view(torch.uint8), eager.view(torch.uint8))
+
+
+def test_bad_launch_arguments_are_refused(generated) -> None:
+    rng = np.random.default_rng(1)
+    name = next(n for n in NAMES if n.startswith("gpu_paged_bf16_h4_d128_p16"))
+    v, spec, cache = make_cache(generated, name, rng, [0, 0], [16, 16])
+    before = cache.blocks.clone()
+    with pytest.raises(LaunchError, match="exceeds"):
+        cache.begin_step([17, 1])  # request 0 owns one page of 16 tokens
+    cache.begin_step([16, 16])
+    good = torch.zeros((32, 4, 128), dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(LaunchError, match="dtype"):
+        cache.store(0, good.float(), good.float())
+    with pytest.raises(LaunchError, match="shape"):
+        cache.store(0, good[:, :2], good[:, :2])
+    with pytest.raises(LaunchError, match="contiguous"):
+        cache.store(0, good.transpose(0, 1).contiguous().transpose(0, 1), good)
+    with pytest.raises(LaunchError, match="layer"):
+        cache.store(5, good, good)
+    with pytest.raises(LaunchError, match="aligned"):
+        big = torch.zeros(32 * 4 * 128 + 1, dtype=torch.bfloat16, device="cuda")
+        cache.store(0, big[1:].view(32, 4, 128), good)
+    with pytest.raises(LaunchError, match="page ids"):
+        cache.set_pages([[cache.null_page], [0]])
+    with pytest.raises(LaunchError, match="CUDA tensor"):
+        cache.store(0, good.cpu(), good)
+    # Explicit CSR offsets that run past the assigned pages: the kernel refuses the writes and flags them.
+    cache.store(0, torch.ones((40, 4, 128), dtype=torch.bfloat16, device="cuda"),
+                torch.ones((40, 4, 128), dtype=torch.bfloat16, device="cuda"),
+                row_offsets=torch.tensor([0, 30, 40], dtype=torch.int32, device="cuda"))
+    assert any("unassigned" in e for e in cache.errors())
+    changed = (cache.blocks.view(torch.uint8) != before.view(torch.uint8)).reshape(cache.num_blocks, -1).any(-1)
+    assert not changed[cache.null_page], "the null page was written"
+
+
+def test_all_five_tma_descriptors_encode(generated) -> None:
+    rng = np.random.default_rng(2)
+    name = next(n for n in NAMES if n.startswith("gpu_paged_e4m3_h4_d128_p64"))
+    v, spec, cache = make_cache(generated, name, rng, [0], [64])
+    t = cache.create_tma_tile(0, 0)
+    assert t.box == (64, 1, 128)
+    r = cache.create_ragged_tma_tile(1, 1, "64B", 64, 128)
+    assert r.dims[0] == cache.num_kv_rows() + 1 and r.box == (1, 1, 64, 64)
+    g4 = cache.create_gather4_tma_tile(0, 0, 128, tma_dtype="UINT8")
+    assert g4.box == (1, 128)
+    with pytest.raises(LaunchError, match="swizzle span"):
+        from kvgen.runtime.tma import encode
+        encode("x", cache.blocks_ptr, "BFLOAT16", (10, 128), (256,), (8, 128), "128B")
+    with pytest.raises(LaunchError, match="rope"):
+        cache.create_rope_tma_tile(0, 64)
+
+
+@pytest.mark.parametrize("name", ROPE)
+def test_rope_aware_mla_store_load_and_descriptors(generated, name: str) -> None:
+    rng = np.random.default_rng(4)
+    v, spec, cache = make_cache(generated, name, rng, [0, 0], [65, 3])
+    r = spec.rope_layout
+    x = random_rows(rng, (68, r.padded_depth + r.rope_dim), "bfloat16")
+    cache.begin_step([65, 3])
+    cache.store(0, from_np(x, "bfloat16"))
+    out = torch.empty((68, r.padded_depth + r.rope_dim), dtype=torch.bfloat16, device="cuda")
+    cache.load(0, out, None, torch.zeros(2, dtype=torch.int32, device="cuda"),
+               torch.tensor([0, 65, 68], dtype=torch.int32, device="cuda"))
+    got = to_np(out, "bfloat16").astype(np.float32)
+    xf = x.astype(np.float32)
+    content, rope = xf[:, : r.padded_depth], xf[:, r.padded_depth:]
+    q, s = ref.quantize(content, "float8_e4m3fn", r.padded_depth, "float32")
+    expect_content = (q.astype(np.float32) * s).astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(got[:, : r.padded_depth], expect_content)
+    np.testing.assert_array_equal(got[:, r.padded_depth:], rope)  # rope stays bf16, bit-exact
+    assert cache.errors() == []
+    rt = cache.create_rope_tma_tile(0, 64)
+    assert rt.box == (64, 1, 64) and rt.dims[2] == (r.padded_depth + 128) // 2
+    rg = cache.create_rope_gather4_tma_tile(0)
+    assert rg.dims[1] == (r.padded_depth + 2 * r.rope_dim) // 2 and rg.box == (1, 64)
+    g4 = cache.create_gather4_tma_tile(0, 0, 64, tile_stride=80, tma_dtype="INT64", swizzle="NONE")
+    assert g4.box == (1, 64)
