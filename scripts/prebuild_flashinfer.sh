@@ -61,6 +61,21 @@ export FLASHINFER_WORKSPACE_BASE="$cache"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 mkdir -p "$cache"
 
+# FlashInfer links every module with -lcuda (from $CUDA_HOME/lib64/stubs). A machine without a
+# driver and without the toolkit's stubs gets an empty stand-in with the driver's soname: the
+# module then records NEEDED libcuda.so.1 and resolves its cu* symbols from the real driver when
+# it is loaded on the GPU box (shared objects may keep undefined symbols at link time).
+if ! ls "$CUDA_HOME"/lib64/libcuda.so "$CUDA_HOME"/lib64/stubs/libcuda.so >/dev/null 2>&1 \
+    && ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so '; then
+    stubs="$cache/stubs"
+    mkdir -p "$stubs"
+    if [ ! -f "$stubs/libcuda.so" ]; then
+        echo "no libcuda.so here: linking against an empty stub ($stubs/libcuda.so, soname libcuda.so.1)"
+        echo 'void kvgen_libcuda_stub(void) {}' | c++ -x c - -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stubs/libcuda.so"
+    fi
+    export FLASHINFER_EXTRA_LDFLAGS="${FLASHINFER_EXTRA_LDFLAGS:-} -L$stubs"
+fi
+
 "$python" - "$repo_root" "$generate_only" <<'PY'
 import os
 import sys

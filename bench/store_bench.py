@@ -1,0 +1,132 @@
+"""Store benchmark (issue 3): kvgen's store vs FlashInfer append, vLLM Triton reshape_and_cache_flash and
+torch index_copy_, on the same shapes and data, as a fraction of the measured device-copy bandwidth.
+
+Run on the GPU machine through scripts/gpu-check.sh bench. Method: every op is captured with N disjoint
+buffer sets (>= 256 MB rotated, so L2 cannot serve repeats) in one CUDA graph; the median of 30 replays
+divided by N is the time per call. Eager host cost: 2000 back-to-back calls, host time per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import peers  # noqa: E402
+from timing import copy_bandwidth, eager_host_cost, graph_time, rotations  # noqa: E402
+
+from kvgen.build import build  # noqa: E402
+from kvgen.grid import load_config  # noqa: E402
+
+H, D = 8, 128
+
+
+def load_generated(out: Path):
+    cfg = load_config(ROOT / "configs" / "bench_store.yaml")
+    build(cfg, out=out, jobs=4)
+    spec = importlib.util.spec_from_file_location("kvgen_bench_store", out / "__init__.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_set(variant, batch: int, per_req: int, cached: int, rng: np.random.Generator):
+    """One independent cache + inputs: `batch` requests with `cached` tokens each, `per_req` new ones."""
+    spec = variant.spec()
+    p = spec.cache.page_size
+    pages_per = (cached + per_req + p - 1) // p
+    cache = variant.cache(max_batch=batch, num_pages=batch * pages_per + 1, max_pages_per_request=pages_per, num_layers=1)
+    perm = rng.permutation(batch * pages_per)
+    cache.set_pages([list(map(int, perm[b * pages_per:(b + 1) * pages_per])) for b in range(batch)])
+    cache.set_cache_lengths([cached] * batch)
+    cache.begin_step([per_req] * batch)
+    T = batch * per_req
+    k = torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16)
+    return cache, k, v
+
+
+def slot_mapping(cache, batch: int, per_req: int, cached: int) -> torch.Tensor:
+    p = cache.page_size
+    slots = [int(cache.host_lut[b, (cached + t) // p]) * p + (cached + t) % p for b in range(batch) for t in range(per_req)]
+    return torch.tensor(slots, dtype=torch.int64, device="cuda")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "store_bench.md")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    mod = load_generated(Path("/tmp/kvgen-bench-store"))
+    copy_bw = copy_bandwidth()
+    rows = []
+    gpu = torch.cuda.get_device_name()
+    for name, variant in mod.VARIANTS.items():
+        spec = variant.spec()
+        fp8 = spec.quantization is not None
+        for batch, per_req, cached in ((64, 1, 5), (8, 1024, 512)):
+            T = batch * per_req
+            cache_bytes = 1 if fp8 else 2
+            scale_bytes = T * H * (D // spec.quantization.granularity) * 2 * 4 if fp8 else 0
+            kv_bytes = T * H * D * 2 * (2 + cache_bytes) + scale_bytes  # bf16 read + cache write (+ scales)
+            n = rotations(kv_bytes, cap=256 if T < 1024 else 64)
+            sets = [make_set(variant, batch, per_req, cached, rng) for _ in range(n)]
+            results = {}
+            kv_launch = [lambda c=c, k=k, v=v: c.store(0, k, v) for c, k, v in sets]
+            results["kvgen"] = (graph_time(kv_launch), kv_bytes)
+            eager = {"kvgen": eager_host_cost(kv_launch[0])} if T <= 64 else {}
+            peer_bytes_fi = T * H * D * 2 * (2 * cache_bytes)  # FlashInfer moves cache-dtype bytes only
+            try:
+                fi = [peers.make_flashinfer_append(k, v, c.blocks[:, :, 0], c.lookup_table[:batch], c.cache_lengths[:batch],
+                                                   [per_req] * batch) for c, k, v in sets]
+                results["flashinfer append" + (" (pre-cast fp8, no scales)" if fp8 else "")] = (graph_time(fi), peer_bytes_fi)
+                if T <= 64:
+                    eager["flashinfer"] = eager_host_cost(fi[0])
+            except Exception as e:  # noqa: BLE001 - a missing peer is reported, not fatal
+                print(f"flashinfer unavailable: {type(e).__name__}: {str(e)[:300]}")
+            try:
+                vl = [peers.make_vllm_reshape_and_cache(k, v, c.blocks[:, 0, 0], c.blocks[:, 1, 0],
+                                                        slot_mapping(c, batch, per_req, cached), "fp8" if fp8 else "auto",
+                                                        torch.ones(1, device="cuda"), torch.ones(1, device="cuda"))
+                      for c, k, v in sets]
+                results["vllm triton" + (" (per-tensor scale)" if fp8 else "")] = (graph_time(vl), T * H * D * 2 * (2 + cache_bytes))
+                if T <= 64:
+                    eager["vllm triton"] = eager_host_cost(vl[0])
+            except Exception as e:  # noqa: BLE001
+                print(f"vllm unavailable: {type(e).__name__}: {str(e)[:300]}")
+            if not fp8:
+                rows_k = [(c.blocks.view(-1, H, D), c.blocks.view(-1, H, D)[c.page_size:]) for c, _, _ in sets]
+                idx = [slot_mapping(c, batch, per_req, cached) for c, _, _ in sets]
+                idx = [(i // c.page_size) * 2 * c.page_size + i % c.page_size for i, (c, _, _) in zip(idx, sets)]
+                tc = [peers.make_torch_index_copy(k, v, rk, rv, ix) for (c, k, v), (rk, rv), ix in zip(sets, rows_k, idx)]
+                results["torch index_copy_"] = (graph_time(tc), T * H * D * 2 * 4)
+            for peer, (t, nbytes) in results.items():
+                rows.append((spec.cache.dtype + (f" g{spec.quantization.granularity} {spec.quantization.scale_dtype} scales" if fp8 else ""),
+                             spec.cache.page_size, T, peer, t * 1e6, nbytes / t / 1e12, nbytes / t / copy_bw,
+                             eager.get(peer.split(" (")[0], float("nan")) * 1e6, n))
+            del sets
+            torch.cuda.empty_cache()
+    lines = [f"Store benchmark, {gpu}, {datetime.date.today()}; device copy_ bandwidth (256 MiB, read+write): "
+             f"{copy_bw / 1e12:.3f} TB/s",
+             "",
+             "| cache | page | new tokens | kernel | µs/call (graph) | TB/s | % of copy | eager host µs/call | rotated sets |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.2f} | {r[5]:.3f} | {100 * r[6]:.1f}% | "
+                     f"{'' if np.isnan(r[7]) else f'{r[7]:.1f}'} | {r[8]} |")
+    text = "\n".join(lines)
+    print(text)
+    args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
