@@ -371,17 +371,23 @@ def make_torch_index_copy(
         slot_index: int64 ``[T]`` destination rows.
 
     Inputs in another dtype than the cache are cast once here (``index_copy_`` needs equal
-    dtypes), so the timed op is a pure scatter.
+    dtypes), so the timed op is a pure scatter. One-byte (FP8) caches are scattered as uint8
+    views, which copies the same bytes and does not depend on float8 kernels being compiled in.
     """
     torch = _torch()
     if slot_index.dtype != torch.int64:
         raise ValueError(f"slot_index must be int64, got {slot_index.dtype}")
     k = k_new if k_new.dtype == kv_cache_rows_k.dtype else k_new.to(kv_cache_rows_k.dtype)
     v = v_new if v_new.dtype == kv_cache_rows_v.dtype else v_new.to(kv_cache_rows_v.dtype)
+    rows_k, rows_v = kv_cache_rows_k, kv_cache_rows_v
+    if rows_k.element_size() == 1 and rows_k.dtype != torch.uint8:
+        rows_k, k = rows_k.view(torch.uint8), k.view(torch.uint8)
+    if rows_v.element_size() == 1 and rows_v.dtype != torch.uint8:
+        rows_v, v = rows_v.view(torch.uint8), v.view(torch.uint8)
 
     def run() -> None:
-        kv_cache_rows_k.index_copy_(0, slot_index, k)
-        kv_cache_rows_v.index_copy_(0, slot_index, v)
+        rows_k.index_copy_(0, slot_index, k)
+        rows_v.index_copy_(0, slot_index, v)
 
     return _finish(run, warmup)
 

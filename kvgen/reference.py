@@ -120,7 +120,9 @@ def quantize(x: np.ndarray, cache_dtype: str, granularity: int | None, scale_dty
     groups = x.reshape(*x.shape[:-1], d // granularity, granularity)
     amax = np.max(np.abs(groups), axis=-1)
     stored, sf = group_scale(amax, DTYPES[cache_dtype].fp8_max, scale_dtype or "float32")
-    q = to_cache_dtype(groups / sf[..., None], cache_dtype).reshape(x.shape)
+    # One float32 reciprocal per group, then float32 multiplies: the kernels round the same two ways.
+    inv = (np.float32(1.0) / sf).astype(np.float32)
+    q = to_cache_dtype(groups * inv[..., None], cache_dtype).reshape(x.shape)
     return q, stored
 
 

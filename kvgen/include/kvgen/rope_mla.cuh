@@ -35,12 +35,12 @@ __device__ __forceinline__ void store_rope_mla(const CacheArgs& a, const In* __r
     const uint32_t row = s_row[ti];
     if (row == kNoRow) continue;
     const typename Cache::scale_dtype scale = make_scale<typename Cache::scale_dtype>(amax, Cache::fp8_max);
-    const float sf = to_f32(scale);
+    const float inv = 1.f / to_f32(scale);  // same rounding steps as kvgen.reference.quantize
     typename Cache::dtype* dst = c.blocks + int64_t(row) * Cache::row_elems;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
       const int d = i * 32 + lane;
-      if (d < PaddedDepth) dst[d] = from_f32<typename Cache::dtype>(x[i] / sf);
+      if (d < PaddedDepth) dst[d] = from_f32<typename Cache::dtype>(x[i] * inv);
     }
     __nv_bfloat16* rope = reinterpret_cast<__nv_bfloat16*>(dst + PaddedDepth);
     for (int d = lane; d < RopeDim; d += 32) rope[d] = from_f32<__nv_bfloat16>(to_f32(src[PaddedDepth + d]));

@@ -52,6 +52,9 @@ template <class Cache> __device__ __forceinline__ void resolve_tokens(
 }
 
 // store: new K/V [T, H, D] (In) -> cache rows cache_length(b) + t, converting (and quantizing) on the way.
+// Each thread owns kItemsPerThread items per pass; the input loads of the first pass are issued before the
+// token -> row resolution (CSR search + LUT), so HBM latency overlaps the index math instead of following it.
+constexpr int kItemsPerThread = 2;
 template <class Cache, class In, int VEC, int TPG, int VPT>
 __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __restrict__ k_new, const In* __restrict__ v_new,
                                              const uint32_t* __restrict__ row_offsets, uint32_t total_tokens,
@@ -59,62 +62,72 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
   using S = RowSplit<Cache, In, VEC, TPG, VPT>;
   using T = typename Cache::dtype;
   using Sc = typename Cache::scale_dtype;
+  constexpr int IPT = kItemsPerThread;
   __shared__ uint32_t s_req[kMaxTokensPerBlock], s_pos[kMaxTokensPerBlock], s_row[kMaxTokensPerBlock];
   const uint32_t tok0 = blockIdx.x * tokens_per_block;
   if (tok0 >= total_tokens) return;
   const uint32_t ntok = min(tokens_per_block, total_tokens - tok0);
-  resolve_tokens<Cache>(a, row_offsets, tok0, ntok, total_tokens, nullptr, s_req, s_pos, s_row);
   const Cache k_cache = Cache::view(a, 0, layer), v_cache = Cache::view(a, S::KVD - 1, layer);
   const uint32_t n_items = ntok * S::items_per_token;
-  // Uniform trip count across the block so every lane of a scale group reaches the shuffles together.
-  for (uint32_t base = 0; base < n_items; base += blockDim.x) {
-    const uint32_t it = base + threadIdx.x;
-    const bool active = it < n_items;
-    const uint32_t ti = active ? it / S::items_per_token : 0;
-    const uint32_t rem = it % S::items_per_token;
-    const uint32_t kv = rem / S::items_per_row, h = (rem % S::items_per_row) / S::items_per_head;
-    const uint32_t d0 = (rem % S::items_per_head) * S::elems_per_item;
-    const uint32_t row = s_row[ti];
-    const bool ok = active && row != kNoRow;
-    const In* src = (kv == 0 ? k_new : v_new) + (uint64_t(tok0 + ti) * S::H + h) * S::D + d0;
-    float x[VPT][VEC];
+  // Uniform trip count across the block so every lane of a scale group reaches the shuffles together
+  // (and every thread reaches the barrier inside resolve_tokens).
+  for (uint32_t base = 0; base < n_items; base += blockDim.x * IPT) {
+    float x[IPT][VPT][VEC];
 #pragma unroll
-    for (int j = 0; j < VPT; ++j) {
-      Vec<In, VEC> in{};
-      if (active) in = load_vec<VEC>(src + j * VEC);
+    for (int u = 0; u < IPT; ++u) {
+      const uint32_t it = base + u * blockDim.x + threadIdx.x;
+      const bool active = it < n_items;
+      const uint32_t ti = it / S::items_per_token, rem = it % S::items_per_token;
+      const uint32_t kv = rem / S::items_per_row, h = (rem % S::items_per_row) / S::items_per_head;
+      const uint32_t d0 = (rem % S::items_per_head) * S::elems_per_item;
+      const In* src = (kv == 0 ? k_new : v_new) + (uint64_t(tok0 + ti) * S::H + h) * S::D + d0;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) x[j][e] = to_f32(in.v[e]);
-    }
-    float sf = 1.f;
-    Sc scale{};
-    if constexpr (Cache::quantization_enabled) {
-      float amax = 0.f;
+      for (int j = 0; j < VPT; ++j) {
+        Vec<In, VEC> in{};
+        if (active) in = load_vec<VEC>(src + j * VEC);
 #pragma unroll
-      for (int j = 0; j < VPT; ++j)
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) amax = fmaxf(amax, fabsf(x[j][e]));
-#pragma unroll
-      for (int m = TPG / 2; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
-      scale = make_scale<Sc>(amax, Cache::fp8_max);
-      sf = to_f32(scale);
-    }
-    if (!ok) continue;
-    const Cache& c = kv == 0 ? k_cache : v_cache;
-    T* dst = c.blocks + int64_t(row) * S::H * S::D + int64_t(h) * S::D + d0;
-#pragma unroll
-    for (int j = 0; j < VPT; ++j) {
-      Vec<T, VEC> out;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        // True division (not a reciprocal multiply) so the result matches the reference bit for bit.
-        out.v[e] = from_f32<T>(Cache::quantization_enabled ? x[j][e] / sf : x[j][e]);
+        for (int e = 0; e < VEC; ++e) x[u][j][e] = to_f32(in.v[e]);
       }
-      store_vec<VEC>(dst + j * VEC, out);
     }
-    if constexpr (Cache::quantization_enabled) {
-      if ((threadIdx.x & (TPG - 1)) == 0) {
-        c.scales[int64_t(row) * S::H * Cache::num_scale_groups + h * Cache::num_scale_groups
-                 + d0 / Cache::quantization_granularity] = scale;
+    if (base == 0) resolve_tokens<Cache>(a, row_offsets, tok0, ntok, total_tokens, nullptr, s_req, s_pos, s_row);
+#pragma unroll
+    for (int u = 0; u < IPT; ++u) {
+      const uint32_t it = base + u * blockDim.x + threadIdx.x;
+      const bool active = it < n_items;
+      const uint32_t ti = active ? it / S::items_per_token : 0, rem = it % S::items_per_token;
+      const uint32_t kv = rem / S::items_per_row, h = (rem % S::items_per_row) / S::items_per_head;
+      const uint32_t d0 = (rem % S::items_per_head) * S::elems_per_item;
+      float inv = 1.f;
+      Sc scale{};
+      if constexpr (Cache::quantization_enabled) {
+        float amax = 0.f;
+#pragma unroll
+        for (int j = 0; j < VPT; ++j)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) amax = fmaxf(amax, fabsf(x[u][j][e]));
+#pragma unroll
+        for (int m = TPG / 2; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+        scale = make_scale<Sc>(amax, Cache::fp8_max);
+        // One IEEE division per group, then IEEE multiplies: kvgen.reference.quantize does the same two
+        // roundings, so results match bit for bit without a division per element.
+        inv = 1.f / to_f32(scale);
+      }
+      const uint32_t row = s_row[ti];
+      if (!active || row == kNoRow) continue;
+      const Cache& c = kv == 0 ? k_cache : v_cache;
+      T* dst = c.blocks + int64_t(row) * S::H * S::D + int64_t(h) * S::D + d0;
+#pragma unroll
+      for (int j = 0; j < VPT; ++j) {
+        Vec<T, VEC> out;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) out.v[e] = from_f32<T>(Cache::quantization_enabled ? x[u][j][e] * inv : x[u][j][e]);
+        store_vec<VEC>(dst + j * VEC, out);
+      }
+      if constexpr (Cache::quantization_enabled) {
+        if ((threadIdx.x & (TPG - 1)) == 0) {
+          c.scales[int64_t(row) * S::H * Cache::num_scale_groups + h * Cache::num_scale_groups
+                   + d0 / Cache::quantization_granularity] = scale;
+        }
       }
     }
   }
