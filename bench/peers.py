@@ -425,7 +425,8 @@ def make_flashinfer_decode(
         page_table: ``[B, cols]`` page ids (int32 or uint32); converted here to FlashInfer's CSR
             ``paged_kv_indptr / paged_kv_indices / paged_kv_last_page_len``.
         seq_lens: ``[B]`` context lengths including the current token.
-        use_tensor_cores: False = CUDA-core decode kernel (GQA group must be 1, 2, 3, 4, 6 or 8);
+        use_tensor_cores: False = CUDA-core decode kernel (GQA group must be 1, 2, 3, 4 or 8:
+            ``DISPATCH_GQA_GROUP_SIZE`` in 0.6.12);
             True = the FA2 prefill (MMA) kernel with one query row per request (backend "fa2"
             for bf16 q, also with an fp8 cache since FA3 needs an fp8 query).
         use_cuda_graph: construct the wrapper in CUDA-graph mode with fixed index buffers, as
