@@ -56,6 +56,7 @@ def nvrtc_options(arch: str) -> list[str]:
         f"--gpu-architecture={arch}",  # a real arch: cubin (SASS), never PTX
         "-std=c++17",
         "--ptxas-options=--verbose",  # per-kernel registers and spills, kept in the manifest
+        "--maxrregcount=128",  # without it ptxas capped these kernels at 32 registers and spilled
         "-default-device",
         *[f"-I{d}" for d in (str(INCLUDE_DIR), *cuda_include_dirs())],
     ]

@@ -114,8 +114,8 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
       }
       const uint32_t row = s_row[ti];
       if (!active || row == kNoRow) continue;
-      const Cache& c = kv == 0 ? k_cache : v_cache;
-      T* dst = c.blocks + int64_t(row) * S::H * S::D + int64_t(h) * S::D + d0;
+      // Select the base pointer, not a reference to one of two local caches (that would force them to memory).
+      T* dst = (kv == 0 ? k_cache.blocks : v_cache.blocks) + int64_t(row) * S::H * S::D + int64_t(h) * S::D + d0;
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
         Vec<T, VEC> out;
@@ -125,7 +125,7 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
       }
       if constexpr (Cache::quantization_enabled) {
         if ((threadIdx.x & (TPG - 1)) == 0) {
-          c.scales[int64_t(row) * S::H * Cache::num_scale_groups + h * Cache::num_scale_groups
+          (kv == 0 ? k_cache.scales : v_cache.scales)[int64_t(row) * S::H * Cache::num_scale_groups + h * Cache::num_scale_groups
                    + d0 / Cache::quantization_granularity] = scale;
         }
       }
