@@ -14,12 +14,12 @@ from .dtypes import DTYPES, CacheDType, IODType, ScaleDType
 from .errors import ConfigError, Problem
 
 Arch = Literal["sm_80", "sm_90a", "sm_100a"]
-KernelName = Literal["store", "load", "copy_pages", "tma_tile_load", "gather4_tile_load", "decode"]
+KernelName = Literal["store", "load", "copy_pages", "tma_tile_load", "gather4_tile_load"]
 Swizzle = Literal["NONE", "32B", "64B", "128B"]
 
 TMA_ARCHS = frozenset({"sm_90a", "sm_100a"})
 GATHER4_ARCHS = frozenset({"sm_100a"})
-ALL_KERNELS: tuple[str, ...] = ("store", "load", "copy_pages", "tma_tile_load", "gather4_tile_load", "decode")
+ALL_KERNELS: tuple[str, ...] = ("store", "load", "copy_pages", "tma_tile_load", "gather4_tile_load")
 SWIZZLE_BYTES = {"NONE": 16, "32B": 32, "64B": 64, "128B": 128}  # MAX: bytes() = 2^v * 16
 MAX_TILE_SMEM_BYTES = 200 * 1024  # the tile-load kernel stages one BN x BK tile; H100 allows 227 KB
 
@@ -82,7 +82,7 @@ class VariantSpec(_Strict):
     rope_layout: RopeLayout | None = None
     tma: TmaParams = TmaParams()
     archs: list[Arch] = Field(default_factory=lambda: ["sm_90a"], min_length=1)
-    kernels: list[KernelName] | None = Field(None, description="kernels to emit (default: all the archs support)")
+    kernels: list[KernelName] | None = Field(None, min_length=1, description="kernels to emit (default: all the archs support)")
     sources: list[str] = Field(default_factory=list, description="user kernel sources compiled against the trait")
 
     @model_validator(mode="after")
@@ -233,7 +233,7 @@ def _tma_problems(v: VariantSpec) -> list[Problem]:
         P.append(Problem("tma.bk", "must not exceed the padded depth of a row", bk, f"use at most {_padded_depth(v)}"))
     if _is_pow2(t.bn) and t.bn * bk * dt.nbytes > MAX_TILE_SMEM_BYTES:
         P.append(Problem("tma.bn", f"a BN x BK tile ({t.bn} x {bk} x {dt.nbytes} B) must fit in {MAX_TILE_SMEM_BYTES} B of shared memory",
-                         t.bn, f"use bn {max(8, MAX_TILE_SMEM_BYTES // (bk * dt.nbytes) // 2)}"))
+                         t.bn, f"use bn {_largest_pow2_at_most(MAX_TILE_SMEM_BYTES // (bk * dt.nbytes))} or a smaller bk"))
     if t.base_alignment is not None:
         if not _is_pow2(t.base_alignment):
             P.append(Problem("tma.base_alignment", "must be a power of two", t.base_alignment, f"use {t.bn}"))
@@ -242,6 +242,13 @@ def _tma_problems(v: VariantSpec) -> list[Problem]:
                              "when a tile spans several pages (page_size < bn), populate needs tiles that start on a page",
                              t.base_alignment, f"use a multiple of page_size ({c.page_size}), e.g. {t.bn}"))
     return P
+
+
+def _largest_pow2_at_most(n: int) -> int:
+    p = 8
+    while p * 2 <= n:
+        p *= 2
+    return p
 
 
 def _padded_depth(v: VariantSpec) -> int:
