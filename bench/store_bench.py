@@ -90,7 +90,7 @@ def main() -> None:
                                                    [per_req] * batch) for c, k, v in sets]
                 results["flashinfer append" + (" (pre-cast fp8, no scales)" if fp8 else "")] = (graph_time(fi), peer_bytes_fi)
                 if T <= 64:
-                    eager["flashinfer"] = eager_host_cost(fi[0])
+                    eager["flashinfer append"] = eager_host_cost(fi[0])
             except Exception as e:  # noqa: BLE001 - a missing peer is reported, not fatal
                 print(f"flashinfer unavailable: {type(e).__name__}: {str(e)[:300]}")
             try:
