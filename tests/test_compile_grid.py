@@ -12,6 +12,7 @@ from kvgen.build import compile_all
 from kvgen.grid import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 CI_GRID = load_config(ROOT / "configs" / "ci_grid.yaml")
 
 
