@@ -57,6 +57,18 @@ def device_arch(device: int) -> str:
     return {(9, 0): "sm_90a", (10, 0): "sm_100a", (8, 0): "sm_80"}.get((major, minor), f"sm_{major}{minor}")
 
 
+@functools.cache
+def _raw_launch() -> Any:
+    """libcuda's cuLaunchKernel through ctypes: about 1 µs per call, where the cuda-bindings wrapper
+    costs 4-5 µs (it converts every argument). Only used with handles cuda-bindings created."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    fn = lib.cuLaunchKernel
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+                   ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return fn
+
+
 class Kernel:
     """One kernel of a loaded cubin; launches take a pre-packed void*[] so the host cost stays small."""
 
@@ -69,14 +81,15 @@ class Kernel:
             check(d.cuFuncSetAttribute(self.function,
                                        d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                        dynamic_smem))
-        self._launch = d.cuLaunchKernel
+        self._handle = int(self.function)
+        self._launch = _raw_launch()
 
     def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], params: ctypes.Array, stream: int) -> None:
         """params: a ctypes array of void* pointing at each argument's bytes (kept alive by the caller)."""
-        err = self._launch(self.function, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                           self.dynamic_smem, stream, ctypes.addressof(params), 0)
-        if int(err[0]) != 0:
-            check(err)
+        err = self._launch(self._handle, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                           self.dynamic_smem, stream, ctypes.addressof(params), None)
+        if err != 0:
+            check((cu().CUresult(err),))
 
 
 class Module:

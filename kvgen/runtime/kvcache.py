@@ -57,7 +57,7 @@ class KVCache:
     """A KV-cache collection (all layers, K and V) of one variant, plus its page table and lengths."""
 
     def __init__(self, variant: type[GeneratedVariant], blocks: Any, scales: Any | None, lookup_table: Any,
-                 cache_lengths: Any, *, num_layers: int, device: int, tokens_per_slot: int = 0):
+                 cache_lengths: Any, *, num_layers: int, device: int, tokens_per_slot: int = 0, max_tokens: int = 8192):
         self.variant = variant
         self.spec = variant.spec()
         c = self.spec.cache
@@ -103,6 +103,11 @@ class KVCache:
         torch = _torch()
         self.error_word = torch.zeros(1, dtype=torch.int32, device=f"cuda:{self.device}")
         self._row_offsets = torch.zeros(self.max_batch + 1, dtype=torch.int32, device=f"cuda:{self.device}")
+        # Per new token (request, position), built by begin_step: the store kernel reads one 8-byte entry per
+        # token instead of binary-searching the CSR offsets (a chain of dependent loads per block).
+        # Sized for max_tokens new tokens per step so a captured graph keeps a valid pointer.
+        self._token_map = torch.zeros(2 * max_tokens, dtype=torch.int32, device=f"cuda:{self.device}")
+        self._raw_stream = torch._C._cuda_getCurrentRawStream
         self.host_lut = np.full((self.max_batch, self.lut_cols), self.null_page, np.uint32) if self.paged \
             else np.zeros(self.max_batch, np.uint32)
         self.host_lengths = np.zeros(self.max_batch, np.uint32)
@@ -124,7 +129,7 @@ class KVCache:
     def allocate(cls, variant: type[GeneratedVariant], *, max_batch: int, num_pages: int | None = None,
                  max_pages_per_request: int | None = None, num_slots: int | None = None,
                  tokens_per_slot: int | None = None, num_layers: int | None = None, device: int = 0,
-                 fill: float | None = None) -> KVCache:
+                 fill: float | None = None, max_tokens: int = 8192) -> KVCache:
         """Allocate blocks (+ null page), scales, lookup table (all null page) and zero cache lengths."""
         torch = _torch()
         spec = variant.spec()
@@ -154,7 +159,8 @@ class KVCache:
             sdt = torch.uint8 if spec.quantization.scale_dtype == "float8_e8m0fnu" else torch.float32
             scales = torch.ones((nb, c.kv_dim, L, rows, c.num_kv_heads, g), dtype=sdt, device=dev)
         lengths = torch.zeros(max_batch, dtype=torch.int32, device=dev)
-        cache = cls(variant, blocks, scales, lut, lengths, num_layers=L, device=device, tokens_per_slot=slot_len)
+        cache = cls(variant, blocks, scales, lut, lengths, num_layers=L, device=device, tokens_per_slot=slot_len,
+                    max_tokens=max_tokens)
         if c.kind == "continuous":
             cache.host_lut[:] = np.arange(max_batch, dtype=np.uint32) % nb
             cache.lookup_table.copy_(torch.from_numpy(cache.host_lut.astype(np.int32)))
@@ -162,10 +168,10 @@ class KVCache:
 
     @classmethod
     def wrap(cls, variant: type[GeneratedVariant], blocks: Any, scales: Any | None, lookup_table: Any,
-             cache_lengths: Any, *, num_layers: int, tokens_per_slot: int = 0) -> KVCache:
+             cache_lengths: Any, *, num_layers: int, tokens_per_slot: int = 0, max_tokens: int = 8192) -> KVCache:
         """Adopt tensors the caller already owns (same layout as allocate); nothing is copied."""
         return cls(variant, blocks, scales, lookup_table, cache_lengths, num_layers=num_layers, device=0,
-                   tokens_per_slot=tokens_per_slot)
+                   tokens_per_slot=tokens_per_slot, max_tokens=max_tokens)
 
     # ---- host-side trait members ----------------------------------------------------------------------
     @property
@@ -280,7 +286,17 @@ class KVCache:
         offs = np.zeros(self.max_batch + 1, np.int32)
         offs[1: n + 1] = np.cumsum(new_lengths)
         offs[n + 1:] = offs[n]
-        self._row_offsets.copy_(_torch().from_numpy(offs))
+        torch = _torch()
+        self._row_offsets.copy_(torch.from_numpy(offs))
+        total = int(offs[n])
+        lengths = np.asarray(new_lengths, dtype=np.int64)
+        req = np.repeat(np.arange(n, dtype=np.int64), lengths)
+        pos = self.host_lengths[req].astype(np.int64) + (np.arange(total) - offs[req])
+        if 2 * total > self._token_map.numel():  # grows per step only, never per launch
+            self._token_map = torch.zeros(2 * max(total, 2 * self._token_map.numel() // 2), dtype=torch.int32,
+                                          device=f"cuda:{self.device}")
+        if total:
+            self._token_map[: 2 * total].copy_(torch.from_numpy(np.stack([req, pos], axis=1).astype(np.int32).ravel()))
         self.args.batch_size = n
         self.args.max_seq_length = max(new_lengths, default=0)
         self.args.max_cache_length = int(max((self.host_lengths[b] + k for b, k in enumerate(new_lengths)), default=0))
@@ -326,10 +342,9 @@ class KVCache:
             launch = self._launches[key] = _Launch(self._kernel(name, smem), *fields)
         return launch
 
-    @staticmethod
-    def _stream(stream: Any) -> int:
+    def _stream(self, stream: Any) -> int:
         if stream is None:
-            return _torch().cuda.current_stream().cuda_stream
+            return self._raw_stream(self.device)  # torch's current stream (the capture stream inside a graph)
         if isinstance(stream, int):
             return stream
         return int(getattr(stream, "cuda_stream", None) or getattr(stream, "ptr", None) or stream.handle)
@@ -373,8 +388,9 @@ class KVCache:
         if total == 0:
             return
         p, s = self._ptrs, self._scalars
-        launch = self._launch("store", "store", (self.args, p["a"], p["b"], p["c"], s["total"], s["layer"], s["tpb"]))
+        launch = self._launch("store", "store", (self.args, p["a"], p["b"], p["c"], p["d"], s["total"], s["layer"], s["tpb"]))
         p["a"].value, p["b"].value, p["c"].value = kt.ptr, vptr, ro.ptr
+        p["d"].value = self._token_map.data_ptr() if row_offsets is None else 0
         s["total"].value, s["layer"].value, s["tpb"].value = total, layer, self._tpb
         launch(((total + self._tpb - 1) // self._tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
 

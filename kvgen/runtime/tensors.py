@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import LaunchError
 
@@ -22,8 +21,7 @@ _SAME_BITS = {"bfloat16": {"uint16", "int16"}, "float8_e4m3fn": {"uint8"}, "floa
               "float8_e8m0fnu": {"uint8"}, "uint32": {"int32"}}
 
 
-@dataclass(frozen=True)
-class DeviceTensor:
+class DeviceTensor(NamedTuple):  # a NamedTuple: built on every launch, so it must be cheap
     ptr: int
     shape: tuple[int, ...]
     strides: tuple[int, ...]  # in elements
@@ -44,12 +42,22 @@ class DeviceTensor:
         return True
 
 
+_torch_dtype_names: dict[Any, str] = {}
+
+
+def _torch_name(dtype: Any) -> str:
+    name = _torch_dtype_names.get(dtype)
+    if name is None:
+        name = _torch_dtype_names[dtype] = _TORCH_NAMES.get(str(dtype), str(dtype))
+    return name
+
+
 def as_device_tensor(x: Any) -> DeviceTensor:
     mod = type(x).__module__
     if mod.startswith("torch"):
         if x.device.type != "cuda":
             raise TypeError(f"tensor is on {x.device}, not a CUDA device")
-        return DeviceTensor(x.data_ptr(), tuple(x.shape), tuple(x.stride()), _TORCH_NAMES.get(str(x.dtype), str(x.dtype)),
+        return DeviceTensor(x.data_ptr(), tuple(x.shape), tuple(x.stride()), _torch_name(x.dtype),
                             x.device.index or 0, x)
     cai = getattr(x, "__cuda_array_interface__", None)
     if cai is not None:
@@ -77,6 +85,9 @@ def as_device_tensor(x: Any) -> DeviceTensor:
 def check_tensor(kernel: str, name: str, x: Any, *, dtype: str | tuple[str, ...], shape: tuple[int | None, ...] | None = None,
                  device: int | None = None, contiguous: bool = True, align: int = 16) -> DeviceTensor:
     """Validate one launch argument, raising LaunchError that names the rule, the value and a fix."""
+    fast = _torch_fast_path(x, dtype, shape, device, contiguous, align)
+    if fast is not None:
+        return fast
     try:
         t = as_device_tensor(x)
     except TypeError as e:
@@ -98,3 +109,26 @@ def check_tensor(kernel: str, name: str, x: Any, *, dtype: str | tuple[str, ...]
         raise LaunchError(kernel, name, f"data pointer must be {align}-byte aligned", hex(t.ptr),
                           "pass a freshly allocated tensor, not an offset slice")
     return t
+
+
+def _torch_fast_path(x: Any, dtype: str | tuple[str, ...], shape: tuple[int | None, ...] | None, device: int | None,
+                     contiguous: bool, align: int) -> DeviceTensor | None:
+    """The common case (a valid CUDA torch tensor) in a few C calls; None sends anything unusual to the
+    full check, which produces the error message."""
+    if not type(x).__module__.startswith("torch") or not x.is_cuda:
+        return None
+    name = _torch_name(x.dtype)
+    if (name != dtype) if isinstance(dtype, str) else (name not in dtype):
+        return None
+    xs = x.shape
+    if shape is not None:
+        if len(xs) != len(shape):
+            return None
+        for want, got in zip(shape, xs):
+            if want is not None and want != got:
+                return None
+    dev = x.get_device()
+    ptr = x.data_ptr()
+    if (device is not None and dev != device) or (contiguous and not x.is_contiguous()) or ptr % align:
+        return None
+    return DeviceTensor(ptr, xs, (), name, dev, x)

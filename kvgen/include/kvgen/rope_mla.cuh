@@ -8,7 +8,8 @@ namespace kvgen {
 
 template <class Cache, class In, int PaddedDepth, int RopeDim>
 __device__ __forceinline__ void store_rope_mla(const CacheArgs& a, const In* __restrict__ k_new,
-                                               const uint32_t* __restrict__ row_offsets, uint32_t total_tokens,
+                                               const uint32_t* __restrict__ row_offsets, const uint2* __restrict__ token_map,
+                                               uint32_t total_tokens,
                                                uint32_t layer, uint32_t tokens_per_block) {
   static_assert(sizeof(typename Cache::dtype) == 1, "content is FP8");
   constexpr int kIn = PaddedDepth + RopeDim;
@@ -17,7 +18,7 @@ __device__ __forceinline__ void store_rope_mla(const CacheArgs& a, const In* __r
   const uint32_t tok0 = blockIdx.x * tokens_per_block;
   if (tok0 >= total_tokens) return;
   const uint32_t ntok = min(tokens_per_block, total_tokens - tok0);
-  resolve_tokens<Cache>(a, row_offsets, tok0, ntok, total_tokens, nullptr, s_req, s_pos, s_row);
+  resolve_tokens<Cache>(a, row_offsets, token_map, tok0, ntok, total_tokens, nullptr, s_req, s_pos, s_row);
   const Cache c = Cache::view(a, 0, layer);
   const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
   for (uint32_t ti = warp; ti < ntok; ti += nwarps) {
@@ -57,7 +58,7 @@ __device__ __forceinline__ void load_rope_mla(const CacheArgs& a, Out* __restric
   const uint32_t tok0 = blockIdx.x * tokens_per_block;
   if (tok0 >= total_tokens) return;
   const uint32_t ntok = min(tokens_per_block, total_tokens - tok0);
-  resolve_tokens<Cache>(a, row_offsets, tok0, ntok, total_tokens, start_pos, s_req, s_pos, s_row);
+  resolve_tokens<Cache>(a, row_offsets, nullptr, tok0, ntok, total_tokens, start_pos, s_req, s_pos, s_row);
   const Cache c = Cache::view(a, 0, layer);
   for (uint32_t i = threadIdx.x; i < ntok * kOut; i += blockDim.x) {
     const uint32_t ti = i / kOut, d = i % kOut, row = s_row[ti];

@@ -22,29 +22,38 @@ template <class Cache, class In, int VEC, int TPG, int VPT> struct RowSplit {
 constexpr int kThreads = 256;
 constexpr int kMaxTokensPerBlock = 64;
 
-// Resolve each token of the block once, into shared memory: CSR search, position, LUT lookup -> row.
-// Row math does not depend on (kv, layer), so one view answers for K and V. Invalid tokens get kNoRow.
+// Resolve each token of the block once, into shared memory: (request, position), then the LUT -> row.
+// With a token map (built once per step by KVCache.begin_step) that is one 8-byte load per token; without
+// one, a binary search over the CSR row offsets. Row math does not depend on (kv, layer), so one view answers
+// for K and V. Invalid tokens get kNoRow and are flagged.
 constexpr uint32_t kNoRow = 0xffffffffu;
 template <class Cache> __device__ __forceinline__ void resolve_tokens(
-    const CacheArgs& a, const uint32_t* row_offsets, uint32_t tok0, uint32_t ntok, uint32_t total_tokens,
-    const uint32_t* start_pos, uint32_t* s_req, uint32_t* s_pos, uint32_t* s_row) {
+    const CacheArgs& a, const uint32_t* row_offsets, const uint2* token_map, uint32_t tok0, uint32_t ntok,
+    uint32_t total_tokens, const uint32_t* start_pos, uint32_t* s_req, uint32_t* s_pos, uint32_t* s_row) {
   const Cache c = Cache::view(a, 0, 0);
   for (uint32_t i = threadIdx.x; i < ntok; i += blockDim.x) {
     const uint32_t tok = tok0 + i;
-    uint32_t lo = 0, hi = a.batch_size;  // last b with row_offsets[b] <= tok
-    while (hi - lo > 1) {
-      const uint32_t mid = (lo + hi) >> 1;
-      if (row_offsets[mid] <= tok) lo = mid; else hi = mid;
-    }
-    const uint32_t first = row_offsets[lo];
-    uint32_t pos = kNoRow, row = kNoRow;
-    if (tok >= first && tok < row_offsets[lo + 1] && row_offsets[a.batch_size] == total_tokens) {
-      pos = (start_pos != nullptr ? start_pos[lo] : a.cache_lengths[lo]) + (tok - first);
-      if (!c.position_ok(lo, pos, row)) row = kNoRow;
+    uint32_t req = 0, pos = kNoRow, row = kNoRow;
+    if (token_map != nullptr) {
+      const uint2 m = token_map[tok];
+      req = m.x;
+      if (req < a.batch_size) pos = m.y; else report(a, kErrBadRange);
     } else {
-      report(a, kErrBadRange);
+      uint32_t lo = 0, hi = a.batch_size;  // last b with row_offsets[b] <= tok
+      while (hi - lo > 1) {
+        const uint32_t mid = (lo + hi) >> 1;
+        if (row_offsets[mid] <= tok) lo = mid; else hi = mid;
+      }
+      const uint32_t first = row_offsets[lo];
+      req = lo;
+      if (tok >= first && tok < row_offsets[lo + 1] && row_offsets[a.batch_size] == total_tokens) {
+        pos = (start_pos != nullptr ? start_pos[lo] : a.cache_lengths[lo]) + (tok - first);
+      } else {
+        report(a, kErrBadRange);
+      }
     }
-    s_req[i] = lo;
+    if (pos != kNoRow && !c.position_ok(req, pos, row)) row = kNoRow;
+    s_req[i] = req;
     s_pos[i] = pos;
     s_row[i] = row;
   }
@@ -57,7 +66,8 @@ template <class Cache> __device__ __forceinline__ void resolve_tokens(
 constexpr int kItemsPerThread = 2;
 template <class Cache, class In, int VEC, int TPG, int VPT>
 __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __restrict__ k_new, const In* __restrict__ v_new,
-                                             const uint32_t* __restrict__ row_offsets, uint32_t total_tokens,
+                                             const uint32_t* __restrict__ row_offsets, const uint2* __restrict__ token_map,
+                                             uint32_t total_tokens,
                                              uint32_t layer, uint32_t tokens_per_block) {
   using S = RowSplit<Cache, In, VEC, TPG, VPT>;
   using T = typename Cache::dtype;
@@ -89,7 +99,7 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
         for (int e = 0; e < VEC; ++e) x[u][j][e] = to_f32(in.v[e]);
       }
     }
-    if (base == 0) resolve_tokens<Cache>(a, row_offsets, tok0, ntok, total_tokens, nullptr, s_req, s_pos, s_row);
+    if (base == 0) resolve_tokens<Cache>(a, row_offsets, token_map, tok0, ntok, total_tokens, nullptr, s_req, s_pos, s_row);
 #pragma unroll
     for (int u = 0; u < IPT; ++u) {
       const uint32_t it = base + u * blockDim.x + threadIdx.x;
@@ -143,7 +153,7 @@ __device__ __forceinline__ void load_ragged(const CacheArgs& a, Out* __restrict_
   const uint32_t tok0 = blockIdx.x * tokens_per_block;
   if (tok0 >= total_tokens) return;
   const uint32_t ntok = min(tokens_per_block, total_tokens - tok0);
-  resolve_tokens<Cache>(a, row_offsets, tok0, ntok, total_tokens, start_pos, s_req, s_pos, s_row);
+  resolve_tokens<Cache>(a, row_offsets, nullptr, tok0, ntok, total_tokens, start_pos, s_req, s_pos, s_row);
   const Cache k_cache = Cache::view(a, 0, layer), v_cache = Cache::view(a, S::KVD - 1, layer);
   const uint32_t n_items = ntok * S::items_per_token;
   for (uint32_t it = threadIdx.x; it < n_items; it += blockDim.x) {
