@@ -1,0 +1,58 @@
+"""Where the host time of one eager kvgen store goes (validation, stream lookup, launch), on the GPU machine."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kvgen.build import build  # noqa: E402
+from kvgen.grid import load_config  # noqa: E402
+from kvgen.runtime.tensors import check_tensor  # noqa: E402
+
+
+def per_call(fn, n: int = 5000) -> float:
+    for _ in range(200):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = (time.perf_counter() - t0) / n
+    torch.cuda.synchronize()
+    return dt * 1e6
+
+
+def main() -> None:
+    out = Path("/tmp/kvgen-host-profile")
+    build(load_config(ROOT / "configs" / "bench_store.yaml"), out=out, jobs=4, pattern="bench_paged_bf16_h8_d128_p16")
+    spec = importlib.util.spec_from_file_location("hp", out / "__init__.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    v = next(iter(mod.VARIANTS.values()))
+    cache = v.cache(max_batch=64, num_pages=65, max_pages_per_request=1, num_layers=1)
+    cache.set_pages([[i] for i in range(64)])
+    cache.begin_step([1] * 64)
+    k = torch.randn(64, 8, 128, device="cuda", dtype=torch.bfloat16)
+    cache.store(0, k, k)
+    launch = cache._launches["store"]
+    grid, stream = (32, 1, 1), cache._stream(None)
+    rows = {
+        "full store()": per_call(lambda: cache.store(0, k, k)),
+        "check_tensor x1": per_call(lambda: check_tensor("s", "k", k, dtype="bfloat16", shape=(None, 8, 128), device=0)),
+        "_stream(None)": per_call(lambda: cache._stream(None)),
+        "launch only (ctypes cuLaunchKernel)": per_call(lambda: launch(grid, (256, 1, 1), stream)),
+        "torch.add eager (reference)": per_call(lambda: torch.add(k, k)),
+    }
+    for name, us in rows.items():
+        print(f"{name:40s} {us:7.2f} us")
+
+
+if __name__ == "__main__":
+    main()
