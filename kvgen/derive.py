@@ -56,11 +56,11 @@ def store_split(spec: VariantSpec) -> StoreSplit:
     return StoreSplit(vec=vec, tpg=tpg, vpt=vectors // tpg)
 
 
-ITEMS_PER_THREAD = 4  # kvgen::kItemsPerThread
+ITEMS_PER_THREAD = 2  # kvgen::kItemsPerThread
 
 
 def tokens_per_block(spec: VariantSpec, split: StoreSplit) -> int:
-    """Tokens one 256-thread block of store/load handles: about four items per thread, at most 64."""
+    """Tokens one 256-thread block of store/load handles: about two items per thread, at most 64."""
     kvd = spec.cache.kv_dim
     items = kvd * spec.cache.num_kv_heads * (spec.cache.head_size // split.elems_per_item)
     return max(1, min(MAX_TOKENS_PER_BLOCK, THREADS * ITEMS_PER_THREAD // max(1, items)))

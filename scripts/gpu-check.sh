@@ -29,6 +29,9 @@ for step in "${@:-all}"; do
     python3 bench/store_bench.py --out "$OUT/store_bench.md" 2>&1 | tee "$OUT/store-bench.log" | tail -n 40
     summary+=("store bench: $OUT/store_bench.md")
   fi
+  if [[ $step == profile ]]; then
+    python3 bench/host_profile.py 2>&1 | tee "$OUT/host-profile.log"
+  fi
   if [[ $step == decode ]]; then
     python3 bench/decode_bench.py --out "$OUT/decode_bench.md" 2>&1 | tee "$OUT/decode-bench.log" | tail -n 60
   fi

@@ -33,24 +33,24 @@ using kvgen::uint32_t;
 using kvgen::uint64_t;
 using kvgen_variant::Cache;
 using IO = kvgen_variant::Traits::io_dtype;
-// __launch_bounds__(256, 3): with no minimum-blocks hint ptxas capped store at 32 registers and spilled;
-// 3 blocks per SM leaves up to 85 registers for the 4 items per thread of store.
+// __launch_bounds__(256, 4): with no minimum-blocks hint ptxas capped store at 32 registers and spilled;
+// 4 blocks per SM leave up to 64 registers for the 2 items per thread of store.
 
-extern "C" __global__ void __launch_bounds__(kvgen::kThreads, 3)
+extern "C" __global__ void __launch_bounds__(kvgen::kThreads, 4)
 kvgen_gpu_paged_e4m3_h1_d640_mla_p64_qf32g640_rope64_s64b_6b2590ef_store(const CacheArgs args, const IO* __restrict__ k_new, const IO* __restrict__ v_new,
     const uint32_t* __restrict__ row_offsets, const uint2* __restrict__ token_map, uint32_t total_tokens, uint32_t layer,
     uint32_t tokens_per_block) {
   kvgen::store_rope_mla<Cache, IO, 512, 64>(args, k_new, row_offsets, token_map, total_tokens, layer, tokens_per_block);
 }
 
-extern "C" __global__ void __launch_bounds__(kvgen::kThreads, 3)
+extern "C" __global__ void __launch_bounds__(kvgen::kThreads, 4)
 kvgen_gpu_paged_e4m3_h1_d640_mla_p64_qf32g640_rope64_s64b_6b2590ef_load(const CacheArgs args, IO* __restrict__ k_out, IO* __restrict__ v_out,
     const uint32_t* __restrict__ row_offsets, const uint32_t* __restrict__ start_pos, uint32_t total_tokens,
     uint32_t layer, uint32_t tokens_per_block) {
   kvgen::load_rope_mla<Cache, IO, 512, 64>(args, k_out, row_offsets, start_pos, total_tokens, layer, tokens_per_block);
 }
 
-extern "C" __global__ void __launch_bounds__(kvgen::kThreads, 3)
+extern "C" __global__ void __launch_bounds__(kvgen::kThreads, 4)
 kvgen_gpu_paged_e4m3_h1_d640_mla_p64_qf32g640_rope64_s64b_6b2590ef_copy_pages(const CacheArgs args, const uint32_t* __restrict__ src_ids, const uint32_t* __restrict__ dst_ids,
     uint32_t n_pairs, uint64_t page_bytes, uint64_t scale_page_bytes) {
   kvgen::copy_pages(args, src_ids, dst_ids, n_pairs, page_bytes, scale_page_bytes);

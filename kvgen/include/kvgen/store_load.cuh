@@ -63,7 +63,7 @@ template <class Cache> __device__ __forceinline__ void resolve_tokens(
 // store: new K/V [T, H, D] (In) -> cache rows cache_length(b) + t, converting (and quantizing) on the way.
 // Each thread owns kItemsPerThread items per pass; the input loads of the first pass are issued before the
 // token -> row resolution (CSR search + LUT), so HBM latency overlaps the index math instead of following it.
-constexpr int kItemsPerThread = 4;
+constexpr int kItemsPerThread = 2;
 template <class Cache, class In, int VEC, int TPG, int VPT>
 __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __restrict__ k_new, const In* __restrict__ v_new,
                                              const uint32_t* __restrict__ row_offsets, const uint2* __restrict__ token_map,
