@@ -27,6 +27,34 @@ constexpr int kMaxTokensPerBlock = 64;
 // one, a binary search over the CSR row offsets. Row math does not depend on (kv, layer), so one view answers
 // for K and V. Invalid tokens get kNoRow and are flagged.
 constexpr uint32_t kNoRow = 0xffffffffu;
+// One token -> (request, position, row) for the calling thread alone (no barrier): the store path, where
+// every lane of a warp usually asks about the same token, so the loads are broadcasts that hit in L1.
+template <class Cache> __device__ __forceinline__ uint32_t resolve_one(
+    const Cache& c, const CacheArgs& a, const uint32_t* row_offsets, const uint2* token_map, uint32_t tok,
+    uint32_t total_tokens) {
+  uint32_t req = 0, pos = kNoRow, row = kNoRow;
+  if (token_map != nullptr) {
+    const uint2 m = token_map[tok];
+    req = m.x;
+    if (req < a.batch_size) pos = m.y; else report(a, kErrBadRange);
+  } else {
+    uint32_t lo = 0, hi = a.batch_size;
+    while (hi - lo > 1) {
+      const uint32_t mid = (lo + hi) >> 1;
+      if (row_offsets[mid] <= tok) lo = mid; else hi = mid;
+    }
+    const uint32_t first = row_offsets[lo];
+    req = lo;
+    if (tok >= first && tok < row_offsets[lo + 1] && row_offsets[a.batch_size] == total_tokens) {
+      pos = a.cache_lengths[lo] + (tok - first);
+    } else {
+      report(a, kErrBadRange);
+    }
+  }
+  if (pos != kNoRow && !c.position_ok(req, pos, row)) row = kNoRow;
+  return row;
+}
+
 template <class Cache> __device__ __forceinline__ void resolve_tokens(
     const CacheArgs& a, const uint32_t* row_offsets, const uint2* token_map, uint32_t tok0, uint32_t ntok,
     uint32_t total_tokens, const uint32_t* start_pos, uint32_t* s_req, uint32_t* s_pos, uint32_t* s_row) {
@@ -73,14 +101,14 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
   using T = typename Cache::dtype;
   using Sc = typename Cache::scale_dtype;
   constexpr int IPT = kItemsPerThread;
-  __shared__ uint32_t s_req[kMaxTokensPerBlock], s_pos[kMaxTokensPerBlock], s_row[kMaxTokensPerBlock];
   const uint32_t tok0 = blockIdx.x * tokens_per_block;
   if (tok0 >= total_tokens) return;
   const uint32_t ntok = min(tokens_per_block, total_tokens - tok0);
   const Cache k_cache = Cache::view(a, 0, layer), v_cache = Cache::view(a, S::KVD - 1, layer);
   const uint32_t n_items = ntok * S::items_per_token;
-  // Uniform trip count across the block so every lane of a scale group reaches the shuffles together
-  // (and every thread reaches the barrier inside resolve_tokens).
+  // Uniform trip count across the block so every lane of a scale group reaches the shuffles together.
+  // No barrier: each thread resolves its own token's row after issuing its input loads, like FlashInfer's
+  // append, so warps never wait for each other and loads of different warps overlap freely.
   for (uint32_t base = 0; base < n_items; base += blockDim.x * IPT) {
     float x[IPT][VPT][VEC];
 #pragma unroll
@@ -99,12 +127,18 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
         for (int e = 0; e < VEC; ++e) x[u][j][e] = to_f32(in.v[e]);
       }
     }
-    if (base == 0) resolve_tokens<Cache>(a, row_offsets, token_map, tok0, ntok, total_tokens, nullptr, s_req, s_pos, s_row);
+    uint32_t rows[IPT];
+#pragma unroll
+    for (int u = 0; u < IPT; ++u) {
+      const uint32_t it = base + u * blockDim.x + threadIdx.x;
+      rows[u] = it < n_items ? resolve_one(k_cache, a, row_offsets, token_map, tok0 + it / S::items_per_token, total_tokens)
+                             : kNoRow;
+    }
 #pragma unroll
     for (int u = 0; u < IPT; ++u) {
       const uint32_t it = base + u * blockDim.x + threadIdx.x;
       const bool active = it < n_items;
-      const uint32_t ti = active ? it / S::items_per_token : 0, rem = it % S::items_per_token;
+      const uint32_t rem = it % S::items_per_token;
       const uint32_t kv = rem / S::items_per_row, h = (rem % S::items_per_row) / S::items_per_head;
       const uint32_t d0 = (rem % S::items_per_head) * S::elems_per_item;
       float inv = 1.f;
@@ -122,7 +156,7 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
         // roundings, so results match bit for bit without a division per element.
         inv = 1.f / to_f32(scale);
       }
-      const uint32_t row = s_row[ti];
+      const uint32_t row = rows[u];
       if (!active || row == kNoRow) continue;
       // Select the base pointer, not a reference to one of two local caches (that would force them to memory).
       T* dst = (kv == 0 ? k_cache.blocks : v_cache.blocks) + int64_t(row) * S::H * S::D + int64_t(h) * S::D + d0;
