@@ -14,12 +14,12 @@ from .dtypes import DTYPES, CacheDType, IODType, ScaleDType
 from .errors import ConfigError, Problem
 
 Arch = Literal["sm_80", "sm_90a", "sm_100a"]
-KernelName = Literal["store", "load", "copy_pages", "tma_tile_load", "gather4_tile_load"]
+KernelName = Literal["store", "load", "copy_pages", "tma_tile_load", "gather4_tile_load", "decode"]
 Swizzle = Literal["NONE", "32B", "64B", "128B"]
 
 TMA_ARCHS = frozenset({"sm_90a", "sm_100a"})
 GATHER4_ARCHS = frozenset({"sm_100a"})
-ALL_KERNELS: tuple[str, ...] = ("store", "load", "copy_pages", "tma_tile_load", "gather4_tile_load")
+ALL_KERNELS: tuple[str, ...] = ("store", "load", "copy_pages", "tma_tile_load", "gather4_tile_load", "decode")
 SWIZZLE_BYTES = {"NONE": 16, "32B": 32, "64B": 64, "128B": 128}  # MAX: bytes() = 2^v * 16
 MAX_TILE_SMEM_BYTES = 200 * 1024  # the tile-load kernel stages one BN x BK tile; H100 allows 227 KB
 
@@ -74,6 +74,18 @@ class TmaParams(_Strict):
     base_alignment: int | None = Field(None, ge=1, description="alignment of tile start rows (default: bn)")
 
 
+class AttentionParams(_Strict):
+    """Decode attention over this cache: compile-time shape and features; values (scale, window size, cap,
+    sink logits) are run-time arguments."""
+
+    num_q_heads: int = Field(ge=1, le=1024, description="query heads per device (a multiple of num_kv_heads)")
+    sliding_window: bool = Field(False, description="compile in a sliding window (its size is a launch argument)")
+    logits_soft_cap: bool = Field(False, description="compile in cap * tanh(logit / cap)")
+    sinks: bool = Field(False, description="accept per-head attention-sink logits")
+    output_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    stages: int = Field(3, ge=2, le=4, description="cp.async pipeline depth (K/V tiles of 64 rows in flight)")
+
+
 class VariantSpec(_Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,47}$", description="lowercase identifier prefix of the variant")
     description: str = ""
@@ -81,6 +93,7 @@ class VariantSpec(_Strict):
     quantization: Quantization | None = None
     rope_layout: RopeLayout | None = None
     tma: TmaParams = TmaParams()
+    attention: AttentionParams | None = None
     archs: list[Arch] = Field(default_factory=lambda: ["sm_90a"], min_length=1)
     kernels: list[KernelName] | None = Field(None, min_length=1, description="kernels to emit (default: all the archs support)")
     sources: list[str] = Field(default_factory=list, description="user kernel sources compiled against the trait")
@@ -106,6 +119,8 @@ class VariantSpec(_Strict):
             wanted.append("tma_tile_load")
         if GATHER4_ARCHS & set(self.archs) and DTYPES[self.cache.dtype].tma_type is not None:
             wanted.append("gather4_tile_load")
+        if self.attention is not None:
+            wanted.append("decode")
         return wanted
 
     def kernels_for_arch(self, arch: str) -> list[str]:
@@ -117,6 +132,8 @@ class VariantSpec(_Strict):
             if k == "gather4_tile_load" and arch not in GATHER4_ARCHS:
                 continue
             out.append(k)
+            if k == "decode":
+                out.append("decode_combine")  # merges the split-K partials
         return out
 
 
@@ -200,9 +217,42 @@ def _cross_field_problems(v: VariantSpec) -> list[Problem]:
         bad("cache.dtype", "TMA has no data type for float8_e5m2 (MAX rejects it too)", c.dtype,
             "use float8_e4m3fn, or drop the TMA kernels from kernels")
 
+    # -- decode attention ---------------------------------------------------------------------------------
+    if "decode" in v.effective_kernels:
+        P.extend(_decode_problems(v))
+    elif v.attention is not None and v.kernels is not None:
+        bad("attention", "attention parameters are given but the decode kernel is not in kernels", v.kernels,
+            "add decode to kernels, or remove attention")
+
     # -- TMA tile geometry (only when a TMA kernel is emitted) -------------------------------------------
     if uses_tma and "tma_tile_load" in v.effective_kernels:
         P.extend(_tma_problems(v))
+    return P
+
+
+def _decode_problems(v: VariantSpec) -> list[Problem]:
+    c, a, q = v.cache, v.attention, v.quantization
+    P: list[Problem] = []
+    if a is None:
+        return [Problem("attention", "the decode kernel needs attention parameters", None,
+                        "add attention: {num_q_heads: 32}")]
+    if a.num_q_heads % c.num_kv_heads or not 1 <= a.num_q_heads // c.num_kv_heads <= 16:
+        P.append(Problem("attention.num_q_heads", "must be num_kv_heads times a group size of 1 to 16",
+                         a.num_q_heads, f"use a multiple of {c.num_kv_heads} up to {16 * c.num_kv_heads}"))
+    if c.head_size not in (64, 128, 256):
+        P.append(Problem("cache.head_size", "decode attention is generated for head sizes 64, 128 and 256",
+                         c.head_size, "use 64, 128 or 256"))
+    if c.dtype == "float32":
+        P.append(Problem("cache.dtype", "decode attention reads 16-bit or FP8 caches (tensor-core inputs)", c.dtype,
+                         "use bfloat16, float16 or an FP8 dtype"))
+    if c.is_mla or v.rope_layout is not None:
+        P.append(Problem("cache.is_mla", "MLA decode is not generated yet (MHA/GQA caches only)", c.is_mla,
+                         "remove decode from kernels for MLA caches"))
+    if q is not None and q.scale_dtype != "float32":
+        P.append(Problem("quantization.scale_dtype", "decode attention reads float32 scales", q.scale_dtype,
+                         "use scale_dtype: float32"))
+    if c.io_dtype == "float32":
+        P.append(Problem("cache.input_dtype", "decode queries are 16-bit", c.io_dtype, "use bfloat16 or float16"))
     return P
 
 

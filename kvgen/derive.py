@@ -108,6 +108,37 @@ def gather4_geometry(spec: VariantSpec) -> Gather4Geometry:
     return Gather4Geometry(tile_rows=16, tile_width=width, box_w=box_w)
 
 
+DECODE_TILE = 64  # kvgen::kDecodeTile
+DECODE_SMEM_LIMIT = 220 * 1024
+
+
+@dataclass(frozen=True)
+class DecodeGeometry:
+    group: int  # query heads per KV head
+    stages: int  # cp.async pipeline depth actually used (reduced until it fits shared memory)
+    stage_bytes: int
+    smem_bytes: int
+    out_c: str
+    window: bool
+    softcap: bool
+
+
+def decode_geometry(spec: VariantSpec) -> DecodeGeometry:
+    """Shared memory per stage: K and V tiles of 64 rows padded by 16 bytes (bank spread), plus float32 scales."""
+    c, a = spec.cache, spec.attention
+    dt = DTYPES[c.dtype]
+    pitch = c.head_size * dt.nbytes + 16
+    groups = (c.head_size + spec.quantization.granularity - 1) // spec.quantization.granularity if spec.quantization else 0
+    stage = 2 * DECODE_TILE * pitch + 2 * DECODE_TILE * groups * 4
+    stages = a.stages
+    while stages > 2 and stages * stage > DECODE_SMEM_LIMIT:
+        stages -= 1
+    merge = (2 * 4 * 16 + 16 * c.head_size) * 4  # the epilogue reuses the pipeline buffers
+    return DecodeGeometry(group=a.num_q_heads // c.num_kv_heads, stages=stages, stage_bytes=stage,
+                          smem_bytes=max(stages * stage, merge), out_c=DTYPES[a.output_dtype].c_type,
+                          window=a.sliding_window, softcap=a.logits_soft_cap)
+
+
 def kernel_symbol(variant: Variant, kernel: str) -> str:
     return f"kvgen_{variant.name}_{kernel}"
 
@@ -150,4 +181,6 @@ def render_context(variant: Variant, arch: str) -> dict[str, object]:
         ctx["tma"] = asdict(tma_geometry(spec))
     if "gather4_tile_load" in kernels:
         ctx["g4"] = asdict(gather4_geometry(spec))
+    if "decode" in kernels:
+        ctx["dec"] = asdict(decode_geometry(spec))
     return ctx

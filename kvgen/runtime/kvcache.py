@@ -123,6 +123,13 @@ class KVCache:
         self._scalars = {k: ctypes.c_uint32(0) for k in ("total", "layer", "tpb", "kv", "tiles", "n")}
         self._ptrs = {k: ctypes.c_uint64(0) for k in ("a", "b", "c", "d")}
         self._u64 = {k: ctypes.c_uint64(0) for k in ("page_bytes", "scale_bytes")}
+        self._dec_vals = {"layer": ctypes.c_uint32(0), "q": ctypes.c_uint64(0), "po": ctypes.c_uint64(0),
+                          "pl": ctypes.c_uint64(0), "chunk": ctypes.c_uint32(0), "scale": ctypes.c_float(0),
+                          "cap": ctypes.c_float(1), "window": ctypes.c_uint32(0), "splits": ctypes.c_uint32(0),
+                          "sinks": ctypes.c_uint64(0), "out": ctypes.c_uint64(0), "lse": ctypes.c_uint64(0),
+                          "hq": ctypes.c_uint32(0)}
+        self._window: int | None = None
+        self.decode_plan: DecodePlan | None = None
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -448,6 +455,64 @@ class KVCache:
         chunks = max(1, min(32, (self.page_bytes // 16 + THREADS - 1) // THREADS))
         launch((chunks, n, 1), (THREADS, 1, 1), self._stream(stream))
 
+    # ---- decode attention -----------------------------------------------------------------------------
+    def plan_decode(self, window: int | None = None) -> DecodePlan:
+        """Plan the step's decode (call after begin_step, once per step, outside graph capture)."""
+        self._window = window
+        self.decode_plan = plan_decode(self)
+        return self.decode_plan
+
+    def decode(self, layer: int, q: Any, out: Any, *, softmax_scale: float | None = None, window: int | None = None,
+               soft_cap: float | None = None, sinks: Any = None, lse: Any = None, stream: Any = None) -> None:
+        """One query token per request: out[b, hq] = softmax(q[b, hq] . K^T * scale) V over the request's
+        cache_length(b) + 1 cached tokens (store the step's token first). q, out: [batch, Hq, D]."""
+        kn = "decode"
+        att = self.spec.attention
+        if att is None:
+            raise LaunchError(kn, "variant", "this variant has no attention parameters", self.variant.NAME,
+                              "add attention: {num_q_heads: ...} and decode to the config")
+        self._check_layer(kn, layer)
+        plan = getattr(self, "decode_plan", None)
+        if plan is None or plan.batch != self.args.batch_size:
+            raise LaunchError(kn, "plan", "plan_decode() must run once per step, after begin_step", None,
+                              "call cache.plan_decode() before the layers")
+        B, Hq, D = int(self.args.batch_size), att.num_q_heads, self.head_size
+        qt = check_tensor(kn, "q", q, dtype=self.io_dtype, shape=(B, Hq, D), device=self.device)
+        ot = check_tensor(kn, "out", out, dtype=att.output_dtype, shape=(B, Hq, D), device=self.device)
+        if window is not None and not att.sliding_window:
+            raise LaunchError(kn, "window", "the variant was generated without a sliding window", window,
+                              "set attention.sliding_window: true")
+        if soft_cap is not None and not att.logits_soft_cap:
+            raise LaunchError(kn, "soft_cap", "the variant was generated without a logits soft cap", soft_cap,
+                              "set attention.logits_soft_cap: true")
+        if att.sliding_window and window != self._window:
+            raise LaunchError(kn, "window", "must match the window given to plan_decode", window, "re-plan")
+        sink_ptr = 0
+        if sinks is not None:
+            if not att.sinks:
+                raise LaunchError(kn, "sinks", "the variant was generated without sinks", "tensor", "set attention.sinks: true")
+            sink_ptr = check_tensor(kn, "sinks", sinks, dtype="float32", shape=(Hq,), device=self.device, align=4).ptr
+        lse_ptr = 0 if lse is None else check_tensor(kn, "lse", lse, dtype="float32", shape=(B, Hq), device=self.device, align=4).ptr
+        if B == 0:
+            return
+        from ..derive import decode_geometry
+
+        geo = decode_geometry(self.spec)
+        st = self._stream(stream)
+        f = self._dec_vals
+        launch = self._launch("decode", "decode", (self.args, f["layer"], f["q"], f["po"], f["pl"], f["chunk"],
+                                                   f["scale"], f["cap"], f["window"]), smem=geo.smem_bytes)
+        f["layer"].value, f["q"].value, f["po"].value, f["pl"].value = layer, qt.ptr, plan.part_o.data_ptr(), plan.part_lse.data_ptr()
+        f["chunk"].value = plan.chunk
+        f["scale"].value = softmax_scale if softmax_scale is not None else D ** -0.5
+        f["cap"].value = soft_cap or 1.0
+        f["window"].value = window or 0
+        launch((plan.splits, self.num_heads, B), (128, 1, 1), st)
+        comb = self._launch("combine", "decode_combine", (f["po"], f["pl"], f["splits"], f["sinks"], f["out"], f["lse"], f["hq"]))
+        f["splits"].value, f["sinks"].value, f["out"].value, f["lse"].value, f["hq"].value = (
+            plan.splits, sink_ptr, ot.ptr, lse_ptr, Hq)
+        comb((Hq, B, 1), (min(256, D), 1, 1), st)
+
     # ---- TMA ------------------------------------------------------------------------------------------
     def create_tma_tile(self, kv: int, layer: int, swizzle: str | None = None, bn: int | None = None,
                         bk: int | None = None) -> TmaTile:
@@ -496,3 +561,31 @@ class KVCache:
         self._current_tile = tile  # keeps the descriptor bytes alive while the launch is queued
         s["layer"].value, s["kv"].value, s["tiles"].value, p["a"].value = layer, kv, max_tiles, ot.ptr
         launch((max_tiles, self.num_heads, self.args.batch_size), (128, 1, 1), self._stream(stream))
+
+
+class DecodePlan:
+    """Split-K plan of one decode step, reused by every layer: chunk length per CTA and the workspace."""
+
+    def __init__(self, cache: KVCache, chunk: int, splits: int, batch: int):
+        torch = _torch()
+        self.chunk, self.splits, self.batch = chunk, splits, batch
+        hq = cache.spec.attention.num_q_heads
+        dev = f"cuda:{cache.device}"
+        self.part_o = torch.empty((batch, hq, splits, cache.head_size), dtype=torch.float32, device=dev)
+        self.part_lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=dev)
+
+
+def plan_decode(cache: KVCache, sms: int = 132, ctas_per_sm: int = 2, min_chunk: int = 128) -> DecodePlan:
+    """Chunk the context so that about two waves of CTAs cover all SMs whatever the lengths: the chunk is
+    the total work over the CTA budget (a multiple of the 64-row tile), so long requests get more splits
+    than short ones and a skewed batch stays balanced. Reads the host mirror of the lengths; no sync."""
+    b = int(cache.args.batch_size)
+    lens = cache.host_lengths[:b].astype(np.int64) + 1  # the step's token is stored before decoding
+    if cache.spec.attention.sliding_window and getattr(cache, "_window", None):
+        lens = np.minimum(lens, cache._window)
+    total = int(lens.sum()) * cache.num_heads
+    budget = sms * ctas_per_sm * 2
+    chunk = max(min_chunk, -(-total // budget))
+    chunk = -(-chunk // 64) * 64
+    splits = max(1, int(-(-int(lens.max(initial=1)) // chunk)))
+    return DecodePlan(cache, chunk, splits, b)

@@ -1,0 +1,368 @@
+// Paged decode attention (one new query token per request), split-K flash-decoding, written against the
+// KVCacheT trait (row_idx for every K/V row, the cache's scales for FP8).
+//
+// Grid (splits, H_kv, batch), 128 threads = 4 warps. A CTA owns one request, one KV head and one chunk of its
+// context, and serves all GROUP query heads of that KV head (rows of a 16-row MMA tile). K/V tiles of 64 rows
+// stream through a STAGES-deep cp.async pipeline (per-row page lookups, zero fill past the end); warp w takes
+// rows [16w, 16w + 16) of every tile with its own online softmax, and the 4 warps merge at the end. Each CTA
+// writes a float32 partial output and its log-sum-exp; decode_combine merges the splits (and attention sinks).
+// MMA: mma.sync m16n8k16, bf16 (bf16 and FP8 caches: FP8 is dequantized with its scales into bf16 in
+// registers) or f16 (f16 caches), fp32 accumulation, softmax in fp32 with exp2.
+#pragma once
+#include <cuda/std/type_traits>
+#include "cache.cuh"
+
+namespace kvgen {
+
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+constexpr int kDecodeThreads = 128;
+constexpr int kDecodeTile = 64;
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 4 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+template <bool F16> __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (F16) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats -> one 32-bit register of the MMA input type (low half = first element).
+template <bool F16> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (F16) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+__device__ __forceinline__ uint32_t pack_raw16(unsigned short lo, unsigned short hi) {
+  return uint32_t(lo) | (uint32_t(hi) << 16);
+}
+
+// Two consecutive FP8 values (as stored) -> two floats.
+template <class T> __device__ __forceinline__ float2 fp8x2_to_float2(unsigned short raw) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(raw),
+                                                   cuda::std::is_same<T, __nv_fp8_e4m3>::value ? __NV_E4M3 : __NV_E5M2);
+  return __half22float2(*reinterpret_cast<const __half2*>(&h));
+}
+
+template <class Cache> struct DecodeTypes {
+  using T = typename Cache::dtype;
+  static constexpr bool kFp8 = sizeof(T) == 1;
+  static constexpr bool kF16 = cuda::std::is_same<T, __half>::value;  // f16 MMA for f16 caches, else bf16
+};
+
+// Partial attention of one (split, kv head, request). q: [batch, Hq, D]; part_o: [batch, Hq, max_splits, D] f32;
+// part_lse: [batch, Hq, max_splits] f32 (natural log). chunk: tokens per split (a multiple of 64); the last
+// split of the grid also takes everything past gridDim.x * chunk, so any length is covered.
+template <class Cache, class QT, int GROUP, int STAGES, bool WINDOW, bool SOFTCAP>
+__device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t layer, const QT* __restrict__ q,
+                                               float* __restrict__ part_o, float* __restrict__ part_lse,
+                                               uint32_t chunk, float softmax_scale, float soft_cap, uint32_t window) {
+  using Ty = DecodeTypes<Cache>;
+  using T = typename Ty::T;
+  constexpr bool F16 = Ty::kF16;
+  constexpr int D = Cache::head_size;
+  constexpr int H = Cache::num_heads;
+  constexpr int BN = kDecodeTile;
+  constexpr int ES = int(sizeof(T));
+  constexpr int ROW_BYTES = D * ES;
+  constexpr int PITCH = ROW_BYTES + 16;           // padded smem row: fragment loads hit distinct banks
+  constexpr int CPR = ROW_BYTES / 16;             // 16-byte chunks per row
+  constexpr bool QUANT = Cache::quantization_enabled;
+  constexpr int G = Cache::num_scale_groups;
+  constexpr int GRAN = Cache::quantization_granularity;
+  constexpr int KS = D / 16;                      // k-steps of Q.K
+  constexpr int DN = D / 8;                       // n-tiles of P.V
+  static_assert(GROUP >= 1 && GROUP <= 16, "one 16-row MMA tile holds the query group");
+  static_assert(D % 16 == 0 && (BN * CPR) % kDecodeThreads == 0, "tile copy splits evenly");
+  constexpr int STAGE_BYTES = 2 * BN * PITCH + (QUANT ? 2 * BN * G * 4 : 0);
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  const uint32_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint32_t gq = lane / 4, tq = lane % 4;  // MMA fragment row group and column pair
+  const Cache kc = Cache::view(a, 0, layer), vc = Cache::view(a, 1, layer);
+
+  // Context of this request: the step's token was stored at cache_length(b), so it holds cache_length + 1.
+  const uint32_t kv_len = b < a.batch_size ? kc.cache_length(b) + 1 : 0;
+  const uint32_t ctx_start = (WINDOW && kv_len > window) ? kv_len - window : 0;
+  const uint32_t first = ctx_start + split * chunk;
+  uint32_t last = split + 1 == gridDim.x ? kv_len : min(kv_len, first + chunk);
+  const uint32_t hq0 = h * GROUP;
+  float* o_out = part_o + ((uint64_t(b) * H * GROUP + hq0) * gridDim.x + split) * D;
+  float* lse_out = part_lse + (uint64_t(b) * H * GROUP + hq0) * gridDim.x + split;
+  if (first >= last) {  // empty split: the combine step skips it by its -inf lse
+    for (int r = threadIdx.x; r < GROUP; r += blockDim.x) lse_out[uint64_t(r) * gridDim.x] = -INFINITY;
+    return;
+  }
+  const int ntiles = int((last - first + BN - 1) / BN);
+
+  // ---- tile loader: K and V rows (page lookups through the trait), scales, zero fill past `last` ----------
+  auto load_tile = [&](int tile, int stage) {
+    unsigned char* ks = smem + stage * STAGE_BYTES;
+    unsigned char* vs = ks + BN * PITCH;
+    const uint32_t t0 = first + uint32_t(tile) * BN;
+    for (int i = threadIdx.x; i < BN * CPR; i += kDecodeThreads) {
+      const int r = i / CPR, c = i % CPR;
+      const uint32_t t = t0 + r;
+      const bool valid = t < last;
+      const int64_t off = valid ? int64_t(kc.row_idx(b, t)) * Cache::row_elems + int64_t(h) * D : 0;
+      cp_async16(ks + r * PITCH + c * 16, reinterpret_cast<const unsigned char*>(kc.blocks + off) + c * 16, valid);
+      cp_async16(vs + r * PITCH + c * 16, reinterpret_cast<const unsigned char*>(vc.blocks + off) + c * 16, valid);
+    }
+    if constexpr (QUANT) {
+      float* kss = reinterpret_cast<float*>(vs + BN * PITCH);
+      float* vss = kss + BN * G;
+      for (int i = threadIdx.x; i < BN * G; i += kDecodeThreads) {
+        const int r = i / G, g = i % G;
+        const uint32_t t = t0 + r;
+        const bool valid = t < last;
+        const int64_t so = valid ? int64_t(kc.row_idx(b, t)) * (H * G) + int64_t(h) * G + g : 0;
+        cp_async4(kss + i, kc.scales + so, valid);
+        cp_async4(vss + i, vc.scales + so, valid);
+      }
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < ntiles) load_tile(s, s);
+    cp_async_commit();
+  }
+
+  // ---- Q fragments (rows = query heads of the group, zero padded to 16), held for the whole context ------
+  uint32_t qa[KS][4];
+  {
+    const QT* qb = q + (uint64_t(b) * H * GROUP + hq0) * D;
+    auto qv = [&](uint32_t r, uint32_t k) -> float { return r < GROUP ? to_f32(qb[uint64_t(r) * D + k]) : 0.f; };
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const uint32_t k = ks * 16 + tq * 2;
+      qa[ks][0] = pack2<F16>(qv(gq, k), qv(gq, k + 1));
+      qa[ks][1] = pack2<F16>(qv(gq + 8, k), qv(gq + 8, k + 1));
+      qa[ks][2] = pack2<F16>(qv(gq, k + 8), qv(gq, k + 9));
+      qa[ks][3] = pack2<F16>(qv(gq + 8, k + 8), qv(gq + 8, k + 9));
+    }
+  }
+
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float scale_log2 = softmax_scale * kLog2e;
+  float o[DN][4];
+#pragma unroll
+  for (int i = 0; i < DN; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // rows gq and gq + 8 (log2 units)
+
+  for (int tile = 0; tile < ntiles; ++tile) {
+    const int stage = tile % STAGES;
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    // Refill the stage consumed last iteration while this one is computed.
+    if (tile + STAGES - 1 < ntiles) load_tile(tile + STAGES - 1, (tile + STAGES - 1) % STAGES);
+    cp_async_commit();
+
+    const unsigned char* ks = smem + stage * STAGE_BYTES;
+    const unsigned char* vs = ks + BN * PITCH;
+    const float* kss = reinterpret_cast<const float*>(vs + BN * PITCH);
+    const float* vss = kss + BN * G;
+    const uint32_t tbase = first + uint32_t(tile) * BN + warp * 16;  // this warp's 16 rows
+
+    // S = Q K^T for 16 rows (two n-tiles of 8 tokens).
+    float s[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      const int n = warp * 16 + nt * 8 + gq;  // smem row of this lane's token
+      const unsigned char* krow = ks + n * PITCH;
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        const int k = kk * 16 + tq * 2;
+        uint32_t b0, b1;
+        if constexpr (Ty::kFp8) {
+          const float2 x0 = fp8x2_to_float2<T>(*reinterpret_cast<const unsigned short*>(krow + k));
+          const float2 x1 = fp8x2_to_float2<T>(*reinterpret_cast<const unsigned short*>(krow + k + 8));
+          float s0 = 1.f, s1 = 1.f;
+          if constexpr (QUANT) { s0 = kss[n * G + k / GRAN]; s1 = kss[n * G + (k + 8) / GRAN]; }
+          b0 = pack2<false>(x0.x * s0, x0.y * s0);
+          b1 = pack2<false>(x1.x * s1, x1.y * s1);
+        } else {
+          b0 = *reinterpret_cast<const uint32_t*>(krow + k * ES);
+          b1 = *reinterpret_cast<const uint32_t*>(krow + (k + 8) * ES);
+        }
+        mma16816<F16>(s[nt], qa[kk], b0, b1);
+      }
+    }
+
+    // Online softmax over this warp's 16 tokens (log2 domain), masking rows past the context.
+    float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const uint32_t t = tbase + nt * 8 + tq * 2 + (e & 1);
+        float x = s[nt][e];
+        if constexpr (SOFTCAP) x = soft_cap * tanhf(x * softmax_scale / soft_cap) * kLog2e;
+        else x *= scale_log2;
+        x = t < last ? x : -INFINITY;
+        s[nt][e] = x;
+        tmax[e >> 1] = fmaxf(tmax[e >> 1], x);
+      }
+    float alpha[2], mref[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
+      tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
+      const float m_new = fmaxf(m_run[r], tmax[r]);
+      mref[r] = m_new == -INFINITY ? 0.f : m_new;  // all masked so far: keep exp2 finite
+      alpha[r] = exp2f(m_run[r] - mref[r]);
+      m_run[r] = m_new;
+      l_run[r] *= alpha[r];
+    }
+    uint32_t pa[4];
+    {
+      float p[2][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          p[nt][e] = exp2f(s[nt][e] - mref[e >> 1]);
+          l_run[e >> 1] += p[nt][e];
+        }
+      // C fragments of the two token n-tiles are the A fragment of the 16-token k-step.
+      pa[0] = pack2<F16>(p[0][0], p[0][1]);
+      pa[1] = pack2<F16>(p[0][2], p[0][3]);
+      pa[2] = pack2<F16>(p[1][0], p[1][1]);
+      pa[3] = pack2<F16>(p[1][2], p[1][3]);
+    }
+#pragma unroll
+    for (int dn = 0; dn < DN; ++dn) {
+      o[dn][0] *= alpha[0]; o[dn][1] *= alpha[0];
+      o[dn][2] *= alpha[1]; o[dn][3] *= alpha[1];
+    }
+
+    // O += P V: B[k = token][n = dim] from rows warp*16 + {2tq, 2tq+1, 2tq+8, 2tq+9}, column 8*dn + gq.
+    const int r0 = warp * 16 + tq * 2;
+#pragma unroll
+    for (int dn = 0; dn < DN; ++dn) {
+      const int col = dn * 8 + gq;
+      uint32_t b0, b1;
+      if constexpr (Ty::kFp8) {
+        float v[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int r = r0 + (j & 1) + (j >> 1) * 8;
+          float x = to_f32(*reinterpret_cast<const T*>(vs + r * PITCH + col));
+          if constexpr (QUANT) x *= vss[r * G + col / GRAN];
+          v[j] = x;
+        }
+        b0 = pack2<false>(v[0], v[1]);
+        b1 = pack2<false>(v[2], v[3]);
+      } else {
+        const unsigned short* v0 = reinterpret_cast<const unsigned short*>(vs + r0 * PITCH) + col;
+        b0 = pack_raw16(v0[0], v0[PITCH / 2]);
+        b1 = pack_raw16(v0[8 * PITCH / 2], v0[9 * PITCH / 2]);
+      }
+      mma16816<F16>(o[dn], pa, b0, b1);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // ---- merge the 4 warps: row sums, common max, weighted outputs (reusing the pipeline's shared memory) ---
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
+  }
+  float* sm_m = reinterpret_cast<float*>(smem);          // [4][16]
+  float* sm_l = sm_m + 4 * 16;                           // [4][16]
+  float* sm_o = sm_l + 4 * 16;                           // [16][D]
+  if (tq == 0) {
+    sm_m[warp * 16 + gq] = m_run[0];
+    sm_m[warp * 16 + gq + 8] = m_run[1];
+    sm_l[warp * 16 + gq] = l_run[0];
+    sm_l[warp * 16 + gq + 8] = l_run[1];
+  }
+  for (int i = threadIdx.x; i < 16 * D; i += kDecodeThreads) sm_o[i] = 0.f;
+  __syncthreads();
+  float wscale[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = gq + 8 * r;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) m = fmaxf(m, sm_m[w * 16 + row]);
+    const float mr = m == -INFINITY ? 0.f : m;
+    wscale[r] = exp2f(m_run[r] - mr);
+  }
+  for (int w = 0; w < 4; ++w) {  // warps add in turn: plain adds, no atomics, deterministic order
+    if (int(warp) == w) {
+#pragma unroll
+      for (int dn = 0; dn < DN; ++dn) {
+        const int col = dn * 8 + tq * 2;
+        sm_o[gq * D + col] += o[dn][0] * wscale[0];
+        sm_o[gq * D + col + 1] += o[dn][1] * wscale[0];
+        sm_o[(gq + 8) * D + col] += o[dn][2] * wscale[1];
+        sm_o[(gq + 8) * D + col + 1] += o[dn][3] * wscale[1];
+      }
+    }
+    __syncthreads();
+  }
+  for (int i = threadIdx.x; i < GROUP * D; i += kDecodeThreads) {
+    const int row = i / D;
+    float m = -INFINITY, l = 0.f;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) m = fmaxf(m, sm_m[w * 16 + row]);
+    const float mr = m == -INFINITY ? 0.f : m;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) l += sm_l[w * 16 + row] * exp2f(sm_m[w * 16 + row] - mr);
+    o_out[uint64_t(row) * gridDim.x * D + (i % D)] = l > 0.f ? sm_o[i] / l : 0.f;
+    if (i % D == 0) lse_out[uint64_t(row) * gridDim.x] = l > 0.f ? (mr + log2f(l)) * 0.6931471805599453f : -INFINITY;
+  }
+}
+
+// Merge the splits of every (request, query head): out = sum_s w_s o_s / (sum_s w_s + sink), w_s = exp(lse_s).
+// Grid (Hq, batch), D threads. lse_out (optional) gets the merged natural-log LSE (sink included).
+template <class OT, int D>
+__device__ __forceinline__ void decode_combine(const float* __restrict__ part_o, const float* __restrict__ part_lse,
+                                               uint32_t splits, const float* __restrict__ sinks,
+                                               OT* __restrict__ out, float* __restrict__ lse_out, uint32_t num_q_heads) {
+  const uint32_t hq = blockIdx.x, b = blockIdx.y;
+  const uint64_t row = uint64_t(b) * num_q_heads + hq;
+  const float* lse = part_lse + row * splits;
+  float m = -INFINITY;
+  for (uint32_t s = 0; s < splits; ++s) m = fmaxf(m, lse[s]);
+  if (sinks != nullptr) m = fmaxf(m, sinks[hq]);
+  const float mr = m == -INFINITY ? 0.f : m;
+  float denom = sinks != nullptr ? __expf(sinks[hq] - mr) : 0.f;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.f, wsum = denom;
+    for (uint32_t s = 0; s < splits; ++s) {
+      const float w = lse[s] == -INFINITY ? 0.f : __expf(lse[s] - mr);
+      wsum += w;
+      acc += w * part_o[(row * splits + s) * D + d];
+    }
+    out[row * D + d] = from_f32<OT>(wsum > 0.f ? acc / wsum : 0.f);
+    if (d == 0 && lse_out != nullptr) lse_out[row] = wsum > 0.f ? mr + __logf(wsum) : -INFINITY;
+  }
+}
+
+}  // namespace kvgen
