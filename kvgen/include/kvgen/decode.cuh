@@ -356,7 +356,8 @@ __device__ __forceinline__ void decode_combine(const float* __restrict__ part_o,
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float acc = 0.f, wsum = denom;
     for (uint32_t s = 0; s < splits; ++s) {
-      const float w = lse[s] == -INFINITY ? 0.f : __expf(lse[s] - mr);
+      if (lse[s] == -INFINITY) continue;  // empty split: its partial output was never written (0 * NaN = NaN)
+      const float w = __expf(lse[s] - mr);
       wsum += w;
       acc += w * part_o[(row * splits + s) * D + d];
     }
