@@ -1,0 +1,153 @@
+"""Decode-attention benchmark (issue 4): kvgen vs FlashInfer (CUDA-core and tensor-core decode, XQA) and vLLM's
+Triton unified_attention on the same caches, as a fraction of the measured device-copy bandwidth.
+
+Method: CUDA-graph replays (bench/timing.graph_time), median of 30, with enough disjoint caches that the
+rotated working set is >= 256 MB. Effective bandwidth = (K+V bytes of the cached tokens + scales + Q + O) / time.
+Shapes: 32 query heads, 8 KV heads, head size 128; bf16 and FP8 e4m3 (kvgen: one float32 scale per token and
+head; the peers have only per-tensor FP8 scales, so they read no scales); pages 16 and 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import peers  # noqa: E402
+from timing import copy_bandwidth, graph_time, rotations  # noqa: E402
+
+from kvgen.build import build  # noqa: E402
+from kvgen.grid import load_config  # noqa: E402
+
+HQ, H, D = 32, 8, 128
+
+
+def load_generated():
+    out = Path("/tmp/kvgen-bench-decode")
+    build(load_config(ROOT / "configs" / "bench_decode.yaml"), out=out, jobs=8)
+    spec = importlib.util.spec_from_file_location("kvgen_bench_decode", out / "__init__.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_cache(variant, lengths: list[int], rng: np.random.Generator):
+    """Random cache contents (no store needed) on randomly permuted pages; cache_length = len - 1."""
+    spec = variant.spec()
+    p = spec.cache.page_size
+    need = [(n + p - 1) // p for n in lengths]
+    cache = variant.cache(max_batch=len(lengths), num_pages=sum(need) + 1, max_pages_per_request=max(need),
+                          num_layers=1, max_tokens=len(lengths))
+    if spec.cache.dtype == "bfloat16":
+        cache.blocks.normal_()
+    else:
+        cache.blocks.copy_(torch.randn(cache.blocks.shape, device="cuda", dtype=torch.bfloat16).to(cache.blocks.dtype))
+        if cache.scales is not None:
+            cache.scales.uniform_(0.5, 1.5)
+    perm = rng.permutation(sum(need))
+    pages, at = [], 0
+    for k in need:
+        pages.append([int(x) for x in perm[at:at + k]])
+        at += k
+    cache.set_pages(pages)
+    cache.set_cache_lengths([n - 1 for n in lengths])
+    cache.begin_step([1] * len(lengths))
+    cache.plan_decode()
+    return cache
+
+
+def bytes_moved(lengths: list[int], fp8: bool, scales: bool) -> int:
+    tokens = sum(lengths)
+    kv = tokens * H * D * 2 * (1 if fp8 else 2)
+    sc = tokens * H * 2 * 4 if scales else 0
+    return kv + sc + 2 * len(lengths) * HQ * D * 2
+
+
+def run_shape(variant, lengths: list[int], rng, copy_bw: float, label: str, with_peers: bool) -> list[tuple]:
+    spec = variant.spec()
+    fp8 = spec.cache.dtype != "bfloat16"
+    nbytes = bytes_moved(lengths, fp8, spec.quantization is not None)
+    n = rotations(nbytes, cap=8)
+    sets = []
+    for _ in range(n):
+        cache = make_cache(variant, lengths, rng)
+        q = torch.randn(len(lengths), HQ, D, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        sets.append((cache, q, out))
+    rows = []
+    t = graph_time([lambda c=c, q=q, o=o: c.decode(0, q, o) for c, q, o in sets])
+    rows.append(("kvgen", t, nbytes))
+    if with_peers:
+        peer_bytes = bytes_moved(lengths, fp8, False)
+        kv_dtype = sets[0][0].blocks.dtype
+        for pname, make in (
+            ("flashinfer decode (cuda cores)", lambda c, q, lens: peers.make_flashinfer_decode(
+                q, c.blocks[:, :, 0], c.lookup_table[: len(lens)], lens, c.page_size, HQ, H, D, False, kv_dtype)),
+            ("flashinfer decode (tensor cores)", lambda c, q, lens: peers.make_flashinfer_decode(
+                q, c.blocks[:, :, 0], c.lookup_table[: len(lens)], lens, c.page_size, HQ, H, D, True, kv_dtype)),
+            ("flashinfer xqa", lambda c, q, lens: peers.make_flashinfer_xqa_decode(
+                q, c.blocks[:, :, 0], c.lookup_table[: len(lens)], lens)),
+        ):
+            try:
+                lens_t = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+                fns = [make(c, q, lens_t) for c, q, _ in sets]
+                rows.append((pname, graph_time(fns), peer_bytes))
+                if pname.endswith("(tensor cores)") and not fp8:
+                    # Same data, same answer: kvgen against FlashInfer on the first set.
+                    c, q, o = sets[0]
+                    c.decode(0, q, o)
+                    torch.cuda.synchronize()
+                    diff = (o.float() - fns[0].out.float()).abs().max().item() if hasattr(fns[0], "out") else float("nan")
+                    print(f"  {label}: max |kvgen - flashinfer| = {diff:.3e}")
+            except Exception as e:  # noqa: BLE001 - a failing peer is reported, the run goes on
+                print(f"  {pname} failed on {label}: {type(e).__name__}: {str(e)[:200]}")
+    del sets
+    torch.cuda.empty_cache()
+    return [(label, name, t * 1e6, b / t / 1e12, b / t / copy_bw) for name, t, b in rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "decode_bench.md")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="a few shapes only")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    mod = load_generated()
+    copy_bw = copy_bandwidth()
+    gpu = torch.cuda.get_device_name()
+    shapes = [(b, c) for b in (16, 64, 128) for c in (1024, 4096, 16384)]
+    if args.quick:
+        shapes = [(16, 1024), (64, 4096)]
+    lines = [f"Decode benchmark, {gpu}, {datetime.date.today()}; copy_ bandwidth {copy_bw / 1e12:.3f} TB/s "
+             f"(256 MiB, read+write). Hq={HQ}, H={H}, D={D}.", "",
+             "| cache | page | batch x context | kernel | µs | TB/s | % of copy |", "|---|---|---|---|---|---|---|"]
+    for variant in mod.VARIANTS.values():
+        spec = variant.spec()
+        tag = spec.cache.dtype + (" (scale per token+head)" if spec.quantization else "")
+        cases = [(f"{b} x {c}", [c] * b) for b, c in shapes]
+        skew = [int(x) for x in np.clip(rng.lognormal(np.log(4096) - 0.5 * 0.8**2, 0.8, 64), 16, 24576)]
+        cases.append((f"64 x lognormal(mean {int(np.mean(skew))}, max {max(skew)})", skew))
+        for label, lengths in cases:
+            try:
+                for r in run_shape(variant, lengths, rng, copy_bw, label, not args.no_peers):
+                    lines.append(f"| {tag} | {spec.cache.page_size} | {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.3f} | {100 * r[4]:.1f}% |")
+                    print(lines[-1], flush=True)
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+            args.out.write_text("\n".join(lines) + "\n")  # keep what finished if the run is cut short
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
