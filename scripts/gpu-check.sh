@@ -33,7 +33,8 @@ for step in "${@:-all}"; do
     python3 bench/host_profile.py 2>&1 | tee "$OUT/host-profile.log"
   fi
   if [[ $step == decode ]]; then
-    python3 bench/decode_bench.py --out "$OUT/decode_bench.md" 2>&1 | tee "$OUT/decode-bench.log" | tail -n 60
+    timeout "${DECODE_BENCH_TIMEOUT:-480}" python3 bench/decode_bench.py --out "$OUT/decode_bench.md" ${DECODE_BENCH_ARGS:-} 2>&1 | tee "$OUT/decode-bench.log" | tail -n 60
+    summary+=("decode bench: $OUT/decode_bench.md")
   fi
 done
 echo "==== summary"
