@@ -64,10 +64,21 @@ template <class T> __device__ __forceinline__ float2 fp8x2_to_float2(unsigned sh
   return __half22float2(*reinterpret_cast<const __half2*>(&h));
 }
 
+// Two FP8 values -> one f16x2 register in a single cvt (e4m3 and e5m2 are exact in f16).
+template <class T> __device__ __forceinline__ uint32_t fp8x2_to_f16x2(unsigned short raw) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(raw),
+                                                   cuda::std::is_same<T, __nv_fp8_e4m3>::value ? __NV_E4M3 : __NV_E5M2);
+  return uint32_t(h.x) | (uint32_t(h.y) << 16);
+}
+
 template <class Cache> struct DecodeTypes {
   using T = typename Cache::dtype;
   static constexpr bool kFp8 = sizeof(T) == 1;
-  static constexpr bool kF16 = cuda::std::is_same<T, __half>::value;  // f16 MMA for f16 caches, else bf16
+  // FP8 with no scales or one scale per (token, head): raw FP8 -> f16 in one cvt, the K scale multiplies a
+  // score column and the V scale a probability column (no per-element work). Per-group scales (G > 1) are
+  // applied per element while dequantizing to bf16.
+  static constexpr bool kFp8Direct = kFp8 && (!Cache::quantization_enabled || Cache::num_scale_groups == 1);
+  static constexpr bool kF16 = cuda::std::is_same<T, __half>::value || kFp8Direct;  // f16 MMA, else bf16
 };
 
 // Partial attention of one (split, kv head, request). q: [batch, Hq, D]; part_o: [batch, Hq, max_splits, D] f32;
@@ -196,7 +207,10 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
       for (int kk = 0; kk < KS; ++kk) {
         const int k = kk * 16 + tq * 2;
         uint32_t b0, b1;
-        if constexpr (Ty::kFp8) {
+        if constexpr (Ty::kFp8Direct) {
+          b0 = fp8x2_to_f16x2<T>(*reinterpret_cast<const unsigned short*>(krow + k));
+          b1 = fp8x2_to_f16x2<T>(*reinterpret_cast<const unsigned short*>(krow + k + 8));
+        } else if constexpr (Ty::kFp8) {
           const float2 x0 = fp8x2_to_float2<T>(*reinterpret_cast<const unsigned short*>(krow + k));
           const float2 x1 = fp8x2_to_float2<T>(*reinterpret_cast<const unsigned short*>(krow + k + 8));
           float s0 = 1.f, s1 = 1.f;
@@ -219,6 +233,7 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
       for (int e = 0; e < 4; ++e) {
         const uint32_t t = tbase + nt * 8 + tq * 2 + (e & 1);
         float x = s[nt][e];
+        if constexpr (Ty::kFp8Direct && QUANT) x *= kss[warp * 16 + nt * 8 + tq * 2 + (e & 1)];
         if constexpr (SOFTCAP) x = soft_cap * tanhf(x * softmax_scale / soft_cap) * kLog2e;
         else x *= scale_log2;
         x = t < last ? x : -INFINITY;
@@ -246,6 +261,12 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
           p[nt][e] = exp2f(s[nt][e] - mref[e >> 1]);
           l_run[e >> 1] += p[nt][e];
         }
+      if constexpr (Ty::kFp8Direct && QUANT) {  // fold the per-token V scale into the probabilities
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) p[nt][e] *= vss[warp * 16 + nt * 8 + tq * 2 + (e & 1)];
+      }
       // C fragments of the two token n-tiles are the A fragment of the 16-token k-step.
       pa[0] = pack2<F16>(p[0][0], p[0][1]);
       pa[1] = pack2<F16>(p[0][2], p[0][3]);
@@ -264,7 +285,11 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
     for (int dn = 0; dn < DN; ++dn) {
       const int col = dn * 8 + gq;
       uint32_t b0, b1;
-      if constexpr (Ty::kFp8) {
+      if constexpr (Ty::kFp8Direct) {
+        const unsigned char* v0 = vs + r0 * PITCH + col;
+        b0 = fp8x2_to_f16x2<T>(static_cast<unsigned short>(v0[0] | (v0[PITCH] << 8)));
+        b1 = fp8x2_to_f16x2<T>(static_cast<unsigned short>(v0[8 * PITCH] | (v0[9 * PITCH] << 8)));
+      } else if constexpr (Ty::kFp8) {
         float v[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
