@@ -83,7 +83,7 @@ class AttentionParams(_Strict):
     logits_soft_cap: bool = Field(False, description="compile in cap * tanh(logit / cap)")
     sinks: bool = Field(False, description="accept per-head attention-sink logits")
     output_dtype: Literal["bfloat16", "float16"] = "bfloat16"
-    stages: int = Field(3, ge=2, le=4, description="cp.async pipeline depth (K/V tiles of 64 rows in flight)")
+    stages: int | None = Field(None, ge=2, le=4, description="cp.async pipeline depth (default: 3 for 16-bit, 2 for FP8 caches)")
 
 
 class VariantSpec(_Strict):

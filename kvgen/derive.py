@@ -130,7 +130,8 @@ def decode_geometry(spec: VariantSpec) -> DecodeGeometry:
     pitch = c.head_size * dt.nbytes + 16
     groups = (c.head_size + spec.quantization.granularity - 1) // spec.quantization.granularity if spec.quantization else 0
     stage = 2 * DECODE_TILE * pitch + 2 * DECODE_TILE * groups * 4
-    stages = a.stages
+    # Measured on the H100 (bench/RESULTS.md): FP8 runs faster with 2 stages (more CTAs per SM), 16-bit with 3.
+    stages = a.stages if a.stages is not None else (2 if dt.is_fp8 else 3)
     while stages > 2 and stages * stage > DECODE_SMEM_LIMIT:
         stages -= 1
     merge = (2 * 4 * 16 + 16 * c.head_size) * 4  # the epilogue reuses the pipeline buffers
