@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kvgen import reference as ref
 from kvgen.build import build
 from kvgen.grid import load_config
 
@@ -16,6 +17,8 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU visible", allow_module_level=True)
+
+from test_gpu_kernels import state_of  # noqa: E402  (same folder: raw cache -> NumPy reference state)
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = load_config(ROOT / "configs" / "gpu_decode.yaml")
@@ -68,13 +71,14 @@ def setup_cache(v, lengths: list[int], rng: np.random.Generator):
     for layer in range(2):
         cache.store(layer, k, vv)
     cache.end_step()
-    # Read back exactly what the cache holds (dequantized), as the reference's K and V.
-    offs = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32, device="cuda")
-    ko, vo = torch.empty_like(k), torch.empty_like(vv)
-    cache.load(1, ko, vo, torch.zeros(B, dtype=torch.int32, device="cuda"), row_offsets=offs)
+    # The reference's K and V: exactly what the cache holds, dequantized in float32 by the NumPy oracle from the
+    # raw cache bytes and scales (no rounding to the 16-bit input dtype on the way).
+    qz = spec.quantization
+    ko, vo = ref.load(state_of(cache, spec), 1, np.cumsum([0, *lengths]), np.zeros(B, np.int64),
+                      qz.granularity if qz else None, qz.scale_dtype if qz else None)
     cache.set_cache_lengths([n - 1 for n in lengths])
     cache.begin_step([1] * B)  # decode step: one token per request, already stored
-    return cache, ko.double().cpu(), vo.double().cpu()
+    return cache, torch.from_numpy(ko).double(), torch.from_numpy(vo).double()
 
 
 def reference(q, k, v, lengths, group, scale, window=None, cap=None, sinks=None):
@@ -140,7 +144,10 @@ def test_decode_matches_float64(gen, name: str) -> None:
     ref, ref_lse = reference(q.double().cpu(), k, vv, lengths, group, scale, window, cap,
                              sinks.double().cpu() if sinks is not None else None)
     check(out, ref, name, spec.cache.dtype.startswith("float8"))
-    torch.testing.assert_close(lse.double().cpu(), ref_lse, rtol=1e-3, atol=2e-3)
+    # FP8 tolerances: scores use f16 MMA inputs (per-token scales) or bf16-rounded dequantized values (per-group
+    # scales), about 2^-9 relative per product; measured LSE error on the H100 stayed below 6e-3 absolute.
+    fp8 = spec.cache.dtype.startswith("float8")
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, rtol=2e-3 if fp8 else 1e-3, atol=1e-2 if fp8 else 2e-3)
     assert cache.errors() == []
 
 
