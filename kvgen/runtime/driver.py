@@ -92,6 +92,14 @@ class Kernel:
             check((cu().CUresult(err),))
 
 
+def resident_blocks(kernel: Kernel, block_threads: int, device: int) -> int:
+    """CTAs of `kernel` the whole GPU holds at once (occupancy per SM times the SM count)."""
+    d = cu()
+    per_sm = check(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(kernel.function, block_threads, kernel.dynamic_smem))
+    sms = check(d.cuDeviceGetAttribute(d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device))
+    return max(1, int(per_sm)) * int(sms)
+
+
 class Module:
     def __init__(self, cubin: bytes, device: int):
         ensure_current(device)
