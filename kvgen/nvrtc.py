@@ -68,7 +68,6 @@ def key_options(arch: str) -> list[str]:
     return [o for o in nvrtc_options(arch) if not o.startswith("-I")]
 
 
-_RES = re.compile(r"Compiling entry function '(?P<fn>[^']+)'.*?Used (?P<reg>\d+) registers", re.S)
 
 
 def parse_resources(log: str) -> dict[str, dict[str, int]]:
