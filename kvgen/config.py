@@ -29,7 +29,8 @@ def _is_pow2(x: int) -> bool:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # strict: a YAML `true` or "128" is not silently taken as an integer
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class CacheParams(_Strict):

@@ -95,11 +95,8 @@ CASES: list[tuple[str, Any, str, str]] = [
     ("grid_point_invalid", {"grid": {"cache.page_size": [16, 48, 64]}}, "cache.page_size", "power of two"),
     ("yaml_syntax_error", "name: t\ncache: {dtype: bfloat16, head_size: [128\n", "<file>", "not valid YAML"),
     ("top_level_not_mapping", "- name: t\n- cache: {}\n", "<config>", "top level must be a mapping"),
-    # Rules the code does not enforce (yet): strict xfail so the test turns red once they are fixed.
     ("empty_kernels", {"kernels": []}, "kernels", "at least 1"),
-    pytest.param("bool_as_int", {"cache.num_kv_heads": True}, "cache.num_kv_heads", "integer",
-                 marks=pytest.mark.xfail(strict=True, reason="lax Pydantic (strict=False) turns YAML `true` into "
-                                         "num_kv_heads=1"), id="bool_as_int"),
+    ("bool_as_int", {"cache.num_kv_heads": True}, "cache.num_kv_heads", "integer"),
 ]
 
 
