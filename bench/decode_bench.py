@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import sys
 import traceback
 from pathlib import Path
@@ -24,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import peers  # noqa: E402
-from timing import copy_bandwidth, graph_time, rotations  # noqa: E402
 
-from kvgen.build import build  # noqa: E402
+from kvgen.benchmark import copy_bandwidth, decode_bytes, decode_cache, graph_time, rotations, skewed_lengths  # noqa: E402
+from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import load_config  # noqa: E402
 
 HQ, H, D = 32, 8, 128
@@ -35,52 +34,17 @@ HQ, H, D = 32, 8, 128
 def load_generated():
     out = Path("/tmp/kvgen-bench-decode")
     build(load_config(ROOT / "configs" / "bench_decode.yaml"), out=out, jobs=8)
-    spec = importlib.util.spec_from_file_location("kvgen_bench_decode", out / "__init__.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def make_cache(variant, lengths: list[int], rng: np.random.Generator):
-    """Random cache contents (no store needed) on randomly permuted pages; cache_length = len - 1."""
-    spec = variant.spec()
-    p = spec.cache.page_size
-    need = [(n + p - 1) // p for n in lengths]
-    cache = variant.cache(max_batch=len(lengths), num_pages=sum(need) + 1, max_pages_per_request=max(need),
-                          num_layers=1, max_tokens=len(lengths))
-    if spec.cache.dtype == "bfloat16":
-        cache.blocks.normal_()
-    else:
-        cache.blocks.copy_(torch.randn(cache.blocks.shape, device="cuda", dtype=torch.bfloat16).to(cache.blocks.dtype))
-        if cache.scales is not None:
-            cache.scales.uniform_(0.5, 1.5)
-    perm = rng.permutation(sum(need))
-    pages, at = [], 0
-    for k in need:
-        pages.append([int(x) for x in perm[at:at + k]])
-        at += k
-    cache.set_pages(pages)
-    cache.set_cache_lengths([n - 1 for n in lengths])
-    cache.begin_step([1] * len(lengths))
-    cache.plan_decode()
-    return cache
-
-
-def bytes_moved(lengths: list[int], fp8: bool, scales: bool) -> int:
-    tokens = sum(lengths)
-    kv = tokens * H * D * 2 * (1 if fp8 else 2)
-    sc = tokens * H * 2 * 4 if scales else 0
-    return kv + sc + 2 * len(lengths) * HQ * D * 2
+    return import_package(out, "kvgen_bench_decode")
 
 
 def run_shape(variant, lengths: list[int], rng, copy_bw: float, label: str, with_peers: bool) -> list[tuple]:
     spec = variant.spec()
     fp8 = spec.cache.dtype != "bfloat16"
-    nbytes = bytes_moved(lengths, fp8, spec.quantization is not None)
+    nbytes = decode_bytes(spec, lengths)
     n = rotations(nbytes, cap=8)
     sets = []
     for _ in range(n):
-        cache = make_cache(variant, lengths, rng)
+        cache = decode_cache(variant, lengths, rng)
         q = torch.randn(len(lengths), HQ, D, device="cuda", dtype=torch.bfloat16)
         out = torch.empty_like(q)
         sets.append((cache, q, out))
@@ -88,7 +52,7 @@ def run_shape(variant, lengths: list[int], rng, copy_bw: float, label: str, with
     t = graph_time([lambda c=c, q=q, o=o: c.decode(0, q, o) for c, q, o in sets])
     rows.append(("kvgen", t, nbytes))
     if with_peers:
-        peer_bytes = bytes_moved(lengths, fp8, False)
+        peer_bytes = decode_bytes(spec, lengths, with_scales=False)  # the peers read no scales
         kv_dtype = sets[0][0].blocks.dtype
         for pname, make in (
             ("flashinfer decode (cuda cores)", lambda c, q, lens: peers.make_flashinfer_decode(
@@ -136,7 +100,7 @@ def main() -> None:
         spec = variant.spec()
         tag = spec.cache.dtype + (" (scale per token+head)" if spec.quantization else "")
         cases = [(f"{b} x {c}", [c] * b) for b, c in shapes]
-        skew = [int(x) for x in np.clip(rng.lognormal(np.log(4096) - 0.5 * 0.8**2, 0.8, 64), 16, 24576)]
+        skew = skewed_lengths(rng)
         cases.append((f"64 x lognormal(mean {int(np.mean(skew))}, max {max(skew)})", skew))
         for label, lengths in cases:
             try:

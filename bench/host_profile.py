@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvgen.build import build  # noqa: E402
+from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import load_config  # noqa: E402
 from kvgen.runtime.tensors import check_tensor  # noqa: E402
 
@@ -32,9 +31,7 @@ def per_call(fn, n: int = 5000) -> float:
 def main() -> None:
     out = Path("/tmp/kvgen-host-profile")
     build(load_config(ROOT / "configs" / "bench_store.yaml"), out=out, jobs=4, pattern="bench_paged_bf16_h8_d128_p16")
-    spec = importlib.util.spec_from_file_location("hp", out / "__init__.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = import_package(out, "kvgen_host_profile")
     v = next(iter(mod.VARIANTS.values()))
     cache = v.cache(max_batch=64, num_pages=65, max_pages_per_request=1, num_layers=1)
     cache.set_pages([[i] for i in range(64)])

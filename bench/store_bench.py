@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -22,9 +21,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import peers  # noqa: E402
-from timing import copy_bandwidth, eager_host_cost, graph_time, rotations  # noqa: E402
 
-from kvgen.build import build  # noqa: E402
+from kvgen.benchmark import copy_bandwidth, eager_host_cost, graph_time, rotations  # noqa: E402
+from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import load_config  # noqa: E402
 
 H, D = 8, 128
@@ -33,10 +32,7 @@ H, D = 8, 128
 def load_generated(out: Path):
     cfg = load_config(ROOT / "configs" / "bench_store.yaml")
     build(cfg, out=out, jobs=4)
-    spec = importlib.util.spec_from_file_location("kvgen_bench_store", out / "__init__.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return import_package(out, "kvgen_bench_store")
 
 
 def make_set(variant, batch: int, per_req: int, cached: int, rng: np.random.Generator):

@@ -186,6 +186,22 @@ def write_package(out_dir: Path, files: dict[str, bytes]) -> tuple[list[Path], i
     return written, unchanged
 
 
+def import_package(out_dir: str | Path, module_name: str | None = None):  # noqa: ANN201 - a module object
+    """Import a generated package from its folder (no sys.path changes); needs no GPU."""
+    import importlib.util
+    import sys
+
+    out_dir = Path(out_dir)
+    name = module_name or f"kvgen_generated_{out_dir.name}"
+    spec = importlib.util.spec_from_file_location(name, out_dir / "__init__.py")
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"no generated package at {out_dir} (run kvgen build first)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def build(config: ConfigFile | str | Path, out: str | Path | None = None, archs: list[str] | None = None,
           jobs: int = 2, pattern: str | None = None, on_done: Callable[[str], None] | None = None) -> BuildReport:
     """Python API of `kvgen build`: returns what was built and written."""

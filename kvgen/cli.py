@@ -1,6 +1,7 @@
 """`kvgen` command line: build, list, show (and bench, on a GPU machine).
 
-Exit codes: 0 success, 2 invalid config or arguments (message on stderr, nothing written), 1 compile failure.
+Exit codes: 0 success, 2 invalid config or arguments (message on stderr, nothing written), 1 compile failure,
+3 `kvgen bench` without a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from .errors import CompileError, ConfigError
 
 EXIT_COMPILE = 1
 EXIT_CONFIG = 2
+EXIT_NO_GPU = 3
 
 
 def _fail(err: Exception, code: int) -> None:
@@ -110,6 +112,50 @@ def show_cmd(variant: str, configs: tuple[Path, ...], arch: str | None) -> None:
     click.echo(f"# {v.name} (digest {v.digest})")
     click.echo(v.spec.model_dump_json(indent=2))
     click.echo(render_source(v, arch))
+
+
+@main.command("bench")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="results dir (default bench-results/<config>)")
+@click.option("--shape", "shapes", multiple=True, help="BATCHxCONTEXT, repeatable (default: {16,64,128} x {1k,4k,16k})")
+@click.option("--no-skewed", is_flag=True, help="skip the 64-request log-normal batch")
+@click.option("--jobs", "-j", default=4, show_default=True, type=click.IntRange(1, 256))
+def bench_cmd(config: Path, out: Path | None, shapes: tuple[str, ...], no_skewed: bool, jobs: int) -> None:
+    """Benchmark CONFIG's decode kernels on the local GPU: prints a table, writes bench.md, bench.csv and
+    bench.png. Exit 3 when no CUDA GPU (or PyTorch) is available. Peers: bench/decode_bench.py."""
+    from .build import build, import_package
+    from .grid import load_config
+
+    try:
+        cfg = load_config(config)
+        parsed = [tuple(int(x) for x in s.lower().split("x")) for s in shapes]
+        if any(len(p) != 2 or min(p) < 1 for p in parsed):
+            raise ValueError
+    except ConfigError as e:
+        _fail(e, EXIT_CONFIG)
+    except ValueError:
+        _fail(ConfigError([Problem_("--shape", "must be BATCHxCONTEXT with positive integers", shapes, "e.g. --shape 64x4096")]),
+              EXIT_CONFIG)
+    if not any(v.spec.attention is not None for v in cfg.variants):
+        _fail(ConfigError([Problem_("attention", "no variant of this config has attention parameters", None,
+                                    "add attention: {num_q_heads: ...} to benchmark decode")]), EXIT_CONFIG)
+    try:
+        import torch
+    except ImportError:
+        click.echo("error: kvgen bench needs PyTorch with CUDA (pip install 'kvgen[torch]')", err=True)
+        sys.exit(EXIT_NO_GPU)
+    if not torch.cuda.is_available():
+        click.echo("error: kvgen bench needs a CUDA GPU; none is visible", err=True)
+        sys.exit(EXIT_NO_GPU)
+    from . import benchmark
+
+    try:
+        report = build(cfg, out=Path("generated") / cfg.name, jobs=jobs)
+    except CompileError as e:
+        _fail(e, EXIT_COMPILE)
+    module = import_package(report.out_dir, f"kvgen_bench_{cfg.name}")
+    benchmark.run(module, out or Path("bench-results") / cfg.name, shapes=parsed or benchmark.DEFAULT_SHAPES,
+                  skewed=not no_skewed, echo=click.echo)
 
 
 def Problem_(*args: object):  # noqa: N802 - tiny alias keeps the import local

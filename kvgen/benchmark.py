@@ -1,0 +1,258 @@
+"""GPU benchmarks of generated kernels: timing helpers shared with bench/, and `kvgen bench` for a config.
+
+Method: every op is captured N times over disjoint buffer sets (rotated working set >= 256 MB, so L2 cannot
+serve repeats) in one CUDA graph; the median of 30 replays divided by N is the time per call. Bandwidth is
+reported against a 256 MiB device-to-device copy measured in the same run (bytes read + written).
+Needs PyTorch and a CUDA GPU; imported lazily by the CLI.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Launch = Callable[[], None]
+DEFAULT_SHAPES: tuple[tuple[int, int], ...] = tuple((b, c) for b in (16, 64, 128) for c in (1024, 4096, 16384))
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+# ---- timing ------------------------------------------------------------------------------------------------
+def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 50) -> float:
+    """Device-to-device copy_ of nbytes, bytes read + written per second (median of reps)."""
+    torch = _torch()
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e-3)
+    return 2 * nbytes / statistics.median(times)
+
+
+def graph_time(launches: Sequence[Launch], replays: int = 30) -> float:
+    """Median seconds per launch: all launches (each on its own buffers) captured in one CUDA graph, replayed;
+    Python launch cost stays out of the number."""
+    torch = _torch()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for fn in launches:  # warm-up on the capture stream: lazy init, JIT, module loads
+            fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        for fn in launches:
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        st.record()
+        g.replay()
+        en.record()
+        en.synchronize()
+        times.append(st.elapsed_time(en) * 1e-3 / len(launches))
+    return statistics.median(times)
+
+
+def eager_host_cost(fn: Launch, calls: int = 2000) -> float:
+    """Host seconds per eager call (launch-bound loop; the GPU work per call is tiny)."""
+    torch = _torch()
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls
+
+
+def rotations(bytes_per_set: int, floor: int = 256 << 20, cap: int = 64) -> int:
+    """How many disjoint buffer sets make the rotated working set at least `floor` bytes."""
+    return max(2, min(cap, -(-floor // max(1, bytes_per_set))))
+
+
+# ---- decode ------------------------------------------------------------------------------------------------
+def decode_cache(variant: Any, lengths: list[int], rng: np.random.Generator) -> Any:
+    """A one-layer cache of `variant` with random contents on randomly permuted pages, cache_length = len - 1,
+    a decode step begun and planned."""
+    torch = _torch()
+    spec = variant.spec()
+    p = spec.cache.page_size
+    need = [(n + p - 1) // p for n in lengths]
+    cache = variant.cache(max_batch=len(lengths), num_pages=sum(need) + 1, max_pages_per_request=max(need),
+                          num_layers=1, max_tokens=len(lengths))
+    if spec.cache.dtype.startswith("float8"):
+        cache.blocks.copy_(torch.randn(cache.blocks.shape, device="cuda", dtype=torch.bfloat16).to(cache.blocks.dtype))
+        if cache.scales is not None:
+            cache.scales.uniform_(0.5, 1.5)
+    else:
+        cache.blocks.normal_()
+    perm = rng.permutation(sum(need))
+    pages, at = [], 0
+    for k in need:
+        pages.append([int(x) for x in perm[at:at + k]])
+        at += k
+    cache.set_pages(pages)
+    cache.set_cache_lengths([n - 1 for n in lengths])
+    cache.begin_step([1] * len(lengths))
+    cache.plan_decode()
+    return cache
+
+
+def decode_bytes(spec: Any, lengths: list[int], with_scales: bool = True) -> int:
+    """K + V of the cached tokens (+ their scales) + Q + O: what a decode step must move."""
+    c, a = spec.cache, spec.attention
+    es = 1 if c.dtype.startswith("float8") else 2
+    tokens = sum(lengths)
+    kv = tokens * c.num_kv_heads * c.head_size * 2 * es
+    groups = (c.head_size + spec.quantization.granularity - 1) // spec.quantization.granularity if spec.quantization else 0
+    sc = tokens * c.num_kv_heads * 2 * groups * 4 if with_scales else 0
+    return kv + sc + 2 * len(lengths) * a.num_q_heads * c.head_size * 2
+
+
+def skewed_lengths(rng: np.random.Generator, batch: int = 64, mean: int = 4096, cap: int = 24576) -> list[int]:
+    sigma = 0.8
+    return [int(x) for x in np.clip(rng.lognormal(np.log(mean) - 0.5 * sigma**2, sigma, batch), 16, cap)]
+
+
+@dataclass
+class Row:
+    variant: str
+    cache: str
+    page: int | None
+    shape: str
+    kernel: str
+    seconds: float
+    nbytes: int
+    copy_bw: float
+
+    @property
+    def tbps(self) -> float:
+        return self.nbytes / self.seconds / 1e12
+
+    @property
+    def fraction(self) -> float:
+        return self.nbytes / self.seconds / self.copy_bw
+
+
+def time_decode(variant: Any, label: str, lengths: list[int], rng: np.random.Generator, copy_bw: float) -> Row:
+    torch = _torch()
+    spec = variant.spec()
+    nbytes = decode_bytes(spec, lengths)
+    sets = []
+    for _ in range(rotations(nbytes, cap=8)):
+        cache = decode_cache(variant, lengths, rng)
+        q = torch.randn(len(lengths), spec.attention.num_q_heads, spec.cache.head_size, device="cuda",
+                        dtype=getattr(torch, spec.cache.io_dtype))
+        out = torch.empty(q.shape, device="cuda", dtype=getattr(torch, spec.attention.output_dtype))
+        sets.append((cache, q, out))
+    t = graph_time([lambda c=c, q=q, o=o: c.decode(0, q, o) for c, q, o in sets])
+    del sets
+    torch.cuda.empty_cache()
+    return Row(variant.NAME, spec.cache.dtype, spec.cache.page_size, label, "kvgen decode", t, nbytes, copy_bw)
+
+
+def decode_cases(shapes: Sequence[tuple[int, int]], rng: np.random.Generator, skewed: bool = True) -> list[tuple[str, list[int]]]:
+    cases = [(f"{b} x {c}", [c] * b) for b, c in shapes]
+    if skewed:
+        lens = skewed_lengths(rng)
+        cases.append((f"64 x lognormal(mean {int(np.mean(lens))}, max {max(lens)})", lens))
+    return cases
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+def markdown_table(rows: list[Row], gpu: str, copy_bw: float) -> str:
+    lines = [f"kvgen bench, {gpu}, {datetime.date.today()}; device copy_ bandwidth {copy_bw / 1e12:.3f} TB/s "
+             "(256 MiB, read + write)", "",
+             "| variant | cache | page | shape | kernel | µs | TB/s | % of copy |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.variant} | {r.cache} | {r.page or '-'} | {r.shape} | {r.kernel} | {r.seconds * 1e6:.1f} | "
+                     f"{r.tbps:.3f} | {100 * r.fraction:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "cache", "page", "shape", "kernel", "us", "tbps", "fraction_of_copy"])
+        for r in rows:
+            w.writerow([r.variant, r.cache, r.page, r.shape, r.kernel, f"{r.seconds * 1e6:.3f}", f"{r.tbps:.4f}",
+                        f"{r.fraction:.4f}"])
+
+
+def write_plot(rows: list[Row], path: Path) -> bool:
+    """Bar chart of % of copy bandwidth per shape and variant; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    shapes = list(dict.fromkeys(r.shape for r in rows))
+    series = list(dict.fromkeys(f"{r.variant} {r.kernel}" for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(shapes)), 4))
+    width = 0.8 / max(1, len(series))
+    for i, name in enumerate(series):
+        vals = [next((100 * r.fraction for r in rows if r.shape == s and f"{r.variant} {r.kernel}" == name), 0.0)
+                for s in shapes]
+        ax.bar([x + i * width for x in range(len(shapes))], vals, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))], shapes, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("% of device-copy bandwidth")
+    ax.axhline(100, color="grey", linewidth=0.5)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run(generated: Any, out_dir: Path, shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES, skewed: bool = True,
+        echo: Callable[[str], None] = print) -> list[Row]:
+    """Benchmark every decode variant of a generated package; write table, CSV and plot into out_dir."""
+    torch = _torch()
+    if not torch.cuda.is_available():
+        raise RuntimeError("kvgen bench needs a CUDA GPU (torch.cuda.is_available() is False)")
+    rng = np.random.default_rng(0)
+    copy_bw = copy_bandwidth()
+    rows: list[Row] = []
+    for variant in generated.VARIANTS.values():
+        if variant.spec().attention is None:
+            continue
+        for label, lengths in decode_cases(shapes, rng, skewed):
+            rows.append(time_decode(variant, label, lengths, rng, copy_bw))
+            r = rows[-1]
+            echo(f"{r.variant} {r.shape}: {r.seconds * 1e6:.1f} us, {100 * r.fraction:.1f}% of copy")
+    if not rows:
+        raise RuntimeError("no variant of this config has attention parameters (add attention: to benchmark decode)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows, torch.cuda.get_device_name(), copy_bw)
+    (out_dir / "bench.md").write_text(table)
+    write_csv(rows, out_dir / "bench.csv")
+    write_plot(rows, out_dir / "bench.png")
+    echo(table)
+    return rows
