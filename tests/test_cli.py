@@ -197,3 +197,12 @@ def test_python_api_build(tmp_path: Path) -> None:
     again = build(LLAMA, out=tmp_path / "api", jobs=1)
     assert again.written == [] and again.unchanged == len(report.written)
     assert again.builds[0].archs[0].cache_hit
+
+
+def test_import_package_api_loads_a_built_package(tmp_path: Path) -> None:
+    from kvgen.build import build, import_package
+
+    report = build(ROOT / "configs" / "llama3_8b_bf16.yaml", out=tmp_path / "pkg", jobs=1)
+    mod = import_package(report.out_dir, "kvgen_test_import_package")
+    (variant,) = mod.VARIANTS.values()
+    assert variant.spec().cache.page_size == 128 and variant.CUBINS["sm_90a"].is_file()

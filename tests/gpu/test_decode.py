@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kvgen import reference as ref
-from kvgen.build import build
+from kvgen.build import build, import_package
 from kvgen.grid import load_config
 
 torch = pytest.importorskip("torch")
@@ -29,11 +27,7 @@ NAMES = [v.name for v in GRID.variants]
 def gen(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("gen") / "gpu_decode"
     build(GRID, out=out, jobs=8)
-    spec = importlib.util.spec_from_file_location("kvgen_gpu_decode", out / "__init__.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kvgen_gpu_decode"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return import_package(out, "kvgen_gpu_decode")
 
 
 def setup_cache(v, lengths: list[int], rng: np.random.Generator):

@@ -5,8 +5,6 @@ Run with `pytest -m gpu` on a machine with an sm_90 GPU; skipped (with the reaso
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import ml_dtypes
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 
 from kvgen import reference as ref
-from kvgen.build import build
+from kvgen.build import build, import_package
 from kvgen.derive import tma_geometry
 from kvgen.dtypes import DTYPES
 from kvgen.errors import LaunchError
@@ -37,11 +35,7 @@ CANARY = {"float8_e4m3fn": 0x7F, "float8_e5m2": 0x7C}  # NaN / +inf bytes; wider
 def generated(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("gen") / "gpu_grid"
     build(GRID, out=out, jobs=8)
-    spec = importlib.util.spec_from_file_location("kvgen_gpu_grid", out / "__init__.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["kvgen_gpu_grid"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return import_package(out, "kvgen_gpu_grid")
 
 
 def to_np(t: torch.Tensor, dtype: str) -> np.ndarray:
