@@ -89,10 +89,11 @@ def list_cmd(config: Path) -> None:
 @click.option("--config", "-c", "configs", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="config file(s) to search (default: configs/*.yaml)")
 @click.option("--arch", help="arch of the rendered source (default: the variant's first)")
-def show_cmd(variant: str, configs: tuple[Path, ...], arch: str | None) -> None:
+@click.option("--trait", is_flag=True, help="print the standalone trait header instead of the kernels source")
+def show_cmd(variant: str, configs: tuple[Path, ...], arch: str | None, trait: bool) -> None:
     """Print VARIANT's config and its rendered CUDA source (VARIANT: a full name or a unique part of one)."""
     from .grid import load_config
-    from .render import render_source
+    from .render import render_source, render_trait_header
 
     paths = list(configs) or sorted(Path("configs").glob("*.yaml"))
     matches = []
@@ -111,7 +112,18 @@ def show_cmd(variant: str, configs: tuple[Path, ...], arch: str | None) -> None:
     arch = arch or v.spec.archs[0]
     click.echo(f"# {v.name} (digest {v.digest})")
     click.echo(v.spec.model_dump_json(indent=2))
-    click.echo(render_source(v, arch))
+    click.echo(render_trait_header(v) if trait else render_source(v, arch))
+
+
+@main.command("schema")
+def schema_cmd() -> None:
+    """Print the JSON Schema of one variant's config (for editors and YAML language servers); a config file
+    may add `grid:` on top of these fields."""
+    import json
+
+    from .config import VariantSpec
+
+    click.echo(json.dumps(VariantSpec.model_json_schema(), indent=2))
 
 
 @main.command("bench")

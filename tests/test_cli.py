@@ -206,3 +206,14 @@ def test_import_package_api_loads_a_built_package(tmp_path: Path) -> None:
     mod = import_package(report.out_dir, "kvgen_test_import_package")
     (variant,) = mod.VARIANTS.values()
     assert variant.spec().cache.page_size == 128 and variant.CUBINS["sm_90a"].is_file()
+
+
+def test_schema_and_show_trait(tmp_path: Path) -> None:
+    env = subprocess_env(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "kvgen.cli", "schema"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0
+    schema = json.loads(r.stdout)
+    assert {"cache", "quantization", "attention", "tma", "archs"} <= set(schema["properties"])
+    r = subprocess.run([sys.executable, "-m", "kvgen.cli", "show", "llama3_8b", "--trait", "-c",
+                        str(ROOT / "configs" / "llama3_8b_bf16.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "struct Traits" in r.stdout and "extern \"C\"" not in r.stdout
