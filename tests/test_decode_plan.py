@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvgen.runtime.kvcache import choose_chunk
+from kvgen.runtime.decode_plan import choose_chunk
 
 
 def makespan(lengths: np.ndarray, heads: int, slots: int, chunk: int, overhead: int = 96) -> int:
