@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .errors import CompileError, ConfigError
+from .errors import CompileError, ConfigError, Problem
 
 EXIT_COMPILE = 1
 EXIT_CONFIG = 2
@@ -107,7 +107,7 @@ def show_cmd(variant: str, configs: tuple[Path, ...], arch: str | None, trait: b
     matches = exact or matches
     if len(matches) != 1:
         names = ", ".join(v.name for v in matches[:10]) or "none"
-        _fail(ConfigError([Problem_("VARIANT", "must name exactly one variant", variant, f"matches: {names}")]), EXIT_CONFIG)
+        _fail(ConfigError([Problem("VARIANT", "must name exactly one variant", variant, f"matches: {names}")]), EXIT_CONFIG)
     v = matches[0]
     arch = arch or v.spec.archs[0]
     click.echo(f"# {v.name} (digest {v.digest})")
@@ -146,10 +146,10 @@ def bench_cmd(config: Path, out: Path | None, shapes: tuple[str, ...], no_skewed
     except ConfigError as e:
         _fail(e, EXIT_CONFIG)
     except ValueError:
-        _fail(ConfigError([Problem_("--shape", "must be BATCHxCONTEXT with positive integers", shapes, "e.g. --shape 64x4096")]),
+        _fail(ConfigError([Problem("--shape", "must be BATCHxCONTEXT with positive integers", shapes, "e.g. --shape 64x4096")]),
               EXIT_CONFIG)
     if not any(v.spec.attention is not None for v in cfg.variants):
-        _fail(ConfigError([Problem_("attention", "no variant of this config has attention parameters", None,
+        _fail(ConfigError([Problem("attention", "no variant of this config has attention parameters", None,
                                     "add attention: {num_q_heads: ...} to benchmark decode")]), EXIT_CONFIG)
     try:
         import torch
@@ -169,11 +169,6 @@ def bench_cmd(config: Path, out: Path | None, shapes: tuple[str, ...], no_skewed
     benchmark.run(module, out or Path("bench-results") / cfg.name, shapes=parsed or benchmark.DEFAULT_SHAPES,
                   skewed=not no_skewed, echo=click.echo)
 
-
-def Problem_(*args: object):  # noqa: N802 - tiny alias keeps the import local
-    from .errors import Problem
-
-    return Problem(*args)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Swizzle = Literal["NONE", "32B", "64B", "128B"]
 
 TMA_ARCHS = frozenset({"sm_90a", "sm_100a"})
 GATHER4_ARCHS = frozenset({"sm_100a"})
-ALL_KERNELS: tuple[str, ...] = ("store", "load", "copy_pages", "tma_tile_load", "gather4_tile_load", "decode")
 SWIZZLE_BYTES = {"NONE": 16, "32B": 32, "64B": 64, "128B": 128}  # MAX: bytes() = 2^v * 16
 MAX_TILE_SMEM_BYTES = 200 * 1024  # the tile-load kernel stages one BN x BK tile; H100 allows 227 KB
 

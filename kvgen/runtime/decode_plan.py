@@ -59,12 +59,10 @@ def plan_decode(cache: KVCache, slots: int | None = None) -> DecodePlan:
     number of resident CTAs from the driver's occupancy calculator for this very kernel."""
     b = int(cache.args.batch_size)
     lens = cache.host_lengths[:b].astype(np.int64) + 1  # the step's token is stored before decoding
-    if cache.spec.attention.sliding_window and getattr(cache, "_window", None):
+    if cache.spec.attention.sliding_window and cache._window:
         lens = np.minimum(lens, cache._window)
     if slots is None:
-        from ..derive import decode_geometry
-
-        kernel = cache._kernel("decode", decode_geometry(cache.spec).smem_bytes)
+        kernel = cache._kernel("decode", cache._decode_smem)
         slots = driver.resident_blocks(kernel, 128, cache.device)
     chunk = choose_chunk(lens, cache.num_heads, slots)
     splits = max(1, int(-(-int(lens.max(initial=1)) // chunk)))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..derive import StoreSplit, store_split, tma_geometry, tokens_per_block
+from ..derive import THREADS, StoreSplit, decode_geometry, store_split, tma_geometry, tokens_per_block
 from ..dtypes import DTYPES
 from ..errors import LaunchError
 from ..reference import padded_lut_cols
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from .tma import TmaTile
     from .variant import GeneratedVariant
 
-THREADS = 256
 _U32 = ("uint32", "int32")
 
 
@@ -131,6 +130,8 @@ class KVCache:
                           "hq": ctypes.c_uint32(0)}
         self._window: int | None = None
         self.decode_plan: DecodePlan | None = None
+        # Shared memory of the decode kernel, fixed per variant: computed once, not on every launch.
+        self._decode_smem = decode_geometry(self.spec).smem_bytes if self.spec.attention is not None else 0
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -473,7 +474,7 @@ class KVCache:
             raise LaunchError(kn, "variant", "this variant has no attention parameters", self.variant.NAME,
                               "add attention: {num_q_heads: ...} and decode to the config")
         self._check_layer(kn, layer)
-        plan = getattr(self, "decode_plan", None)
+        plan = self.decode_plan
         if plan is None or plan.batch != self.args.batch_size:
             raise LaunchError(kn, "plan", "plan_decode() must run once per step, after begin_step", None,
                               "call cache.plan_decode() before the layers")
@@ -496,13 +497,10 @@ class KVCache:
         lse_ptr = 0 if lse is None else check_tensor(kn, "lse", lse, dtype="float32", shape=(B, Hq), device=self.device, align=4).ptr
         if B == 0:
             return
-        from ..derive import decode_geometry
-
-        geo = decode_geometry(self.spec)
         st = self._stream(stream)
         f = self._dec_vals
         launch = self._launch("decode", "decode", (self.args, f["layer"], f["q"], f["po"], f["pl"], f["chunk"],
-                                                   f["scale"], f["cap"], f["window"]), smem=geo.smem_bytes)
+                                                   f["scale"], f["cap"], f["window"]), smem=self._decode_smem)
         f["layer"].value, f["q"].value, f["po"].value, f["pl"].value = layer, qt.ptr, plan.part_o.data_ptr(), plan.part_lse.data_ptr()
         f["chunk"].value = plan.chunk
         f["scale"].value = softmax_scale if softmax_scale is not None else D ** -0.5

@@ -7,7 +7,6 @@ first, so a bad request fails with a message naming the rule instead of CUDA_ERR
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +87,7 @@ def encode(kind: str, address: int, data_type: str, dims: tuple[int, ...], strid
         getattr(d.CUtensorMapL2promotion, _L2[l2_promotion]),
         d.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE))  # OOB elements read as zero
     raw = np.array([int(v) for v in tmap.opaque], dtype=np.uint64)
-    assert raw.nbytes == 128 and ctypes.sizeof(ctypes.c_uint64) * 16 == 128
+    assert raw.nbytes == 128, "CUtensorMap is 128 bytes"
     return TmaTile(kind, tmap, tuple(dims), tuple(strides_bytes), tuple(box), swizzle, data_type, address, raw)
 
 
