@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import peers  # noqa: E402
 
+from kvgen import derive  # noqa: E402
 from kvgen.benchmark import copy_bandwidth, eager_host_cost, graph_time, rotations  # noqa: E402
 from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import load_config  # noqa: E402
@@ -29,10 +31,24 @@ from kvgen.grid import load_config  # noqa: E402
 H, D = 8, 128
 
 
-def load_generated(out: Path):
+def load_generated(out: Path, package: str = "kvgen_bench_store"):
     cfg = load_config(ROOT / "configs" / "bench_store.yaml")
     build(cfg, out=out, jobs=4)
-    return import_package(out, "kvgen_bench_store")
+    return import_package(out, package)
+
+
+def adopt_all(variant, caches: list) -> list:
+    return [type(c).wrap(variant, c.blocks, c.scales, c.lookup_table, c.cache_lengths, num_layers=1) for c in caches]
+
+
+def with_items_per_thread(ipt: int, fn):
+    """Run fn with kvgen.derive.ITEMS_PER_THREAD = ipt (a tuning experiment: the kernels and the launch split)."""
+    default = derive.ITEMS_PER_THREAD
+    derive.ITEMS_PER_THREAD = ipt
+    try:
+        return fn()
+    finally:
+        derive.ITEMS_PER_THREAD = default
 
 
 def make_set(variant, batch: int, per_req: int, cached: int, rng: np.random.Generator):
@@ -60,9 +76,13 @@ def slot_mapping(cache, batch: int, per_req: int, cached: int) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "store_bench.md")
+    ap.add_argument("--ipt", type=int, nargs="*", default=[],
+                    help="also time the store built with these items per thread (default build: derive.ITEMS_PER_THREAD)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     mod = load_generated(Path("/tmp/kvgen-bench-store"))
+    extra = {i: with_items_per_thread(i, lambda i=i: load_generated(Path(f"/tmp/kvgen-bench-store-ipt{i}"), f"kvgen_bench_store_ipt{i}"))
+             for i in args.ipt}
     copy_bw = copy_bandwidth()
     rows = []
     gpu = torch.cuda.get_device_name()
@@ -79,6 +99,13 @@ def main() -> None:
             results = {}
             kv_launch = [lambda c=c, k=k, v=v: c.store(0, k, v) for c, k, v in sets]
             results["kvgen"] = (graph_time(kv_launch), kv_bytes)
+            for ipt, xmod in extra.items():  # same tensors, adopted by the variant built with another split
+                xv = xmod.VARIANTS[variant.NAME]
+                wrapped = with_items_per_thread(ipt, partial(adopt_all, xv, [c for c, _, _ in sets]))
+                for w in wrapped:
+                    w.begin_step([per_req] * batch)
+                results[f"kvgen ipt={ipt}"] = (graph_time([lambda w=w, k=k, v=v: w.store(0, k, v)
+                                                           for w, (_, k, v) in zip(wrapped, sets)]), kv_bytes)
             eager = {"kvgen": eager_host_cost(kv_launch[0])} if T <= 64 else {}
             peer_bytes_fi = T * H * D * 2 * (2 * cache_bytes)  # FlashInfer moves cache-dtype bytes only
             try:

@@ -35,7 +35,7 @@ def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 50) -> float:
     torch = _torch()
     a = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
     b = torch.empty_like(a)
-    for _ in range(3):
+    for _ in range(300):  # ~60 ms of copies first: an idle GPU's clocks would otherwise read low
         b.copy_(a)
     times = []
     for _ in range(reps):

@@ -23,11 +23,15 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
     return d
 
 
+ITEMS_PER_THREAD = 2  # store: items per thread per pass (the IPT template argument)
+
+
 @dataclass(frozen=True)
 class StoreSplit:
     vec: int  # input elements per 16-byte access
     tpg: int  # lanes sharing one scale group (1 when not quantized)
     vpt: int  # vectors per lane per item
+    ipt: int  # items per thread per pass of store (independent loads in flight per thread)
 
     @property
     def elems_per_item(self) -> int:
@@ -49,21 +53,20 @@ def store_split(spec: VariantSpec) -> StoreSplit:
         vec //= 2
     assert vec * cache.nbytes <= 16
     if spec.quantization is None or spec.rope_layout is not None:
-        return StoreSplit(vec=vec, tpg=1, vpt=1)
+        return StoreSplit(vec=vec, tpg=1, vpt=1, ipt=ITEMS_PER_THREAD)
     g = spec.quantization.granularity
     vectors = g // vec
     tpg = _largest_pow2_divisor(vectors, 32)
-    return StoreSplit(vec=vec, tpg=tpg, vpt=vectors // tpg)
+    return StoreSplit(vec=vec, tpg=tpg, vpt=vectors // tpg, ipt=ITEMS_PER_THREAD)
 
 
-ITEMS_PER_THREAD = 2  # kvgen::kItemsPerThread
 
 
 def tokens_per_block(spec: VariantSpec, split: StoreSplit) -> int:
     """Tokens one 256-thread block of store/load handles: about two items per thread, at most 64."""
     kvd = spec.cache.kv_dim
     items = kvd * spec.cache.num_kv_heads * (spec.cache.head_size // split.elems_per_item)
-    return max(1, min(MAX_TOKENS_PER_BLOCK, THREADS * ITEMS_PER_THREAD // max(1, items)))
+    return max(1, min(MAX_TOKENS_PER_BLOCK, THREADS * split.ipt // max(1, items)))
 
 
 @dataclass(frozen=True)
@@ -132,11 +135,12 @@ def decode_geometry(spec: VariantSpec) -> DecodeGeometry:
     stage = 2 * DECODE_TILE * pitch + 2 * DECODE_TILE * groups * 4
     # Measured on the H100 (bench/RESULTS.md): FP8 runs faster with 2 stages (more CTAs per SM), 16-bit with 3.
     stages = a.stages if a.stages is not None else (2 if dt.is_fp8 else 3)
-    while stages > 2 and stages * stage > DECODE_SMEM_LIMIT:
+    ring = DECODE_TILE * 4  # per stage: the tile's 64 cache row numbers (uint32), looked up one iteration ahead
+    while stages > 2 and stages * (stage + ring) > DECODE_SMEM_LIMIT:
         stages -= 1
     merge = (2 * 4 * 16 + 16 * c.head_size) * 4  # the epilogue reuses the pipeline buffers
     return DecodeGeometry(group=a.num_q_heads // c.num_kv_heads, stages=stages, stage_bytes=stage,
-                          smem_bytes=max(stages * stage, merge), out_c=DTYPES[a.output_dtype].c_type,
+                          smem_bytes=max(stages * (stage + ring), merge), out_c=DTYPES[a.output_dtype].c_type,
                           window=a.sliding_window, softcap=a.logits_soft_cap)
 
 
@@ -175,6 +179,7 @@ def render_context(variant: Variant, arch: str) -> dict[str, object]:
         "store_vec": split.vec,
         "store_tpg": split.tpg,
         "store_vpt": split.vpt,
+        "store_ipt": split.ipt,
         "kernels": kernels,
         "symbols": {k: kernel_symbol(variant, k) for k in kernels},
     }

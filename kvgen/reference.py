@@ -85,6 +85,7 @@ def group_scale(amax: np.ndarray, fp8_max: float, scale_dtype: str) -> tuple[np.
     """(stored scale, scale as float32) for group amax values; same bit rule as kvgen::make_scale."""
     amax = np.asarray(amax, dtype=np.float32)
     if scale_dtype == "float32":
+        amax = np.minimum(amax, np.finfo(np.float32).max)  # an inf in the group must not make the scale inf
         s = np.where(amax > 0, amax / np.float32(fp8_max), np.float32(1.0)).astype(np.float32)
         return s, s
     r = (amax / np.float32(fp8_max)).astype(np.float32)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (offline): installs the carried wheels, runs the GPU tests, compute-sanitizer on a
-# subset and the benchmarks, and prints a short summary. Usage: scripts/gpu-check.sh [tests|bench|sanitize|all]...
+# subset and the benchmarks, and prints a short summary. Usage: scripts/gpu-check.sh [tests|sanitize|bench|decode|profile|ncu|cli|all]...
 # Wheels come from scripts/fetch_gpu_wheels.sh (run on a machine with internet) into .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,8 +26,21 @@ for step in "${@:-all}"; do
     summary+=("compute-sanitizer memcheck: $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer.log" | tail -n 2 | tr '\n' ' ')")
   fi
   if [[ $step == bench || $step == all ]]; then
-    python3 bench/store_bench.py --out "$OUT/store_bench.md" 2>&1 | tee "$OUT/store-bench.log" | tail -n 40
+    python3 bench/store_bench.py --out "$OUT/store_bench.md" ${STORE_BENCH_ARGS:-} 2>&1 | tee "$OUT/store-bench.log" | tail -n 40
     summary+=("store bench: $OUT/store_bench.md")
+  fi
+  if [[ $step == ncu ]]; then  # stall reasons and throughput of the kernels being tuned (bench/ncu_probe.py)
+    for c in ${NCU_CASES:-store-bf16 store-fp8 decode-bf16-16x1k decode-bf16-64x4k decode-fp8-16x1k}; do
+      echo "---- ncu $c"
+      ncu --kernel-name regex:'_(store|decode)$' --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+        --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+        python3 bench/ncu_probe.py "$c" 2>&1 | grep -vE '^==PROF==|^\s*$' | tee -a "$OUT/ncu.log" | tail -n 90
+    done
+    summary+=("ncu: $OUT/ncu.log")
+  fi
+  if [[ $step == cli ]]; then  # kvgen bench end to end on one shape
+    python3 -m kvgen.cli bench configs/bench_decode.yaml --out "$OUT/kvgen-bench" --shape 16x1024 --no-skewed 2>&1 | tail -n 12
+    summary+=("kvgen bench: exit ${PIPESTATUS[0]}")
   fi
   if [[ $step == profile ]]; then
     python3 bench/host_profile.py 2>&1 | tee "$OUT/host-profile.log"

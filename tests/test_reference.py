@@ -268,3 +268,17 @@ def test_view_rows_matches_row_idx() -> None:
         for t in (0, 5, 17, 31):
             blk, tok = st._locate(0, t)
             np.testing.assert_array_equal(rows[ref.row_idx(g, st.lut, 0, t)], st.blocks[blk, kv, layer, tok])
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "float8_e8m0fnu"])
+def test_group_with_inf_quantizes_without_nan(scale_dtype: str) -> None:
+    # amax = inf would give scale inf and inf * (1 / inf) = NaN; the scale is clamped finite instead.
+    x = np.ones((2, 64), np.float32)
+    x[0, 5], x[1, 9] = np.inf, -np.inf
+    q, s = ref.quantize(x, "float8_e4m3fn", 64, scale_dtype)
+    qf = q.astype(np.float32)
+    assert not np.isnan(qf).any()
+    assert qf[0, 5] == 448.0 and qf[1, 9] == -448.0
+    sf = ref.e8m0_to_float(s) if scale_dtype == "float8_e8m0fnu" else s
+    assert np.isfinite(sf).all()
+    assert not np.isnan(ref.dequantize(q, s, 64, scale_dtype)).any()

@@ -21,7 +21,7 @@ from ..reference import padded_lut_cols
 from . import driver
 from .abi import ERROR_NAMES, CacheArgs
 from .decode_plan import DecodePlan, plan_decode
-from .tensors import DeviceTensor, check_tensor
+from .tensors import DeviceTensor, check_tensor, to_host
 
 if TYPE_CHECKING:
     from .tma import TmaTile
@@ -103,8 +103,9 @@ class KVCache:
         torch = _torch()
         self.error_word = torch.zeros(1, dtype=torch.int32, device=f"cuda:{self.device}")
         self._row_offsets = torch.zeros(self.max_batch + 1, dtype=torch.int32, device=f"cuda:{self.device}")
-        # Per new token (request, position), built by begin_step: the store kernel reads one 8-byte entry per
-        # token instead of binary-searching the CSR offsets (a chain of dependent loads per block).
+        # Per new token (page or slot, offset in it), resolved by begin_step from the host mirror of the lookup
+        # table: the store kernel reads one 8-byte entry per token (re-checked on the device) instead of a CSR
+        # binary search and a page-table load, two dependent loads ncu showed the store waiting on.
         # Sized for max_tokens new tokens per step so a captured graph keeps a valid pointer.
         self._token_map = torch.zeros(2 * max_tokens, dtype=torch.int32, device=f"cuda:{self.device}")
         self._raw_stream = torch._C._cuda_getCurrentRawStream
@@ -178,9 +179,13 @@ class KVCache:
     @classmethod
     def wrap(cls, variant: type[GeneratedVariant], blocks: Any, scales: Any | None, lookup_table: Any,
              cache_lengths: Any, *, num_layers: int, tokens_per_slot: int = 0, max_tokens: int = 8192) -> KVCache:
-        """Adopt tensors the caller already owns (same layout as allocate); nothing is copied."""
-        return cls(variant, blocks, scales, lookup_table, cache_lengths, num_layers=num_layers, device=0,
-                   tokens_per_slot=tokens_per_slot, max_tokens=max_tokens)
+        """Adopt tensors the caller already owns (same layout as allocate); nothing is copied on the device.
+        The host mirror of the page table and lengths (capacity checks, the step's token map) is read back once."""
+        cache = cls(variant, blocks, scales, lookup_table, cache_lengths, num_layers=num_layers, device=0,
+                    tokens_per_slot=tokens_per_slot, max_tokens=max_tokens)
+        cache.host_lut = to_host(lookup_table).view(np.uint32).reshape(cache.host_lut.shape).copy()
+        cache.host_lengths = to_host(cache_lengths).view(np.uint32).copy()
+        return cache
 
     # ---- host-side trait members ----------------------------------------------------------------------
     @property
@@ -305,7 +310,11 @@ class KVCache:
             self._token_map = torch.zeros(2 * max(total, 2 * self._token_map.numel() // 2), dtype=torch.int32,
                                           device=f"cuda:{self.device}")
         if total:
-            self._token_map[: 2 * total].copy_(torch.from_numpy(np.stack([req, pos], axis=1).astype(np.int32).ravel()))
+            if self.paged:
+                page, off = self.host_lut[req, pos // self.page_size].astype(np.int64), pos % self.page_size
+            else:
+                page, off = self.host_lut[req].astype(np.int64), pos
+            self._token_map[: 2 * total].copy_(torch.from_numpy(np.stack([page, off], axis=1).astype(np.uint32).view(np.int32).ravel()))
         self.args.batch_size = n
         self.args.max_seq_length = max(new_lengths, default=0)
         self.args.max_cache_length = int(max((self.host_lengths[b] + k for b, k in enumerate(new_lengths)), default=0))

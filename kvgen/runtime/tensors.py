@@ -132,3 +132,16 @@ def _torch_fast_path(x: Any, dtype: str | tuple[str, ...], shape: tuple[int | No
     if (device is not None and dev != device) or (contiguous and not x.is_contiguous()) or ptr % align:
         return None
     return DeviceTensor(ptr, xs, (), name, dev, x)
+
+
+def to_host(x: Any) -> Any:
+    """Host NumPy copy of a device tensor (synchronizes; for setup, never per launch)."""
+    import torch
+
+    if type(x).__module__.startswith("torch"):
+        t = x
+    elif hasattr(x, "__cuda_array_interface__"):
+        t = torch.as_tensor(x, device="cuda")
+    else:
+        t = torch.from_dlpack(x)
+    return t.detach().cpu().numpy()

@@ -171,10 +171,14 @@ template <class Traits> struct PagedKVCache : CacheCommon<Traits> {
   __device__ __forceinline__ bool position_ok(uint32_t b, uint32_t t, uint32_t& row) const {
     const uint32_t col = t / page_size_;
     if (col >= args->lut_row_stride) { report(*args, kErrUnassignedPage); return false; }
-    const uint32_t page = lut(b, col);
+    return slot_ok(lut(b, col), t % page_size_, row);
+  }
+  // A (page, offset in page) pair resolved on the host (KVCache.begin_step's token map): re-checked here so a
+  // stale or corrupt map can never write the null page, past the allocation, or into another layer's rows.
+  __device__ __forceinline__ bool slot_ok(uint32_t page, uint32_t off, uint32_t& row) const {
     if (page >= args->num_blocks) { report(*args, kErrPageOutOfRange); return false; }
-    if (page == args->num_blocks - 1) { report(*args, kErrUnassignedPage); return false; }
-    row = page * stride() + t % page_size_;
+    if (page == args->num_blocks - 1 || off >= uint32_t(page_size_)) { report(*args, kErrUnassignedPage); return false; }
+    row = page * stride() + off;
     return true;
   }
 };
@@ -245,7 +249,9 @@ template <class Traits> struct ContinuousKVCache : CacheCommon<Traits> {
     return r;
   }
   __device__ __forceinline__ bool position_ok(uint32_t b, uint32_t t, uint32_t& row) const {
-    const uint32_t slot = args->lookup_table[b];
+    return slot_ok(args->lookup_table[b], t, row);
+  }
+  __device__ __forceinline__ bool slot_ok(uint32_t slot, uint32_t t, uint32_t& row) const {
     if (slot >= args->num_blocks) { report(*args, kErrPageOutOfRange); return false; }
     if (t >= args->tokens_per_slot) { report(*args, kErrUnassignedPage); return false; }
     row = slot * stride() + t;

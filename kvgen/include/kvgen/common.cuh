@@ -80,7 +80,10 @@ template <> __device__ __forceinline__ __nv_fp8_e5m2 from_f32<__nv_fp8_e5m2>(flo
 // Scale of one quantization group: amax / fp8_max, or for e8m0 the next power of two at or above it.
 // kvgen.reference.group_scale implements the same bit-level rule; keep them identical.
 template <class S> __device__ __forceinline__ S make_scale(float amax, float fp8_max);
+// A group holding +-inf has amax = inf; clamped to the largest finite float its scale stays finite, so inf
+// stores as +-fp8_max (satfinite) and the group's finite values as 0, instead of inf * (1 / inf) = NaN.
 template <> __device__ __forceinline__ float make_scale<float>(float amax, float fp8_max) {
+  amax = fminf(amax, 3.40282347e38f);
   return amax > 0.f ? amax / fp8_max : 1.f;
 }
 template <> __device__ __forceinline__ e8m0_t make_scale<e8m0_t>(float amax, float fp8_max) {

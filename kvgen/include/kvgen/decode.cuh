@@ -19,6 +19,7 @@ namespace kvgen {
 #endif
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeTile = 64;
+constexpr uint32_t kNoRowD = 0xffffffffu;  // a tile row past the context: zero filled, never read from the cache
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -128,15 +129,32 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
   const int ntiles = int((last - first + BN - 1) / BN);
 
   // ---- tile loader: K and V rows (page lookups through the trait), scales, zero fill past `last` ----------
+  // Thread i copies 16-byte chunk i % CPR of rows i / CPR + k * (128 / CPR): a warp's copy covers whole rows
+  // (contiguous 256 B for bf16 D=128). The row numbers of a tile come from a small shared ring filled one
+  // iteration ahead by threads 0..63 (one page lookup per row, its latency hidden behind the previous tile's
+  // math): looking pages up per chunk, between asm-volatile copies, serialized one L2 round trip per chunk and
+  // left DRAM half idle at 16 x 1k (ncu).
+  constexpr int ROWS_PER_PASS = kDecodeThreads / CPR;  // rows one pass of the block covers
+  constexpr int PASSES = BN * CPR / kDecodeThreads;
+  static_assert(kDecodeThreads % CPR == 0 && BN % ROWS_PER_PASS == 0, "tile copy splits evenly");
+  uint32_t* row_ring = reinterpret_cast<uint32_t*>(smem + STAGES * STAGE_BYTES);  // [STAGES][BN]
+  auto row_of = [&](int tile) -> uint32_t {  // row of token `tile * BN + threadIdx.x`, or kNoRowD past the end
+    const uint32_t t = first + uint32_t(tile) * BN + threadIdx.x;
+    return t < last ? kc.row_idx(b, t) : kNoRowD;
+  };
   auto load_tile = [&](int tile, int stage) {
     unsigned char* ks = smem + stage * STAGE_BYTES;
     unsigned char* vs = ks + BN * PITCH;
-    const uint32_t t0 = first + uint32_t(tile) * BN;
-    for (int i = threadIdx.x; i < BN * CPR; i += kDecodeThreads) {
-      const int r = i / CPR, c = i % CPR;
-      const uint32_t t = t0 + r;
-      const bool valid = t < last;
-      const int64_t off = valid ? int64_t(kc.row_idx(b, t)) * Cache::row_elems + int64_t(h) * D : 0;
+    const uint32_t* rows = row_ring + (tile % STAGES) * BN;
+    const int c = int(threadIdx.x) % CPR, r0 = int(threadIdx.x) / CPR;
+    uint32_t row[PASSES];
+#pragma unroll
+    for (int j = 0; j < PASSES; ++j) row[j] = rows[r0 + j * ROWS_PER_PASS];  // all reads before the copies
+#pragma unroll
+    for (int j = 0; j < PASSES; ++j) {
+      const int r = r0 + j * ROWS_PER_PASS;
+      const bool valid = row[j] != kNoRowD;
+      const int64_t off = valid ? int64_t(row[j]) * Cache::row_elems + int64_t(h) * D : 0;
       cp_async16(ks + r * PITCH + c * 16, reinterpret_cast<const unsigned char*>(kc.blocks + off) + c * 16, valid);
       cp_async16(vs + r * PITCH + c * 16, reinterpret_cast<const unsigned char*>(vc.blocks + off) + c * 16, valid);
     }
@@ -145,19 +163,28 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
       float* vss = kss + BN * G;
       for (int i = threadIdx.x; i < BN * G; i += kDecodeThreads) {
         const int r = i / G, g = i % G;
-        const uint32_t t = t0 + r;
-        const bool valid = t < last;
-        const int64_t so = valid ? int64_t(kc.row_idx(b, t)) * (H * G) + int64_t(h) * G + g : 0;
+        const bool valid = rows[r] != kNoRowD;
+        const int64_t so = valid ? int64_t(rows[r]) * (H * G) + int64_t(h) * G + g : 0;
         cp_async4(kss + i, kc.scales + so, valid);
         cp_async4(vss + i, vc.scales + so, valid);
       }
     }
   };
 
+  {  // prologue: the rows of the first STAGES tiles (independent lookups in flight together), then the copies
+    uint32_t rows[STAGES];
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < ntiles) load_tile(s, s);
-    cp_async_commit();
+    for (int s = 0; s < STAGES; ++s) rows[s] = threadIdx.x < BN ? row_of(s) : kNoRowD;
+    if (threadIdx.x < BN) {
+#pragma unroll
+      for (int s = 0; s < STAGES; ++s) row_ring[s * BN + threadIdx.x] = rows[s];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+      if (s < ntiles) load_tile(s, s);
+      cp_async_commit();
+    }
   }
 
   // ---- Q fragments (rows = query heads of the group, zero padded to 16), held for the whole context ------
@@ -186,9 +213,11 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
     const int stage = tile % STAGES;
     cp_async_wait<STAGES - 2>();
     __syncthreads();
-    // Refill the stage consumed last iteration while this one is computed.
+    // Refill the stage consumed last iteration while this one is computed, and start the page lookups of the
+    // tile after it (written to the ring after the math; the next iteration's barrier publishes them).
     if (tile + STAGES - 1 < ntiles) load_tile(tile + STAGES - 1, (tile + STAGES - 1) % STAGES);
     cp_async_commit();
+    const uint32_t next_row = threadIdx.x < BN && tile + STAGES < ntiles ? row_of(tile + STAGES) : kNoRowD;
 
     const unsigned char* ks = smem + stage * STAGE_BYTES;
     const unsigned char* vs = ks + BN * PITCH;
@@ -307,6 +336,9 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
       }
       mma16816<F16>(o[dn], pa, b0, b1);
     }
+    // Slot (tile + STAGES) % STAGES was last read when tile's own copies were issued, before this iteration's
+    // barrier; it is next read after the following barrier.
+    if (threadIdx.x < BN) row_ring[((tile + STAGES) % STAGES) * BN + threadIdx.x] = next_row;
   }
   cp_async_wait<0>();
   __syncthreads();

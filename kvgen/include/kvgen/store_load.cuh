@@ -22,77 +22,55 @@ template <class Cache, class In, int VEC, int TPG, int VPT> struct RowSplit {
 constexpr int kThreads = 256;
 constexpr int kMaxTokensPerBlock = 64;
 
-// Resolve each token of the block once, into shared memory: (request, position), then the LUT -> row.
-// With a token map (built once per step by KVCache.begin_step) that is one 8-byte load per token; without
-// one, a binary search over the CSR row offsets. Row math does not depend on (kv, layer), so one view answers
-// for K and V. Invalid tokens get kNoRow and are flagged.
 constexpr uint32_t kNoRow = 0xffffffffu;
-// One token -> (request, position, row) for the calling thread alone (no barrier): the store path, where
-// every lane of a warp usually asks about the same token, so the loads are broadcasts that hit in L1.
+
+// One new token -> its cache row (kNoRow when refused; the refusal is flagged in the error word). With a token
+// map (KVCache.begin_step resolves every new token to (page or slot, offset) once per step) that is one 8-byte
+// load, re-checked by slot_ok; without one, a binary search over the CSR row offsets, then the lookup table.
+// Row math does not depend on (kv, layer), so one view answers for K and V. `start_pos` (load) replaces
+// cache_length(b) as the first position of each request; req and pos are only set on the CSR path.
 template <class Cache> __device__ __forceinline__ uint32_t resolve_one(
     const Cache& c, const CacheArgs& a, const uint32_t* row_offsets, const uint2* token_map, uint32_t tok,
-    uint32_t total_tokens) {
-  uint32_t req = 0, pos = kNoRow, row = kNoRow;
+    uint32_t total_tokens, const uint32_t* start_pos, uint32_t& req, uint32_t& pos) {
+  uint32_t row = kNoRow;
+  req = 0;
+  pos = kNoRow;
   if (token_map != nullptr) {
     const uint2 m = token_map[tok];
-    req = m.x;
-    if (req < a.batch_size) pos = m.y; else report(a, kErrBadRange);
-  } else {
-    uint32_t lo = 0, hi = a.batch_size;
-    while (hi - lo > 1) {
-      const uint32_t mid = (lo + hi) >> 1;
-      if (row_offsets[mid] <= tok) lo = mid; else hi = mid;
-    }
-    const uint32_t first = row_offsets[lo];
-    req = lo;
-    if (tok >= first && tok < row_offsets[lo + 1] && row_offsets[a.batch_size] == total_tokens) {
-      pos = a.cache_lengths[lo] + (tok - first);
-    } else {
-      report(a, kErrBadRange);
-    }
+    if (!c.slot_ok(m.x, m.y, row)) row = kNoRow;
+    return row;
   }
-  if (pos != kNoRow && !c.position_ok(req, pos, row)) row = kNoRow;
+  uint32_t lo = 0, hi = a.batch_size;  // last b with row_offsets[b] <= tok
+  while (hi - lo > 1) {
+    const uint32_t mid = (lo + hi) >> 1;
+    if (row_offsets[mid] <= tok) lo = mid; else hi = mid;
+  }
+  const uint32_t first = row_offsets[lo];
+  req = lo;
+  if (tok >= first && tok < row_offsets[lo + 1] && row_offsets[a.batch_size] == total_tokens) {
+    pos = (start_pos != nullptr ? start_pos[lo] : a.cache_lengths[lo]) + (tok - first);
+    if (!c.position_ok(req, pos, row)) row = kNoRow;
+  } else {
+    report(a, kErrBadRange);
+  }
   return row;
 }
 
+// Resolve each token of a block once, into shared memory (load and the MLA store, whose threads share tokens).
 template <class Cache> __device__ __forceinline__ void resolve_tokens(
     const CacheArgs& a, const uint32_t* row_offsets, const uint2* token_map, uint32_t tok0, uint32_t ntok,
     uint32_t total_tokens, const uint32_t* start_pos, uint32_t* s_req, uint32_t* s_pos, uint32_t* s_row) {
   const Cache c = Cache::view(a, 0, 0);
   for (uint32_t i = threadIdx.x; i < ntok; i += blockDim.x) {
-    const uint32_t tok = tok0 + i;
-    uint32_t req = 0, pos = kNoRow, row = kNoRow;
-    if (token_map != nullptr) {
-      const uint2 m = token_map[tok];
-      req = m.x;
-      if (req < a.batch_size) pos = m.y; else report(a, kErrBadRange);
-    } else {
-      uint32_t lo = 0, hi = a.batch_size;  // last b with row_offsets[b] <= tok
-      while (hi - lo > 1) {
-        const uint32_t mid = (lo + hi) >> 1;
-        if (row_offsets[mid] <= tok) lo = mid; else hi = mid;
-      }
-      const uint32_t first = row_offsets[lo];
-      req = lo;
-      if (tok >= first && tok < row_offsets[lo + 1] && row_offsets[a.batch_size] == total_tokens) {
-        pos = (start_pos != nullptr ? start_pos[lo] : a.cache_lengths[lo]) + (tok - first);
-      } else {
-        report(a, kErrBadRange);
-      }
-    }
-    if (pos != kNoRow && !c.position_ok(req, pos, row)) row = kNoRow;
-    s_req[i] = req;
-    s_pos[i] = pos;
-    s_row[i] = row;
+    s_row[i] = resolve_one(c, a, row_offsets, token_map, tok0 + i, total_tokens, start_pos, s_req[i], s_pos[i]);
   }
   __syncthreads();
 }
 
 // store: new K/V [T, H, D] (In) -> cache rows cache_length(b) + t, converting (and quantizing) on the way.
-// Each thread owns kItemsPerThread items per pass; the input loads of the first pass are issued before the
+// Each thread owns IPT items per pass (kvgen/derive.py picks it); the input loads of the first pass are issued before the
 // token -> row resolution (CSR search + LUT), so HBM latency overlaps the index math instead of following it.
-constexpr int kItemsPerThread = 2;
-template <class Cache, class In, int VEC, int TPG, int VPT>
+template <class Cache, class In, int VEC, int TPG, int VPT, int IPT>
 __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __restrict__ k_new, const In* __restrict__ v_new,
                                              const uint32_t* __restrict__ row_offsets, const uint2* __restrict__ token_map,
                                              uint32_t total_tokens,
@@ -100,7 +78,6 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
   using S = RowSplit<Cache, In, VEC, TPG, VPT>;
   using T = typename Cache::dtype;
   using Sc = typename Cache::scale_dtype;
-  constexpr int IPT = kItemsPerThread;
   const uint32_t tok0 = blockIdx.x * tokens_per_block;
   if (tok0 >= total_tokens) return;
   const uint32_t ntok = min(tokens_per_block, total_tokens - tok0);
@@ -131,7 +108,9 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
 #pragma unroll
     for (int u = 0; u < IPT; ++u) {
       const uint32_t it = base + u * blockDim.x + threadIdx.x;
-      rows[u] = it < n_items ? resolve_one(k_cache, a, row_offsets, token_map, tok0 + it / S::items_per_token, total_tokens)
+      uint32_t req, pos;
+      rows[u] = it < n_items ? resolve_one(k_cache, a, row_offsets, token_map, tok0 + it / S::items_per_token, total_tokens,
+                                           nullptr, req, pos)
                              : kNoRow;
     }
 #pragma unroll

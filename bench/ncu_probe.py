@@ -1,0 +1,66 @@
+"""Launch each kernel of interest a few times on one benchmark shape, for Nsight Compute (ncu) to profile.
+
+Run on the GPU machine under ncu, e.g. `ncu --kernel-name regex:kvgen --launch-skip 2 --launch-count 1
+--section SpeedOfLight ... python3 bench/ncu_probe.py store-bf16`. Not a benchmark: ncu replays each profiled
+launch with flushed caches and reports throughput, occupancy and warp stall reasons.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kvgen.benchmark import decode_cache  # noqa: E402
+from kvgen.build import build, import_package  # noqa: E402
+from kvgen.grid import load_config  # noqa: E402
+
+
+def variant_of(config: str, pattern: str, pkg: str):
+    out = Path(f"/tmp/kvgen-ncu-{config}")
+    build(load_config(ROOT / "configs" / f"{config}.yaml"), out=out, jobs=4, pattern=pattern)
+    mod = import_package(out, pkg)
+    return next(iter(mod.VARIANTS.values()))
+
+
+def store(pattern: str, batch: int = 8, per_req: int = 1024, cached: int = 512) -> None:
+    v = variant_of("bench_store", pattern, "kvgen_ncu_store_" + pattern.replace("*", ""))
+    p = v.spec().cache.page_size
+    pages_per = (cached + per_req + p - 1) // p
+    cache = v.cache(max_batch=batch, num_pages=batch * pages_per + 1, max_pages_per_request=pages_per, num_layers=1)
+    perm = np.random.default_rng(0).permutation(batch * pages_per)
+    cache.set_pages([list(map(int, perm[b * pages_per:(b + 1) * pages_per])) for b in range(batch)])
+    cache.set_cache_lengths([cached] * batch)
+    cache.begin_step([per_req] * batch)
+    k = torch.randn(batch * per_req, 8, 128, device="cuda", dtype=torch.bfloat16)
+    for _ in range(4):
+        cache.store(0, k, k.clone())
+    torch.cuda.synchronize()
+
+
+def decode(pattern: str, batch: int, ctx: int) -> None:
+    v = variant_of("bench_decode", pattern, "kvgen_ncu_dec_" + pattern.replace("*", ""))
+    cache = decode_cache(v, [ctx] * batch, np.random.default_rng(0))
+    q = torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    for _ in range(4):
+        cache.decode(0, q, out)
+    torch.cuda.synchronize()
+
+
+CASES = {
+    "store-bf16": lambda: store("*bf16*p128*"),
+    "store-fp8": lambda: store("*e4m3*p128*"),
+    "decode-bf16-16x1k": lambda: decode("*bf16*p16_*", 16, 1024),
+    "decode-bf16-64x4k": lambda: decode("*bf16*p64_*", 64, 4096),
+    "decode-fp8-16x1k": lambda: decode("*e4m3*p16_*", 16, 1024),
+}
+
+if __name__ == "__main__":
+    for name in sys.argv[1:]:
+        CASES[name]()
