@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (offline): installs the carried wheels, runs the GPU tests, compute-sanitizer on a
-# subset and the benchmarks, and prints a short summary. Usage: scripts/gpu-check.sh [tests|sanitize|bench|decode|profile|ncu|cli|all]...
+# subset and the benchmarks, and prints a short summary. Usage: scripts/gpu-check.sh [tests|sanitize|bench|decode|sweep|profile|ncu|cli|all]...
 # Wheels come from scripts/fetch_gpu_wheels.sh (run on a machine with internet) into .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +41,9 @@ for step in "${@:-all}"; do
   if [[ $step == cli ]]; then  # kvgen bench end to end on one shape
     python3 -m kvgen.cli bench configs/bench_decode.yaml --out "$OUT/kvgen-bench" --shape 16x1024 --no-skewed 2>&1 | tail -n 12
     summary+=("kvgen bench: exit ${PIPESTATUS[0]}")
+  fi
+  if [[ $step == sweep ]]; then  # decode tuning: stages x chunk (bench/decode_sweep.py)
+    python3 bench/decode_sweep.py 2>&1 | tee "$OUT/decode-sweep.log" | tail -n 40
   fi
   if [[ $step == profile ]]; then
     python3 bench/host_profile.py 2>&1 | tee "$OUT/host-profile.log"

@@ -44,6 +44,20 @@ template <bool F16> __device__ __forceinline__ void mma16816(float (&d)[4], cons
   }
 }
 
+// ldmatrix: four 8x8 matrices of 16-bit elements; lane i gives the shared address of row i % 8 of matrix i / 8.
+// Plain: lane l receives row l / 4, elements 2 (l % 4) and +1 (an m16n8k16 B fragment when rows are n).
+// .trans: lane l receives rows 2 (l % 4) and +1 of column l / 4 (a B fragment when rows are k).
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
+}
+
 // Two floats -> one 32-bit register of the MMA input type (low half = first element).
 template <bool F16> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   if constexpr (F16) {
@@ -105,6 +119,7 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
   constexpr int KS = D / 16;                      // k-steps of Q.K
   constexpr int DN = D / 8;                       // n-tiles of P.V
   static_assert(GROUP >= 1 && GROUP <= 16, "one 16-row MMA tile holds the query group");
+  static_assert(KS % 2 == 0 && DN % 2 == 0, "ldmatrix.x4 covers two k-steps / two n-tiles");
   static_assert(D % 16 == 0 && (BN * CPR) % kDecodeThreads == 0, "tile copy splits evenly");
   constexpr int STAGE_BYTES = 2 * BN * PITCH + (QUANT ? 2 * BN * G * 4 : 0);
 
@@ -142,24 +157,27 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
     const uint32_t t = first + uint32_t(tile) * BN + threadIdx.x;
     return t < last ? kc.row_idx(b, t) : kNoRowD;
   };
+  // Per-thread constants of the copies, hoisted out of the tile loop: the K address of a row is one 32x32->64
+  // multiply-add from kbase, V is K plus the distance between the two views, the shared slots are fixed offsets.
+  const int copy_chunk = int(threadIdx.x) % CPR, copy_row0 = int(threadIdx.x) / CPR;
+  const unsigned char* kbase = reinterpret_cast<const unsigned char*>(kc.blocks + int64_t(h) * D) + copy_chunk * 16;
+  const int64_t v_minus_k = reinterpret_cast<const unsigned char*>(vc.blocks) - reinterpret_cast<const unsigned char*>(kc.blocks);
+  constexpr uint32_t kRowBytes = uint32_t(Cache::row_elems) * ES;  // one cache row: all heads
   auto load_tile = [&](int tile, int stage) {
-    unsigned char* ks = smem + stage * STAGE_BYTES;
-    unsigned char* vs = ks + BN * PITCH;
+    unsigned char* ks = smem + stage * STAGE_BYTES + copy_row0 * PITCH + copy_chunk * 16;
     const uint32_t* rows = row_ring + (tile % STAGES) * BN;
-    const int c = int(threadIdx.x) % CPR, r0 = int(threadIdx.x) / CPR;
     uint32_t row[PASSES];
 #pragma unroll
-    for (int j = 0; j < PASSES; ++j) row[j] = rows[r0 + j * ROWS_PER_PASS];  // all reads before the copies
+    for (int j = 0; j < PASSES; ++j) row[j] = rows[copy_row0 + j * ROWS_PER_PASS];  // all reads before the copies
 #pragma unroll
     for (int j = 0; j < PASSES; ++j) {
-      const int r = r0 + j * ROWS_PER_PASS;
       const bool valid = row[j] != kNoRowD;
-      const int64_t off = valid ? int64_t(row[j]) * Cache::row_elems + int64_t(h) * D : 0;
-      cp_async16(ks + r * PITCH + c * 16, reinterpret_cast<const unsigned char*>(kc.blocks + off) + c * 16, valid);
-      cp_async16(vs + r * PITCH + c * 16, reinterpret_cast<const unsigned char*>(vc.blocks + off) + c * 16, valid);
+      const unsigned char* kp = kbase + uint64_t(valid ? row[j] : 0u) * kRowBytes;
+      cp_async16(ks + j * ROWS_PER_PASS * PITCH, kp, valid);
+      cp_async16(ks + BN * PITCH + j * ROWS_PER_PASS * PITCH, kp + v_minus_k, valid);
     }
     if constexpr (QUANT) {
-      float* kss = reinterpret_cast<float*>(vs + BN * PITCH);
+      float* kss = reinterpret_cast<float*>(smem + stage * STAGE_BYTES + 2 * BN * PITCH);
       float* vss = kss + BN * G;
       for (int i = threadIdx.x; i < BN * G; i += kDecodeThreads) {
         const int r = i / G, g = i % G;
@@ -232,40 +250,50 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
       const int n = warp * 16 + nt * 8 + gq;  // smem row of this lane's token
       const unsigned char* krow = ks + n * PITCH;
+      if constexpr (!Ty::kFp8) {
+        // 16-bit K: one ldmatrix.x4 gives the B fragments of two k-steps (rows = tokens, 8 dims per matrix).
+        const unsigned char* lrow = ks + (warp * 16 + nt * 8 + (lane % 8)) * PITCH + (lane / 8) * 8 * ES;
 #pragma unroll
-      for (int kk = 0; kk < KS; ++kk) {
-        const int k = kk * 16 + tq * 2;
-        uint32_t b0, b1;
-        if constexpr (Ty::kFp8Direct) {
-          b0 = fp8x2_to_f16x2<T>(*reinterpret_cast<const unsigned short*>(krow + k));
-          b1 = fp8x2_to_f16x2<T>(*reinterpret_cast<const unsigned short*>(krow + k + 8));
-        } else if constexpr (Ty::kFp8) {
-          const float2 x0 = fp8x2_to_float2<T>(*reinterpret_cast<const unsigned short*>(krow + k));
-          const float2 x1 = fp8x2_to_float2<T>(*reinterpret_cast<const unsigned short*>(krow + k + 8));
-          float s0 = 1.f, s1 = 1.f;
-          if constexpr (QUANT) { s0 = kss[n * G + k / GRAN]; s1 = kss[n * G + (k + 8) / GRAN]; }
-          b0 = pack2<false>(x0.x * s0, x0.y * s0);
-          b1 = pack2<false>(x1.x * s1, x1.y * s1);
-        } else {
-          b0 = *reinterpret_cast<const uint32_t*>(krow + k * ES);
-          b1 = *reinterpret_cast<const uint32_t*>(krow + (k + 8) * ES);
+        for (int kk = 0; kk < KS; kk += 2) {
+          uint32_t kb[4];
+          ldsm_x4(kb, lrow + kk * 16 * ES);
+          mma16816<F16>(s[nt], qa[kk], kb[0], kb[1]);
+          mma16816<F16>(s[nt], qa[kk + 1], kb[2], kb[3]);
         }
-        mma16816<F16>(s[nt], qa[kk], b0, b1);
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+          const int k = kk * 16 + tq * 2;
+          uint32_t b0, b1;
+          if constexpr (Ty::kFp8Direct) {
+            b0 = fp8x2_to_f16x2<T>(*reinterpret_cast<const unsigned short*>(krow + k));
+            b1 = fp8x2_to_f16x2<T>(*reinterpret_cast<const unsigned short*>(krow + k + 8));
+          } else {
+            const float2 x0 = fp8x2_to_float2<T>(*reinterpret_cast<const unsigned short*>(krow + k));
+            const float2 x1 = fp8x2_to_float2<T>(*reinterpret_cast<const unsigned short*>(krow + k + 8));
+            float s0 = 1.f, s1 = 1.f;
+            if constexpr (QUANT) { s0 = kss[n * G + k / GRAN]; s1 = kss[n * G + (k + 8) / GRAN]; }
+            b0 = pack2<false>(x0.x * s0, x0.y * s0);
+            b1 = pack2<false>(x1.x * s1, x1.y * s1);
+          }
+          mma16816<F16>(s[nt], qa[kk], b0, b1);
+        }
       }
     }
 
-    // Online softmax over this warp's 16 tokens (log2 domain), masking rows past the context.
+    // Online softmax over this warp's 16 tokens (log2 domain). Only a warp whose rows reach past the context
+    // (the CTA's last tile) masks; the test is warp-uniform.
+    const bool tail = tbase + 16 > last;
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const uint32_t t = tbase + nt * 8 + tq * 2 + (e & 1);
         float x = s[nt][e];
         if constexpr (Ty::kFp8Direct && QUANT) x *= kss[warp * 16 + nt * 8 + tq * 2 + (e & 1)];
         if constexpr (SOFTCAP) x = soft_cap * tanhf(x * softmax_scale / soft_cap) * kLog2e;
         else x *= scale_log2;
-        x = t < last ? x : -INFINITY;
+        if (tail) x = tbase + nt * 8 + tq * 2 + (e & 1) < last ? x : -INFINITY;
         s[nt][e] = x;
         tmax[e >> 1] = fmaxf(tmax[e >> 1], x);
       }
@@ -302,39 +330,50 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
       pa[2] = pack2<F16>(p[1][0], p[1][1]);
       pa[3] = pack2<F16>(p[1][2], p[1][3]);
     }
+    // Rescale the output only when some row's running max moved (after the first tiles it rarely does).
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-    for (int dn = 0; dn < DN; ++dn) {
-      o[dn][0] *= alpha[0]; o[dn][1] *= alpha[0];
-      o[dn][2] *= alpha[1]; o[dn][3] *= alpha[1];
+      for (int dn = 0; dn < DN; ++dn) {
+        o[dn][0] *= alpha[0]; o[dn][1] *= alpha[0];
+        o[dn][2] *= alpha[1]; o[dn][3] *= alpha[1];
+      }
     }
 
     // O += P V: B[k = token][n = dim] from rows warp*16 + {2tq, 2tq+1, 2tq+8, 2tq+9}, column 8*dn + gq.
     const int r0 = warp * 16 + tq * 2;
+    if constexpr (!Ty::kFp8) {
+      // 16-bit V: one ldmatrix.x4.trans gives b0/b1 of two n-tiles (matrices: tokens 0-7 / 8-15 x 8 dims).
+      const unsigned char* lrow = vs + (warp * 16 + (lane / 8 % 2) * 8 + (lane % 8)) * PITCH + (lane / 16) * 8 * ES;
 #pragma unroll
-    for (int dn = 0; dn < DN; ++dn) {
-      const int col = dn * 8 + gq;
-      uint32_t b0, b1;
-      if constexpr (Ty::kFp8Direct) {
-        const unsigned char* v0 = vs + r0 * PITCH + col;
-        b0 = fp8x2_to_f16x2<T>(static_cast<unsigned short>(v0[0] | (v0[PITCH] << 8)));
-        b1 = fp8x2_to_f16x2<T>(static_cast<unsigned short>(v0[8 * PITCH] | (v0[9 * PITCH] << 8)));
-      } else if constexpr (Ty::kFp8) {
-        float v[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int r = r0 + (j & 1) + (j >> 1) * 8;
-          float x = to_f32(*reinterpret_cast<const T*>(vs + r * PITCH + col));
-          if constexpr (QUANT) x *= vss[r * G + col / GRAN];
-          v[j] = x;
-        }
-        b0 = pack2<false>(v[0], v[1]);
-        b1 = pack2<false>(v[2], v[3]);
-      } else {
-        const unsigned short* v0 = reinterpret_cast<const unsigned short*>(vs + r0 * PITCH) + col;
-        b0 = pack_raw16(v0[0], v0[PITCH / 2]);
-        b1 = pack_raw16(v0[8 * PITCH / 2], v0[9 * PITCH / 2]);
+      for (int dn = 0; dn < DN; dn += 2) {
+        uint32_t vb[4];
+        ldsm_x4_trans(vb, lrow + dn * 8 * ES);
+        mma16816<F16>(o[dn], pa, vb[0], vb[1]);
+        mma16816<F16>(o[dn + 1], pa, vb[2], vb[3]);
       }
-      mma16816<F16>(o[dn], pa, b0, b1);
+    } else {
+#pragma unroll
+      for (int dn = 0; dn < DN; ++dn) {
+        const int col = dn * 8 + gq;
+        uint32_t b0, b1;
+        if constexpr (Ty::kFp8Direct) {
+          const unsigned char* v0 = vs + r0 * PITCH + col;
+          b0 = fp8x2_to_f16x2<T>(static_cast<unsigned short>(v0[0] | (v0[PITCH] << 8)));
+          b1 = fp8x2_to_f16x2<T>(static_cast<unsigned short>(v0[8 * PITCH] | (v0[9 * PITCH] << 8)));
+        } else {
+          float v[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int r = r0 + (j & 1) + (j >> 1) * 8;
+            float x = to_f32(*reinterpret_cast<const T*>(vs + r * PITCH + col));
+            if constexpr (QUANT) x *= vss[r * G + col / GRAN];
+            v[j] = x;
+          }
+          b0 = pack2<false>(v[0], v[1]);
+          b1 = pack2<false>(v[2], v[3]);
+        }
+        mma16816<F16>(o[dn], pa, b0, b1);
+      }
     }
     // Slot (tile + STAGES) % STAGES was last read when tile's own copies were issued, before this iteration's
     // barrier; it is next read after the following barrier.
