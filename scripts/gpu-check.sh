@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (offline): installs the carried wheels, runs the GPU tests, compute-sanitizer on a
-# subset and the benchmarks, and prints a short summary. Usage: scripts/gpu-check.sh [tests|sanitize|bench|decode|sweep|profile|ncu|cli|all]...
+# subset and the benchmarks, and prints a short summary. Usage: scripts/gpu-check.sh [tests|sanitize|bench|decode|sweep|trace|profile|ncu|cli|all]...
 # Wheels come from scripts/fetch_gpu_wheels.sh (run on a machine with internet) into .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +44,9 @@ for step in "${@:-all}"; do
   fi
   if [[ $step == sweep ]]; then  # decode tuning: stages x chunk (bench/decode_sweep.py)
     python3 bench/decode_sweep.py 2>&1 | tee "$OUT/decode-sweep.log" | tail -n 40
+  fi
+  if [[ $step == trace ]]; then  # decode per-CTA timeline (bench/decode_trace.py)
+    python3 bench/decode_trace.py 2>&1 | tee "$OUT/decode-trace.log" | tail -n 60
   fi
   if [[ $step == profile ]]; then
     python3 bench/host_profile.py 2>&1 | tee "$OUT/host-profile.log"

@@ -17,6 +17,24 @@ namespace kvgen {
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
 #endif
+// Per-CTA timeline for bench/decode_trace.py (built with -DKVGEN_DECODE_TRACE only; never in a normal build):
+// globaltimer ns at [start, length known, first tile landed, loop done, exit] and the SM id.
+#ifdef KVGEN_DECODE_TRACE
+__device__ unsigned long long kvgen_decode_trace[1 << 16][6];
+#define KVGEN_TRACE(i)                                                                                      \
+  do {                                                                                                      \
+    if (threadIdx.x == 0) {                                                                                 \
+      unsigned long long t_, sm_;                                                                           \
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                                                \
+      asm volatile("{ .reg .u32 s; mov.u32 s, %%smid; cvt.u64.u32 %0, s; }" : "=l"(sm_));                  \
+      const uint32_t cta_ = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;                \
+      if (cta_ < (1u << 16)) { kvgen_decode_trace[cta_][i] = t_; kvgen_decode_trace[cta_][5] = sm_; }       \
+    }                                                                                                       \
+  } while (0)
+#else
+#define KVGEN_TRACE(i) do {} while (0)
+#endif
+
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeTile = 64;
 constexpr uint32_t kNoRowD = 0xffffffffu;  // a tile row past the context: zero filled, never read from the cache
@@ -130,6 +148,7 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
   const Cache kc = Cache::view(a, 0, layer), vc = Cache::view(a, 1, layer);
 
   // Context of this request: the step's token was stored at cache_length(b), so it holds cache_length + 1.
+  KVGEN_TRACE(0);
   const uint32_t kv_len = b < a.batch_size ? kc.cache_length(b) + 1 : 0;
   const uint32_t ctx_start = (WINDOW && kv_len > window) ? kv_len - window : 0;
   const uint32_t first = ctx_start + split * chunk;
@@ -142,6 +161,7 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
     return;
   }
   const int ntiles = int((last - first + BN - 1) / BN);
+  KVGEN_TRACE(1);
 
   // ---- tile loader: K and V rows (page lookups through the trait), scales, zero fill past `last` ----------
   // Thread i copies 16-byte chunk i % CPR of rows i / CPR + k * (128 / CPR): a warp's copy covers whole rows
@@ -231,6 +251,7 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
     const int stage = tile % STAGES;
     cp_async_wait<STAGES - 2>();
     __syncthreads();
+    if (tile == 0) KVGEN_TRACE(2);
     // Refill the stage consumed last iteration while this one is computed, and start the page lookups of the
     // tile after it (written to the ring after the math; the next iteration's barrier publishes them).
     if (tile + STAGES - 1 < ntiles) load_tile(tile + STAGES - 1, (tile + STAGES - 1) % STAGES);
@@ -381,6 +402,7 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
   }
   cp_async_wait<0>();
   __syncthreads();
+  KVGEN_TRACE(3);
 
   // ---- merge the 4 warps: row sums, common max, weighted outputs (reusing the pipeline's shared memory) ---
 #pragma unroll
@@ -433,6 +455,7 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
     o_out[uint64_t(row) * gridDim.x * D + (i % D)] = l > 0.f ? sm_o[i] / l : 0.f;
     if (i % D == 0) lse_out[uint64_t(row) * gridDim.x] = l > 0.f ? (mr + log2f(l)) * 0.6931471805599453f : -INFINITY;
   }
+  KVGEN_TRACE(4);
 }
 
 // Merge the splits of every (request, query head): out = sum_s w_s o_s / (sum_s w_s + sink), w_s = exp(lse_s).

@@ -1,0 +1,90 @@
+"""Per-CTA timeline of the decode kernel (a diagnosis tool, not a benchmark).
+
+Builds the bench_decode variants with -DKVGEN_DECODE_TRACE (decode.cuh then records %globaltimer at the start
+of each CTA, when its context length is known, when its first tile has landed, when its loop is done and at
+exit, plus its SM), runs one decode per shape and prints where the time goes: launch spread, the ramp before
+the first tile, streaming, the epilogue, and the tail after the last CTA's loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kvgen import nvrtc  # noqa: E402
+from kvgen.benchmark import decode_cache  # noqa: E402
+from kvgen.build import build, import_package  # noqa: E402
+from kvgen.grid import load_config  # noqa: E402
+from kvgen.runtime import driver  # noqa: E402
+from kvgen.runtime.decode_plan import DecodePlan  # noqa: E402
+
+_plain_options = nvrtc.nvrtc_options
+
+
+def traced_options(arch: str) -> list[str]:
+    return [*_plain_options(arch), "-DKVGEN_DECODE_TRACE"]
+
+
+def read_trace(cache, n_ctas: int) -> np.ndarray:
+    from cuda.bindings import driver as cu
+
+    path = str(cache.variant.CUBINS[driver.device_arch(cache.device)])
+    module = driver._modules[(path, cache.device)]
+    err, ptr, size = cu.cuModuleGetGlobal(module.handle, b"kvgen_decode_trace")
+    assert int(err) == 0, err
+    host = np.zeros((1 << 16, 6), np.uint64)
+    (err,) = cu.cuMemcpyDtoH(host.ctypes.data_as(ctypes.c_void_p).value, ptr, host.nbytes)
+    assert int(err) == 0, err
+    return host[:n_ctas]
+
+
+def report(label: str, tr: np.ndarray) -> None:
+    t0 = tr[:, 0].min()
+    rel = (tr[:, :5].astype(np.int64) - int(t0)) / 1000.0  # µs from the first CTA's start
+    start, known, first, loop, end = (rel[:, i] for i in range(5))
+    q = lambda x: f"{np.percentile(x, 5):6.2f} / {np.median(x):6.2f} / {np.percentile(x, 95):6.2f} / {x.max():6.2f}"  # noqa: E731
+    print(f"== {label}: {len(tr)} CTAs on {len(np.unique(tr[:, 5]))} SMs, kernel span {end.max():.2f} us "
+          "(p5 / median / p95 / max, µs)")
+    print(f"   start offset          {q(start)}")
+    print(f"   length known - start  {q(known - start)}")
+    print(f"   first tile - known    {q(first - known)}")
+    print(f"   loop - first tile     {q(loop - first)}")
+    print(f"   exit - loop (epilog)  {q(end - loop)}")
+    print(f"   CTA lifetime          {q(end - start)}")
+    hist = np.histogram(end, bins=8, range=(0, end.max()))[0]
+    print(f"   CTAs ending per 1/8 of the span: {list(map(int, hist))}")
+
+
+def main() -> None:
+    nvrtc.nvrtc_options = traced_options
+    out = Path("/tmp/kvgen-trace")
+    build(load_config(ROOT / "configs" / "bench_decode.yaml"), out=out, jobs=1, pattern="*p16*")
+    mod = import_package(out, "kvgen_trace")
+    rng = np.random.default_rng(0)
+    for v in mod.VARIANTS.values():
+        spec = v.spec()
+        for label, lens, chunk in (("16x1k planned", [1024] * 16, None), ("64x4k planned", [4096] * 64, None),
+                                   ("64x4k chunk 128", [4096] * 64, 128)):
+            c = decode_cache(v, lens, rng)
+            if chunk is not None:
+                c.decode_plan = DecodePlan(c, chunk, -(-max(lens) // chunk), len(lens))
+            q = torch.randn(len(lens), 32, 128, device="cuda", dtype=torch.bfloat16)
+            o = torch.empty_like(q)
+            for _ in range(3):
+                c.decode(0, q, o)
+            torch.cuda.synchronize()
+            n = c.decode_plan.splits * c.num_heads * len(lens)
+            report(f"{spec.cache.dtype} {label} (chunk {c.decode_plan.chunk})", read_trace(c, n))
+            del c
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
