@@ -20,7 +20,9 @@ namespace kvgen {
 // Per-CTA timeline for bench/decode_trace.py (built with -DKVGEN_DECODE_TRACE only; never in a normal build):
 // globaltimer ns at [start, length known, first tile landed, loop done, exit] and the SM id.
 #ifdef KVGEN_DECODE_TRACE
+extern "C" {  // unmangled, so the host finds it with cuModuleGetGlobal
 __device__ unsigned long long kvgen_decode_trace[1 << 16][6];
+}
 #define KVGEN_TRACE(i)                                                                                      \
   do {                                                                                                      \
     if (threadIdx.x == 0) {                                                                                 \
