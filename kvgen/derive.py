@@ -141,7 +141,8 @@ def decode_geometry(spec: VariantSpec) -> DecodeGeometry:
     ring = DECODE_TILE * 4  # per stage: the tile's 64 cache row numbers (uint32), looked up one iteration ahead
     while stages > 2 and stages * (stage + ring) > DECODE_SMEM_LIMIT:
         stages -= 1
-    merge = (2 * 4 * 16 + 16 * c.head_size) * 4  # the epilogue reuses the pipeline buffers
+    group = a.num_q_heads // c.num_kv_heads
+    merge = 4 * group * ((c.head_size + 8) + 2) * 4  # the epilogue's per-warp slices reuse the pipeline buffers
     smem = max(stages * (stage + ring), merge)
     # Without a minimum, ptxas may take more registers than shared memory would cost in occupancy (the FP8
     # kernel went 127 -> 139 registers, 4 -> 3 CTAs per SM, 8% slower at 64 x 4k); 4 CTAs leave 128 registers.
