@@ -56,6 +56,14 @@ def main() -> None:
                 t = graph_time([lambda c=c, q=q, o=o: c.decode(0, q, o) for c, q, o in sets])
                 mark = "*" if chunk is None else ""
                 cells.append(f"{mark}{ch}: {t * 1e6:.1f}us {100 * nbytes / t / bw:.0f}%")
+            # The split-K partial kernel alone (planned chunk), to see what the combine launch costs.
+            for c, q, o in sets:
+                c.decode_plan = DecodePlan(c, planned, -(-max(lens) // planned), len(lens))
+                c.decode(0, q, o)
+            part = [lambda c=c: c._launches["decode"]((c.decode_plan.splits, c.num_heads, c.decode_plan.batch), (128, 1, 1),
+                                                      c._stream(None)) for c, _, _ in sets]
+            t = graph_time(part)
+            cells.append(f"partial only: {t * 1e6:.1f}us")
             print(f"{spec.cache.dtype[:6]} stages {spec.attention.stages} {sname:6s} | " + " | ".join(cells), flush=True)
             del sets
             torch.cuda.empty_cache()

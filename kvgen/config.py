@@ -132,6 +132,8 @@ class VariantSpec(_Strict):
             if k == "gather4_tile_load" and arch not in GATHER4_ARCHS:
                 continue
             out.append(k)
+            if k == "decode":
+                out.append("decode_combine")  # merges the split-K partials
         return out
 
 

@@ -32,14 +32,12 @@ class DecodePlan:
         dev = f"cuda:{cache.device}"
         self.part_o = torch.empty((batch, hq, splits, cache.head_size), dtype=torch.float32, device=dev)
         self.part_lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=dev)
-        # Arrival counters of the in-kernel split merge, one per (request, KV head); the last CTA resets its own.
-        self.semaphores = torch.zeros(batch * cache.num_heads, dtype=torch.int32, device=dev)
 
 
 def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = 96, tile: int = 64) -> int:
     """Rows per CTA that minimize an estimate of the decode makespan: waves of `slots` resident CTAs, each
     wave as long as its longest CTA (chunk + a fixed per-CTA overhead in row units for the pipeline ramp,
-    the merge of the warps and of the splits). Measured on the H100, the old "total / budget" chunking lost up to a third
+    the merge and the combine). Measured on the H100, the old "total / budget" chunking lost up to a third
     of the time to a partial last wave (16 x 1k: 640 CTAs on 264 slots = 2.4 waves)."""
     lens = np.asarray(lengths, dtype=np.int64)
     if lens.size == 0:

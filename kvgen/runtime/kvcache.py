@@ -126,8 +126,9 @@ class KVCache:
         self._u64 = {k: ctypes.c_uint64(0) for k in ("page_bytes", "scale_bytes")}
         self._dec_vals = {"layer": ctypes.c_uint32(0), "q": ctypes.c_uint64(0), "po": ctypes.c_uint64(0),
                           "pl": ctypes.c_uint64(0), "chunk": ctypes.c_uint32(0), "scale": ctypes.c_float(0),
-                          "cap": ctypes.c_float(1), "window": ctypes.c_uint32(0), "sem": ctypes.c_uint64(0),
-                          "sinks": ctypes.c_uint64(0), "out": ctypes.c_uint64(0), "lse": ctypes.c_uint64(0)}
+                          "cap": ctypes.c_float(1), "window": ctypes.c_uint32(0), "splits": ctypes.c_uint32(0),
+                          "sinks": ctypes.c_uint64(0), "out": ctypes.c_uint64(0), "lse": ctypes.c_uint64(0),
+                          "hq": ctypes.c_uint32(0)}
         self._window: int | None = None
         self.decode_plan: DecodePlan | None = None
         # Shared memory of the decode kernel, fixed per variant: computed once, not on every launch.
@@ -507,16 +508,18 @@ class KVCache:
             return
         st = self._stream(stream)
         f = self._dec_vals
-        launch = self._launch("decode", "decode", (self.args, f["layer"], f["q"], f["po"], f["pl"], f["sem"], f["sinks"],
-                                                   f["out"], f["lse"], f["chunk"], f["scale"], f["cap"], f["window"]),
-                              smem=self._decode_smem)
+        launch = self._launch("decode", "decode", (self.args, f["layer"], f["q"], f["po"], f["pl"], f["chunk"],
+                                                   f["scale"], f["cap"], f["window"]), smem=self._decode_smem)
         f["layer"].value, f["q"].value, f["po"].value, f["pl"].value = layer, qt.ptr, plan.part_o.data_ptr(), plan.part_lse.data_ptr()
-        f["sem"].value, f["sinks"].value, f["out"].value, f["lse"].value = plan.semaphores.data_ptr(), sink_ptr, ot.ptr, lse_ptr
         f["chunk"].value = plan.chunk
         f["scale"].value = softmax_scale if softmax_scale is not None else D ** -0.5
         f["cap"].value = soft_cap or 1.0
         f["window"].value = window or 0
         launch((plan.splits, self.num_heads, B), (128, 1, 1), st)
+        comb = self._launch("combine", "decode_combine", (f["po"], f["pl"], f["splits"], f["sinks"], f["out"], f["lse"], f["hq"]))
+        f["splits"].value, f["sinks"].value, f["out"].value, f["lse"].value, f["hq"].value = (
+            plan.splits, sink_ptr, ot.ptr, lse_ptr, Hq)
+        comb((Hq, B, 1), (min(256, D), 1, 1), st)
 
     # ---- TMA ------------------------------------------------------------------------------------------
     def create_tma_tile(self, kv: int, layer: int, swizzle: str | None = None, bn: int | None = None,

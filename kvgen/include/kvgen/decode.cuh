@@ -5,8 +5,7 @@
 // context, and serves all GROUP query heads of that KV head (rows of a 16-row MMA tile). K/V tiles of 64 rows
 // stream through a STAGES-deep cp.async pipeline (per-row page lookups, zero fill past the end); warp w takes
 // rows [16w, 16w + 16) of every tile with its own online softmax, and the 4 warps merge at the end. Each CTA
-// writes a float32 partial output and its log-sum-exp; the last CTA of each (request, KV head) merges the splits
-// (and attention sinks) into the output (finish_splits).
+// writes a float32 partial output and its log-sum-exp; decode_combine merges the splits (and attention sinks).
 // MMA: mma.sync m16n8k16, bf16 (bf16 and FP8 caches: FP8 is dequantized with its scales into bf16 in
 // registers) or f16 (f16 caches), fp32 accumulation, softmax in fp32 with exp2.
 #pragma once
@@ -107,53 +106,6 @@ template <class T> __device__ __forceinline__ uint32_t fp8x2_to_f16x2(unsigned s
   return uint32_t(h.x) | (uint32_t(h.y) << 16);
 }
 
-// Split-K epilogue, in the kernel: the CTA that finishes last for its (request, KV head) merges every split of
-// its GROUP query heads, out = sum_s w_s o_s / (sum_s w_s + exp(sink)), w_s = exp(lse_s). Partials are published
-// with __threadfence before the arrival count (the CUDA guide's last-block pattern) and read back through L2;
-// the last CTA resets its counter, so the next layer, or a replayed graph, starts from zero with no host work.
-// (A separate combine kernel cost 2-3 us per step at batch 16: one more launch and one more ramp.)
-template <class OT, int D, int GROUP, int H>
-__device__ __forceinline__ void finish_splits(const float* part_o, const float* part_lse, uint32_t* semaphores,
-                                              const float* sinks, OT* out, float* lse_final) {
-  __shared__ uint32_t s_last;
-  const uint32_t splits = gridDim.x, h = blockIdx.y, b = blockIdx.z;  // recomputed here: nothing stays live
-  uint32_t* semaphore = semaphores + uint64_t(b) * H + h;             // across the main loop for this
-  const uint64_t row0 = (uint64_t(b) * H + h) * GROUP;                // first output row: b * Hq + h * GROUP
-  const uint32_t hq0 = h * GROUP;
-  __threadfence();
-  __syncthreads();
-  if (splits > 1) {
-    if (threadIdx.x == 0) {
-      const uint32_t arrived = atomicAdd(semaphore, 1u) + 1;
-      s_last = arrived == splits;
-      if (arrived == splits) *semaphore = 0u;  // every split has arrived: nobody else touches it this launch
-    }
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
-  }
-  for (int i = threadIdx.x; i < GROUP * D; i += blockDim.x) {
-    const int r = i / D, d = i % D;
-    const uint64_t row = row0 + r;  // b * Hq + query head
-    const float* lse = part_lse + row * splits;
-    float m = -INFINITY;
-    for (uint32_t sp = 0; sp < splits; ++sp) m = fmaxf(m, __ldcg(lse + sp));
-    const float sink = sinks != nullptr ? sinks[hq0 + r] : -INFINITY;
-    m = fmaxf(m, sink);
-    const float mr = m == -INFINITY ? 0.f : m;
-    float acc = 0.f, wsum = sinks != nullptr ? __expf(sink - mr) : 0.f;
-    for (uint32_t sp = 0; sp < splits; ++sp) {
-      const float l = __ldcg(lse + sp);
-      if (l == -INFINITY) continue;  // empty split: its partial output was never written (0 * NaN = NaN)
-      const float w = __expf(l - mr);
-      wsum += w;
-      acc += w * __ldcg(part_o + (row * splits + sp) * D + d);
-    }
-    out[row * D + d] = from_f32<OT>(wsum > 0.f ? acc / wsum : 0.f);
-    if (d == 0 && lse_final != nullptr) lse_final[row] = wsum > 0.f ? mr + __logf(wsum) : -INFINITY;
-  }
-}
-
 template <class Cache> struct DecodeTypes {
   using T = typename Cache::dtype;
   static constexpr bool kFp8 = sizeof(T) == 1;
@@ -167,12 +119,10 @@ template <class Cache> struct DecodeTypes {
 // Partial attention of one (split, kv head, request). q: [batch, Hq, D]; part_o: [batch, Hq, max_splits, D] f32;
 // part_lse: [batch, Hq, max_splits] f32 (natural log). chunk: tokens per split (a multiple of 64); the last
 // split of the grid also takes everything past gridDim.x * chunk, so any length is covered.
-template <class Cache, class QT, class OT, int GROUP, int STAGES, bool WINDOW, bool SOFTCAP>
-__device__ __forceinline__ void decode_attention(const CacheArgs& a, uint32_t layer, const QT* __restrict__ q,
-                                                 float* __restrict__ part_o, float* __restrict__ part_lse,
-                                                 uint32_t* __restrict__ semaphores, const float* __restrict__ sinks,
-                                                 OT* __restrict__ out, float* __restrict__ lse_final, uint32_t chunk,
-                                                 float softmax_scale, float soft_cap, uint32_t window) {
+template <class Cache, class QT, int GROUP, int STAGES, bool WINDOW, bool SOFTCAP>
+__device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t layer, const QT* __restrict__ q,
+                                               float* __restrict__ part_o, float* __restrict__ part_lse,
+                                               uint32_t chunk, float softmax_scale, float soft_cap, uint32_t window) {
   using Ty = DecodeTypes<Cache>;
   using T = typename Ty::T;
   constexpr bool F16 = Ty::kF16;
@@ -208,9 +158,8 @@ __device__ __forceinline__ void decode_attention(const CacheArgs& a, uint32_t la
   const uint32_t hq0 = h * GROUP;
   float* o_out = part_o + ((uint64_t(b) * H * GROUP + hq0) * gridDim.x + split) * D;
   float* lse_out = part_lse + (uint64_t(b) * H * GROUP + hq0) * gridDim.x + split;
-  if (first >= last) {  // empty split: the merge skips it by its -inf lse, but it still counts as arrived
+  if (first >= last) {  // empty split: the combine step skips it by its -inf lse
     for (int r = threadIdx.x; r < GROUP; r += blockDim.x) lse_out[uint64_t(r) * gridDim.x] = -INFINITY;
-    finish_splits<OT, D, GROUP, H>(part_o, part_lse, semaphores, sinks, out, lse_final);
     return;
   }
   const int ntiles = int((last - first + BN - 1) / BN);
@@ -501,8 +450,34 @@ __device__ __forceinline__ void decode_attention(const CacheArgs& a, uint32_t la
     o_out[uint64_t(row) * gridDim.x * D + col] = l > 0.f ? acc / l : 0.f;
     if (col == 0) lse_out[uint64_t(row) * gridDim.x] = l > 0.f ? (mr + log2f(l)) * 0.6931471805599453f : -INFINITY;
   }
-  finish_splits<OT, D, GROUP, H>(part_o, part_lse, semaphores, sinks, out, lse_final);
   KVGEN_TRACE(4);
+}
+
+// Merge the splits of every (request, query head): out = sum_s w_s o_s / (sum_s w_s + sink), w_s = exp(lse_s).
+// Grid (Hq, batch), D threads. lse_out (optional) gets the merged natural-log LSE (sink included).
+template <class OT, int D>
+__device__ __forceinline__ void decode_combine(const float* __restrict__ part_o, const float* __restrict__ part_lse,
+                                               uint32_t splits, const float* __restrict__ sinks,
+                                               OT* __restrict__ out, float* __restrict__ lse_out, uint32_t num_q_heads) {
+  const uint32_t hq = blockIdx.x, b = blockIdx.y;
+  const uint64_t row = uint64_t(b) * num_q_heads + hq;
+  const float* lse = part_lse + row * splits;
+  float m = -INFINITY;
+  for (uint32_t s = 0; s < splits; ++s) m = fmaxf(m, lse[s]);
+  if (sinks != nullptr) m = fmaxf(m, sinks[hq]);
+  const float mr = m == -INFINITY ? 0.f : m;
+  float denom = sinks != nullptr ? __expf(sinks[hq] - mr) : 0.f;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.f, wsum = denom;
+    for (uint32_t s = 0; s < splits; ++s) {
+      if (lse[s] == -INFINITY) continue;  // empty split: its partial output was never written (0 * NaN = NaN)
+      const float w = __expf(lse[s] - mr);
+      wsum += w;
+      acc += w * part_o[(row * splits + s) * D + d];
+    }
+    out[row * D + d] = from_f32<OT>(wsum > 0.f ? acc / wsum : 0.f);
+    if (d == 0 && lse_out != nullptr) lse_out[row] = wsum > 0.f ? mr + __logf(wsum) : -INFINITY;
+  }
 }
 
 }  // namespace kvgen
