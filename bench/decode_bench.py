@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import sys
 import traceback
 from pathlib import Path
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "decode_bench.md")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
+    ap.add_argument("--variant", default="*", help="only variants whose name matches this glob")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     mod = load_generated()
@@ -97,6 +99,8 @@ def main() -> None:
              f"(256 MiB, read+write). Hq={HQ}, H={H}, D={D}.", "",
              "| cache | page | batch x context | kernel | µs | TB/s | % of copy |", "|---|---|---|---|---|---|---|"]
     for variant in mod.VARIANTS.values():
+        if not fnmatch.fnmatch(variant.NAME, args.variant):
+            continue
         spec = variant.spec()
         tag = spec.cache.dtype + (" (scale per token+head)" if spec.quantization else "")
         cases = [(f"{b} x {c}", [c] * b) for b, c in shapes]
