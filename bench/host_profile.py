@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -11,21 +10,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kvgen.benchmark import eager_host_cost  # noqa: E402
 from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import load_config  # noqa: E402
 from kvgen.runtime.tensors import check_tensor  # noqa: E402
 
 
 def per_call(fn, n: int = 5000) -> float:
-    for _ in range(200):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    dt = (time.perf_counter() - t0) / n
-    torch.cuda.synchronize()
-    return dt * 1e6
+    return eager_host_cost(fn, n) * 1e6
 
 
 def main() -> None:

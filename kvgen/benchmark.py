@@ -96,6 +96,13 @@ def rotations(bytes_per_set: int, floor: int = 256 << 20, cap: int = 64) -> int:
 
 
 # ---- decode ------------------------------------------------------------------------------------------------
+def permuted_pages(need: list[int], rng: np.random.Generator) -> list[list[int]]:
+    """Page ids for requests needing need[i] pages each: a random permutation of 0..sum(need)-1, never shared."""
+    perm = rng.permutation(sum(need))
+    bounds = np.cumsum([0, *need])
+    return [[int(x) for x in perm[bounds[i]:bounds[i + 1]]] for i in range(len(need))]
+
+
 def decode_cache(variant: Any, lengths: list[int], rng: np.random.Generator) -> Any:
     """A one-layer cache of `variant` with random contents on randomly permuted pages, cache_length = len - 1,
     a decode step begun and planned."""
@@ -111,12 +118,7 @@ def decode_cache(variant: Any, lengths: list[int], rng: np.random.Generator) -> 
             cache.scales.uniform_(0.5, 1.5)
     else:
         cache.blocks.normal_()
-    perm = rng.permutation(sum(need))
-    pages, at = [], 0
-    for k in need:
-        pages.append([int(x) for x in perm[at:at + k]])
-        at += k
-    cache.set_pages(pages)
+    cache.set_pages(permuted_pages(need, rng))
     cache.set_cache_lengths([n - 1 for n in lengths])
     cache.begin_step([1] * len(lengths))
     cache.plan_decode()

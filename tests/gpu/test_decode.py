@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kvgen import reference as ref
+from kvgen.benchmark import permuted_pages
 from kvgen.build import build, import_package
 from kvgen.grid import load_config
 
@@ -41,12 +42,7 @@ def setup_cache(v, lengths: list[int], rng: np.random.Generator):
         need = [(n + p - 1) // p for n in lengths]
         cache = v.cache(max_batch=B, num_pages=sum(need) + 2, max_pages_per_request=max(need) + 1, num_layers=2,
                         max_tokens=sum(lengths))
-        perm = rng.permutation(sum(need))
-        pages, at = [], 0
-        for k in need:
-            pages.append([int(x) for x in perm[at:at + k]])
-            at += k
-        cache.set_pages(pages)
+        cache.set_pages(permuted_pages(need, rng))
     else:
         cache = v.cache(max_batch=B, num_slots=B + 1, tokens_per_slot=max(lengths) + 3, num_layers=2,
                         max_tokens=sum(lengths))
