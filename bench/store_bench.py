@@ -99,11 +99,6 @@ def main() -> None:
             results = {}
             kv_launch = [lambda c=c, k=k, v=v: c.store(0, k, v) for c, k, v in sets]
             results["kvgen"] = (graph_time(kv_launch), kv_bytes)
-            for c, _, _ in sets:  # same kernel, launched the previous way: one block per chunk of items
-                c.store_persistent = False
-            results["kvgen, a block per chunk"] = (graph_time(kv_launch), kv_bytes)
-            for c, _, _ in sets:
-                c.store_persistent = True
             for ipt, xmod in extra.items():  # same tensors, adopted by the variant built with another split
                 xv = xmod.VARIANTS[variant.NAME]
                 wrapped = with_items_per_thread(ipt, partial(adopt_all, xv, [c for c, _, _ in sets]))

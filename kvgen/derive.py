@@ -62,14 +62,11 @@ def store_split(spec: VariantSpec) -> StoreSplit:
 
 
 
-def items_per_token(spec: VariantSpec, split: StoreSplit) -> int:
-    """Work items of one token (K and V, all heads): the unit store and load split among threads."""
-    return spec.cache.kv_dim * spec.cache.num_kv_heads * (spec.cache.head_size // split.elems_per_item)
-
-
 def tokens_per_block(spec: VariantSpec, split: StoreSplit) -> int:
-    """Tokens one 256-thread block of load (and of the MLA store) handles: about IPT items per thread, at most 64."""
-    return max(1, min(MAX_TOKENS_PER_BLOCK, THREADS * split.ipt // max(1, items_per_token(spec, split))))
+    """Tokens one 256-thread block of store/load handles: about two items per thread, at most 64."""
+    kvd = spec.cache.kv_dim
+    items = kvd * spec.cache.num_kv_heads * (spec.cache.head_size // split.elems_per_item)
+    return max(1, min(MAX_TOKENS_PER_BLOCK, THREADS * split.ipt // max(1, items)))
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..derive import (
-    THREADS,
-    StoreSplit,
-    decode_geometry,
-    items_per_token,
-    store_split,
-    tma_geometry,
-    tokens_per_block,
-)
+from ..derive import THREADS, StoreSplit, decode_geometry, store_split, tma_geometry, tokens_per_block
 from ..dtypes import DTYPES
 from ..errors import LaunchError
 from ..reference import padded_lut_cols
@@ -128,9 +120,6 @@ class KVCache:
             tokens_per_slot=tokens_per_slot, reserved=0)
         self._split: StoreSplit = store_split(self.spec)
         self._tpb = 8 if self.spec.rope_layout else tokens_per_block(self.spec, self._split)
-        self._store_items = items_per_token(self.spec, self._split)
-        self._store_resident: int | None = None
-        self.store_persistent = True  # grid of resident blocks looping over chunks (False: a block per chunk)
         self._launches: dict[str, _Launch] = {}
         self._scalars = {k: ctypes.c_uint32(0) for k in ("total", "layer", "tpb", "kv", "tiles", "n")}
         self._ptrs = {k: ctypes.c_uint64(0) for k in ("a", "b", "c", "d")}
@@ -421,22 +410,7 @@ class KVCache:
         p["a"].value, p["b"].value, p["c"].value = kt.ptr, vptr, ro.ptr
         p["d"].value = self._token_map.data_ptr() if row_offsets is None else 0
         s["total"].value, s["layer"].value, s["tpb"].value = total, layer, self._tpb
-        if self.spec.rope_layout:
-            grid = (total + self._tpb - 1) // self._tpb
-        else:  # grid-stride over chunks of THREADS * IPT items: at most the blocks the GPU holds at once
-            chunks = -(-total * self._store_items // (THREADS * self._split.ipt))
-            grid = min(chunks, self._store_max_blocks(launch))
-        launch((grid, 1, 1), (THREADS, 1, 1), self._stream(stream))
-
-    def _store_max_blocks(self, launch: _Launch) -> int:
-        """Resident blocks of the store kernel (occupancy x SMs), asked once per cache. With
-        `store_persistent = False` every chunk gets its own block (the launch shape before the grid-stride loop,
-        kept for comparison in bench/store_bench.py)."""
-        if not self.store_persistent:
-            return 1 << 30
-        if self._store_resident is None:
-            self._store_resident = driver.resident_blocks(launch.kernel, THREADS, self.device)
-        return self._store_resident
+        launch(((total + self._tpb - 1) // self._tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
 
     def load(self, layer: int, k_out: Any, v_out: Any | None, start_pos: Any, row_offsets: Any = None,
              stream: Any = None) -> None:
@@ -463,22 +437,7 @@ class KVCache:
         launch = self._launch("load", "load", (self.args, p["a"], p["b"], p["c"], p["d"], s["total"], s["layer"], s["tpb"]))
         p["a"].value, p["b"].value, p["c"].value, p["d"].value = kt.ptr, vptr, ro.ptr, sp.ptr
         s["total"].value, s["layer"].value, s["tpb"].value = total, layer, self._tpb
-        if self.spec.rope_layout:
-            grid = (total + self._tpb - 1) // self._tpb
-        else:  # grid-stride over chunks of THREADS * IPT items: at most the blocks the GPU holds at once
-            chunks = -(-total * self._store_items // (THREADS * self._split.ipt))
-            grid = min(chunks, self._store_max_blocks(launch))
-        launch((grid, 1, 1), (THREADS, 1, 1), self._stream(stream))
-
-    def _store_max_blocks(self, launch: _Launch) -> int:
-        """Resident blocks of the store kernel (occupancy x SMs), asked once per cache. With
-        `store_persistent = False` every chunk gets its own block (the launch shape before the grid-stride loop,
-        kept for comparison in bench/store_bench.py)."""
-        if not self.store_persistent:
-            return 1 << 30
-        if self._store_resident is None:
-            self._store_resident = driver.resident_blocks(launch.kernel, THREADS, self.device)
-        return self._store_resident
+        launch(((total + self._tpb - 1) // self._tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
 
     @property
     def page_bytes(self) -> int:

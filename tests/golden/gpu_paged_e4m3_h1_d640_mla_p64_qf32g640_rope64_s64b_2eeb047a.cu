@@ -36,8 +36,6 @@ using IO = kvgen_variant::Traits::io_dtype;
 // __launch_bounds__(256, 4): with no minimum-blocks hint ptxas capped store at 32 registers and spilled;
 // 4 blocks per SM leave up to 64 registers for the 2 items per thread of store.
 
-// store: tokens_per_block splits the work of the MLA layout's store only; the ragged store is a grid-stride
-// loop over chunks of kThreads * IPT items.
 extern "C" __global__ void __launch_bounds__(kvgen::kThreads, 4)
 kvgen_gpu_paged_e4m3_h1_d640_mla_p64_qf32g640_rope64_s64b_2eeb047a_store(const CacheArgs args, const IO* __restrict__ k_new, const IO* __restrict__ v_new,
     const uint32_t* __restrict__ row_offsets, const uint2* __restrict__ token_map, uint32_t total_tokens, uint32_t layer,

@@ -68,66 +68,58 @@ template <class Cache> __device__ __forceinline__ void resolve_tokens(
 }
 
 // store: new K/V [T, H, D] (In) -> cache rows cache_length(b) + t, converting (and quantizing) on the way.
-// The step's items (token, K|V, head, slice of VEC*VPT elements) form one flat sequence cut into chunks of
-// blockDim * IPT; block i takes chunks i, i + gridDim.x, ... (the host sizes the grid to the resident blocks,
-// so no block is launched per chunk), and a thread loads its items of the next chunk before it resolves rows
-// for, converts and stores the current one: two chunks of input are in flight per thread. Scale groups never
-// straddle a warp (chunks and warps start at multiples of 32 items; TPG divides items_per_head and 32).
+// Each thread owns IPT items per pass (kvgen/derive.py picks it); the input loads of the first pass are issued before the
+// token -> row resolution (CSR search + LUT), so HBM latency overlaps the index math instead of following it.
 template <class Cache, class In, int VEC, int TPG, int VPT, int IPT>
 __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __restrict__ k_new, const In* __restrict__ v_new,
                                              const uint32_t* __restrict__ row_offsets, const uint2* __restrict__ token_map,
-                                             uint32_t total_tokens, uint32_t layer) {
+                                             uint32_t total_tokens,
+                                             uint32_t layer, uint32_t tokens_per_block) {
   using S = RowSplit<Cache, In, VEC, TPG, VPT>;
   using T = typename Cache::dtype;
   using Sc = typename Cache::scale_dtype;
-  const uint64_t n_items = uint64_t(total_tokens) * S::items_per_token;
-  const uint64_t chunk = uint64_t(blockDim.x) * IPT, stride = chunk * gridDim.x;
-  uint64_t base = blockIdx.x * chunk;
-  if (base >= n_items) return;
+  const uint32_t tok0 = blockIdx.x * tokens_per_block;
+  if (tok0 >= total_tokens) return;
+  const uint32_t ntok = min(tokens_per_block, total_tokens - tok0);
   const Cache k_cache = Cache::view(a, 0, layer), v_cache = Cache::view(a, S::KVD - 1, layer);
-  // Raw input vectors (not floats) are what stays live across the loop: half the registers for 16-bit input.
-  auto load_chunk = [&](uint64_t at, Vec<In, VEC> (&in)[IPT][VPT]) {
+  const uint32_t n_items = ntok * S::items_per_token;
+  // Uniform trip count across the block so every lane of a scale group reaches the shuffles together.
+  // No barrier: each thread resolves its own token's row after issuing its input loads, like FlashInfer's
+  // append, so warps never wait for each other and loads of different warps overlap freely.
+  for (uint32_t base = 0; base < n_items; base += blockDim.x * IPT) {
+    float x[IPT][VPT][VEC];
 #pragma unroll
     for (int u = 0; u < IPT; ++u) {
-      const uint64_t it = at + u * blockDim.x + threadIdx.x;
-      const uint32_t tok = uint32_t(it / S::items_per_token), rem = uint32_t(it % S::items_per_token);
+      const uint32_t it = base + u * blockDim.x + threadIdx.x;
+      const bool active = it < n_items;
+      const uint32_t ti = it / S::items_per_token, rem = it % S::items_per_token;
       const uint32_t kv = rem / S::items_per_row, h = (rem % S::items_per_row) / S::items_per_head;
       const uint32_t d0 = (rem % S::items_per_head) * S::elems_per_item;
-      const In* src = (kv == 0 ? k_new : v_new) + (uint64_t(tok) * S::H + h) * S::D + d0;
+      const In* src = (kv == 0 ? k_new : v_new) + (uint64_t(tok0 + ti) * S::H + h) * S::D + d0;
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
-        in[u][j] = Vec<In, VEC>{};
-        if (it < n_items) in[u][j] = load_vec<VEC>(src + j * VEC);
+        Vec<In, VEC> in{};
+        if (active) in = load_vec<VEC>(src + j * VEC);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) x[u][j][e] = to_f32(in.v[e]);
       }
     }
-  };
-  Vec<In, VEC> cur[IPT][VPT];
-  load_chunk(base, cur);
-  // Uniform trip count across the block (base and stride are block-wide), so every lane of a scale group
-  // reaches the shuffles together. No barrier anywhere: warps never wait for each other.
-  for (; base < n_items; base += stride) {
-    Vec<In, VEC> next[IPT][VPT];
-    if (base + stride < n_items) load_chunk(base + stride, next);  // in flight during this chunk's work
     uint32_t rows[IPT];
 #pragma unroll
     for (int u = 0; u < IPT; ++u) {
-      const uint64_t it = base + u * blockDim.x + threadIdx.x;
+      const uint32_t it = base + u * blockDim.x + threadIdx.x;
       uint32_t req, pos;
-      rows[u] = it < n_items ? resolve_one(k_cache, a, row_offsets, token_map, uint32_t(it / S::items_per_token),
-                                           total_tokens, nullptr, req, pos)
+      rows[u] = it < n_items ? resolve_one(k_cache, a, row_offsets, token_map, tok0 + it / S::items_per_token, total_tokens,
+                                           nullptr, req, pos)
                              : kNoRow;
     }
 #pragma unroll
     for (int u = 0; u < IPT; ++u) {
-      const uint64_t it = base + u * blockDim.x + threadIdx.x;
-      const uint32_t rem = uint32_t(it % S::items_per_token);
+      const uint32_t it = base + u * blockDim.x + threadIdx.x;
+      const bool active = it < n_items;
+      const uint32_t rem = it % S::items_per_token;
       const uint32_t kv = rem / S::items_per_row, h = (rem % S::items_per_row) / S::items_per_head;
       const uint32_t d0 = (rem % S::items_per_head) * S::elems_per_item;
-      float x[VPT][VEC];
-#pragma unroll
-      for (int j = 0; j < VPT; ++j)
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) x[j][e] = to_f32(cur[u][j].v[e]);
       float inv = 1.f;
       Sc scale{};
       if constexpr (Cache::quantization_enabled) {
@@ -135,7 +127,7 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
 #pragma unroll
         for (int j = 0; j < VPT; ++j)
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) amax = fmaxf(amax, fabsf(x[j][e]));
+          for (int e = 0; e < VEC; ++e) amax = fmaxf(amax, fabsf(x[u][j][e]));
 #pragma unroll
         for (int m = TPG / 2; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
         scale = make_scale<Sc>(amax, Cache::fp8_max);
@@ -144,14 +136,14 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
         inv = 1.f / to_f32(scale);
       }
       const uint32_t row = rows[u];
-      if (it >= n_items || row == kNoRow) continue;
+      if (!active || row == kNoRow) continue;
       // Select the base pointer, not a reference to one of two local caches (that would force them to memory).
       T* dst = (kv == 0 ? k_cache.blocks : v_cache.blocks) + int64_t(row) * S::H * S::D + int64_t(h) * S::D + d0;
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
         Vec<T, VEC> out;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) out.v[e] = from_f32<T>(Cache::quantization_enabled ? x[j][e] * inv : x[j][e]);
+        for (int e = 0; e < VEC; ++e) out.v[e] = from_f32<T>(Cache::quantization_enabled ? x[u][j][e] * inv : x[u][j][e]);
         store_vec<VEC>(dst + j * VEC, out);
       }
       if constexpr (Cache::quantization_enabled) {
@@ -161,10 +153,6 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
         }
       }
     }
-#pragma unroll
-    for (int u = 0; u < IPT; ++u)
-#pragma unroll
-      for (int j = 0; j < VPT; ++j) cur[u][j] = next[u][j];
   }
 }
 
