@@ -260,6 +260,7 @@ class KVCache:
             lut[b, : len(ids)] = ids
         self.host_lut = lut
         self.lookup_table.copy_(_torch().from_numpy(lut.view(np.int32)))
+        self._drop_step_plan()
 
     def set_slots(self, slots: list[int]) -> None:
         if self.paged:
@@ -270,12 +271,19 @@ class KVCache:
             raise LaunchError("set_slots", "slots", f"slot ids must be in [0, {self.num_blocks})", slots, "use allocated slots")
         self.host_lut = s
         self.lookup_table.copy_(_torch().from_numpy(s.view(np.int32)))
+        self._drop_step_plan()
 
     def set_cache_lengths(self, lengths: list[int]) -> None:
         n = np.zeros(self.max_batch, np.uint32)
         n[: len(lengths)] = lengths
         self.host_lengths = n
         self.cache_lengths.copy_(_torch().from_numpy(n.view(np.int32)))
+        self._drop_step_plan()
+
+    def _drop_step_plan(self) -> None:
+        """The step's token map holds pages resolved from the page table and lengths at begin_step; after either
+        changes it could point at a page another request now owns, so the next store must plan again."""
+        self.step_lengths = None
 
     def capacity(self, b: int) -> int:
         """Tokens request b can hold: its assigned pages (leading non-null LUT entries) times P, or a slot."""
@@ -286,8 +294,9 @@ class KVCache:
         return int(unassigned[0] if len(unassigned) else len(row)) * self.page_size
 
     def begin_step(self, new_lengths: list[int]) -> Any:
-        """Plan one step (reused by every layer): check capacity on the host, upload CSR row offsets,
-        set max_prompt_length / max_context_length. Returns the device row-offsets tensor."""
+        """Plan one step (reused by every layer): check capacity on the host, upload CSR row offsets and the
+        per-token (page, offset) map, set max_prompt_length / max_context_length. Call it after the step's
+        set_pages / set_cache_lengths: changing either drops the plan. Returns the device row-offsets tensor."""
         n = len(new_lengths)
         if n > self.max_batch:
             raise LaunchError("begin_step", "new_lengths", f"at most max_batch={self.max_batch} requests", n, "allocate more")
@@ -370,8 +379,10 @@ class KVCache:
     def _row_offsets_arg(self, kernel: str, row_offsets: Any, total: int) -> DeviceTensor:
         if row_offsets is None:
             if self.step_lengths is None:
-                raise LaunchError(kernel, "row_offsets", "needs begin_step(new_lengths) first or explicit CSR offsets",
-                                  None, "call cache.begin_step([...]) once per step")
+                raise LaunchError(kernel, "row_offsets",
+                                  "needs begin_step(new_lengths) first (again after set_pages / set_slots / "
+                                  "set_cache_lengths) or explicit CSR offsets", None,
+                                  "call cache.begin_step([...]) once per step, after the page table is final")
             if int(self.step_lengths.sum()) != total:
                 raise LaunchError(kernel, "k", f"has {total} rows but the step plans {int(self.step_lengths.sum())}",
                                   total, "pass tensors with sum(new_lengths) rows")

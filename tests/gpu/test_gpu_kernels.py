@@ -366,6 +366,26 @@ def test_corrupt_token_map_is_refused_on_the_device(generated) -> None:
     assert torch.equal(cache.blocks.view(torch.uint8), before.view(torch.uint8)), "a refused token was written"
 
 
+def test_changing_the_page_table_after_begin_step_requires_a_new_plan(generated) -> None:
+    # The step's token map holds pages resolved at begin_step: after set_pages it could point at a page another
+    # request now owns, so a store without a fresh begin_step is refused instead of writing there.
+    rng = np.random.default_rng(8)
+    name = next(n for n in NAMES if n.startswith("gpu_paged_bf16_h4_d128_p16"))
+    v, spec, cache = make_cache(generated, name, rng, [0, 0], [16, 16])
+    x = from_np(random_rows(rng, (32, 4, 128), "bfloat16"), "bfloat16")
+    cache.begin_step([16, 16])
+    swapped = [[int(cache.host_lut[1, 0])], [int(cache.host_lut[0, 0])]]
+    cache.set_pages(swapped)
+    with pytest.raises(LaunchError, match="begin_step"):
+        cache.store(0, x, x)
+    before = state_of(cache, spec)
+    cache.begin_step([16, 16])
+    cache.store(0, x, x)
+    ref.store(before, 0, [to_np(x, "bfloat16").astype(np.float32)] * 2, np.array([0, 16, 32]), "bfloat16", None, None)
+    np.testing.assert_array_equal(state_of(cache, spec).blocks.view(np.uint8), before.blocks.view(np.uint8))
+    assert cache.errors() == []
+
+
 def test_wrap_adopts_existing_tensors(generated) -> None:
     rng = np.random.default_rng(6)
     name = next(n for n in NAMES if "e4m3" in n and "qf32" in n and n.startswith("gpu_paged"))
