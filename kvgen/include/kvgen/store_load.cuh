@@ -68,8 +68,8 @@ template <class Cache> __device__ __forceinline__ void resolve_tokens(
 }
 
 // store: new K/V [T, H, D] (In) -> cache rows cache_length(b) + t, converting (and quantizing) on the way.
-// Each thread owns IPT items per pass (kvgen/derive.py picks it); the input loads of the first pass are issued before the
-// token -> row resolution (CSR search + LUT), so HBM latency overlaps the index math instead of following it.
+// Each thread owns IPT items per pass (kvgen/derive.py picks it); the input loads of a pass are issued before
+// the token -> row resolution (the step's token map, or a CSR search + LUT), so their HBM latency overlaps it.
 template <class Cache, class In, int VEC, int TPG, int VPT, int IPT>
 __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __restrict__ k_new, const In* __restrict__ v_new,
                                              const uint32_t* __restrict__ row_offsets, const uint2* __restrict__ token_map,
