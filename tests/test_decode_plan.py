@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kvgen.config import VariantSpec, validate_variant
+from kvgen.derive import SM90_SMEM_PER_SM, SMEM_RESERVED_PER_CTA, decode_geometry
 from kvgen.runtime.decode_plan import choose_chunk
 
 
@@ -32,3 +34,30 @@ def test_small_batch_fills_one_wave_instead_of_a_partial_third() -> None:
 def test_single_long_request_is_split_across_the_gpu() -> None:
     chunk = choose_chunk(np.array([16385]), heads=8, slots=264)
     assert 8 * -(-16385 // chunk) >= 200
+
+
+def _decode_spec(dtype: str, stages: int | None = None, head_size: int = 128, group: int = 4) -> VariantSpec:
+    d = {"name": "t", "cache": {"kind": "paged", "dtype": dtype, "num_kv_heads": 8, "head_size": head_size,
+                                "page_size": 16, "num_layers": 1},
+         "attention": {"num_q_heads": 8 * group, **({"stages": stages} if stages else {})},
+         "archs": ["sm_90a"], "kernels": ["store", "decode"]}
+    if dtype.startswith("float8"):
+        d["quantization"] = {"scale_dtype": "float32", "granularity": head_size}
+    return validate_variant(d)
+
+
+@pytest.mark.parametrize(("dtype", "stages", "blocks"), [("bfloat16", None, 2), ("bfloat16", 2, 3),
+                                                         ("bfloat16", 4, 1), ("float8_e4m3fn", None, 4)])
+def test_launch_bounds_minimum_follows_shared_memory(dtype: str, stages: int | None, blocks: int) -> None:
+    # __launch_bounds__(128, min_blocks): as many CTAs per SM as shared memory allows (at most 4), so ptxas
+    # cannot take registers that would cost occupancy (FP8 once went 127 -> 139 registers, 4 -> 3 CTAs/SM).
+    geo = decode_geometry(_decode_spec(dtype, stages))
+    assert geo.min_blocks == blocks
+    assert geo.min_blocks * (geo.smem_bytes + SMEM_RESERVED_PER_CTA) <= SM90_SMEM_PER_SM
+
+
+@pytest.mark.parametrize(("head_size", "group"), [(64, 16), (128, 4), (256, 16)])
+def test_epilogue_slices_fit_in_the_pipeline_buffers(head_size: int, group: int) -> None:
+    # The warp merge parks 4 slices of GROUP rows x (D + 8) floats plus (max, sum) pairs in the same memory.
+    geo = decode_geometry(_decode_spec("bfloat16", head_size=head_size, group=group))
+    assert geo.smem_bytes >= 4 * group * (head_size + 8 + 2) * 4
