@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvgen.benchmark import decode_cache  # noqa: E402
+from kvgen.benchmark import decode_cache, permuted_pages  # noqa: E402
 from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import load_config  # noqa: E402
 
@@ -33,8 +33,7 @@ def store(pattern: str, batch: int = 8, per_req: int = 1024, cached: int = 512) 
     p = v.spec().cache.page_size
     pages_per = (cached + per_req + p - 1) // p
     cache = v.cache(max_batch=batch, num_pages=batch * pages_per + 1, max_pages_per_request=pages_per, num_layers=1)
-    perm = np.random.default_rng(0).permutation(batch * pages_per)
-    cache.set_pages([list(map(int, perm[b * pages_per:(b + 1) * pages_per])) for b in range(batch)])
+    cache.set_pages(permuted_pages([pages_per] * batch, np.random.default_rng(0)))
     cache.set_cache_lengths([cached] * batch)
     cache.begin_step([per_req] * batch)
     k = torch.randn(batch * per_req, 8, 128, device="cuda", dtype=torch.bfloat16)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import peers  # noqa: E402
 
 from kvgen import derive  # noqa: E402
-from kvgen.benchmark import copy_bandwidth, eager_host_cost, graph_time, rotations  # noqa: E402
+from kvgen.benchmark import copy_bandwidth, eager_host_cost, graph_time, permuted_pages, rotations  # noqa: E402
 from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import load_config  # noqa: E402
 
@@ -57,8 +57,7 @@ def make_set(variant, batch: int, per_req: int, cached: int, rng: np.random.Gene
     p = spec.cache.page_size
     pages_per = (cached + per_req + p - 1) // p
     cache = variant.cache(max_batch=batch, num_pages=batch * pages_per + 1, max_pages_per_request=pages_per, num_layers=1)
-    perm = rng.permutation(batch * pages_per)
-    cache.set_pages([list(map(int, perm[b * pages_per:(b + 1) * pages_per])) for b in range(batch)])
+    cache.set_pages(permuted_pages([pages_per] * batch, rng))
     cache.set_cache_lengths([cached] * batch)
     cache.begin_step([per_req] * batch)
     T = batch * per_req

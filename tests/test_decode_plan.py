@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import base_config
 
 from kvgen.config import VariantSpec, validate_variant
 from kvgen.derive import SM90_SMEM_PER_SM, SMEM_RESERVED_PER_CTA, decode_geometry
@@ -36,13 +37,13 @@ def test_single_long_request_is_split_across_the_gpu() -> None:
     assert 8 * -(-16385 // chunk) >= 200
 
 
-def _decode_spec(dtype: str, stages: int | None = None, head_size: int = 128, group: int = 4) -> VariantSpec:
-    d = {"name": "t", "cache": {"kind": "paged", "dtype": dtype, "num_kv_heads": 8, "head_size": head_size,
-                                "page_size": 16, "num_layers": 1},
-         "attention": {"num_q_heads": 8 * group, **({"stages": stages} if stages else {})},
-         "archs": ["sm_90a"], "kernels": ["store", "decode"]}
+def _decode_spec(dtype: str, stages: int | None = None) -> VariantSpec:
+    d = base_config()
+    d["cache"].update(dtype=dtype, page_size=16)
+    d["kernels"] = ["store", "decode"]
+    d["attention"] = {"num_q_heads": 32, **({"stages": stages} if stages else {})}
     if dtype.startswith("float8"):
-        d["quantization"] = {"scale_dtype": "float32", "granularity": head_size}
+        d["quantization"] = {"scale_dtype": "float32", "granularity": 128}
     return validate_variant(d)
 
 
@@ -54,10 +55,3 @@ def test_launch_bounds_minimum_follows_shared_memory(dtype: str, stages: int | N
     geo = decode_geometry(_decode_spec(dtype, stages))
     assert geo.min_blocks == blocks
     assert geo.min_blocks * (geo.smem_bytes + SMEM_RESERVED_PER_CTA) <= SM90_SMEM_PER_SM
-
-
-@pytest.mark.parametrize(("head_size", "group"), [(64, 16), (128, 4), (256, 16)])
-def test_epilogue_slices_fit_in_the_pipeline_buffers(head_size: int, group: int) -> None:
-    # The warp merge parks 4 slices of GROUP rows x (D + 8) floats plus (max, sum) pairs in the same memory.
-    geo = decode_geometry(_decode_spec("bfloat16", head_size=head_size, group=group))
-    assert geo.smem_bytes >= 4 * group * (head_size + 8 + 2) * 4

@@ -315,8 +315,8 @@ class KVCache:
         lengths = np.asarray(new_lengths, dtype=np.int64)
         req = np.repeat(np.arange(n, dtype=np.int64), lengths)
         pos = self.host_lengths[req].astype(np.int64) + (np.arange(total) - offs[req])
-        if 2 * total > self._token_map.numel():  # grows per step only, never per launch
-            self._token_map = torch.zeros(2 * max(total, 2 * self._token_map.numel() // 2), dtype=torch.int32,
+        if 2 * total > self._token_map.numel():  # grows (at least doubling) per step only, never per launch
+            self._token_map = torch.zeros(2 * max(total, self._token_map.numel()), dtype=torch.int32,
                                           device=f"cuda:{self.device}")
         if total:
             if self.paged:
@@ -336,8 +336,7 @@ class KVCache:
             return
         lengths = self.host_lengths.copy()
         lengths[: len(self.step_lengths)] += self.step_lengths
-        self.set_cache_lengths(list(lengths))
-        self.step_lengths = None
+        self.set_cache_lengths(list(lengths))  # also drops the step's plan
 
     # ---- errors flagged by kernels --------------------------------------------------------------------
     def errors(self) -> list[str]:
@@ -393,6 +392,16 @@ class KVCache:
         if not 0 <= layer < self.num_layers:
             raise LaunchError(kernel, "layer", f"must be in [0, {self.num_layers})", layer, "pass a layer of this cache")
 
+    def _kv_rows(self, kernel: str, names: tuple[str, str], k: Any, v: Any | None) -> tuple[DeviceTensor, int]:
+        """The K rows tensor checked, and the V pointer (V = K for an MLA cache, which has no separate V)."""
+        kt = check_tensor(kernel, names[0], k, dtype=self.io_dtype, shape=self._io_shape(), device=self.device)
+        if self.kv_dim == 1:
+            return kt, kt.ptr
+        if v is None:
+            raise LaunchError(kernel, names[1], f"an MHA cache moves K and V together; {names[0]} came alone", None,
+                              f"pass {names[1]}")
+        return kt, check_tensor(kernel, names[1], v, dtype=self.io_dtype, shape=kt.shape, device=self.device).ptr
+
     def _io_shape(self) -> tuple[int | None, ...]:
         if self.spec.rope_layout:
             r = self.spec.rope_layout
@@ -403,14 +412,8 @@ class KVCache:
         """Write new K/V rows [T, H, D] at cache_length(b) + t (CSR row offsets; default: the step's)."""
         kn = "store"
         self._check_layer(kn, layer)
-        kt = check_tensor(kn, "k", k, dtype=self.io_dtype, shape=self._io_shape(), device=self.device)
+        kt, vptr = self._kv_rows(kn, ("k", "v"), k, v)
         total = kt.shape[0]
-        vptr = kt.ptr
-        if self.kv_dim == 2:
-            if v is None:
-                raise LaunchError(kn, "v", "an MHA cache stores K and V together", None, "pass v")
-            vt = check_tensor(kn, "v", v, dtype=self.io_dtype, shape=kt.shape, device=self.device)
-            vptr = vt.ptr
         ro = self._row_offsets_arg(kn, row_offsets, total)
         if row_offsets is not None:
             self.args.batch_size = ro.shape[0] - 1
@@ -428,13 +431,8 @@ class KVCache:
         """Read rows [start_pos(b), start_pos(b) + n_b) of every request into k_out/v_out [T, H, D], dequantized."""
         kn = "load"
         self._check_layer(kn, layer)
-        kt = check_tensor(kn, "k_out", k_out, dtype=self.io_dtype, shape=self._io_shape(), device=self.device)
+        kt, vptr = self._kv_rows(kn, ("k_out", "v_out"), k_out, v_out)
         total = kt.shape[0]
-        vptr = kt.ptr
-        if self.kv_dim == 2:
-            if v_out is None:
-                raise LaunchError(kn, "v_out", "an MHA cache loads K and V together", None, "pass v_out")
-            vptr = check_tensor(kn, "v_out", v_out, dtype=self.io_dtype, shape=kt.shape, device=self.device).ptr
         ro = self._row_offsets_arg(kn, row_offsets, total)
         if row_offsets is not None:
             self.args.batch_size = ro.shape[0] - 1

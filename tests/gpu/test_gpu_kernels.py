@@ -381,7 +381,7 @@ def test_changing_the_page_table_after_begin_step_requires_a_new_plan(generated)
     before = state_of(cache, spec)
     cache.begin_step([16, 16])
     cache.store(0, x, x)
-    ref.store(before, 0, [to_np(x, "bfloat16").astype(np.float32)] * 2, np.array([0, 16, 32]), "bfloat16", None, None)
+    assert ref.store(before, 0, [to_np(x, "bfloat16").astype(np.float32)] * 2, np.array([0, 16, 32]), "bfloat16") == 0
     np.testing.assert_array_equal(state_of(cache, spec).blocks.view(np.uint8), before.blocks.view(np.uint8))
     assert cache.errors() == []
 

@@ -9,6 +9,9 @@
 
 namespace kvgen {
 
+// A cache row that does not exist: a token refused by the row checks, or a tile row past the context.
+constexpr uint32_t kNoRow = 0xffffffffu;
+
 // Physical TMA rows of the pages one BN-row tile touches (MAX PagedRowIndices[BN, page_size]).
 template <int BN, int PageSize> struct PagedRowIndices {
   static constexpr int eff_page = (PageSize == 0 || PageSize >= BN) ? BN : PageSize;  // kv_sub_tile_rows

@@ -3,7 +3,7 @@
 //
 // Grid (splits, H_kv, batch), 128 threads = 4 warps. A CTA owns one request, one KV head and one chunk of its
 // context, and serves all GROUP query heads of that KV head (rows of a 16-row MMA tile). K/V tiles of 64 rows
-// stream through a STAGES-deep cp.async pipeline (per-row page lookups, zero fill past the end); warp w takes
+// stream through a STAGES-deep cp.async pipeline (page lookups one tile ahead, zero fill past the end); warp w takes
 // rows [16w, 16w + 16) of every tile with its own online softmax, and the 4 warps merge at the end. Each CTA
 // writes a float32 partial output and its log-sum-exp; decode_combine merges the splits (and attention sinks).
 // MMA: mma.sync m16n8k16, bf16 (bf16 and FP8 caches: FP8 is dequantized with its scales into bf16 in
@@ -39,7 +39,6 @@ __device__ unsigned long long kvgen_decode_trace[1 << 16][6];
 
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeTile = 64;
-constexpr uint32_t kNoRowD = 0xffffffffu;  // a tile row past the context: zero filled, never read from the cache
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -88,9 +87,6 @@ template <bool F16> __device__ __forceinline__ uint32_t pack2(float lo, float hi
     return *reinterpret_cast<uint32_t*>(&h);
   }
 }
-__device__ __forceinline__ uint32_t pack_raw16(unsigned short lo, unsigned short hi) {
-  return uint32_t(lo) | (uint32_t(hi) << 16);
-}
 
 // Two consecutive FP8 values (as stored) -> two floats.
 template <class T> __device__ __forceinline__ float2 fp8x2_to_float2(unsigned short raw) {
@@ -119,7 +115,7 @@ template <class Cache> struct DecodeTypes {
 // Partial attention of one (split, kv head, request). q: [batch, Hq, D]; part_o: [batch, Hq, max_splits, D] f32;
 // part_lse: [batch, Hq, max_splits] f32 (natural log). chunk: tokens per split (a multiple of 64); the last
 // split of the grid also takes everything past gridDim.x * chunk, so any length is covered.
-template <class Cache, class QT, int GROUP, int STAGES, bool WINDOW, bool SOFTCAP>
+template <class Cache, class QT, int GROUP, int STAGES, int SMEM_BYTES, bool WINDOW, bool SOFTCAP>
 __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t layer, const QT* __restrict__ q,
                                                float* __restrict__ part_o, float* __restrict__ part_lse,
                                                uint32_t chunk, float softmax_scale, float soft_cap, uint32_t window) {
@@ -142,6 +138,9 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
   static_assert(KS % 2 == 0 && DN % 2 == 0, "ldmatrix.x4 covers two k-steps / two n-tiles");
   static_assert(D % 16 == 0 && (BN * CPR) % kDecodeThreads == 0, "tile copy splits evenly");
   constexpr int STAGE_BYTES = 2 * BN * PITCH + (QUANT ? 2 * BN * G * 4 : 0);
+  // SMEM_BYTES is what the host reserves (kvgen/derive.py decode_geometry): both uses of it must fit.
+  static_assert(STAGES * (STAGE_BYTES + BN * 4) <= SMEM_BYTES, "K/V stages and the row ring fit the shared memory");
+  static_assert(4 * GROUP * (D + 8 + 2) * 4 <= SMEM_BYTES, "the epilogue's per-warp slices fit the shared memory");
 
   extern __shared__ __align__(16) unsigned char smem[];
   const uint32_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -175,9 +174,9 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
   constexpr int PASSES = BN * CPR / kDecodeThreads;
   static_assert(kDecodeThreads % CPR == 0 && BN % ROWS_PER_PASS == 0, "tile copy splits evenly");
   uint32_t* row_ring = reinterpret_cast<uint32_t*>(smem + STAGES * STAGE_BYTES);  // [STAGES][BN]
-  auto row_of = [&](int tile) -> uint32_t {  // row of token `tile * BN + threadIdx.x`, or kNoRowD past the end
+  auto row_of = [&](int tile) -> uint32_t {  // row of token `tile * BN + threadIdx.x`, or kNoRow past the end
     const uint32_t t = first + uint32_t(tile) * BN + threadIdx.x;
-    return t < last ? kc.row_idx(b, t) : kNoRowD;
+    return t < last ? kc.row_idx(b, t) : kNoRow;
   };
   // Per-thread constants of the copies, hoisted out of the tile loop: the K address of a row is one 32x32->64
   // multiply-add from kbase, V is K plus the distance between the two views, the shared slots are fixed offsets.
@@ -193,7 +192,7 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
     for (int j = 0; j < PASSES; ++j) row[j] = rows[copy_row0 + j * ROWS_PER_PASS];  // all reads before the copies
 #pragma unroll
     for (int j = 0; j < PASSES; ++j) {
-      const bool valid = row[j] != kNoRowD;
+      const bool valid = row[j] != kNoRow;
       const unsigned char* kp = kbase + uint64_t(valid ? row[j] : 0u) * kRowBytes;
       cp_async16(ks + j * ROWS_PER_PASS * PITCH, kp, valid);
       cp_async16(ks + BN * PITCH + j * ROWS_PER_PASS * PITCH, kp + v_minus_k, valid);
@@ -203,7 +202,7 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
       float* vss = kss + BN * G;
       for (int i = threadIdx.x; i < BN * G; i += kDecodeThreads) {
         const int r = i / G, g = i % G;
-        const bool valid = rows[r] != kNoRowD;
+        const bool valid = rows[r] != kNoRow;
         const int64_t so = valid ? int64_t(rows[r]) * (H * G) + int64_t(h) * G + g : 0;
         cp_async4(kss + i, kc.scales + so, valid);
         cp_async4(vss + i, vc.scales + so, valid);
@@ -214,7 +213,7 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
   {  // prologue: the rows of the first STAGES tiles (independent lookups in flight together), then the copies
     uint32_t rows[STAGES];
 #pragma unroll
-    for (int s = 0; s < STAGES; ++s) rows[s] = threadIdx.x < BN ? row_of(s) : kNoRowD;
+    for (int s = 0; s < STAGES; ++s) rows[s] = threadIdx.x < BN ? row_of(s) : kNoRow;
     if (threadIdx.x < BN) {
 #pragma unroll
       for (int s = 0; s < STAGES; ++s) row_ring[s * BN + threadIdx.x] = rows[s];
@@ -258,7 +257,7 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
     // tile after it (written to the ring after the math; the next iteration's barrier publishes them).
     if (tile + STAGES - 1 < ntiles) load_tile(tile + STAGES - 1, (tile + STAGES - 1) % STAGES);
     cp_async_commit();
-    const uint32_t next_row = threadIdx.x < BN && tile + STAGES < ntiles ? row_of(tile + STAGES) : kNoRowD;
+    const uint32_t next_row = threadIdx.x < BN && tile + STAGES < ntiles ? row_of(tile + STAGES) : kNoRow;
 
     const unsigned char* ks = smem + stage * STAGE_BYTES;
     const unsigned char* vs = ks + BN * PITCH;

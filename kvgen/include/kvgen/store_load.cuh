@@ -22,8 +22,6 @@ template <class Cache, class In, int VEC, int TPG, int VPT> struct RowSplit {
 constexpr int kThreads = 256;
 constexpr int kMaxTokensPerBlock = 64;
 
-constexpr uint32_t kNoRow = 0xffffffffu;
-
 // One new token -> its cache row (kNoRow when refused; the refusal is flagged in the error word). With a token
 // map (KVCache.begin_step resolves every new token to (page or slot, offset) once per step) that is one 8-byte
 // load, re-checked by slot_ok; without one, a binary search over the CSR row offsets, then the lookup table.
