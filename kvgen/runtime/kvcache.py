@@ -133,6 +133,7 @@ class KVCache:
         self.decode_plan: DecodePlan | None = None
         # Shared memory of the decode kernel, fixed per variant: computed once, not on every launch.
         self._decode_smem = decode_geometry(self.spec).smem_bytes if self.spec.attention is not None else 0
+        self.tma_geometry = tma_geometry(self.spec)  # box and tile shape of create_tma_tile / tile_load, per variant
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -561,7 +562,7 @@ class KVCache:
         """Load every BN tile of every request (cache_length rows each) through `tile` (from create_tma_tile
         of the same kv and layer) into out [batch, max_tiles, H, BN, BK] in the cache dtype."""
         kn = "tma_tile_load"
-        geo = tma_geometry(self.spec)
+        geo = self.tma_geometry
         ot = check_tensor(kn, "out", out, dtype=self.dtype, shape=(self.args.batch_size, None, self.num_heads, geo.bn, geo.bk),
                           device=self.device)
         if tile.kind != "create_tma_tile" or tile.box[-1] != geo.gran or tile.swizzle != geo.swizzle:

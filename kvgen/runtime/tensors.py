@@ -29,10 +29,6 @@ class DeviceTensor(NamedTuple):  # a NamedTuple: built on every launch, so it mu
     device: int
     obj: Any  # the original object, kept alive while a launch uses it
 
-    @property
-    def nbytes_per_elem(self) -> int:
-        return _NBYTES[self.dtype]
-
     def is_contiguous(self) -> bool:
         expect = 1
         for size, stride in zip(reversed(self.shape), reversed(self.strides)):

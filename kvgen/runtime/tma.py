@@ -113,9 +113,7 @@ def _tma_dtype(cache: KVCache) -> str:
 def create_tma_tile(cache: KVCache, kv: int, layer: int, swizzle: str | None = None, bn: int | None = None,
                     bk: int | None = None) -> TmaTile:
     """Rank-3 [num_kv_rows, H, D] map with box [min(BN, P), 1, granule]: one issue per page and swizzle atom."""
-    from ..derive import tma_geometry
-
-    geo = tma_geometry(cache.spec)
+    geo = cache.tma_geometry
     swizzle = swizzle or geo.swizzle
     bn = bn or geo.bn
     base, nb, rows, row = _view_geometry(cache, kv, layer)
