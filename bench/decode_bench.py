@@ -114,6 +114,8 @@ def main() -> None:
             except Exception:  # noqa: BLE001
                 traceback.print_exc()
             args.out.write_text("\n".join(lines) + "\n")  # keep what finished if the run is cut short
+    lines += ["", f"copy_ bandwidth re-measured after the run: {copy_bandwidth() / 1e12:.3f} TB/s (percentages use the first)."]
+    args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -41,14 +41,30 @@ def adopt_all(variant, caches: list) -> list:
     return [type(c).wrap(variant, c.blocks, c.scales, c.lookup_table, c.cache_lengths, num_layers=1) for c in caches]
 
 
-def with_items_per_thread(ipt: int, fn):
-    """Run fn with kvgen.derive.ITEMS_PER_THREAD = ipt (a tuning experiment: the kernels and the launch split)."""
-    default = derive.ITEMS_PER_THREAD
-    derive.ITEMS_PER_THREAD = ipt
+TUNABLE = {"ipt": "ITEMS_PER_THREAD", "min_blocks": "STORE_MIN_BLOCKS"}  # --try knobs -> kvgen.derive constants
+
+
+def parse_try(text: str) -> dict[str, int]:
+    """'ipt=4,min_blocks=6' -> {'ITEMS_PER_THREAD': 4, 'STORE_MIN_BLOCKS': 6}."""
+    out = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key not in TUNABLE:
+            raise SystemExit(f"--try: unknown knob {key!r}; use one of {', '.join(TUNABLE)}")
+        out[TUNABLE[key]] = int(value)
+    return out
+
+
+def with_derive(knobs: dict[str, int], fn):
+    """Run fn with kvgen.derive constants overridden (a tuning experiment: the kernels and the launch split)."""
+    saved = {k: getattr(derive, k) for k in knobs}
+    for k, v in knobs.items():
+        setattr(derive, k, v)
     try:
         return fn()
     finally:
-        derive.ITEMS_PER_THREAD = default
+        for k, v in saved.items():
+            setattr(derive, k, v)
 
 
 def make_set(variant, batch: int, per_req: int, cached: int, rng: np.random.Generator):
@@ -75,13 +91,16 @@ def slot_mapping(cache, batch: int, per_req: int, cached: int) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "store_bench.md")
-    ap.add_argument("--ipt", type=int, nargs="*", default=[],
-                    help="also time the store built with these items per thread (default build: derive.ITEMS_PER_THREAD)")
+    ap.add_argument("--try", dest="tries", nargs="*", default=[], metavar="KNOB=V[,KNOB=V]",
+                    help=f"also time the store built with other derive constants ({', '.join(TUNABLE)}), same data")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     mod = load_generated(Path("/tmp/kvgen-bench-store"))
-    extra = {i: with_items_per_thread(i, lambda i=i: load_generated(Path(f"/tmp/kvgen-bench-store-ipt{i}"), f"kvgen_bench_store_ipt{i}"))
-             for i in args.ipt}
+    extra = {}
+    for i, text in enumerate(args.tries):
+        knobs = parse_try(text)
+        extra[text] = (knobs, with_derive(knobs, lambda i=i, knobs=knobs: load_generated(
+            Path(f"/tmp/kvgen-bench-store-try{i}"), f"kvgen_bench_store_try{i}")))
     copy_bw = copy_bandwidth()
     rows = []
     gpu = torch.cuda.get_device_name()
@@ -98,13 +117,13 @@ def main() -> None:
             results = {}
             kv_launch = [lambda c=c, k=k, v=v: c.store(0, k, v) for c, k, v in sets]
             results["kvgen"] = (graph_time(kv_launch), kv_bytes)
-            for ipt, xmod in extra.items():  # same tensors, adopted by the variant built with another split
+            for text, (knobs, xmod) in extra.items():  # same tensors, adopted by the variant built with other knobs
                 xv = xmod.VARIANTS[variant.NAME]
-                wrapped = with_items_per_thread(ipt, partial(adopt_all, xv, [c for c, _, _ in sets]))
+                wrapped = with_derive(knobs, partial(adopt_all, xv, [c for c, _, _ in sets]))
                 for w in wrapped:
                     w.begin_step([per_req] * batch)
-                results[f"kvgen ipt={ipt}"] = (graph_time([lambda w=w, k=k, v=v: w.store(0, k, v)
-                                                           for w, (_, k, v) in zip(wrapped, sets)]), kv_bytes)
+                results[f"kvgen {text}"] = (graph_time([lambda w=w, k=k, v=v: w.store(0, k, v)
+                                                        for w, (_, k, v) in zip(wrapped, sets)]), kv_bytes)
             eager = {"kvgen": eager_host_cost(kv_launch[0])} if T <= 64 else {}
             peer_bytes_fi = T * H * D * 2 * (2 * cache_bytes)  # FlashInfer moves cache-dtype bytes only
             try:
@@ -137,13 +156,15 @@ def main() -> None:
                              eager.get(peer.split(" (")[0], float("nan")) * 1e6, n))
             del sets
             torch.cuda.empty_cache()
+    first_bw, last_bw = copy_bw, copy_bandwidth()  # measured before and after: the best is the reference
+    copy_bw = max(first_bw, last_bw)
     lines = [f"Store benchmark, {gpu}, {datetime.date.today()}; device copy_ bandwidth (256 MiB, read+write): "
-             f"{copy_bw / 1e12:.3f} TB/s",
+             f"{copy_bw / 1e12:.3f} TB/s (best of {first_bw / 1e12:.3f} before and {last_bw / 1e12:.3f} after)",
              "",
              "| cache | page | new tokens | kernel | µs/call (graph) | TB/s | % of copy | eager host µs/call | rotated sets |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.2f} | {r[5]:.3f} | {100 * r[6]:.1f}% | "
+        lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.2f} | {r[5]:.3f} | {100 * r[5] * 1e12 / copy_bw:.1f}% | "
                      f"{'' if np.isnan(r[7]) else f'{r[7]:.1f}'} | {r[8]} |")
     text = "\n".join(lines)
     print(text)

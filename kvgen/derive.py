@@ -24,6 +24,9 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
 
 
 ITEMS_PER_THREAD = 2  # store: items per thread per pass (the IPT template argument)
+# store __launch_bounds__ minimum CTAs per SM (256 threads each): 6 leaves 40 registers, enough without spills;
+# measured on the H100 against 4 and 5 in one run: FP8 8192-token store 25.1 -> 22.8 µs, bf16 27.4 -> 26.9 µs.
+STORE_MIN_BLOCKS = 6
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,7 @@ def render_context(variant: Variant, arch: str) -> dict[str, object]:
         "store_tpg": split.tpg,
         "store_vpt": split.vpt,
         "store_ipt": split.ipt,
+        "store_min_blocks": STORE_MIN_BLOCKS,
         "kernels": kernels,
         "symbols": {k: kernel_symbol(variant, k) for k in kernels},
     }

@@ -494,3 +494,41 @@ def test_eager_store_host_cost(generated) -> None:
     torch.cuda.synchronize()
     print(f"\n[host] eager store: {per_call * 1e6:.2f} us/call")
     assert per_call < 60e-6  # a regression guard; the measured value is what bench/RESULTS.md reports
+
+
+@pytest.mark.parametrize("kind", ["paged", "continuous"])
+def test_host_trait_members(generated, kind: str) -> None:
+    """The host mirrors of the trait's members agree with what the kernels do on the device."""
+    rng = np.random.default_rng(11)
+    prefix = "gpu_paged_bf16_h4_d128_p16" if kind == "paged" else "gpu_cont_bf16"
+    name = next(n for n in NAMES if n.startswith(prefix))
+    cached, new = [0, 5, 17], [3, 0, 20]
+    v, spec, cache = make_cache(generated, name, rng, cached, new)
+    assert cache.get_type_name() == f"{'PagedKVCache' if kind == 'paged' else 'ContinuousKVCache'}<{v.NAME}>"
+    assert cache.max_tile_size() == (spec.cache.page_size if kind == "paged" else -1)
+    lengths = cache.cache_lengths_nd()
+    assert lengths.data_ptr() == cache.cache_lengths.data_ptr(), "cache_lengths_nd is the device tensor itself"
+    assert to_np(lengths, "uint32")[:3].tolist() == cached
+    assert [cache.cache_length(b) for b in range(3)] == cached
+    cache.begin_step(new)
+    assert cache.max_prompt_length() == 20 and cache.max_context_length() == 37 and not cache.empty_cache()
+    # row_idx on the host names the row the store kernel writes: store distinct rows, read them back by row_idx.
+    x = from_np(random_rows(rng, (sum(new), 4, spec.cache.head_size), "bfloat16"), "bfloat16")
+    cache.store(1, x, x)
+    flat = cache.blocks.reshape(-1, 4, spec.cache.head_size)  # the whole allocation as [rows, H, D]
+    base = (0 * cache.num_layers + 1) * cache.page_rows  # view offset of (K, layer 1) in rows
+    t = 0
+    for b, n in enumerate(new):
+        for i in range(n):
+            row = cache.row_idx(b, cached[b] + i)
+            assert row < cache.num_kv_rows()
+            assert torch.equal(flat[base + row], x[t]), f"request {b} token {i}: row_idx {row} is not where it was stored"
+            t += 1
+    # raise_if_error: clean so far; a refused write raises once, names the reason, and clears the word.
+    cache.raise_if_error()
+    bad = torch.tensor([cache.num_blocks + 3, 0], dtype=torch.int32, device="cuda")
+    cache._token_map[:2].copy_(bad)
+    cache.store(0, x, x)
+    with pytest.raises(RuntimeError, match="past the allocation"):
+        cache.raise_if_error()
+    cache.raise_if_error()  # the word was cleared

@@ -132,5 +132,25 @@ template <int N, class T> __device__ __forceinline__ void store_vec(T* p, const 
   }
 }
 
+constexpr __host__ __device__ __nv_fp8_interpretation_t fp8_kind(__nv_fp8_e4m3) { return __NV_E4M3; }
+constexpr __host__ __device__ __nv_fp8_interpretation_t fp8_kind(__nv_fp8_e5m2) { return __NV_E5M2; }
+
+// N floats (times `mul`) -> N elements of T. FP8 pairs go through one cvt.rn.satfinite.*x2 each (the same
+// rounding and saturation as from_f32, half the conversions and no byte packing afterwards).
+template <class T, int N> __device__ __forceinline__ Vec<T, N> convert_from_f32(const float (&x)[N], float mul) {
+  Vec<T, N> r;
+  constexpr bool kFp8 = sizeof(T) == 1;
+  if constexpr (kFp8 && N % 2 == 0) {
+    constexpr __nv_fp8_interpretation_t kind = fp8_kind(T{});
+    auto* pairs = reinterpret_cast<__nv_fp8x2_storage_t*>(r.v);
+#pragma unroll
+    for (int i = 0; i < N; i += 2) pairs[i / 2] = __nv_cvt_float2_to_fp8x2(make_float2(x[i] * mul, x[i + 1] * mul), __NV_SATFINITE, kind);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) r.v[i] = from_f32<T>(x[i] * mul);
+  }
+  return r;
+}
+
 __device__ __forceinline__ uint32_t lowbit(uint32_t x) { return x & (~x + 1u); }
 }  // namespace kvgen

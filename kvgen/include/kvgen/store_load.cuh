@@ -138,12 +138,7 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
       // Select the base pointer, not a reference to one of two local caches (that would force them to memory).
       T* dst = (kv == 0 ? k_cache.blocks : v_cache.blocks) + int64_t(row) * S::H * S::D + int64_t(h) * S::D + d0;
 #pragma unroll
-      for (int j = 0; j < VPT; ++j) {
-        Vec<T, VEC> out;
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) out.v[e] = from_f32<T>(Cache::quantization_enabled ? x[u][j][e] * inv : x[u][j][e]);
-        store_vec<VEC>(dst + j * VEC, out);
-      }
+      for (int j = 0; j < VPT; ++j) store_vec<VEC>(dst + j * VEC, convert_from_f32<T, VEC>(x[u][j], inv));
       if constexpr (Cache::quantization_enabled) {
         if ((threadIdx.x & (TPG - 1)) == 0) {
           (kv == 0 ? k_cache.scales : v_cache.scales)[int64_t(row) * S::H * Cache::num_scale_groups + h * Cache::num_scale_groups
