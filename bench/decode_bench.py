@@ -27,18 +27,26 @@ import peers  # noqa: E402
 
 from kvgen.benchmark import copy_bandwidth, decode_bytes, decode_cache, graph_time, rotations, skewed_lengths  # noqa: E402
 from kvgen.build import build, import_package  # noqa: E402
-from kvgen.grid import load_config  # noqa: E402
+from kvgen.grid import ConfigFile, load_config, make_variant  # noqa: E402
 
 HQ, H, D = 32, 8, 128
 
 
-def load_generated():
-    out = Path("/tmp/kvgen-bench-decode")
-    build(load_config(ROOT / "configs" / "bench_decode.yaml"), out=out, jobs=8)
-    return import_package(out, "kvgen_bench_decode")
+def load_generated(loader: str = "auto"):
+    """The bench config's variants, with attention.loader set to `loader` (an A/B of the K/V loaders)."""
+    cfg = load_config(ROOT / "configs" / "bench_decode.yaml")
+    if loader != "auto":
+        specs = [v.spec.model_copy(update={"attention": v.spec.attention.model_copy(update={"loader": loader})})
+                 for v in cfg.variants]
+        cfg = ConfigFile(path=None, name=f"bench_decode_{loader}", variants=[make_variant(s) for s in specs])
+    out = Path(f"/tmp/kvgen-bench-decode-{loader}")
+    build(cfg, out=out, jobs=8)
+    return import_package(out, f"kvgen_bench_decode_{loader}")
 
 
-def run_shape(variant, lengths: list[int], rng, copy_bw: float, label: str, with_peers: bool) -> list[tuple]:
+def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float, label: str, with_peers: bool) -> list[tuple]:
+    """kvgen (one row per loader in `variants`, all reading the same caches) and the peers on one shape."""
+    variant = next(iter(variants.values()))
     spec = variant.spec()
     fp8 = spec.cache.dtype != "bfloat16"
     nbytes = decode_bytes(spec, lengths)
@@ -50,8 +58,14 @@ def run_shape(variant, lengths: list[int], rng, copy_bw: float, label: str, with
         out = torch.empty_like(q)
         sets.append((cache, q, out))
     rows = []
-    t = graph_time([lambda c=c, q=q, o=o: c.decode(0, q, o) for c, q, o in sets])
-    rows.append(("kvgen", t, nbytes))
+    for loader, v in variants.items():
+        views = [c if v is variant else type(c).wrap(v, c.blocks, c.scales, c.lookup_table, c.cache_lengths, num_layers=1)
+                 for c, _, _ in sets]
+        for w in views:
+            w.begin_step([1] * len(lengths))
+            w.plan_decode()
+        t = graph_time([lambda c=c, q=q, o=o: c.decode(0, q, o) for c, (_, q, o) in zip(views, sets)])
+        rows.append(("kvgen" if len(variants) == 1 else f"kvgen ({loader})", t, nbytes))
     if with_peers:
         peer_bytes = decode_bytes(spec, lengths, with_scales=False)  # the peers read no scales
         kv_dtype = sets[0][0].blocks.dtype
@@ -62,6 +76,9 @@ def run_shape(variant, lengths: list[int], rng, copy_bw: float, label: str, with
                 q, c.blocks[:, :, 0], c.lookup_table[: len(lens)], lens, c.page_size, HQ, H, D, True, kv_dtype)),
             ("flashinfer xqa", lambda c, q, lens: peers.make_flashinfer_xqa_decode(
                 q, c.blocks[:, :, 0], c.lookup_table[: len(lens)], lens)),
+            ("vllm unified_attention", lambda c, q, lens: peers.make_vllm_unified_attention(
+                q, c.blocks[:, :, 0], c.lookup_table[: len(lens)], lens, kv_cache_dtype="fp8" if fp8 else "auto",
+                k_scale=1.0, v_scale=1.0)),
         ):
             try:
                 lens_t = torch.tensor(lengths, dtype=torch.int32, device="cuda")
@@ -87,9 +104,12 @@ def main() -> None:
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--variant", default="*", help="only variants whose name matches this glob")
+    ap.add_argument("--loaders", nargs="+", default=["auto"], choices=["auto", "tma", "cp_async"],
+                    help="time kvgen built with each K/V loader, on the same caches (one row each)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    mod = load_generated()
+    mods = {loader: load_generated(loader) for loader in args.loaders}
+    mod = mods[args.loaders[0]]
     copy_bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name()
     shapes = [(b, c) for b in (16, 64, 128) for c in (1024, 4096, 16384)]
@@ -98,9 +118,10 @@ def main() -> None:
     lines = [f"Decode benchmark, {gpu}, {datetime.date.today()}; copy_ bandwidth {copy_bw / 1e12:.3f} TB/s "
              f"(256 MiB, read+write). Hq={HQ}, H={H}, D={D}.", "",
              "| cache | page | batch x context | kernel | µs | TB/s | % of copy |", "|---|---|---|---|---|---|---|"]
-    for variant in mod.VARIANTS.values():
+    for i, variant in enumerate(mod.VARIANTS.values()):
         if not fnmatch.fnmatch(variant.NAME, args.variant):
             continue
+        by_loader = {loader: list(m.VARIANTS.values())[i] for loader, m in mods.items()}  # same grid order
         spec = variant.spec()
         tag = spec.cache.dtype + (" (scale per token+head)" if spec.quantization else "")
         cases = [(f"{b} x {c}", [c] * b) for b, c in shapes]
@@ -108,7 +129,7 @@ def main() -> None:
         cases.append((f"64 x lognormal(mean {int(np.mean(skew))}, max {max(skew)})", skew))
         for label, lengths in cases:
             try:
-                for r in run_shape(variant, lengths, rng, copy_bw, label, not args.no_peers):
+                for r in run_shape(by_loader, lengths, rng, copy_bw, label, not args.no_peers):
                     lines.append(f"| {tag} | {spec.cache.page_size} | {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.3f} | {100 * r[4]:.1f}% |")
                     print(lines[-1], flush=True)
             except Exception:  # noqa: BLE001

@@ -83,7 +83,11 @@ class AttentionParams(_Strict):
     logits_soft_cap: bool = Field(False, description="compile in cap * tanh(logit / cap)")
     sinks: bool = Field(False, description="accept per-head attention-sink logits")
     output_dtype: Literal["bfloat16", "float16"] = "bfloat16"
-    stages: int | None = Field(None, ge=2, le=4, description="cp.async pipeline depth (default: 3 for 16-bit, 2 for FP8 caches)")
+    stages: int | None = Field(None, ge=2, le=4, description="K/V pipeline depth (default: 3 for 16-bit, 2 for FP8 caches)")
+    loader: Literal["auto", "tma", "cp_async"] = Field(
+        "auto", description="how K/V tiles reach shared memory: 'tma' = create_tma_tile descriptors, populate and an "
+        "mbarrier pipeline (sm_90a/sm_100a only; cp.async on other archs); 'cp_async' = 16-byte asynchronous copies "
+        "on every arch; 'auto' = the one measured faster on the H100 for this cache dtype (bench/RESULTS.md)")
 
 
 class VariantSpec(_Strict):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .config import SWIZZLE_BYTES, VariantSpec, padded_depth
+from .config import SWIZZLE_BYTES, TMA_ARCHS, VariantSpec, padded_depth
 from .dtypes import DTYPES
 from .grid import Variant
 
@@ -123,36 +123,58 @@ SMEM_RESERVED_PER_CTA = 1024  # the driver's own shared memory per CTA
 @dataclass(frozen=True)
 class DecodeGeometry:
     group: int  # query heads per KV head
-    stages: int  # cp.async pipeline depth actually used (reduced until it fits shared memory)
+    stages: int  # K/V pipeline depth actually used (reduced until it fits shared memory)
     stage_bytes: int
     smem_bytes: int
     out_c: str
     window: bool
     softcap: bool
     min_blocks: int  # __launch_bounds__ minimum CTAs per SM: as many as shared memory allows, at most 4
+    tma: bool  # K/V tiles by TMA (padded-row maps + populate, mbarrier pipeline) instead of cp.async
 
 
-def decode_geometry(spec: VariantSpec) -> DecodeGeometry:
+# attention.loader "auto", per cache element width: the loader measured faster on the H100 (bench/RESULTS.md).
+DECODE_AUTO_LOADER = {"fp8": "cp_async", "16-bit": "cp_async"}
+
+
+def decode_loader(spec: VariantSpec, arch: str) -> str:
+    """'tma' or 'cp_async' for one arch: TMA only where the arch has it."""
+    want = spec.attention.loader
+    if want == "auto":
+        want = DECODE_AUTO_LOADER["fp8" if DTYPES[spec.cache.dtype].is_fp8 else "16-bit"]
+    return "tma" if want == "tma" and arch in TMA_ARCHS else "cp_async"
+
+
+def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
     """Shared memory per stage: K and V tiles of 64 rows padded by 16 bytes (bank spread), plus float32 scales."""
     c, a = spec.cache, spec.attention
     dt = DTYPES[c.dtype]
-    pitch = c.head_size * dt.nbytes + 16
+    row_bytes = c.head_size * dt.nbytes
+    # TMA copies one padded row per box (D + 16 bytes, at most 256 elements): head size 256 in 16-bit or FP8 does
+    # not fit and keeps cp.async.
+    tma = decode_loader(spec, arch) == "tma" and (row_bytes + 16) // dt.nbytes <= 256
+    pitch = row_bytes + 16
     groups = (c.head_size + spec.quantization.granularity - 1) // spec.quantization.granularity if spec.quantization else 0
     stage = 2 * DECODE_TILE * pitch + 2 * DECODE_TILE * groups * 4
     # Measured on the H100 (bench/RESULTS.md): FP8 runs faster with 2 stages (more CTAs per SM), 16-bit with 3.
     stages = a.stages if a.stages is not None else (2 if dt.is_fp8 else 3)
-    ring = DECODE_TILE * 4  # per stage: the tile's 64 cache row numbers (uint32), looked up one iteration ahead
-    while stages > 2 and stages * (stage + ring) > DECODE_SMEM_LIMIT:
+    ring = DECODE_TILE * 4  # per stage: the tile's cache rows (uint32), looked up one iteration ahead
+    align = 128 if tma else 0  # slack to align the dynamic shared memory for TMA
+    while stages > 2 and stages * (stage + ring) + align > DECODE_SMEM_LIMIT:
         stages -= 1
     group = a.num_q_heads // c.num_kv_heads
     merge = 4 * group * ((c.head_size + 8) + 2) * 4  # the epilogue's per-warp slices reuse the pipeline buffers
-    smem = max(stages * (stage + ring), merge)
+    smem = max(stages * (stage + ring), merge) + align
     # Without a minimum, ptxas may take more registers than shared memory would cost in occupancy (the FP8
     # kernel went 127 -> 139 registers, 4 -> 3 CTAs per SM, 8% slower at 64 x 4k); 4 CTAs leave 128 registers.
     min_blocks = max(1, min(4, SM90_SMEM_PER_SM // (smem + SMEM_RESERVED_PER_CTA)))
-    return DecodeGeometry(group=a.num_q_heads // c.num_kv_heads, stages=stages, stage_bytes=stage,
+    if dt.is_fp8 and groups > 1:
+        # Per-group scales are applied per element while dequantizing: at 128 registers (4 CTAs) ptxas spilled
+        # 24 bytes (cp.async) and 60 bytes (TMA) in the tile loop; 3 CTAs leave 168 registers and none spill.
+        min_blocks = min(min_blocks, 3)
+    return DecodeGeometry(group=group, stages=stages, stage_bytes=stage,
                           smem_bytes=smem, min_blocks=min_blocks, out_c=DTYPES[a.output_dtype].c_type,
-                          window=a.sliding_window, softcap=a.logits_soft_cap)
+                          window=a.sliding_window, softcap=a.logits_soft_cap, tma=tma)
 
 
 def kernel_symbol(variant: Variant, kernel: str) -> str:
@@ -200,5 +222,5 @@ def render_context(variant: Variant, arch: str) -> dict[str, object]:
     if "gather4_tile_load" in kernels:
         ctx["g4"] = asdict(gather4_geometry(spec))
     if "decode" in kernels:
-        ctx["dec"] = asdict(decode_geometry(spec))
+        ctx["dec"] = asdict(decode_geometry(spec, arch))
     return ctx

@@ -63,6 +63,8 @@ def variant_name(spec: VariantSpec, digest: str) -> str:
     if spec.rope_layout:
         parts.append(f"rope{spec.rope_layout.rope_dim}")
     parts.append(f"s{spec.tma.swizzle.lower()}")
+    if spec.attention is not None and spec.attention.loader != "auto":
+        parts.append({"tma": "ldtma", "cp_async": "ldcpa"}[spec.attention.loader])
     parts.append(digest)
     return "_".join(parts)
 

@@ -7,7 +7,14 @@ import pytest
 from conftest import base_config
 
 from kvgen.config import VariantSpec, validate_variant
-from kvgen.derive import SM90_SMEM_PER_SM, SMEM_RESERVED_PER_CTA, decode_geometry
+from kvgen.derive import (
+    DECODE_AUTO_LOADER,
+    SM90_SMEM_PER_SM,
+    SMEM_RESERVED_PER_CTA,
+    decode_geometry,
+    decode_loader,
+)
+from kvgen.errors import ConfigError
 from kvgen.runtime.decode_plan import choose_chunk
 
 
@@ -52,6 +59,38 @@ def _decode_spec(dtype: str, stages: int | None = None) -> VariantSpec:
 def test_launch_bounds_minimum_follows_shared_memory(dtype: str, stages: int | None, blocks: int) -> None:
     # __launch_bounds__(128, min_blocks): as many CTAs per SM as shared memory allows (at most 4), so ptxas
     # cannot take registers that would cost occupancy (FP8 once went 127 -> 139 registers, 4 -> 3 CTAs/SM).
-    geo = decode_geometry(_decode_spec(dtype, stages))
+    geo = decode_geometry(_decode_spec(dtype, stages), "sm_90a")
     assert geo.min_blocks == blocks
     assert geo.min_blocks * (geo.smem_bytes + SMEM_RESERVED_PER_CTA) <= SM90_SMEM_PER_SM
+
+
+@pytest.mark.parametrize(("loader", "arch", "head_size", "tma"), [
+    ("tma", "sm_90a", 128, True), ("tma", "sm_100a", 64, True),
+    ("tma", "sm_80", 128, False),     # no TMA on sm_80: cp.async there
+    ("tma", "sm_90a", 256, False),    # D + 16 bytes exceeds a 256-element box: cp.async
+    ("cp_async", "sm_90a", 128, False)])
+def test_decode_loader_choice(loader: str, arch: str, head_size: int, tma: bool) -> None:
+    d = base_config()
+    d["cache"].update(dtype="bfloat16", page_size=16, head_size=head_size)
+    d["kernels"] = ["store", "decode"]
+    d["archs"] = ["sm_80", "sm_90a", "sm_100a"]
+    d["attention"] = {"num_q_heads": 32, "loader": loader}
+    geo = decode_geometry(validate_variant(d), arch)
+    assert geo.tma is tma
+    # TMA needs 128 bytes of alignment slack on top of the same padded stages.
+    assert geo.smem_bytes % 16 == 0 and geo.min_blocks >= 1
+
+
+def test_auto_loader_follows_the_measured_table() -> None:
+    for dtype, key in (("bfloat16", "16-bit"), ("float8_e4m3fn", "fp8")):
+        spec = _decode_spec(dtype)
+        assert decode_loader(spec, "sm_90a") == DECODE_AUTO_LOADER[key]
+        assert decode_loader(spec, "sm_80") == "cp_async"
+
+
+def test_unknown_loader_is_refused_naming_the_field() -> None:
+    d = base_config()
+    d["kernels"] = ["store", "decode"]
+    d["attention"] = {"num_q_heads": 32, "loader": "bulk"}
+    with pytest.raises(ConfigError, match="loader"):
+        validate_variant(d)

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..derive import THREADS, StoreSplit, decode_geometry, store_split, tma_geometry, tokens_per_block
+from ..derive import (
+    DECODE_TILE,
+    THREADS,
+    StoreSplit,
+    decode_geometry,
+    store_split,
+    tma_geometry,
+    tokens_per_block,
+)
 from ..dtypes import DTYPES
 from ..errors import LaunchError
 from ..reference import padded_lut_cols
@@ -131,8 +139,11 @@ class KVCache:
                           "hq": ctypes.c_uint32(0)}
         self._window: int | None = None
         self.decode_plan: DecodePlan | None = None
-        # Shared memory of the decode kernel, fixed per variant: computed once, not on every launch.
-        self._decode_smem = decode_geometry(self.spec).smem_bytes if self.spec.attention is not None else 0
+        # Geometry of the decode kernel for this GPU's arch (shared memory, loader), fixed per variant: computed
+        # once, not on every launch.
+        self._decode_geo = decode_geometry(self.spec, driver.device_arch(self.device)) if self.spec.attention is not None else None
+        self._decode_smem = self._decode_geo.smem_bytes if self._decode_geo is not None else 0
+        self._decode_maps: dict[int, tuple[TmaTile, TmaTile]] = {}  # layer -> K, V create_tma_tile descriptors
         self.tma_geometry = tma_geometry(self.spec)  # box and tile shape of create_tma_tile / tile_load, per variant
 
     # ---- construction ---------------------------------------------------------------------------------
@@ -518,8 +529,13 @@ class KVCache:
             return
         st = self._stream(stream)
         f = self._dec_vals
-        launch = self._launch("decode", "decode", (self.args, f["layer"], f["q"], f["po"], f["pl"], f["chunk"],
-                                                   f["scale"], f["cap"], f["window"]), smem=self._decode_smem)
+        fields = (self.args, f["layer"], f["q"], f["po"], f["pl"], f["chunk"], f["scale"], f["cap"], f["window"])
+        if self._decode_geo.tma:
+            kmap, vmap = self._decode_tile_maps(layer)
+            launch = self._launch("decode", "decode", (kmap.param_address, vmap.param_address, *fields), smem=self._decode_smem)
+            launch.params[0], launch.params[1] = kmap.param_address, vmap.param_address
+        else:
+            launch = self._launch("decode", "decode", fields, smem=self._decode_smem)
         f["layer"].value, f["q"].value, f["po"].value, f["pl"].value = layer, qt.ptr, plan.part_o.data_ptr(), plan.part_lse.data_ptr()
         f["chunk"].value = plan.chunk
         f["scale"].value = softmax_scale if softmax_scale is not None else D ** -0.5
@@ -530,6 +546,17 @@ class KVCache:
         f["splits"].value, f["sinks"].value, f["out"].value, f["lse"].value, f["hq"].value = (
             plan.splits, sink_ptr, ot.ptr, lse_ptr, Hq)
         comb((Hq, B, 1), (min(256, D), 1, 1), st)
+
+    def _decode_tile_maps(self, layer: int) -> tuple[TmaTile, TmaTile]:
+        """The K and V descriptors (decode_padded_tile) the TMA decode reads a layer through. Encoded once per
+        layer; the cache keeps them alive, and a captured graph holds its own copy of the kernel parameters."""
+        maps = self._decode_maps.get(layer)
+        if maps is None:
+            from .tma import decode_padded_tile
+
+            maps = self._decode_maps[layer] = (decode_padded_tile(self, 0, layer, DECODE_TILE),
+                                               decode_padded_tile(self, 1, layer, DECODE_TILE))
+        return maps
 
     # ---- TMA ------------------------------------------------------------------------------------------
     def create_tma_tile(self, kv: int, layer: int, swizzle: str | None = None, bn: int | None = None,

@@ -130,6 +130,20 @@ def create_tma_tile(cache: KVCache, kv: int, layer: int, swizzle: str | None = N
                   (row * nb, cache.head_size * nb), (box_rows, 1, gran), swizzle)
 
 
+def decode_padded_tile(cache: KVCache, kv: int, layer: int, bn: int) -> TmaTile:
+    """The decode's K or V map: create_tma_tile's [num_kv_rows, H, D] view with box [min(BN, P), 1, D + 16 bytes]
+    and no swizzle. The 16 bytes past each row lie outside D and are zero-filled (no memory is read), so the
+    box lands in shared memory as rows padded by 16 bytes, the layout ldmatrix reads without bank conflicts."""
+    base, nb, rows, row = _view_geometry(cache, kv, layer)
+    p = cache.page_size or 0
+    box_rows = bn if (p == 0 or p >= bn) else p
+    if rows >= 2**30:
+        _fail("decode_padded_tile", "num_kv_rows", "must stay below 2^30 (row 2^30 is the zero-fill row)", rows,
+              "use fewer pages per cache")
+    return encode("decode_padded_tile", base, _tma_dtype(cache), (rows, cache.num_heads, cache.head_size),
+                  (row * nb, cache.head_size * nb), (box_rows, 1, cache.head_size + 16 // nb), "NONE")
+
+
 def create_ragged_tma_tile(cache: KVCache, kv: int, layer: int, swizzle: str, bm: int, bk: int) -> TmaTile:
     """Rank-4 [rows+1, H, BM, D] map, strides [H*D, D, H*D, 1], base shifted back by BM rows: rows past a
     ragged end fall outside the BM dimension and read as zeros (MAX create_ragged_tma_tile)."""

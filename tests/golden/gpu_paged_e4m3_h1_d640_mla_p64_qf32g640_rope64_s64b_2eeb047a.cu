@@ -33,10 +33,10 @@ using kvgen::uint32_t;
 using kvgen::uint64_t;
 using kvgen_variant::Cache;
 using IO = kvgen_variant::Traits::io_dtype;
-// __launch_bounds__(256, 4): with no minimum-blocks hint ptxas capped store at 32 registers and spilled;
-// 4 blocks per SM leave up to 64 registers for the 2 items per thread of store.
+// __launch_bounds__(256, N): with no minimum-blocks hint ptxas capped store at 32 registers and spilled;
+// N (kvgen/derive.py STORE_MIN_BLOCKS) blocks per SM leave up to 65536 / (256 N) registers per thread.
 
-extern "C" __global__ void __launch_bounds__(kvgen::kThreads, 4)
+extern "C" __global__ void __launch_bounds__(kvgen::kThreads, 6)
 kvgen_gpu_paged_e4m3_h1_d640_mla_p64_qf32g640_rope64_s64b_2eeb047a_store(const CacheArgs args, const IO* __restrict__ k_new, const IO* __restrict__ v_new,
     const uint32_t* __restrict__ row_offsets, const uint2* __restrict__ token_map, uint32_t total_tokens, uint32_t layer,
     uint32_t tokens_per_block) {

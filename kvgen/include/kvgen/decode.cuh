@@ -11,6 +11,7 @@
 #pragma once
 #include <cuda/std/type_traits>
 #include "cache.cuh"
+#include "tma.cuh"
 
 namespace kvgen {
 
@@ -115,8 +116,17 @@ template <class Cache> struct DecodeTypes {
 // Partial attention of one (split, kv head, request). q: [batch, Hq, D]; part_o: [batch, Hq, max_splits, D] f32;
 // part_lse: [batch, Hq, max_splits] f32 (natural log). chunk: tokens per split (a multiple of 64); the last
 // split of the grid also takes everything past gridDim.x * chunk, so any length is covered.
-template <class Cache, class QT, int GROUP, int STAGES, int SMEM_BYTES, bool WINDOW, bool SOFTCAP>
-__device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t layer, const QT* __restrict__ q,
+// K/V loader, chosen by kvgen/derive.py decode_geometry:
+//   TMA = false: cp.async, 16 bytes per thread per copy (any arch).
+//   TMA = true (sm_90+): one TMA copy per page of a tile (page rows from the trait's populate) through kmap / vmap,
+//     maps of this layer's [rows, H, D] view (runtime/tma.py decode_padded_tile) whose box is one page of one
+//     head and D + 16 bytes wide, without swizzle: the 16 bytes past a row are out of bounds and zero-filled, so
+//     rows land padded exactly like the cp.async layout and fragments load without bank conflicts. Copies
+//     complete on a per-stage mbarrier; thread 0 issues, everyone waits. (Swizzled create_tma_tile spans were
+//     tried: reading fragments through the swizzle cost registers and made the FP8 kernels spill.)
+template <class Cache, class QT, int GROUP, int STAGES, int SMEM_BYTES, bool WINDOW, bool SOFTCAP, bool TMA = false>
+__device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CUtensorMap* vmap,
+                                               const CacheArgs& a, uint32_t layer, const QT* __restrict__ q,
                                                float* __restrict__ part_o, float* __restrict__ part_lse,
                                                uint32_t chunk, float softmax_scale, float soft_cap, uint32_t window) {
   using Ty = DecodeTypes<Cache>;
@@ -127,7 +137,7 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
   constexpr int BN = kDecodeTile;
   constexpr int ES = int(sizeof(T));
   constexpr int ROW_BYTES = D * ES;
-  constexpr int PITCH = ROW_BYTES + 16;           // padded smem row: fragment loads hit distinct banks
+  constexpr int PITCH = ROW_BYTES + 16;  // padded smem row: fragment loads hit distinct banks
   constexpr int CPR = ROW_BYTES / 16;             // 16-byte chunks per row
   constexpr bool QUANT = Cache::quantization_enabled;
   constexpr int G = Cache::num_scale_groups;
@@ -137,12 +147,28 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
   static_assert(GROUP >= 1 && GROUP <= 16, "one 16-row MMA tile holds the query group");
   static_assert(KS % 2 == 0 && DN % 2 == 0, "ldmatrix.x4 covers two k-steps / two n-tiles");
   static_assert(D % 16 == 0 && (BN * CPR) % kDecodeThreads == 0, "tile copy splits evenly");
-  constexpr int STAGE_BYTES = 2 * BN * PITCH + (QUANT ? 2 * BN * G * 4 : 0);
+  constexpr int TILE_BYTES = BN * PITCH;
+  constexpr int SCALE_BYTES = QUANT ? 2 * BN * G * 4 : 0;
+  constexpr int STAGE_BYTES = 2 * TILE_BYTES + SCALE_BYTES;
+  constexpr int ALIGN_SLACK = TMA ? 128 : 0;  // TMA writes 128-byte aligned shared memory
   // SMEM_BYTES is what the host reserves (kvgen/derive.py decode_geometry): both uses of it must fit.
-  static_assert(STAGES * (STAGE_BYTES + BN * 4) <= SMEM_BYTES, "K/V stages and the row ring fit the shared memory");
-  static_assert(4 * GROUP * (D + 8 + 2) * 4 <= SMEM_BYTES, "the epilogue's per-warp slices fit the shared memory");
+  static_assert(STAGES * (STAGE_BYTES + BN * 4) + ALIGN_SLACK <= SMEM_BYTES, "K/V stages and the row ring fit the shared memory");
+  static_assert(4 * GROUP * (D + 8 + 2) * 4 + ALIGN_SLACK <= SMEM_BYTES, "the epilogue's per-warp slices fit the shared memory");
+  static_assert(!TMA || (PITCH / ES <= 256 && TILE_BYTES % 128 == 0), "a padded row is one TMA box");
+#if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+  static_assert(!TMA, "the TMA loader needs sm_90 or newer");
+#endif
+  // Stage s: cp.async keeps [K tile, V tile, scales] together; TMA puts every stage's tiles first so each tile
+  // stays 128-byte aligned, then the scales. The row ring follows either way.
+  auto k_tile_off = [](int stage) { return TMA ? stage * 2 * TILE_BYTES : stage * STAGE_BYTES; };
+  auto scale_off = [](int stage) { return TMA ? STAGES * 2 * TILE_BYTES + stage * SCALE_BYTES : stage * STAGE_BYTES + 2 * TILE_BYTES; };
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = TMA ? reinterpret_cast<unsigned char*>((reinterpret_cast<uint64_t>(smem_raw) + 127) & ~uint64_t(127))
+                            : smem_raw;
+  __shared__ alignas(8) uint64_t full_bar[TMA ? STAGES : 1];  // TMA: one transaction barrier per stage
+  // Byte `byte` of row `row` of the tile at smem offset `tile` (both loaders: padded rows).
+  auto sp = [&](int tile, int row, int byte) -> unsigned char* { return smem + tile + row * PITCH + byte; };
 
-  extern __shared__ __align__(16) unsigned char smem[];
   const uint32_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint32_t gq = lane / 4, tq = lane % 4;  // MMA fragment row group and column pair
@@ -154,6 +180,9 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
   const uint32_t ctx_start = (WINDOW && kv_len > window) ? kv_len - window : 0;
   const uint32_t first = ctx_start + split * chunk;
   uint32_t last = split + 1 == gridDim.x ? kv_len : min(kv_len, first + chunk);
+  // TMA tiles start on a multiple of 64 (so a tile holds whole pages for populate); rows before `first` (a
+  // sliding window's start) are masked like rows past `last`.
+  const uint32_t tile0 = TMA ? first & ~uint32_t(BN - 1) : first;
   const uint32_t hq0 = h * GROUP;
   float* o_out = part_o + ((uint64_t(b) * H * GROUP + hq0) * gridDim.x + split) * D;
   float* lse_out = part_lse + (uint64_t(b) * H * GROUP + hq0) * gridDim.x + split;
@@ -161,7 +190,7 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
     for (int r = threadIdx.x; r < GROUP; r += blockDim.x) lse_out[uint64_t(r) * gridDim.x] = -INFINITY;
     return;
   }
-  const int ntiles = int((last - first + BN - 1) / BN);
+  const int ntiles = int((last - tile0 + BN - 1) / BN);
   KVGEN_TRACE(1);
 
   // ---- tile loader: K and V rows (page lookups through the trait), scales, zero fill past `last` ----------
@@ -175,17 +204,58 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
   static_assert(kDecodeThreads % CPR == 0 && BN % ROWS_PER_PASS == 0, "tile copy splits evenly");
   uint32_t* row_ring = reinterpret_cast<uint32_t*>(smem + STAGES * STAGE_BYTES);  // [STAGES][BN]
   auto row_of = [&](int tile) -> uint32_t {  // row of token `tile * BN + threadIdx.x`, or kNoRow past the end
-    const uint32_t t = first + uint32_t(tile) * BN + threadIdx.x;
+    const uint32_t t = tile0 + uint32_t(tile) * BN + threadIdx.x;
     return t < last ? kc.row_idx(b, t) : kNoRow;
   };
+  // TMA: the ring holds each tile's page rows from the trait's populate (one row per page of the tile). Thread
+  // p < NP keeps row p of the tile's populate: one register per thread lives across the math, not NP.
+  using Rows = decltype(kc.template populate<BN, BN>(0u, 0u));
+  constexpr int NP = Rows::num_pages, EFF = Rows::eff_page;
+  auto page_row_of = [&](int tile) -> uint32_t {
+    const Rows r = kc.template populate<BN, BN>(b, tile0 + uint32_t(tile) * BN);
+    uint32_t mine = r.rows[0];
+#pragma unroll
+    for (int p = 1; p < NP; ++p) mine = threadIdx.x == uint32_t(p) ? r.rows[p] : mine;
+    return mine;
+  };
+  static_assert(!TMA || (EFF * PITCH) % 128 == 0, "every TMA box lands 128-byte aligned");
   // Per-thread constants of the copies, hoisted out of the tile loop: the K address of a row is one 32x32->64
   // multiply-add from kbase, V is K plus the distance between the two views, the shared slots are fixed offsets.
   const int copy_chunk = int(threadIdx.x) % CPR, copy_row0 = int(threadIdx.x) / CPR;
   const unsigned char* kbase = reinterpret_cast<const unsigned char*>(kc.blocks + int64_t(h) * D) + copy_chunk * 16;
   const int64_t v_minus_k = reinterpret_cast<const unsigned char*>(vc.blocks) - reinterpret_cast<const unsigned char*>(kc.blocks);
   constexpr uint32_t kRowBytes = uint32_t(Cache::row_elems) * ES;  // one cache row: all heads
+  auto load_tile_tma = [&](int tile, int stage) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const uint32_t* pages = row_ring + (tile % STAGES) * BN;
+    const uint32_t base = tile0 + uint32_t(tile) * BN;
+    if (threadIdx.x == 0) {
+      unsigned char* kt = smem + k_tile_off(stage);
+      mbar_arrive_expect_tx(&full_bar[stage], 2 * TILE_BYTES);  // boxes past the cache are zero-filled, still counted
+#pragma unroll
+      for (int p = 0; p < NP; ++p) {
+        const int32_t row = base + p * EFF < last ? int32_t(pages[p]) : kOobRow;  // pages past the context: no DRAM
+        unsigned char* dst = kt + p * EFF * PITCH;
+        tma_load_3d(dst, kmap, &full_bar[stage], 0, int32_t(h), row);
+        tma_load_3d(dst + TILE_BYTES, vmap, &full_bar[stage], 0, int32_t(h), row);
+      }
+    }
+    if constexpr (QUANT) {
+      float* kss = reinterpret_cast<float*>(smem + scale_off(stage));
+      float* vss = kss + BN * G;
+      for (int i = threadIdx.x; i < BN * G; i += kDecodeThreads) {
+        const int r = i / G, g = i % G;
+        const bool valid = base + r < last;
+        const int64_t so = valid ? int64_t(pages[r / EFF] + r % EFF) * (H * G) + int64_t(h) * G + g : 0;
+        cp_async4(kss + i, kc.scales + so, valid);
+        cp_async4(vss + i, vc.scales + so, valid);
+      }
+    }
+#endif
+  };
   auto load_tile = [&](int tile, int stage) {
-    unsigned char* ks = smem + stage * STAGE_BYTES + copy_row0 * PITCH + copy_chunk * 16;
+    if constexpr (TMA) { load_tile_tma(tile, stage); return; }
+    unsigned char* ks = smem + k_tile_off(stage) + copy_row0 * PITCH + copy_chunk * 16;
     const uint32_t* rows = row_ring + (tile % STAGES) * BN;
     uint32_t row[PASSES];
 #pragma unroll
@@ -198,7 +268,7 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
       cp_async16(ks + BN * PITCH + j * ROWS_PER_PASS * PITCH, kp + v_minus_k, valid);
     }
     if constexpr (QUANT) {
-      float* kss = reinterpret_cast<float*>(smem + stage * STAGE_BYTES + 2 * BN * PITCH);
+      float* kss = reinterpret_cast<float*>(smem + scale_off(stage));
       float* vss = kss + BN * G;
       for (int i = threadIdx.x; i < BN * G; i += kDecodeThreads) {
         const int r = i / G, g = i % G;
@@ -211,12 +281,31 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
   };
 
   {  // prologue: the rows of the first STAGES tiles (independent lookups in flight together), then the copies
-    uint32_t rows[STAGES];
+    if constexpr (TMA) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      if (threadIdx.x == 0) {
+        prefetch_tmap(kmap);
+        prefetch_tmap(vmap);
 #pragma unroll
-    for (int s = 0; s < STAGES; ++s) rows[s] = threadIdx.x < BN ? row_of(s) : kNoRow;
-    if (threadIdx.x < BN) {
+        for (int s = 0; s < STAGES; ++s) mbar_init(&full_bar[s], 1);
+        fence_mbar_init();
+      }
+      if (threadIdx.x < NP) {
+        uint32_t rows[STAGES];
 #pragma unroll
-      for (int s = 0; s < STAGES; ++s) row_ring[s * BN + threadIdx.x] = rows[s];
+        for (int s = 0; s < STAGES; ++s) rows[s] = s < ntiles ? page_row_of(s) : kNoRow;
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) row_ring[s * BN + threadIdx.x] = rows[s];
+      }
+#endif
+    } else {
+      uint32_t rows[STAGES];
+#pragma unroll
+      for (int s = 0; s < STAGES; ++s) rows[s] = threadIdx.x < BN ? row_of(s) : kNoRow;
+      if (threadIdx.x < BN) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) row_ring[s * BN + threadIdx.x] = rows[s];
+      }
     }
     __syncthreads();
 #pragma unroll
@@ -257,13 +346,38 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
     // tile after it (written to the ring after the math; the next iteration's barrier publishes them).
     if (tile + STAGES - 1 < ntiles) load_tile(tile + STAGES - 1, (tile + STAGES - 1) % STAGES);
     cp_async_commit();
-    const uint32_t next_row = threadIdx.x < BN && tile + STAGES < ntiles ? row_of(tile + STAGES) : kNoRow;
+    // This thread's ring entry of tile + STAGES: its token's row (cp.async) or its page's row (TMA).
+    constexpr uint32_t kRingWriters = TMA ? NP : BN;
+    const uint32_t next_row = threadIdx.x < kRingWriters && tile + STAGES < ntiles
+        ? (TMA ? page_row_of(tile + STAGES) : row_of(tile + STAGES)) : kNoRow;
 
-    const unsigned char* ks = smem + stage * STAGE_BYTES;
-    const unsigned char* vs = ks + BN * PITCH;
-    const float* kss = reinterpret_cast<const float*>(vs + BN * PITCH);
+    const int ks_o = k_tile_off(stage), vs_o = ks_o + TILE_BYTES;  // smem offsets of this stage's K and V tiles
+    const float* kss = reinterpret_cast<const float*>(smem + scale_off(stage));
     const float* vss = kss + BN * G;
-    const uint32_t tbase = first + uint32_t(tile) * BN + warp * 16;  // this warp's 16 rows
+    const uint32_t tbase = tile0 + uint32_t(tile) * BN + warp * 16;  // this warp's 16 rows
+    // Only a warp whose rows reach past the context (the CTA's last tile), or before a window's start (TMA
+    // tiles start early), masks; the test is warp-uniform.
+    const bool tail = tbase + 16 > last;
+    const bool head = TMA && WINDOW && tbase < first;
+    if constexpr (TMA) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      mbar_wait(&full_bar[stage], uint32_t(tile / STAGES) & 1u);
+      if (tail || head) {
+        // TMA copies whole pages: rows of a page past the context hold stale data (maybe inf or NaN), and
+        // P = 0 times inf is NaN in the MMA. Zero this warp's masked V rows (K rows are masked by select).
+        // Two lanes per row, alternate 16-byte units.
+        static_assert(CPR % 2 == 0, "rows are an even number of 16-byte units");
+        const uint32_t t = tbase + lane / 2;
+        if (t < first || t >= last) {
+          uint4* row = reinterpret_cast<uint4*>(sp(vs_o, int(warp) * 16 + int(lane) / 2, 0)) + (lane & 1);
+#pragma unroll
+          for (int j = 0; j < CPR / 2; ++j) row[2 * j] = make_uint4(0, 0, 0, 0);
+        }
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // before TMA refills this stage
+        __syncwarp();
+      }
+#endif
+    }
 
     // S = Q K^T for 16 rows (two n-tiles of 8 tokens).
     float s[2][4];
@@ -271,14 +385,13 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
     for (int nt = 0; nt < 2; ++nt) {
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
       const int n = warp * 16 + nt * 8 + gq;  // smem row of this lane's token
-      const unsigned char* krow = ks + n * PITCH;
       if constexpr (!Ty::kFp8) {
         // 16-bit K: one ldmatrix.x4 gives the B fragments of two k-steps (rows = tokens, 8 dims per matrix).
-        const unsigned char* lrow = ks + (warp * 16 + nt * 8 + (lane % 8)) * PITCH + (lane / 8) * 8 * ES;
+        const int lrow = warp * 16 + nt * 8 + (lane % 8);
 #pragma unroll
         for (int kk = 0; kk < KS; kk += 2) {
           uint32_t kb[4];
-          ldsm_x4(kb, lrow + kk * 16 * ES);
+          ldsm_x4(kb, sp(ks_o, lrow, (lane / 8) * 16 + kk * 16 * ES));
           mma16816<F16>(s[nt], qa[kk], kb[0], kb[1]);
           mma16816<F16>(s[nt], qa[kk + 1], kb[2], kb[3]);
         }
@@ -286,13 +399,16 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk) {
           const int k = kk * 16 + tq * 2;
+          const unsigned char* kp = sp(ks_o, n, kk * 16) + tq * 2;  // k and k + 8 share a 16-byte unit
+          const unsigned short k0 = *reinterpret_cast<const unsigned short*>(kp);
+          const unsigned short k1 = *reinterpret_cast<const unsigned short*>(kp + 8);
           uint32_t b0, b1;
           if constexpr (Ty::kFp8Direct) {
-            b0 = fp8x2_to_f16x2<T>(*reinterpret_cast<const unsigned short*>(krow + k));
-            b1 = fp8x2_to_f16x2<T>(*reinterpret_cast<const unsigned short*>(krow + k + 8));
+            b0 = fp8x2_to_f16x2<T>(k0);
+            b1 = fp8x2_to_f16x2<T>(k1);
           } else {
-            const float2 x0 = fp8x2_to_float2<T>(*reinterpret_cast<const unsigned short*>(krow + k));
-            const float2 x1 = fp8x2_to_float2<T>(*reinterpret_cast<const unsigned short*>(krow + k + 8));
+            const float2 x0 = fp8x2_to_float2<T>(k0);
+            const float2 x1 = fp8x2_to_float2<T>(k1);
             float s0 = 1.f, s1 = 1.f;
             if constexpr (QUANT) { s0 = kss[n * G + k / GRAN]; s1 = kss[n * G + (k + 8) / GRAN]; }
             b0 = pack2<false>(x0.x * s0, x0.y * s0);
@@ -303,9 +419,7 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
       }
     }
 
-    // Online softmax over this warp's 16 tokens (log2 domain). Only a warp whose rows reach past the context
-    // (the CTA's last tile) masks; the test is warp-uniform.
-    const bool tail = tbase + 16 > last;
+    // Online softmax over this warp's 16 tokens (log2 domain).
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
@@ -315,7 +429,10 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
         if constexpr (Ty::kFp8Direct && QUANT) x *= kss[warp * 16 + nt * 8 + tq * 2 + (e & 1)];
         if constexpr (SOFTCAP) x = soft_cap * tanhf(x * softmax_scale / soft_cap) * kLog2e;
         else x *= scale_log2;
-        if (tail) x = tbase + nt * 8 + tq * 2 + (e & 1) < last ? x : -INFINITY;
+        if (tail || head) {
+          const uint32_t t = tbase + nt * 8 + tq * 2 + (e & 1);
+          x = t < last && (!head || t >= first) ? x : -INFINITY;
+        }
         s[nt][e] = x;
         tmax[e >> 1] = fmaxf(tmax[e >> 1], x);
       }
@@ -365,11 +482,11 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
     const int r0 = warp * 16 + tq * 2;
     if constexpr (!Ty::kFp8) {
       // 16-bit V: one ldmatrix.x4.trans gives b0/b1 of two n-tiles (matrices: tokens 0-7 / 8-15 x 8 dims).
-      const unsigned char* lrow = vs + (warp * 16 + (lane / 8 % 2) * 8 + (lane % 8)) * PITCH + (lane / 16) * 8 * ES;
+      const int lrow = warp * 16 + (lane / 8 % 2) * 8 + (lane % 8);
 #pragma unroll
       for (int dn = 0; dn < DN; dn += 2) {
         uint32_t vb[4];
-        ldsm_x4_trans(vb, lrow + dn * 8 * ES);
+        ldsm_x4_trans(vb, sp(vs_o, lrow, (lane / 16) * 16 + dn * 8 * ES));
         mma16816<F16>(o[dn], pa, vb[0], vb[1]);
         mma16816<F16>(o[dn + 1], pa, vb[2], vb[3]);
       }
@@ -379,15 +496,14 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
         const int col = dn * 8 + gq;
         uint32_t b0, b1;
         if constexpr (Ty::kFp8Direct) {
-          const unsigned char* v0 = vs + r0 * PITCH + col;
-          b0 = fp8x2_to_f16x2<T>(static_cast<unsigned short>(v0[0] | (v0[PITCH] << 8)));
-          b1 = fp8x2_to_f16x2<T>(static_cast<unsigned short>(v0[8 * PITCH] | (v0[9 * PITCH] << 8)));
+          b0 = fp8x2_to_f16x2<T>(static_cast<unsigned short>(*sp(vs_o, r0, col) | (*sp(vs_o, r0 + 1, col) << 8)));
+          b1 = fp8x2_to_f16x2<T>(static_cast<unsigned short>(*sp(vs_o, r0 + 8, col) | (*sp(vs_o, r0 + 9, col) << 8)));
         } else {
           float v[4];
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const int r = r0 + (j & 1) + (j >> 1) * 8;
-            float x = to_f32(*reinterpret_cast<const T*>(vs + r * PITCH + col));
+            float x = to_f32(*reinterpret_cast<const T*>(sp(vs_o, r, col)));
             if constexpr (QUANT) x *= vss[r * G + col / GRAN];
             v[j] = x;
           }
@@ -399,7 +515,7 @@ __device__ __forceinline__ void decode_partial(const CacheArgs& a, uint32_t laye
     }
     // Slot (tile + STAGES) % STAGES was last read when tile's own copies were issued, before this iteration's
     // barrier; it is next read after the following barrier.
-    if (threadIdx.x < BN) row_ring[((tile + STAGES) % STAGES) * BN + threadIdx.x] = next_row;
+    if (threadIdx.x < kRingWriters) row_ring[((tile + STAGES) % STAGES) * BN + threadIdx.x] = next_row;
   }
   cp_async_wait<0>();
   __syncthreads();
