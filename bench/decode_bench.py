@@ -44,7 +44,8 @@ def load_generated(loader: str = "auto"):
     return import_package(out, f"kvgen_bench_decode_{loader}")
 
 
-def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float, label: str, with_peers: bool) -> list[tuple]:
+def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float, label: str, with_peers: bool,
+              pdl_ab: bool = False) -> list[tuple]:
     """kvgen (one row per loader in `variants`, all reading the same caches) and the peers on one shape."""
     variant = next(iter(variants.values()))
     spec = variant.spec()
@@ -66,6 +67,13 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             w.plan_decode()
         t = graph_time([lambda c=c, q=q, o=o: c.decode(0, q, o) for c, (_, q, o) in zip(views, sets)])
         rows.append(("kvgen" if len(variants) == 1 else f"kvgen ({loader})", t, nbytes))
+        if pdl_ab:  # same caches, the combine launched plainly after the decode kernel
+            for w in views:
+                w._pdl = False
+            t = graph_time([lambda c=c, q=q, o=o: c.decode(0, q, o) for c, (_, q, o) in zip(views, sets)])
+            rows.append((f"{rows[-1][0]} without PDL", t, nbytes))
+            for w in views:
+                w._pdl = True
     if with_peers:
         peer_bytes = decode_bytes(spec, lengths, with_scales=False)  # the peers read no scales
         kv_dtype = sets[0][0].blocks.dtype
@@ -104,6 +112,7 @@ def main() -> None:
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--variant", default="*", help="only variants whose name matches this glob")
+    ap.add_argument("--pdl-ab", action="store_true", help="also time kvgen with the combine launched without PDL")
     ap.add_argument("--loaders", nargs="+", default=["auto"], choices=["auto", "tma", "cp_async"],
                     help="time kvgen built with each K/V loader, on the same caches (one row each)")
     args = ap.parse_args()
@@ -129,7 +138,7 @@ def main() -> None:
         cases.append((f"64 x lognormal(mean {int(np.mean(skew))}, max {max(skew)})", skew))
         for label, lengths in cases:
             try:
-                for r in run_shape(by_loader, lengths, rng, copy_bw, label, not args.no_peers):
+                for r in run_shape(by_loader, lengths, rng, copy_bw, label, not args.no_peers, args.pdl_ab):
                     lines.append(f"| {tag} | {spec.cache.page_size} | {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.3f} | {100 * r[4]:.1f}% |")
                     print(lines[-1], flush=True)
             except Exception:  # noqa: BLE001

@@ -69,6 +69,25 @@ def _raw_launch() -> Any:
     return fn
 
 
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, 4 pad bytes, a 64-byte value union
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h), for cuLaunchKernelEx
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
+@functools.cache
+def _raw_launch_ex() -> Any:
+    fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return fn
+
+
 class Kernel:
     """One kernel of a loaded cubin; launches take a pre-packed void*[] so the host cost stays small."""
 
@@ -88,6 +107,24 @@ class Kernel:
         """params: a ctypes array of void* pointing at each argument's bytes (kept alive by the caller)."""
         err = self._launch(self._handle, grid[0], grid[1], grid[2], block[0], block[1], block[2],
                            self.dynamic_smem, stream, ctypes.addressof(params), None)
+        if err != 0:
+            check((cu().CUresult(err),))
+
+    def launch_dependent(self, grid: tuple[int, int, int], block: tuple[int, int, int], params: ctypes.Array,
+                         stream: int) -> None:
+        """Launch as a programmatic dependent of the previous kernel on the stream (sm_90+): this grid may start
+        while that one finishes, and must execute griddepcontrol.wait before reading what it wrote."""
+        cfg = getattr(self, "_pdl_config", None)
+        if cfg is None:
+            attr = _LaunchAttribute()
+            attr.id = int(cu().CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+            attr.value[0] = 1
+            cfg = self._pdl_config = _LaunchConfig(sharedMemBytes=self.dynamic_smem, attrs=ctypes.pointer(attr), numAttrs=1)
+            self._pdl_attr = attr
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
+        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block
+        cfg.hStream = stream
+        err = _raw_launch_ex()(ctypes.byref(cfg), self._handle, ctypes.addressof(params), None)
         if err != 0:
             check((cu().CUresult(err),))
 

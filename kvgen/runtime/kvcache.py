@@ -60,6 +60,10 @@ class _Launch:
     def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], stream: int) -> None:
         self.kernel.launch(grid, block, self.params, stream)
 
+    def dependent(self, grid: tuple[int, int, int], block: tuple[int, int, int], stream: int) -> None:
+        """Programmatic dependent launch (see driver.Kernel.launch_dependent)."""
+        self.kernel.launch_dependent(grid, block, self.params, stream)
+
 
 class KVCache:
     """A KV-cache collection (all layers, K and V) of one variant, plus its page table and lengths."""
@@ -144,6 +148,7 @@ class KVCache:
         self._decode_geo = decode_geometry(self.spec, driver.device_arch(self.device)) if self.spec.attention is not None else None
         self._decode_smem = self._decode_geo.smem_bytes if self._decode_geo is not None else 0
         self._decode_maps: dict[int, tuple[TmaTile, TmaTile]] = {}  # layer -> K, V create_tma_tile descriptors
+        self._pdl = driver.device_arch(self.device) in ("sm_90a", "sm_100a")  # programmatic dependent launch
         self.tma_geometry = tma_geometry(self.spec)  # box and tile shape of create_tma_tile / tile_load, per variant
 
     # ---- construction ---------------------------------------------------------------------------------
@@ -545,7 +550,9 @@ class KVCache:
         comb = self._launch("combine", "decode_combine", (f["po"], f["pl"], f["splits"], f["sinks"], f["out"], f["lse"], f["hq"]))
         f["splits"].value, f["sinks"].value, f["out"].value, f["lse"].value, f["hq"].value = (
             plan.splits, sink_ptr, ot.ptr, lse_ptr, Hq)
-        comb((Hq, B, 1), (min(256, D), 1, 1), st)
+        # The combine launches as a programmatic dependent of the decode kernel (sm_90+), which signals it after
+        # its tile loop: its launch and CTA start overlap the decode's epilogues instead of following them.
+        (comb.dependent if self._pdl else comb)((Hq, B, 1), (min(256, D), 1, 1), st)
 
     def _decode_tile_maps(self, layer: int) -> tuple[TmaTile, TmaTile]:
         """The K and V descriptors (decode_padded_tile) the TMA decode reads a layer through. Encoded once per

@@ -140,7 +140,8 @@ def decode_padded_tile(cache: KVCache, kv: int, layer: int, bn: int) -> TmaTile:
     if rows >= 2**30:
         _fail("decode_padded_tile", "num_kv_rows", "must stay below 2^30 (row 2^30 is the zero-fill row)", rows,
               "use fewer pages per cache")
-    return encode("decode_padded_tile", base, _tma_dtype(cache), (rows, cache.num_heads, cache.head_size),
+    # Raw bytes are all a copy needs: any 1- or 2-byte element moves as UINT8 / UINT16 (e5m2 has no TMA float type).
+    return encode("decode_padded_tile", base, {1: "UINT8", 2: "UINT16"}[nb], (rows, cache.num_heads, cache.head_size),
                   (row * nb, cache.head_size * nb), (box_rows, 1, cache.head_size + 16 // nb), "NONE")
 
 

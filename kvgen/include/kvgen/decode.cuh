@@ -520,6 +520,10 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   cp_async_wait<0>();
   __syncthreads();
   KVGEN_TRACE(3);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The combine kernel (a programmatic dependent launch) may start now; it waits for this grid's writes itself.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 
   // ---- merge the 4 warps (reusing the pipeline's shared memory) -------------------------------------------
   // Each warp parks its unnormalized rows (only the GROUP real ones) and their (max, sum) in its own slice, one
@@ -574,6 +578,11 @@ template <class OT, int D>
 __device__ __forceinline__ void decode_combine(const float* __restrict__ part_o, const float* __restrict__ part_lse,
                                                uint32_t splits, const float* __restrict__ sinks,
                                                OT* __restrict__ out, float* __restrict__ lse_out, uint32_t num_q_heads) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent of decode_partial: wait until its partials are complete and visible
+  // (a no-op when launched normally).
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   const uint32_t hq = blockIdx.x, b = blockIdx.y;
   const uint64_t row = uint64_t(b) * num_q_heads + hq;
   const float* lse = part_lse + row * splits;
