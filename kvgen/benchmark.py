@@ -60,29 +60,48 @@ def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 30, rounds: int = 5, war
 def graph_time(launches: Sequence[Launch], replays: int = 30) -> float:
     """Median seconds per launch: all launches (each on its own buffers) captured in one CUDA graph, replayed;
     Python launch cost stays out of the number."""
+    return graph_times([launches], replays)[0]
+
+
+def graph_times(launch_sets: Sequence[Sequence[Launch]], replays: int = 30) -> list[float]:
+    """graph_time of several ops measured together: one graph per op, replayed round-robin (A B C A B C ...),
+    so every op sees the same clocks, temperature and neighbours. Timing ops one after the other let the
+    first op of a series read up to 10% slow in one run and not in the next. An op whose capture fails gets
+    NaN (and the error is printed); the others are still timed."""
     torch = _torch()
     torch.cuda.synchronize()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for fn in launches:  # warm-up on the capture stream: lazy init, JIT, module loads
-            fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        for fn in launches:
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
+    graphs: list[Any] = []
+    for launches in launch_sets:
+        try:
+            with torch.cuda.stream(s):
+                for fn in launches:  # warm-up on the capture stream: lazy init, JIT, module loads
+                    fn()
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=s):
+                for fn in launches:
+                    fn()
+            g.replay()
+            torch.cuda.synchronize()
+            graphs.append(g)
+        except Exception as e:  # noqa: BLE001 - one op failing to capture must not lose the others' numbers
+            print(f"graph capture failed: {type(e).__name__}: {str(e)[:200]}")
+            torch.cuda.synchronize()
+            graphs.append(None)
+    times: list[list[float]] = [[] for _ in graphs]
     for _ in range(replays):
-        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        st.record()
-        g.replay()
-        en.record()
-        en.synchronize()
-        times.append(st.elapsed_time(en) * 1e-3 / len(launches))
-    return statistics.median(times)
+        for i, g in enumerate(graphs):
+            if g is None:
+                continue
+            st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            st.record()
+            g.replay()
+            en.record()
+            en.synchronize()
+            times[i].append(st.elapsed_time(en) * 1e-3 / len(launch_sets[i]))
+    return [statistics.median(t) if t else float("nan") for t in times]
 
 
 def eager_host_cost(fn: Launch, calls: int = 2000) -> float:

@@ -65,11 +65,15 @@ def store_split(spec: VariantSpec) -> StoreSplit:
 
 
 
+PASSES_PER_BLOCK = 1  # store/load: passes of IPT items per thread a block makes (more passes, fewer blocks)
+
+
 def tokens_per_block(spec: VariantSpec, split: StoreSplit) -> int:
-    """Tokens one 256-thread block of store/load handles: about two items per thread, at most 64."""
+    """Tokens one 256-thread block of store/load handles: PASSES_PER_BLOCK passes of IPT items per thread, at
+    most 64."""
     kvd = spec.cache.kv_dim
     items = kvd * spec.cache.num_kv_heads * (spec.cache.head_size // split.elems_per_item)
-    return max(1, min(MAX_TOKENS_PER_BLOCK, THREADS * split.ipt // max(1, items)))
+    return max(1, min(MAX_TOKENS_PER_BLOCK, THREADS * split.ipt * PASSES_PER_BLOCK // max(1, items)))
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,8 @@ template <class Cache> __device__ __forceinline__ void resolve_tokens(
 }
 
 // store: new K/V [T, H, D] (In) -> cache rows cache_length(b) + t, converting (and quantizing) on the way.
-// Each thread owns IPT items per pass (kvgen/derive.py picks it); the input loads of a pass are issued before
-// the token -> row resolution (the step's token map, or a CSR search + LUT), so their HBM latency overlaps it.
+// Each thread owns IPT items per pass (kvgen/derive.py picks it); the token-map and input loads of a pass are all
+// issued before any is used, so their HBM round trips overlap (without a token map: inputs, then the CSR search).
 template <class Cache, class In, int VEC, int TPG, int VPT, int IPT>
 __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __restrict__ k_new, const In* __restrict__ v_new,
                                              const uint32_t* __restrict__ row_offsets, const uint2* __restrict__ token_map,
@@ -85,7 +85,18 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
   // No barrier: each thread resolves its own token's row after issuing its input loads, like FlashInfer's
   // append, so warps never wait for each other and loads of different warps overlap freely.
   for (uint32_t base = 0; base < n_items; base += blockDim.x * IPT) {
-    float x[IPT][VPT][VEC];
+    // Issue every load of the pass before using any: the token-map entries first, then the inputs. Converting
+    // an input before the token map was even requested made the two HBM round trips serial (SASS showed the
+    // bf16 -> f32 unpacking waiting on the input load ahead of the map load).
+    uint2 slot[IPT];
+    if (token_map != nullptr) {
+#pragma unroll
+      for (int u = 0; u < IPT; ++u) {
+        const uint32_t it = base + u * blockDim.x + threadIdx.x;
+        slot[u] = it < n_items ? token_map[tok0 + it / S::items_per_token] : make_uint2(0u, 0u);
+      }
+    }
+    Vec<In, VEC> raw[IPT][VPT];
 #pragma unroll
     for (int u = 0; u < IPT; ++u) {
       const uint32_t it = base + u * blockDim.x + threadIdx.x;
@@ -96,21 +107,31 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
       const In* src = (kv == 0 ? k_new : v_new) + (uint64_t(tok0 + ti) * S::H + h) * S::D + d0;
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
-        Vec<In, VEC> in{};
-        if (active) in = load_vec<VEC>(src + j * VEC);
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) x[u][j][e] = to_f32(in.v[e]);
+        raw[u][j] = Vec<In, VEC>{};
+        if (active) raw[u][j] = load_vec<VEC>(src + j * VEC);
       }
     }
     uint32_t rows[IPT];
 #pragma unroll
     for (int u = 0; u < IPT; ++u) {
       const uint32_t it = base + u * blockDim.x + threadIdx.x;
-      uint32_t req, pos;
-      rows[u] = it < n_items ? resolve_one(k_cache, a, row_offsets, token_map, tok0 + it / S::items_per_token, total_tokens,
-                                           nullptr, req, pos)
-                             : kNoRow;
+      rows[u] = kNoRow;
+      if (it >= n_items) continue;
+      if (token_map != nullptr) {
+        if (!k_cache.slot_ok(slot[u].x, slot[u].y, rows[u])) rows[u] = kNoRow;
+      } else {
+        uint32_t req, pos;
+        rows[u] = resolve_one(k_cache, a, row_offsets, nullptr, tok0 + it / S::items_per_token, total_tokens,
+                              nullptr, req, pos);
+      }
     }
+    float x[IPT][VPT][VEC];
+#pragma unroll
+    for (int u = 0; u < IPT; ++u)
+#pragma unroll
+      for (int j = 0; j < VPT; ++j)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) x[u][j][e] = to_f32(raw[u][j].v[e]);
 #pragma unroll
     for (int u = 0; u < IPT; ++u) {
       const uint32_t it = base + u * blockDim.x + threadIdx.x;
