@@ -177,6 +177,20 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // Context of this request: the step's token was stored at cache_length(b), so it holds cache_length + 1.
   KVGEN_TRACE(0);
   const uint32_t kv_len = b < a.batch_size ? kc.cache_length(b) + 1 : 0;
+  uint32_t* row_ring = reinterpret_cast<uint32_t*>(smem + STAGES * STAGE_BYTES);  // [STAGES][BN], see the loader
+  // Without a window a split's first row does not depend on the request's length: look up the rows of its
+  // first STAGES tiles into the ring now, while the cache_length load is in flight, instead of after it (one
+  // HBM round trip less before the first copy). Positions are clamped into the request's lookup-table row so
+  // the speculative lookups stay in bounds; rows past the context are dropped once the length is known.
+  constexpr bool kEarlyRows = !WINDOW && !TMA;
+  if constexpr (kEarlyRows) {
+    if (threadIdx.x < BN) {
+      const uint32_t max_pos = Cache::page_size_ > 0 ? a.lut_row_stride * uint32_t(Cache::page_size_) - 1u : 0xffffffffu;
+#pragma unroll
+      for (int s = 0; s < STAGES; ++s)
+        row_ring[s * BN + threadIdx.x] = kc.row_idx(b, min(split * chunk + uint32_t(s) * BN + threadIdx.x, max_pos));
+    }
+  }
   const uint32_t ctx_start = (WINDOW && kv_len > window) ? kv_len - window : 0;
   const uint32_t first = ctx_start + split * chunk;
   uint32_t last = split + 1 == gridDim.x ? kv_len : min(kv_len, first + chunk);
@@ -202,7 +216,6 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   constexpr int ROWS_PER_PASS = kDecodeThreads / CPR;  // rows one pass of the block covers
   constexpr int PASSES = BN * CPR / kDecodeThreads;
   static_assert(kDecodeThreads % CPR == 0 && BN % ROWS_PER_PASS == 0, "tile copy splits evenly");
-  uint32_t* row_ring = reinterpret_cast<uint32_t*>(smem + STAGES * STAGE_BYTES);  // [STAGES][BN]
   auto row_of = [&](int tile) -> uint32_t {  // row of token `tile * BN + threadIdx.x`, or kNoRow past the end
     const uint32_t t = tile0 + uint32_t(tile) * BN + threadIdx.x;
     return t < last ? kc.row_idx(b, t) : kNoRow;
@@ -299,12 +312,20 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       }
 #endif
     } else {
-      uint32_t rows[STAGES];
+      if constexpr (kEarlyRows) {  // the ring already holds the rows: drop those past the context
+        if (threadIdx.x < BN) {
 #pragma unroll
-      for (int s = 0; s < STAGES; ++s) rows[s] = threadIdx.x < BN ? row_of(s) : kNoRow;
-      if (threadIdx.x < BN) {
+          for (int s = 0; s < STAGES; ++s)
+            if (first + uint32_t(s) * BN + threadIdx.x >= last) row_ring[s * BN + threadIdx.x] = kNoRow;
+        }
+      } else {
+        uint32_t rows[STAGES];
 #pragma unroll
-        for (int s = 0; s < STAGES; ++s) row_ring[s * BN + threadIdx.x] = rows[s];
+        for (int s = 0; s < STAGES; ++s) rows[s] = threadIdx.x < BN ? row_of(s) : kNoRow;
+        if (threadIdx.x < BN) {
+#pragma unroll
+          for (int s = 0; s < STAGES; ++s) row_ring[s * BN + threadIdx.x] = rows[s];
+        }
       }
     }
     __syncthreads();
