@@ -15,12 +15,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvgen.benchmark import copy_bandwidth, decode_bytes, decode_cache, graph_time, rotations  # noqa: E402
+from kvgen.benchmark import copy_bandwidth, decode_bytes, decode_cache, graph_times, rotations  # noqa: E402
 from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import load_config  # noqa: E402
 from kvgen.runtime.decode_plan import DecodePlan  # noqa: E402
 
-SHAPES = {"16x1k": [1024] * 16, "64x1k": [1024] * 64, "64x4k": [4096] * 64}
+SHAPES = {"16x1k": [1024] * 16, "16x4k": [4096] * 16, "64x1k": [1024] * 64, "128x1k": [1024] * 128, "64x4k": [4096] * 64}
 CHUNKS = (128, 256, 512, 1024, None)  # None: the planner's choice
 
 
@@ -48,22 +48,16 @@ def main() -> None:
                 q = torch.randn(len(lens), 32, 128, device="cuda", dtype=torch.bfloat16)
                 sets.append((c, q, torch.empty_like(q)))
             planned = sets[0][0].decode_plan.chunk
-            cells = []
-            for chunk in CHUNKS:
+            ops, names = [], []
+            for chunk in CHUNKS:  # one cache copy per chunk (its own plan), all timed round-robin
                 ch = planned if chunk is None else chunk
-                for c, _, _ in sets:
-                    c.decode_plan = DecodePlan(c, ch, -(-max(lens) // ch), len(lens))
-                t = graph_time([lambda c=c, q=q, o=o: c.decode(0, q, o) for c, q, o in sets])
-                mark = "*" if chunk is None else ""
-                cells.append(f"{mark}{ch}: {t * 1e6:.1f}us {100 * nbytes / t / bw:.0f}%")
-            # The split-K partial kernel alone (planned chunk), to see what the combine launch costs.
-            for c, q, o in sets:
-                c.decode_plan = DecodePlan(c, planned, -(-max(lens) // planned), len(lens))
-                c.decode(0, q, o)
-            part = [lambda c=c: c._launches["decode"]((c.decode_plan.splits, c.num_heads, c.decode_plan.batch), (128, 1, 1),
-                                                      c._stream(None)) for c, _, _ in sets]
-            t = graph_time(part)
-            cells.append(f"partial only: {t * 1e6:.1f}us")
+                views = [c.copy() for c, _, _ in sets]
+                for w in views:
+                    w.decode_plan = DecodePlan(w, ch, -(-max(lens) // ch), len(lens))
+                ops.append([lambda c=c, q=q, o=o: c.decode(0, q, o) for c, (_, q, o) in zip(views, sets)])
+                names.append(("*" if chunk is None else "") + str(ch))
+            times = graph_times(ops)
+            cells = [f"{n}: {t * 1e6:.1f}us {100 * nbytes / t / bw:.0f}%" for n, t in zip(names, times)]
             print(f"{spec.cache.dtype[:6]} stages {spec.attention.stages} {sname:6s} | " + " | ".join(cells), flush=True)
             del sets
             torch.cuda.empty_cache()
