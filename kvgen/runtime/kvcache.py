@@ -140,7 +140,9 @@ class KVCache:
                           "pl": ctypes.c_uint64(0), "chunk": ctypes.c_uint32(0), "scale": ctypes.c_float(0),
                           "cap": ctypes.c_float(1), "window": ctypes.c_uint32(0), "splits": ctypes.c_uint32(0),
                           "sinks": ctypes.c_uint64(0), "out": ctypes.c_uint64(0), "lse": ctypes.c_uint64(0),
-                          "hq": ctypes.c_uint32(0)}
+                          "hq": ctypes.c_uint32(0),
+                          # the decode kernel's own final-output pointers (set only for single-split plans)
+                          "fout": ctypes.c_uint64(0), "flse": ctypes.c_uint64(0), "fsinks": ctypes.c_uint64(0)}
         self._window: int | None = None
         self.decode_plan: DecodePlan | None = None
         # Geometry of the decode kernel for this GPU's arch (shared memory, loader), fixed per variant: computed
@@ -534,7 +536,8 @@ class KVCache:
             return
         st = self._stream(stream)
         f = self._dec_vals
-        fields = (self.args, f["layer"], f["q"], f["po"], f["pl"], f["chunk"], f["scale"], f["cap"], f["window"])
+        fields = (self.args, f["layer"], f["q"], f["po"], f["pl"], f["chunk"], f["scale"], f["cap"], f["window"],
+                  f["fout"], f["flse"], f["fsinks"])
         if self._decode_geo.tma:
             kmap, vmap = self._decode_tile_maps(layer)
             launch = self._launch("decode", "decode", (kmap.param_address, vmap.param_address, *fields), smem=self._decode_smem)
@@ -546,7 +549,13 @@ class KVCache:
         f["scale"].value = softmax_scale if softmax_scale is not None else D ** -0.5
         f["cap"].value = soft_cap or 1.0
         f["window"].value = window or 0
+        # A single-split plan (every request fits one chunk, e.g. batch >= 64 at a few thousand tokens) has
+        # nothing to merge: the decode kernel writes the final output itself and the combine launch is skipped.
+        single = plan.splits == 1
+        f["fout"].value, f["flse"].value, f["fsinks"].value = (ot.ptr, lse_ptr, sink_ptr) if single else (0, 0, 0)
         launch((plan.splits, self.num_heads, B), (128, 1, 1), st)
+        if single:
+            return
         comb = self._launch("combine", "decode_combine", (f["po"], f["pl"], f["splits"], f["sinks"], f["out"], f["lse"], f["hq"]))
         f["splits"].value, f["sinks"].value, f["out"].value, f["lse"].value, f["hq"].value = (
             plan.splits, sink_ptr, ot.ptr, lse_ptr, Hq)

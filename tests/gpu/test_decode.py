@@ -11,6 +11,7 @@ from kvgen import reference as ref
 from kvgen.benchmark import permuted_pages
 from kvgen.build import build, import_package
 from kvgen.grid import load_config
+from kvgen.runtime.decode_plan import DecodePlan
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu
@@ -105,8 +106,17 @@ def check(out, ref, name: str, fp8: bool) -> None:
     assert rel <= 5e-3, rel
 
 
+# Single-split plans: the decode kernel writes the final output itself (no combine launch). Cover the feature
+# variant (window, soft cap, sinks, f16 output), a plain bf16 one and an FP8 one, with both loaders.
+SINGLE = {n for n in NAMES if ("h2_d128_p16_s128b" in n or "p16_qf32g128" in n) and ("_bf16_" in n or "_e4m3_" in n)} | \
+    {v.name for v in GRID.variants if v.spec.attention.sinks}
+
+
+@pytest.mark.parametrize("single_split", [False, True], ids=["planned", "single_split"])
 @pytest.mark.parametrize("name", NAMES)
-def test_decode_matches_float64(gen, name: str) -> None:
+def test_decode_matches_float64(gen, name: str, single_split: bool) -> None:
+    if single_split and name not in SINGLE:
+        pytest.skip("single-split path covered on a subset")
     rng = np.random.default_rng(abs(hash(name)) % 2**32)
     v = gen.VARIANTS[name]
     spec = v.spec()
@@ -128,6 +138,8 @@ def test_decode_matches_float64(gen, name: str) -> None:
         sinks = kw["sinks"] = torch.randn(att.num_q_heads, device="cuda")
     scale = spec.cache.head_size ** -0.5
     plan = cache.plan_decode(window=window)
+    if single_split:
+        plan = cache.decode_plan = DecodePlan(cache, -(-max(lengths) // 64) * 64, 1, len(lengths))
     plan.part_o.fill_(float("nan"))  # poison the workspace: unwritten partials must never be read
     cache.decode(1, q, out, lse=lse, **kw)
     torch.cuda.synchronize()

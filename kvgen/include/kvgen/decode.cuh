@@ -114,9 +114,18 @@ template <class Cache> struct DecodeTypes {
   static constexpr bool kF16 = cuda::std::is_same<T, __half>::value || kFp8Direct;  // f16 MMA, else bf16
 };
 
+// Final output of a single-split plan, written by decode_partial itself (no combine launch, no float32 partials):
+// out [batch, Hq, D], lse (optional) [batch, Hq], sinks (optional) [Hq]. out == nullptr: write partials.
+template <class OT> struct DecodeFinal {
+  OT* out;
+  float* lse;
+  const float* sinks;
+};
+
 // Partial attention of one (split, kv head, request). q: [batch, Hq, D]; part_o: [batch, Hq, max_splits, D] f32;
 // part_lse: [batch, Hq, max_splits] f32 (natural log). chunk: tokens per split (a multiple of 64); the last
-// split of the grid also takes everything past gridDim.x * chunk, so any length is covered.
+// split of the grid also takes everything past gridDim.x * chunk, so any length is covered. With one split
+// (gridDim.x == 1) and fin.out set, the CTA writes the final output as decode_combine would (sinks included).
 // K/V loader, chosen by kvgen/derive.py decode_geometry:
 //   TMA = false: cp.async, 16 bytes per thread per copy (any arch).
 //   TMA = true (sm_90+): one TMA copy per page of a tile (page rows from the trait's populate) through kmap / vmap,
@@ -125,8 +134,8 @@ template <class Cache> struct DecodeTypes {
 //     rows land padded exactly like the cp.async layout and fragments load without bank conflicts. Copies
 //     complete on a per-stage mbarrier; thread 0 issues, everyone waits. (Swizzled create_tma_tile spans were
 //     tried: reading fragments through the swizzle cost registers and made the FP8 kernels spill.)
-template <class Cache, class QT, int GROUP, int STAGES, int SMEM_BYTES, bool WINDOW, bool SOFTCAP, bool TMA = false>
-__device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CUtensorMap* vmap,
+template <class Cache, class QT, class OT, int GROUP, int STAGES, int SMEM_BYTES, bool WINDOW, bool SOFTCAP, bool TMA = false>
+__device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CUtensorMap* vmap, DecodeFinal<OT> fin,
                                                const CacheArgs& a, uint32_t layer, const QT* __restrict__ q,
                                                float* __restrict__ part_o, float* __restrict__ part_lse,
                                                uint32_t chunk, float softmax_scale, float soft_cap, uint32_t window) {
@@ -201,7 +210,15 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   const uint32_t hq0 = h * GROUP;
   float* o_out = part_o + ((uint64_t(b) * H * GROUP + hq0) * gridDim.x + split) * D;
   float* lse_out = part_lse + (uint64_t(b) * H * GROUP + hq0) * gridDim.x + split;
+  const bool final_out = fin.out != nullptr && gridDim.x == 1;
   if (first >= last) {  // empty split: the combine step skips it by its -inf lse
+    if (final_out) {  // no rows at all (as decode_combine: zeros, and the sink's logit as the LSE)
+      const uint64_t row0 = uint64_t(b) * H * GROUP + hq0;
+      for (int i = threadIdx.x; i < GROUP * D; i += blockDim.x) fin.out[row0 * D + i] = from_f32<OT>(0.f);
+      if (fin.lse != nullptr)
+        for (int r = threadIdx.x; r < GROUP; r += blockDim.x) fin.lse[row0 + r] = fin.sinks ? fin.sinks[hq0 + r] : -INFINITY;
+      return;
+    }
     for (int r = threadIdx.x; r < GROUP; r += blockDim.x) lse_out[uint64_t(r) * gridDim.x] = -INFINITY;
     return;
   }
@@ -588,8 +605,26 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       l += sm_ml[(w * GROUP + row) * 2 + 1] * wgt;
       acc += sm_o[(w * GROUP + row) * OP + col] * wgt;
     }
-    o_out[uint64_t(row) * gridDim.x * D + col] = l > 0.f ? acc / l : 0.f;
-    if (col == 0) lse_out[uint64_t(row) * gridDim.x] = l > 0.f ? (mr + log2f(l)) * 0.6931471805599453f : -INFINITY;
+    const float o_norm = l > 0.f ? acc / l : 0.f;
+    const float lse = l > 0.f ? (mr + log2f(l)) * 0.6931471805599453f : -INFINITY;
+    if (final_out) {
+      // decode_combine's merge of a single split: w = exp(lse - m) against the sink's exp(sink - m).
+      const uint64_t orow = uint64_t(b) * H * GROUP + hq0 + row;
+      float res = o_norm, lse_f = lse;
+      if (fin.sinks != nullptr) {
+        const float sink = fin.sinks[hq0 + row];
+        const float mm = fmaxf(lse, sink);
+        const float w = lse == -INFINITY ? 0.f : __expf(lse - mm);
+        const float wsum = w + __expf(sink - mm);
+        res = wsum > 0.f ? w * o_norm / wsum : 0.f;
+        lse_f = wsum > 0.f ? mm + __logf(wsum) : -INFINITY;
+      }
+      fin.out[orow * D + col] = from_f32<OT>(res);
+      if (col == 0 && fin.lse != nullptr) fin.lse[orow] = lse_f;
+    } else {
+      o_out[uint64_t(row) * gridDim.x * D + col] = o_norm;
+      if (col == 0) lse_out[uint64_t(row) * gridDim.x] = lse;
+    }
   }
   KVGEN_TRACE(4);
 }
