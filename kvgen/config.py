@@ -257,6 +257,14 @@ def _decode_problems(v: VariantSpec) -> list[Problem]:
                          "use scale_dtype: float32"))
     if c.io_dtype == "float32":
         P.append(Problem("cache.input_dtype", "decode queries are 16-bit", c.io_dtype, "use bfloat16 or float16"))
+    if a.loader == "tma":  # an explicit request that no arch could honor is an error, not a silent cp.async
+        if not TMA_ARCHS & set(v.archs):
+            P.append(Problem("attention.loader", "the TMA loader needs an arch with TMA (sm_90a or sm_100a) in archs",
+                             v.archs, "add sm_90a to archs, or use loader: cp_async"))
+        nb = DTYPES[c.dtype].nbytes
+        if (c.head_size * nb + 16) // nb > 256:
+            P.append(Problem("attention.loader", "the TMA loader copies one padded row (head_size elements + 16 bytes) "
+                             "per box, at most 256 elements", c.head_size, "use loader: cp_async (or auto) for this head size"))
     return P
 
 

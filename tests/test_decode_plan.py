@@ -67,9 +67,10 @@ def test_launch_bounds_minimum_follows_shared_memory(dtype: str, stages: int | N
 @pytest.mark.parametrize(("loader", "arch", "head_size", "tma"), [
     ("tma", "sm_90a", 128, True), ("tma", "sm_100a", 64, True),
     ("tma", "sm_80", 128, False),     # no TMA on sm_80: cp.async there
-    ("tma", "sm_90a", 256, False),    # D + 16 bytes exceeds a 256-element box: cp.async
+    ("auto", "sm_90a", 256, False),   # auto measured as TMA, but D + 16 bytes exceeds a 256-element box: cp.async
     ("cp_async", "sm_90a", 128, False)])
-def test_decode_loader_choice(loader: str, arch: str, head_size: int, tma: bool) -> None:
+def test_decode_loader_choice(loader: str, arch: str, head_size: int, tma: bool, monkeypatch) -> None:
+    monkeypatch.setitem(DECODE_AUTO_LOADER, "16-bit", "tma")  # so "auto" exercises the TMA fallback
     d = base_config()
     d["cache"].update(dtype="bfloat16", page_size=16, head_size=head_size)
     d["kernels"] = ["store", "decode"]
@@ -94,3 +95,18 @@ def test_unknown_loader_is_refused_naming_the_field() -> None:
     d["attention"] = {"num_q_heads": 32, "loader": "bulk"}
     with pytest.raises(ConfigError, match="loader"):
         validate_variant(d)
+
+
+@pytest.mark.parametrize(("archs", "head_size", "rule"), [
+    (["sm_80"], 128, "arch with TMA"),
+    (["sm_90a"], 256, "padded row"),
+])
+def test_explicit_tma_loader_that_cannot_be_honored_is_refused(archs: list[str], head_size: int, rule: str) -> None:
+    d = base_config()
+    d["cache"].update(dtype="bfloat16", page_size=16, head_size=head_size)
+    d["kernels"] = ["store", "decode"]
+    d["archs"] = archs
+    d["attention"] = {"num_q_heads": 32, "loader": "tma"}
+    with pytest.raises(ConfigError, match=rule) as e:
+        validate_variant(d)
+    assert "attention.loader" in str(e.value) and "cp_async" in str(e.value)
