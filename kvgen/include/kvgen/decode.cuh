@@ -265,7 +265,10 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       mbar_arrive_expect_tx(&full_bar[stage], 2 * TILE_BYTES);  // boxes past the cache are zero-filled, still counted
 #pragma unroll
       for (int p = 0; p < NP; ++p) {
-        const int32_t row = base + p * EFF < last ? int32_t(pages[p]) : kOobRow;  // pages past the context: no DRAM
+        // Pages past the context, or (window) wholly before its start, are not read: their lookup-table entries
+        // may be stale once a serving stack recycles out-of-window pages. The OOB row reads as zeros, no DRAM.
+        const bool wanted = base + p * EFF < last && (!WINDOW || base + (p + 1) * EFF > first);
+        const int32_t row = wanted ? int32_t(pages[p]) : kOobRow;
         unsigned char* dst = kt + p * EFF * PITCH;
         tma_load_3d(dst, kmap, &full_bar[stage], 0, int32_t(h), row);
         tma_load_3d(dst + TILE_BYTES, vmap, &full_bar[stage], 0, int32_t(h), row);
@@ -276,7 +279,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       float* vss = kss + BN * G;
       for (int i = threadIdx.x; i < BN * G; i += kDecodeThreads) {
         const int r = i / G, g = i % G;
-        const bool valid = base + r < last;
+        const bool valid = base + r < last && (!WINDOW || base + r >= first);  // same rule as the K/V pages
         const int64_t so = valid ? int64_t(pages[r / EFF] + r % EFF) * (H * G) + int64_t(h) * G + g : 0;
         cp_async4(kss + i, kc.scales + so, valid);
         cp_async4(vss + i, vc.scales + so, valid);
