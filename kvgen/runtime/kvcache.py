@@ -496,7 +496,11 @@ class KVCache:
 
     # ---- decode attention -----------------------------------------------------------------------------
     def plan_decode(self, window: int | None = None) -> DecodePlan:
-        """Plan the step's decode (call after begin_step, once per step, outside graph capture)."""
+        """Plan the step's decode (call after begin_step, once per step, outside graph capture). window: the
+        sliding window in tokens (variants generated with sliding_window), None for full attention."""
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise LaunchError("plan_decode", "window", "must be a positive number of tokens, or None for no window",
+                              window, "pass e.g. window=4096, or window=None")
         self._window = window
         self.decode_plan = plan_decode(self)
         return self.decode_plan
@@ -548,7 +552,9 @@ class KVCache:
         f["chunk"].value = plan.chunk
         f["scale"].value = softmax_scale if softmax_scale is not None else D ** -0.5
         f["cap"].value = soft_cap or 1.0
-        f["window"].value = window or 0
+        # No window on a window-capable variant: the largest uint32, which no context exceeds (0 would mean a
+        # window of no tokens and silently produce zeros).
+        f["window"].value = window if window is not None else 0xFFFFFFFF
         # A single-split plan (every request fits one chunk, e.g. batch >= 64 at a few thousand tokens) has
         # nothing to merge: the decode kernel writes the final output itself and the combine launch is skipped.
         single = plan.splits == 1

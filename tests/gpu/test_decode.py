@@ -10,6 +10,7 @@ import pytest
 from kvgen import reference as ref
 from kvgen.benchmark import permuted_pages
 from kvgen.build import build, import_package
+from kvgen.errors import LaunchError
 from kvgen.grid import load_config
 from kvgen.runtime.decode_plan import DecodePlan
 
@@ -177,3 +178,26 @@ def test_decode_large_batch_skewed_and_graph(gen) -> None:
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager), "graph replay differs from the eager launch"
+
+
+@pytest.mark.parametrize("name", [v.name for v in GRID.variants if v.spec.attention.sliding_window])
+def test_window_variant_without_a_window_is_full_attention(gen, name: str) -> None:
+    """A variant generated with sliding_window, called without one, attends to the whole context (the kernel
+    once received window 0 here and wrote zeros)."""
+    rng = np.random.default_rng(9)
+    v = gen.VARIANTS[name]
+    spec = v.spec()
+    lengths = [1, 17, 700, 2053]
+    cache, k, vv = setup_cache(v, lengths, rng)
+    att = spec.attention
+    q = torch.randn(len(lengths), att.num_q_heads, spec.cache.head_size, device="cuda").to(getattr(torch, spec.cache.io_dtype))
+    out = torch.full((len(lengths), att.num_q_heads, spec.cache.head_size), float("nan"), device="cuda",
+                     dtype=getattr(torch, att.output_dtype))
+    cache.plan_decode()
+    cache.decode(1, q, out)
+    torch.cuda.synchronize()
+    ref, _ = reference(q.double().cpu(), k, vv, lengths, att.num_q_heads // spec.cache.num_kv_heads,
+                       spec.cache.head_size ** -0.5)
+    check(out, ref, name + " (no window)", spec.cache.dtype.startswith("float8"))
+    with pytest.raises(LaunchError, match="positive"):
+        cache.plan_decode(window=0)
