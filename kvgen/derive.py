@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .config import SWIZZLE_BYTES, TMA_ARCHS, VariantSpec, padded_depth
+from .config import SWIZZLE_BYTES, TMA_ARCHS, VariantSpec, decode_row_fits_tma_box, padded_depth
 from .dtypes import DTYPES
 from .grid import Variant
 
@@ -157,7 +157,7 @@ def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
     row_bytes = c.head_size * dt.nbytes
     # TMA copies one padded row per box (D + 16 bytes, at most 256 elements): head size 256 in 16-bit or FP8 does
     # not fit and keeps cp.async.
-    tma = decode_loader(spec, arch) == "tma" and (row_bytes + 16) // dt.nbytes <= 256
+    tma = decode_loader(spec, arch) == "tma" and decode_row_fits_tma_box(c)
     pitch = row_bytes + 16
     groups = (c.head_size + spec.quantization.granularity - 1) // spec.quantization.granularity if spec.quantization else 0
     stage = 2 * DECODE_TILE * pitch + 2 * DECODE_TILE * groups * 4

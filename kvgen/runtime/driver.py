@@ -102,6 +102,8 @@ class Kernel:
                                        dynamic_smem))
         self._handle = int(self.function)
         self._launch = _raw_launch()
+        self._pdl_config: _LaunchConfig | None = None  # built on the first dependent launch
+        self._pdl_attr: _LaunchAttribute | None = None
 
     def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], params: ctypes.Array, stream: int) -> None:
         """params: a ctypes array of void* pointing at each argument's bytes (kept alive by the caller)."""
@@ -114,7 +116,7 @@ class Kernel:
                          stream: int) -> None:
         """Launch as a programmatic dependent of the previous kernel on the stream (sm_90+): this grid may start
         while that one finishes, and must execute griddepcontrol.wait before reading what it wrote."""
-        cfg = getattr(self, "_pdl_config", None)
+        cfg = self._pdl_config
         if cfg is None:
             attr = _LaunchAttribute()
             attr.id = int(cu().CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)

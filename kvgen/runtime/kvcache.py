@@ -147,10 +147,12 @@ class KVCache:
         self.decode_plan: DecodePlan | None = None
         # Geometry of the decode kernel for this GPU's arch (shared memory, loader), fixed per variant: computed
         # once, not on every launch.
-        self._decode_geo = decode_geometry(self.spec, driver.device_arch(self.device)) if self.spec.attention is not None else None
+        arch = driver.device_arch(self.device)
+        self._decode_geo = decode_geometry(self.spec, arch) if self.spec.attention is not None else None
         self._decode_smem = self._decode_geo.smem_bytes if self._decode_geo is not None else 0
         self._decode_maps: dict[int, tuple[TmaTile, TmaTile]] = {}  # layer -> K, V create_tma_tile descriptors
-        self._pdl = driver.device_arch(self.device) in ("sm_90a", "sm_100a")  # programmatic dependent launch
+        # Programmatic dependent launch (griddepcontrol) exists from sm_90 on.
+        self._pdl = int("".join(ch for ch in arch if ch.isdigit())) >= 90
         self.tma_geometry = tma_geometry(self.spec)  # box and tile shape of create_tma_tile / tile_load, per variant
 
     # ---- construction ---------------------------------------------------------------------------------
@@ -427,45 +429,48 @@ class KVCache:
             return (None, r.padded_depth + r.rope_dim)
         return (None, self.num_heads, self.head_size)
 
-    def store(self, layer: int, k: Any, v: Any | None = None, row_offsets: Any = None, stream: Any = None) -> None:
-        """Write new K/V rows [T, H, D] at cache_length(b) + t (CSR row offsets; default: the step's)."""
-        kn = "store"
-        self._check_layer(kn, layer)
-        kt, vptr = self._kv_rows(kn, ("k", "v"), k, v)
-        total = kt.shape[0]
-        ro = self._row_offsets_arg(kn, row_offsets, total)
+    def _ragged_inputs(self, kernel: str, layer: int, names: tuple[str, str], k: Any, v: Any | None,
+                       row_offsets: Any) -> tuple[DeviceTensor, int, DeviceTensor]:
+        """Checks shared by store and load: layer, the K/V row tensors, the CSR row offsets (explicit offsets
+        also set the batch size). Returns (K rows, V pointer, row offsets)."""
+        self._check_layer(kernel, layer)
+        kt, vptr = self._kv_rows(kernel, names, k, v)
+        ro = self._row_offsets_arg(kernel, row_offsets, kt.shape[0])
         if row_offsets is not None:
             self.args.batch_size = ro.shape[0] - 1
-        if total == 0:
-            return
+        return kt, vptr, ro
+
+    def _launch_ragged(self, kernel: str, layer: int, total: int, k: int, v: int, offsets: int, extra: int,
+                       stream: Any) -> None:
+        """store / load launch: one block per tokens_per_block new tokens (they share the argument layout)."""
         p, s = self._ptrs, self._scalars
-        launch = self._launch("store", "store", (self.args, p["a"], p["b"], p["c"], p["d"], s["total"], s["layer"], s["tpb"]))
-        p["a"].value, p["b"].value, p["c"].value = kt.ptr, vptr, ro.ptr
-        p["d"].value = self._token_map.data_ptr() if row_offsets is None else 0
+        launch = self._launch(kernel, kernel, (self.args, p["a"], p["b"], p["c"], p["d"], s["total"], s["layer"], s["tpb"]))
+        p["a"].value, p["b"].value, p["c"].value, p["d"].value = k, v, offsets, extra
         s["total"].value, s["layer"].value, s["tpb"].value = total, layer, self._tpb
         launch(((total + self._tpb - 1) // self._tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
+
+    def store(self, layer: int, k: Any, v: Any | None = None, row_offsets: Any = None, stream: Any = None) -> None:
+        """Write new K/V rows [T, H, D] at cache_length(b) + t (CSR row offsets; default: the step's)."""
+        kt, vptr, ro = self._ragged_inputs("store", layer, ("k", "v"), k, v, row_offsets)
+        total = kt.shape[0]
+        if total == 0:
+            return
+        token_map = self._token_map.data_ptr() if row_offsets is None else 0
+        self._launch_ragged("store", layer, total, kt.ptr, vptr, ro.ptr, token_map, stream)
 
     def load(self, layer: int, k_out: Any, v_out: Any | None, start_pos: Any, row_offsets: Any = None,
              stream: Any = None) -> None:
         """Read rows [start_pos(b), start_pos(b) + n_b) of every request into k_out/v_out [T, H, D], dequantized."""
         kn = "load"
-        self._check_layer(kn, layer)
-        kt, vptr = self._kv_rows(kn, ("k_out", "v_out"), k_out, v_out)
+        kt, vptr, ro = self._ragged_inputs(kn, layer, ("k_out", "v_out"), k_out, v_out, row_offsets)
         total = kt.shape[0]
-        ro = self._row_offsets_arg(kn, row_offsets, total)
-        if row_offsets is not None:
-            self.args.batch_size = ro.shape[0] - 1
         sp = check_tensor(kn, "start_pos", start_pos, dtype=_U32, shape=(None,), device=self.device, align=4)
         if sp.shape[0] < self.args.batch_size:
             raise LaunchError(kn, "start_pos", f"needs one entry per request ({self.args.batch_size})", sp.shape[0],
                               "pass a start position for every request")
         if total == 0:
             return
-        p, s = self._ptrs, self._scalars
-        launch = self._launch("load", "load", (self.args, p["a"], p["b"], p["c"], p["d"], s["total"], s["layer"], s["tpb"]))
-        p["a"].value, p["b"].value, p["c"].value, p["d"].value = kt.ptr, vptr, ro.ptr, sp.ptr
-        s["total"].value, s["layer"].value, s["tpb"].value = total, layer, self._tpb
-        launch(((total + self._tpb - 1) // self._tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
+        self._launch_ragged("load", layer, total, kt.ptr, vptr, ro.ptr, sp.ptr, stream)
 
     @property
     def page_bytes(self) -> int:
