@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import peers  # noqa: E402
 
+from kvgen import nvrtc  # noqa: E402
 from kvgen.benchmark import copy_bandwidth, decode_bytes, decode_cache, graph_times, rotations, skewed_lengths  # noqa: E402
 from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import ConfigFile, load_config, make_variant  # noqa: E402
@@ -32,16 +33,23 @@ from kvgen.grid import ConfigFile, load_config, make_variant  # noqa: E402
 HQ, H, D = 32, 8, 128
 
 
-def load_generated(loader: str = "auto"):
-    """The bench config's variants, with attention.loader set to `loader` (an A/B of the K/V loaders)."""
+def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str = ""):
+    """The bench config's variants, with attention.loader set to `loader` and the kernels compiled with extra
+    preprocessor `defines` (an A/B of the K/V loaders or of decode.cuh's compile-time knobs)."""
     cfg = load_config(ROOT / "configs" / "bench_decode.yaml")
-    if loader != "auto":
+    name = f"{loader}{tag}"
+    if loader != "auto" or defines:
         specs = [v.spec.model_copy(update={"attention": v.spec.attention.model_copy(update={"loader": loader})})
                  for v in cfg.variants]
-        cfg = ConfigFile(path=None, name=f"bench_decode_{loader}", variants=[make_variant(s) for s in specs])
-    out = Path(f"/tmp/kvgen-bench-decode-{loader}")
-    build(cfg, out=out, jobs=8)
-    return import_package(out, f"kvgen_bench_decode_{loader}")
+        cfg = ConfigFile(path=None, name=f"bench_decode_{name}", variants=[make_variant(s) for s in specs])
+    out = Path(f"/tmp/kvgen-bench-decode-{name}")
+    plain = nvrtc.nvrtc_options
+    nvrtc.nvrtc_options = lambda arch: [*plain(arch), *(f"-D{d}" for d in defines)]
+    try:
+        build(cfg, out=out, jobs=8)
+    finally:
+        nvrtc.nvrtc_options = plain
+    return import_package(out, f"kvgen_bench_decode_{name}")
 
 
 def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float, label: str, with_peers: bool,
@@ -123,15 +131,23 @@ def main() -> None:
     ap.add_argument("--pdl-ab", action="store_true", help="also time kvgen with the combine launched without PDL")
     ap.add_argument("--loaders", nargs="+", default=["auto"], choices=["auto", "tma", "cp_async"],
                     help="time kvgen built with each K/V loader, on the same caches (one row each)")
+    ap.add_argument("--defines", nargs="*", default=[], metavar="NAME=V[,NAME=V]",
+                    help="also time kvgen (first loader) compiled with these -D knobs of decode.cuh, one build each")
+    ap.add_argument("--shapes", nargs="*", default=None, metavar="BxC",
+                    help="only these batch x context shapes, e.g. 16x1024 128x4096 (and no skewed batch)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     mods = {loader: load_generated(loader) for loader in args.loaders}
+    for i, text in enumerate(args.defines):
+        mods[text] = load_generated(args.loaders[0], tuple(text.split(",")), tag=f"-d{i}")
     mod = mods[args.loaders[0]]
     copy_bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name()
     shapes = [(b, c) for b in (16, 64, 128) for c in (1024, 4096, 16384)]
     if args.quick:
         shapes = [(16, 1024), (64, 4096)]
+    if args.shapes:
+        shapes = [tuple(int(x) for x in text.lower().split("x")) for text in args.shapes]
     lines = [f"Decode benchmark, {gpu}, {datetime.date.today()}; copy_ bandwidth {copy_bw / 1e12:.3f} TB/s "
              f"(256 MiB, read+write). Hq={HQ}, H={H}, D={D}.", "",
              "| cache | page | batch x context | kernel | µs | TB/s | % of copy |", "|---|---|---|---|---|---|---|"]
@@ -144,7 +160,8 @@ def main() -> None:
         tag = spec.cache.dtype + (" (scale per token+head)" if spec.quantization else "")
         cases = [(f"{b} x {c}", [c] * b) for b, c in shapes]
         skew = skewed_lengths(rng)
-        cases.append((f"64 x lognormal(mean {int(np.mean(skew))}, max {max(skew)})", skew))
+        if not args.shapes:
+            cases.append((f"64 x lognormal(mean {int(np.mean(skew))}, max {max(skew)})", skew))
         for label, lengths in cases:
             try:
                 for r in run_shape(by_loader, lengths, rng, copy_bw, label, not args.no_peers, args.pdl_ab):

@@ -180,8 +180,8 @@ def test_decode_large_batch_skewed_and_graph(gen) -> None:
 
 @pytest.mark.parametrize("name", [v.name for v in GRID.variants if v.spec.attention.sliding_window])
 def test_window_variant_without_a_window_is_full_attention(gen, name: str) -> None:
-    """A variant generated with sliding_window, called without one, attends to the whole context (the kernel
-    once received window 0 here and wrote zeros)."""
+    """A variant generated with sliding_window (and soft cap), called without a window or a cap, attends to the
+    whole context without capping (the kernel once received window 0 here and wrote zeros, then cap 1.0)."""
     rng = np.random.default_rng(9)
     v = gen.VARIANTS[name]
     spec = v.spec()
@@ -199,3 +199,7 @@ def test_window_variant_without_a_window_is_full_attention(gen, name: str) -> No
     check(out, ref, name + " (no window)", spec.cache.dtype.startswith("float8"))
     with pytest.raises(LaunchError, match="positive"):
         cache.plan_decode(window=0)
+    if att.logits_soft_cap:
+        for bad in (0.0, -1.0, float("inf"), float("nan")):
+            with pytest.raises(LaunchError, match="soft_cap"):
+                cache.decode(1, q, out, soft_cap=bad)

@@ -42,9 +42,39 @@ __device__ unsigned long long kvgen_decode_trace[1 << 16][6];
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeTile = 64;
 
+// L2 behaviour of the K/V row copies. Compile-time knobs so one run can A/B them on the same caches
+// (bench/decode_bench.py --defines): KVGEN_KV_PREFETCH = 0 | 64 | 128 | 256 asks L2 to fetch that many bytes
+// around each 16-byte request (a 16-bit row of head size 128 is 256 bytes), KVGEN_KV_EVICT_FIRST = 1 marks the
+// streamed-once K/V lines evict-first so they do not push other data out of L2.
+#ifndef KVGEN_KV_PREFETCH
+#define KVGEN_KV_PREFETCH 0
+#endif
+#ifndef KVGEN_KV_EVICT_FIRST
+#define KVGEN_KV_EVICT_FIRST 0
+#endif
+#if KVGEN_KV_PREFETCH == 256
+#define KVGEN_KV_PREFETCH_QUAL ".L2::256B"
+#elif KVGEN_KV_PREFETCH == 128
+#define KVGEN_KV_PREFETCH_QUAL ".L2::128B"
+#elif KVGEN_KV_PREFETCH == 64
+#define KVGEN_KV_PREFETCH_QUAL ".L2::64B"
+#elif KVGEN_KV_PREFETCH == 0
+#define KVGEN_KV_PREFETCH_QUAL ""
+#else
+#error "KVGEN_KV_PREFETCH must be 0, 64, 128 or 256"
+#endif
+
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
+#if KVGEN_KV_EVICT_FIRST
+  uint64_t policy;  // not volatile: the compiler may hoist and share it
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint" KVGEN_KV_PREFETCH_QUAL " [%0], [%1], 16, %2, %3;\n"
+               ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0), "l"(policy) : "memory");
+#else
+  asm volatile("cp.async.cg.shared.global" KVGEN_KV_PREFETCH_QUAL " [%0], [%1], 16, %2;\n"
+               ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0) : "memory");
+#endif
 }
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -469,7 +499,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       for (int e = 0; e < 4; ++e) {
         float x = s[nt][e];
         if constexpr (Ty::kFp8Direct && QUANT) x *= kss[warp * 16 + nt * 8 + tq * 2 + (e & 1)];
-        if constexpr (SOFTCAP) x = soft_cap * tanhf(x * softmax_scale / soft_cap) * kLog2e;
+        // soft_cap 0 = no cap at run time (a cap-capable variant called without one): a uniform branch.
+        if constexpr (SOFTCAP) x = soft_cap > 0.f ? soft_cap * tanhf(x * softmax_scale / soft_cap) * kLog2e : x * scale_log2;
         else x *= scale_log2;
         if (tail || head) {
           const uint32_t t = tbase + nt * 8 + tq * 2 + (e & 1);
