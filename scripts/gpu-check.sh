@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (offline): installs the carried wheels, runs the GPU tests, compute-sanitizer on a
-# subset and the benchmarks, and prints a short summary. Usage: scripts/gpu-check.sh [tests|sanitize|bench|decode|sweep|trace|profile|ncu|cli|all]...
+# subset and the benchmarks, and prints a short summary. Usage: scripts/gpu-check.sh [tests|sanitize|bench|decode|ab|sweep|trace|profile|ncu|cli|all]...
 # Wheels come from scripts/fetch_gpu_wheels.sh (run on a machine with internet) into .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +50,20 @@ for step in "${@:-all}"; do
   fi
   if [[ $step == profile ]]; then
     python3 bench/host_profile.py 2>&1 | tee "$OUT/host-profile.log"
+  fi
+  if [[ $step == ab ]]; then  # decode.cuh compile-time knobs (DECODE_DEFINES) vs the default build, same caches
+    ok=()
+    for d in ${DECODE_DEFINES:-}; do  # each alone first: a knob that faults must not take the whole A/B down
+      if timeout 150 python3 bench/decode_bench.py --out /tmp/ab-probe.md --no-peers --variant '*p16*' \
+          --shapes 16x1024 --defines "$d" >"$OUT/ab-probe-$d.log" 2>&1 && ! grep -q "Error" "$OUT/ab-probe-$d.log"; then
+        ok+=("$d")
+      else
+        echo "knob $d failed: $(grep -m1 Error "$OUT/ab-probe-$d.log")"
+      fi
+    done
+    timeout "${DECODE_BENCH_TIMEOUT:-480}" python3 bench/decode_bench.py --out "$OUT/decode_ab.md" --variant '*p16*' \
+      --shapes ${AB_SHAPES:-16x1024 128x1024 128x4096} --defines "${ok[@]}" 2>&1 | tee "$OUT/decode-ab.log" | grep "^|"
+    summary+=("decode A/B: $OUT/decode_ab.md (knobs that ran: ${ok[*]})")
   fi
   if [[ $step == decode ]]; then
     timeout "${DECODE_BENCH_TIMEOUT:-480}" python3 bench/decode_bench.py --out "$OUT/decode_bench.md" ${DECODE_BENCH_ARGS:-} 2>&1 | tee "$OUT/decode-bench.log" | tail -n 60
