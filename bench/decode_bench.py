@@ -43,12 +43,8 @@ def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str
                  for v in cfg.variants]
         cfg = ConfigFile(path=None, name=f"bench_decode_{name}", variants=[make_variant(s) for s in specs])
     out = Path(f"/tmp/kvgen-bench-decode-{name}")
-    plain = nvrtc.nvrtc_options
-    nvrtc.nvrtc_options = lambda arch: [*plain(arch), *(f"-D{d}" for d in defines)]
-    try:
+    with nvrtc.defines(*defines):
         build(cfg, out=out, jobs=8)
-    finally:
-        nvrtc.nvrtc_options = plain
     return import_package(out, f"kvgen_bench_decode_{name}")
 
 

@@ -25,12 +25,6 @@ from kvgen.grid import load_config  # noqa: E402
 from kvgen.runtime import driver  # noqa: E402
 from kvgen.runtime.decode_plan import DecodePlan  # noqa: E402
 
-_plain_options = nvrtc.nvrtc_options
-
-
-def traced_options(arch: str) -> list[str]:
-    return [*_plain_options(arch), "-DKVGEN_DECODE_TRACE"]
-
 
 def read_trace(cache, n_ctas: int) -> np.ndarray:
     from cuda.bindings import driver as cu
@@ -63,9 +57,9 @@ def report(label: str, tr: np.ndarray) -> None:
 
 
 def main() -> None:
-    nvrtc.nvrtc_options = traced_options
     out = Path("/tmp/kvgen-trace")
-    build(load_config(ROOT / "configs" / "bench_decode.yaml"), out=out, jobs=1, pattern="*p16*")
+    with nvrtc.defines("KVGEN_DECODE_TRACE"):
+        build(load_config(ROOT / "configs" / "bench_decode.yaml"), out=out, jobs=1, pattern="*p16*")
     mod = import_package(out, "kvgen_trace")
     rng = np.random.default_rng(0)
     for v in mod.VARIANTS.values():

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import peers  # noqa: E402
 
-from kvgen import derive  # noqa: E402
+from kvgen import derive, nvrtc  # noqa: E402
 from kvgen.benchmark import copy_bandwidth, eager_host_cost, graph_times, permuted_pages, rotations  # noqa: E402
 from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import load_config  # noqa: E402
@@ -93,6 +93,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "store_bench.md")
     ap.add_argument("--try", dest="tries", nargs="*", default=[], metavar="KNOB=V[,KNOB=V]",
                     help=f"also time the store built with other derive constants ({', '.join(TUNABLE)}), same data")
+    ap.add_argument("--defines", nargs="*", default=[], metavar="NAME=V[,NAME=V]",
+                    help="also time the store compiled with these -D knobs of store_load.cuh, one build each, same data")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     mod = load_generated(Path("/tmp/kvgen-bench-store"))
@@ -101,6 +103,9 @@ def main() -> None:
         knobs = parse_try(text)
         extra[text] = (knobs, with_derive(knobs, lambda i=i, knobs=knobs: load_generated(
             Path(f"/tmp/kvgen-bench-store-try{i}"), f"kvgen_bench_store_try{i}")))
+    for i, text in enumerate(args.defines):
+        with nvrtc.defines(*text.split(",")):
+            extra[text] = ({}, load_generated(Path(f"/tmp/kvgen-bench-store-def{i}"), f"kvgen_bench_store_def{i}"))
     copy_bw = copy_bandwidth()
     rows = []
     gpu = torch.cuda.get_device_name()

@@ -6,6 +6,8 @@ import functools
 import importlib.metadata
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .render import INCLUDE_DIR
@@ -51,6 +53,22 @@ def toolchain_identity() -> str:
     return "|".join(parts)
 
 
+_extra_defines: tuple[str, ...] = ()
+
+
+@contextmanager
+def defines(*names: str) -> Iterator[None]:
+    """Compile with extra preprocessor definitions ("KVGEN_KV_PREFETCH=256") while the block runs: the
+    benchmarks' A/B builds of the headers' compile-time knobs. They enter the cache key like every option."""
+    global _extra_defines
+    saved = _extra_defines
+    _extra_defines = (*saved, *names)
+    try:
+        yield
+    finally:
+        _extra_defines = saved
+
+
 def nvrtc_options(arch: str) -> list[str]:
     return [
         f"--gpu-architecture={arch}",  # a real arch: cubin (SASS), never PTX
@@ -58,6 +76,7 @@ def nvrtc_options(arch: str) -> list[str]:
         "--ptxas-options=--verbose",  # per-kernel registers and spills, kept in the manifest
         "--maxrregcount=128",  # without it ptxas capped these kernels at 32 registers and spilled
         "-default-device",
+        *[f"-D{d}" for d in _extra_defines],
         *[f"-I{d}" for d in (str(INCLUDE_DIR), *cuda_include_dirs())],
     ]
 
