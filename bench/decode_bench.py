@@ -100,7 +100,8 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
                 if pname.endswith("(tensor cores)") and not fp8:
                     check = fns[0]
             except Exception as e:  # noqa: BLE001 - a failing peer is reported, the run goes on
-                print(f"  {pname} failed on {label}: {type(e).__name__}: {str(e)[:200]}")
+                msg = str(e)  # the cause of a JIT build failure is at the end of ninja's output
+                print(f"  {pname} failed on {label}: {type(e).__name__}: {msg[:200]} ... {msg[-1200:] if len(msg) > 200 else ''}")
     times = graph_times([e[1] for e in entries])
     if check is not None and hasattr(check, "out"):  # same data, same answer: kvgen against FlashInfer
         c, q, o = sets[0]
