@@ -113,16 +113,6 @@ template <class T> __device__ __forceinline__ uint32_t fp8x2_to_f16x2(unsigned s
   return uint32_t(h.x) | (uint32_t(h.y) << 16);
 }
 
-// FP8 fragments by 32-bit shared loads (KVGEN_FP8_WIDE_LDS = 1, a compile-time knob for A/B runs). The head
-// dimension is contracted in Q.K, so a lane may own any 4 of a k-step's 16 dims: it owns 4 adjacent ones (one
-// 32-bit load instead of two 16-bit ones, Q's fragments permuted the same way). In P.V each n-tile column may
-// be any head dim too: lane gq of n-tiles 4j..4j+3 owns dims 32j + 4gq + {0..3}, so 4 32-bit loads of rows
-// r, r+1, r+8, r+9 and 4 byte permutes replace 16 byte loads; the epilogue maps the columns back. Per 64-token
-// tile a lane issues 32 shared loads instead of 96, all bank-conflict free with the 16-byte row padding.
-#ifndef KVGEN_FP8_WIDE_LDS
-#define KVGEN_FP8_WIDE_LDS 1
-#endif
-
 template <class Cache> struct DecodeTypes {
   using T = typename Cache::dtype;
   static constexpr bool kFp8 = sizeof(T) == 1;
@@ -131,13 +121,7 @@ template <class Cache> struct DecodeTypes {
   // applied per element while dequantizing to bf16.
   static constexpr bool kFp8Direct = kFp8 && (!Cache::quantization_enabled || Cache::num_scale_groups == 1);
   static constexpr bool kF16 = cuda::std::is_same<T, __half>::value || kFp8Direct;  // f16 MMA, else bf16
-  static constexpr bool kWide = kFp8Direct && KVGEN_FP8_WIDE_LDS;  // permuted head dims, 32-bit fragment loads
 };
-
-// Output column (head dim) of n-tile dn, C-fragment column n: identity, or the wide FP8 permutation above.
-template <bool WIDE> __device__ __forceinline__ int pv_dim(int dn, int n) {
-  return WIDE ? (dn / 4) * 32 + 4 * n + dn % 4 : dn * 8 + n;
-}
 
 // Final output of a single-split plan, written by decode_partial itself (no combine launch, no float32 partials):
 // out [batch, Hq, D], lse (optional) [batch, Hq], sinks (optional) [Hq]. out == nullptr: write partials.
@@ -389,12 +373,11 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     auto qv = [&](uint32_t r, uint32_t k) -> float { return r < GROUP ? to_f32(qb[uint64_t(r) * D + k]) : 0.f; };
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
-      // Fragment k-columns 2tq, 2tq+1 | 2tq+8, 2tq+9 are head dims k, k+1 | k+hi, k+hi+1 (wide FP8: 4 adjacent).
-      const uint32_t k = ks * 16 + tq * (Ty::kWide ? 4 : 2), hi = Ty::kWide ? 2 : 8;
+      const uint32_t k = ks * 16 + tq * 2;
       qa[ks][0] = pack2<F16>(qv(gq, k), qv(gq, k + 1));
       qa[ks][1] = pack2<F16>(qv(gq + 8, k), qv(gq + 8, k + 1));
-      qa[ks][2] = pack2<F16>(qv(gq, k + hi), qv(gq, k + hi + 1));
-      qa[ks][3] = pack2<F16>(qv(gq + 8, k + hi), qv(gq + 8, k + hi + 1));
+      qa[ks][2] = pack2<F16>(qv(gq, k + 8), qv(gq, k + 9));
+      qa[ks][3] = pack2<F16>(qv(gq + 8, k + 8), qv(gq + 8, k + 9));
     }
   }
 
@@ -462,13 +445,6 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
           ldsm_x4(kb, sp(ks_o, lrow, (lane / 8) * 16 + kk * 16 * ES));
           mma16816<F16>(s[nt], qa[kk], kb[0], kb[1]);
           mma16816<F16>(s[nt], qa[kk + 1], kb[2], kb[3]);
-        }
-      } else if constexpr (Ty::kWide) {
-#pragma unroll
-        for (int kk = 0; kk < KS; ++kk) {  // dims 16kk + 4tq + {0, 1 | 2, 3}: one 32-bit load
-          const uint32_t w = *reinterpret_cast<const uint32_t*>(sp(ks_o, n, kk * 16 + tq * 4));
-          mma16816<F16>(s[nt], qa[kk], fp8x2_to_f16x2<T>(static_cast<unsigned short>(w)),
-                        fp8x2_to_f16x2<T>(static_cast<unsigned short>(w >> 16)));
         }
       } else {
 #pragma unroll
@@ -566,24 +542,6 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         mma16816<F16>(o[dn], pa, vb[0], vb[1]);
         mma16816<F16>(o[dn + 1], pa, vb[2], vb[3]);
       }
-    } else if constexpr (Ty::kWide) {
-      // Rows r0, r0+1 (b0) and r0+8, r0+9 (b1), dims 32j + 4gq + {0..3} of n-tiles 4j..4j+3: byte permutes
-      // pair each dim's two tokens, low byte first.
-#pragma unroll
-      for (int j = 0; j < DN / 4; ++j) {
-        const int col = j * 32 + gq * 4;
-        const uint32_t w0 = *reinterpret_cast<const uint32_t*>(sp(vs_o, r0, col));
-        const uint32_t w1 = *reinterpret_cast<const uint32_t*>(sp(vs_o, r0 + 1, col));
-        const uint32_t w8 = *reinterpret_cast<const uint32_t*>(sp(vs_o, r0 + 8, col));
-        const uint32_t w9 = *reinterpret_cast<const uint32_t*>(sp(vs_o, r0 + 9, col));
-        const uint32_t lo01 = __byte_perm(w0, w1, 0x5140), hi01 = __byte_perm(w0, w1, 0x7362);
-        const uint32_t lo89 = __byte_perm(w8, w9, 0x5140), hi89 = __byte_perm(w8, w9, 0x7362);
-        const uint32_t b01[4] = {lo01, lo01 >> 16, hi01, hi01 >> 16}, b89[4] = {lo89, lo89 >> 16, hi89, hi89 >> 16};
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          mma16816<F16>(o[4 * j + i], pa, fp8x2_to_f16x2<T>(static_cast<unsigned short>(b01[i])),
-                        fp8x2_to_f16x2<T>(static_cast<unsigned short>(b89[i])));
-      }
     } else {
 #pragma unroll
       for (int dn = 0; dn < DN; ++dn) {
@@ -636,18 +594,10 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   for (int r = 0; r < 2; ++r) {
     const int row = gq + 8 * r;
     if (row < GROUP) {
-      float* dst = sm_o + (warp * GROUP + row) * OP;
-      if constexpr (Ty::kWide) {  // permuted columns: two scalar stores
+      float* dst = sm_o + (warp * GROUP + row) * OP + tq * 2;
 #pragma unroll
-        for (int dn = 0; dn < DN; ++dn) {
-          dst[pv_dim<true>(dn, tq * 2)] = o[dn][2 * r];
-          dst[pv_dim<true>(dn, tq * 2 + 1)] = o[dn][2 * r + 1];
-        }
-      } else {
-#pragma unroll
-        for (int dn = 0; dn < DN; ++dn)
-          *reinterpret_cast<float2*>(dst + pv_dim<false>(dn, tq * 2)) = make_float2(o[dn][2 * r], o[dn][2 * r + 1]);
-      }
+      for (int dn = 0; dn < DN; ++dn)
+        *reinterpret_cast<float2*>(dst + dn * 8) = make_float2(o[dn][2 * r], o[dn][2 * r + 1]);
       if (tq == 0) {
         sm_ml[(warp * GROUP + row) * 2] = m_run[r];
         sm_ml[(warp * GROUP + row) * 2 + 1] = l_run[r];
