@@ -53,6 +53,21 @@ def test_key_depends_on_source_and_arch(fixed_toolchain: None) -> None:
     assert cache_key(SRC, "sm_80") != k
 
 
+def test_key_depends_on_extra_defines(fixed_toolchain: None) -> None:
+    """A/B builds of a header knob (nvrtc.defines) are cached apart from the default build, and the knob ends
+    with the block."""
+    from kvgen import nvrtc
+
+    k = cache_key(SRC, "sm_90a")
+    with nvrtc.defines("KVGEN_KV_PREFETCH=256"):
+        assert "-DKVGEN_KV_PREFETCH=256" in nvrtc.nvrtc_options("sm_90a")
+        assert cache_key(SRC, "sm_90a") != k
+        with nvrtc.defines("KVGEN_DECODE_TRACE"):
+            assert {"-DKVGEN_KV_PREFETCH=256", "-DKVGEN_DECODE_TRACE"} <= set(nvrtc.nvrtc_options("sm_90a"))
+    assert not [o for o in nvrtc.nvrtc_options("sm_90a") if o.startswith("-D")]
+    assert cache_key(SRC, "sm_90a") == k
+
+
 def test_key_depends_on_header_content(fixed_toolchain: None, monkeypatch: pytest.MonkeyPatch) -> None:
     real = kc.library_headers()
     assert "kvgen/cache.cuh" in real
