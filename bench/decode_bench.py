@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import fnmatch
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -64,6 +65,7 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
         out = torch.empty_like(q)
         sets.append((cache, q, out))
     entries = []  # (name, launches, bytes)
+    first_views = {}  # kvgen build name -> its view of sets[0]: every build must give the default's answer
     for loader, v in variants.items():
         views = [c if v is variant else type(c).wrap(v, c.blocks, c.scales, c.lookup_table, c.cache_lengths, num_layers=1)
                  for c, _, _ in sets]
@@ -71,6 +73,7 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             w.begin_step([1] * len(lengths))
             w.plan_decode()
         name = "kvgen" if len(variants) == 1 else f"kvgen ({loader})"
+        first_views[name] = views[0]
         entries.append((name, [lambda c=c, q=q, o=o: c.decode(0, q, o) for c, (_, q, o) in zip(views, sets)], nbytes))
         if pdl_ab:  # same caches, the combine launched plainly after the decode kernel
             plain = [w.copy() for w in views]
@@ -103,6 +106,8 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
                 msg = str(e)  # the cause of a JIT build failure is at the end of ninja's output
                 print(f"  {pname} failed on {label}: {type(e).__name__}: {msg[:200]} ... {msg[-1200:] if len(msg) > 200 else ''}")
     times = graph_times([e[1] for e in entries])
+    if len(first_views) > 1:
+        check_builds_agree(first_views, sets[0][1], label)
     if check is not None and hasattr(check, "out"):  # same data, same answer: kvgen against FlashInfer
         c, q, o = sets[0]
         c.decode(0, q, o)
@@ -112,6 +117,22 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
     del sets
     torch.cuda.empty_cache()
     return [(label, name, t * 1e6, b / t / 1e12, b / t / copy_bw) for (name, _, b), t in zip(entries, times)]
+
+
+def check_builds_agree(views: dict, q: torch.Tensor, label: str, tol: float = 2e-2) -> None:
+    """Every kvgen build (other loader, other header knob) on the same cache and query gives the first build's
+    output: a knob that computes garbage is reported as a MISMATCH (gpu-check.sh's `ab` probe refuses it)
+    instead of being timed."""
+    outs = {}
+    for name, cache in views.items():
+        outs[name] = torch.full_like(q, float("nan"))
+        cache.decode(0, q, outs[name])
+    torch.cuda.synchronize()
+    base_name, base = next(iter(outs.items()))
+    for name, out in list(outs.items())[1:]:
+        diff = (out.float() - base.float()).abs().max().item()
+        bad = not math.isfinite(diff) or diff > tol
+        print(f"  {label}: max |{name} - {base_name}| = {diff:.3e}" + (" MISMATCH" if bad else ""))
 
 
 def row_line(r: tuple, copy_bw: float) -> str:

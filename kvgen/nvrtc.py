@@ -59,7 +59,9 @@ _extra_defines: tuple[str, ...] = ()
 @contextmanager
 def defines(*names: str) -> Iterator[None]:
     """Compile with extra preprocessor definitions ("KVGEN_KV_PREFETCH=256") while the block runs: the
-    benchmarks' A/B builds of the headers' compile-time knobs. They enter the cache key like every option."""
+    benchmarks' A/B builds of the headers' compile-time knobs. They enter the cache key like every option.
+    Process-wide on purpose (a build's worker threads must see them), so overlapping blocks in two threads
+    would see each other's definitions: use it from one thread at a time."""
     global _extra_defines
     saved = _extra_defines
     _extra_defines = (*saved, *names)

@@ -64,8 +64,13 @@ def test_key_depends_on_extra_defines(fixed_toolchain: None) -> None:
         assert cache_key(SRC, "sm_90a") != k
         with nvrtc.defines("KVGEN_DECODE_TRACE"):
             assert {"-DKVGEN_KV_PREFETCH=256", "-DKVGEN_DECODE_TRACE"} <= set(nvrtc.nvrtc_options("sm_90a"))
+        # Leaving the inner block restores the outer set exactly.
+        assert [o for o in nvrtc.nvrtc_options("sm_90a") if o.startswith("-D")] == ["-DKVGEN_KV_PREFETCH=256"]
     assert not [o for o in nvrtc.nvrtc_options("sm_90a") if o.startswith("-D")]
     assert cache_key(SRC, "sm_90a") == k
+    with pytest.raises(RuntimeError), nvrtc.defines("KVGEN_KV_PREFETCH=64"):
+        raise RuntimeError("a failed build")
+    assert not [o for o in nvrtc.nvrtc_options("sm_90a") if o.startswith("-D")]
 
 
 def test_key_depends_on_header_content(fixed_toolchain: None, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,6 @@ prove safe, so a bad page table can never write outside the cache.
 from __future__ import annotations
 
 import ctypes
-import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from ..reference import padded_lut_cols
 from . import driver
 from .abi import ERROR_NAMES, CacheArgs
 from .decode_plan import DecodePlan, plan_decode
-from .tensors import DeviceTensor, check_tensor, to_host
+from .tensors import DeviceTensor, check_positive_float32, check_tensor, to_host
 
 if TYPE_CHECKING:
     from .tma import TmaTile
@@ -534,10 +533,10 @@ class KVCache:
         if soft_cap is not None and not att.logits_soft_cap:
             raise LaunchError(kn, "soft_cap", "the variant was generated without a logits soft cap", soft_cap,
                               "set attention.logits_soft_cap: true")
-        if soft_cap is not None and (isinstance(soft_cap, bool) or not isinstance(soft_cap, (int, float))
-                                     or not math.isfinite(soft_cap) or soft_cap <= 0):
-            raise LaunchError(kn, "soft_cap", "must be a finite positive number, or None for no cap", soft_cap,
-                              "pass e.g. soft_cap=30.0 (Gemma 2), or soft_cap=None")
+        cap = 0.0 if soft_cap is None else check_positive_float32(  # 0: no cap (the kernel branches on it)
+            kn, "soft_cap", soft_cap, "pass e.g. soft_cap=30.0 (Gemma 2), or soft_cap=None for no cap")
+        scale = D ** -0.5 if softmax_scale is None else check_positive_float32(
+            kn, "softmax_scale", softmax_scale, "pass e.g. head_size ** -0.5, or None for that default")
         if att.sliding_window and window != self._window:
             raise LaunchError(kn, "window", "must match the window given to plan_decode", window, "re-plan")
         sink_ptr = 0
@@ -560,8 +559,7 @@ class KVCache:
             launch = self._launch("decode", "decode", fields, smem=self._decode_smem)
         f["layer"].value, f["q"].value, f["po"].value, f["pl"].value = layer, qt.ptr, plan.part_o.data_ptr(), plan.part_lse.data_ptr()
         f["chunk"].value = plan.chunk
-        f["scale"].value = softmax_scale if softmax_scale is not None else D ** -0.5
-        f["cap"].value = 0.0 if soft_cap is None else soft_cap  # 0: no cap (the kernel branches on it)
+        f["scale"].value, f["cap"].value = scale, cap
         # No window on a window-capable variant: the largest uint32, which no context exceeds (0 would mean a
         # window of no tokens and silently produce zeros).
         f["window"].value = window if window is not None else 0xFFFFFFFF

@@ -1,7 +1,10 @@
-"""Uniform view of device tensors from PyTorch, CuPy, or anything with __cuda_array_interface__ / DLPack."""
+"""Uniform view of device tensors from PyTorch, CuPy, or anything with __cuda_array_interface__ / DLPack, and the
+checks of launch arguments (tensors and float32 scalars)."""
 
 from __future__ import annotations
 
+import ctypes
+import math
 from typing import Any, NamedTuple
 
 from ..errors import LaunchError
@@ -105,6 +108,21 @@ def check_tensor(kernel: str, name: str, x: Any, *, dtype: str | tuple[str, ...]
         raise LaunchError(kernel, name, f"data pointer must be {align}-byte aligned", hex(t.ptr),
                           "pass a freshly allocated tensor, not an offset slice")
     return t
+
+
+def check_positive_float32(kernel: str, name: str, value: Any, fix: str) -> float:
+    """A scalar launch argument the kernel receives as a float32 that must be finite and > 0: the check runs on the
+    float32 it becomes (1e308 turns into inf, 1e-50 into 0). Accepts what float() converts (NumPy and 0-d tensor
+    scalars included) except bool and text."""
+    try:
+        if isinstance(value, (bool, str, bytes)):
+            raise TypeError
+        as_f32 = ctypes.c_float(float(value)).value
+    except (TypeError, ValueError, OverflowError):
+        raise LaunchError(kernel, name, "must be a real number", value, fix) from None
+    if not (math.isfinite(as_f32) and as_f32 > 0.0):
+        raise LaunchError(kernel, name, "must be finite and positive as a float32", value, fix)
+    return as_f32
 
 
 def _torch_fast_path(x: Any, dtype: str | tuple[str, ...], shape: tuple[int | None, ...] | None, device: int | None,

@@ -133,6 +133,7 @@ template <int N, class T> __device__ __forceinline__ Vec<T, N> load_vec(const T*
 #define KVGEN_L2_PREFETCH_QUAL(n) KVGEN_L2_PREFETCH_QUAL_(n)
 
 // A read-once 16-byte input (not kept in L1), fetched with an L2 prefetch of PREFETCH bytes (0, 64, 128, 256).
+// Other vector widths, and PREFETCH 0, load exactly as load_vec does.
 template <int PREFETCH, int N, class T> __device__ __forceinline__ Vec<T, N> load_stream(const T* p) {
   if constexpr (PREFETCH != 0 && int(sizeof(T)) * N == 16) {
     static_assert(PREFETCH == 64 || PREFETCH == 128 || PREFETCH == 256, "PREFETCH must be 0, 64, 128 or 256");

@@ -49,6 +49,9 @@ constexpr int kDecodeTile = 64;
 #ifndef KVGEN_KV_PREFETCH
 #define KVGEN_KV_PREFETCH 128
 #endif
+#if KVGEN_KV_PREFETCH != 0 && KVGEN_KV_PREFETCH != 64 && KVGEN_KV_PREFETCH != 128 && KVGEN_KV_PREFETCH != 256
+#error "KVGEN_KV_PREFETCH must be 0, 64, 128 or 256 (bytes of L2 prefetch per K/V copy)"
+#endif
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
