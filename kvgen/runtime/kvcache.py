@@ -513,7 +513,9 @@ class KVCache:
     def decode(self, layer: int, q: Any, out: Any, *, softmax_scale: float | None = None, window: int | None = None,
                soft_cap: float | None = None, sinks: Any = None, lse: Any = None, stream: Any = None) -> None:
         """One query token per request: out[b, hq] = softmax(q[b, hq] . K^T * scale) V over the request's
-        cache_length(b) + 1 cached tokens (store the step's token first). q, out: [batch, Hq, D]."""
+        cache_length(b) + 1 cached tokens (store the step's token first). q, out: [batch, Hq, D].
+        softmax_scale: default head_size ** -0.5. window / soft_cap / sinks: only for variants generated with
+        them; None turns each off (full context, no cap, no sink), so one variant serves both kinds of layer."""
         kn = "decode"
         att = self.spec.attention
         if att is None:
