@@ -63,8 +63,6 @@ def store_split(spec: VariantSpec) -> StoreSplit:
     return StoreSplit(vec=vec, tpg=tpg, vpt=vectors // tpg, ipt=ITEMS_PER_THREAD)
 
 
-
-
 PASSES_PER_BLOCK = 1  # store/load: passes of IPT items per thread a block makes (more passes, fewer blocks)
 
 

@@ -89,8 +89,6 @@ def key_options(arch: str) -> list[str]:
     return [o for o in nvrtc_options(arch) if not o.startswith("-I")]
 
 
-
-
 def parse_resources(log: str) -> dict[str, dict[str, int]]:
     """Registers and spill bytes per kernel from ptxas' verbose report."""
     out: dict[str, dict[str, int]] = {}

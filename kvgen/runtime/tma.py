@@ -110,6 +110,15 @@ def _tma_dtype(cache: KVCache) -> str:
     return t
 
 
+def _tile_box_rows(cache: KVCache, kind: str, rows: int, bn: int) -> int:
+    """Rows per box of a BN-row tile over the [num_kv_rows, H, D] view: min(BN, P), so a box never crosses a page
+    (a paged tile is one box per page); checks that the row index stays below the zero-fill row 2^30."""
+    if rows >= 2**30:
+        _fail(kind, "num_kv_rows", "must stay below 2^30 (row 2^30 is the zero-fill row)", rows, "use fewer pages per cache")
+    p = cache.page_size or 0
+    return bn if (p == 0 or p >= bn) else p
+
+
 def create_tma_tile(cache: KVCache, kv: int, layer: int, swizzle: str | None = None, bn: int | None = None,
                     bk: int | None = None) -> TmaTile:
     """Rank-3 [num_kv_rows, H, D] map with box [min(BN, P), 1, granule]: one issue per page and swizzle atom."""
@@ -121,11 +130,7 @@ def create_tma_tile(cache: KVCache, kv: int, layer: int, swizzle: str | None = N
     bk = bk or geo.bk
     if bk % gran:
         _fail("create_tma_tile", "BK", f"must be a multiple of the swizzle granule ({gran})", bk, f"use {gran}")
-    p = cache.page_size or 0
-    box_rows = bn if (p == 0 or p >= bn) else p
-    if rows >= 2**30:
-        _fail("create_tma_tile", "num_kv_rows", "must stay below 2^30 (row 2^30 is the zero-fill row)", rows,
-              "use fewer pages per cache")
+    box_rows = _tile_box_rows(cache, "create_tma_tile", rows, bn)
     return encode("create_tma_tile", base, _tma_dtype(cache), (rows, cache.num_heads, cache.head_size),
                   (row * nb, cache.head_size * nb), (box_rows, 1, gran), swizzle)
 
@@ -135,11 +140,7 @@ def decode_padded_tile(cache: KVCache, kv: int, layer: int, bn: int) -> TmaTile:
     and no swizzle. The 16 bytes past each row lie outside D and are zero-filled (no memory is read), so the
     box lands in shared memory as rows padded by 16 bytes, the layout ldmatrix reads without bank conflicts."""
     base, nb, rows, row = _view_geometry(cache, kv, layer)
-    p = cache.page_size or 0
-    box_rows = bn if (p == 0 or p >= bn) else p
-    if rows >= 2**30:
-        _fail("decode_padded_tile", "num_kv_rows", "must stay below 2^30 (row 2^30 is the zero-fill row)", rows,
-              "use fewer pages per cache")
+    box_rows = _tile_box_rows(cache, "decode_padded_tile", rows, bn)
     # Raw bytes are all a copy needs: any 1- or 2-byte element moves as UINT8 / UINT16 (e5m2 has no TMA float type).
     return encode("decode_padded_tile", base, {1: "UINT8", 2: "UINT16"}[nb], (rows, cache.num_heads, cache.head_size),
                   (row * nb, cache.head_size * nb), (box_rows, 1, cache.head_size + 16 // nb), "NONE")

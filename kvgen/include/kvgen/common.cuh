@@ -132,26 +132,6 @@ template <int N, class T> __device__ __forceinline__ Vec<T, N> load_vec(const T*
 #define KVGEN_L2_PREFETCH_QUAL_(n) KVGEN_L2_PREFETCH_QUAL_##n
 #define KVGEN_L2_PREFETCH_QUAL(n) KVGEN_L2_PREFETCH_QUAL_(n)
 
-// A read-once 16-byte input (not kept in L1), fetched with an L2 prefetch of PREFETCH bytes (0, 64, 128, 256).
-// Other vector widths, and PREFETCH 0, load exactly as load_vec does.
-template <int PREFETCH, int N, class T> __device__ __forceinline__ Vec<T, N> load_stream(const T* p) {
-  if constexpr (PREFETCH != 0 && int(sizeof(T)) * N == 16) {
-    static_assert(PREFETCH == 64 || PREFETCH == 128 || PREFETCH == 256, "PREFETCH must be 0, 64, 128 or 256");
-    uint4 u;
-    if constexpr (PREFETCH == 64)
-      asm("ld.global.nc.L1::no_allocate.L2::64B.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w) : "l"(p));
-    else if constexpr (PREFETCH == 128)
-      asm("ld.global.nc.L1::no_allocate.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w) : "l"(p));
-    else
-      asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w) : "l"(p));
-    Vec<T, N> r;
-    *reinterpret_cast<uint4*>(&r) = u;
-    return r;
-  } else {
-    return load_vec<N>(p);
-  }
-}
-
 template <int N, class T> __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& x) {
   if constexpr (is_raw_width<int(sizeof(T)) * N>) {
     using R = typename RawVec<int(sizeof(T)) * N>::type;

@@ -19,12 +19,6 @@ template <class Cache, class In, int VEC, int TPG, int VPT> struct RowSplit {
   static_assert(items_per_head % TPG == 0, "groups are whole items");
 };
 
-// L2 prefetch of the store's 16-byte input loads (0 | 64 | 128 | 256 bytes): a compile-time knob for A/B runs
-// (bench/store_bench.py --defines); the decode K/V copies gained 1-2% from 128.
-#ifndef KVGEN_STORE_PREFETCH
-#define KVGEN_STORE_PREFETCH 0
-#endif
-
 constexpr int kThreads = 256;
 constexpr int kMaxTokensPerBlock = 64;
 
@@ -114,7 +108,7 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
         raw[u][j] = Vec<In, VEC>{};
-        if (active) raw[u][j] = load_stream<KVGEN_STORE_PREFETCH, VEC>(src + j * VEC);
+        if (active) raw[u][j] = load_vec<VEC>(src + j * VEC);
       }
     }
     uint32_t rows[IPT];
