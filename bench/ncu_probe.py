@@ -58,6 +58,8 @@ CASES = {
     "decode-bf16-16x1k": lambda: decode("*bf16*p16_*", 16, 1024),
     "decode-bf16-64x4k": lambda: decode("*bf16*p64_*", 64, 4096),
     "decode-fp8-16x1k": lambda: decode("*e4m3*p16_*", 16, 1024),
+    "decode-bf16-128x4k": lambda: decode("*bf16*p16_*", 128, 4096),
+    "decode-fp8-128x4k": lambda: decode("*e4m3*p16_*", 128, 4096),
 }
 
 if __name__ == "__main__":

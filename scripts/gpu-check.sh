@@ -39,9 +39,10 @@ for step in "${@:-all}"; do
   if [[ $step == ncu ]]; then  # stall reasons and throughput of the kernels being tuned (bench/ncu_probe.py)
     for c in ${NCU_CASES:-store-bf16 store-fp8 decode-bf16-16x1k decode-bf16-64x4k decode-fp8-16x1k}; do
       echo "---- ncu $c"
-      ncu --kernel-name regex:'_(store|decode)$' --launch-skip 2 --launch-count 1 --section SpeedOfLight \
-        --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-        python3 bench/ncu_probe.py "$c" 2>&1 | grep -vE '^==PROF==|^\s*$' | tee -a "$OUT/ncu.log" | tail -n 90
+      sections=()
+      for sec in ${NCU_SECTIONS:-SpeedOfLight Occupancy LaunchStats WarpStateStats MemoryWorkloadAnalysis}; do sections+=(--section "$sec"); done
+      ncu --kernel-name regex:'_(store|decode)$' --launch-skip 2 --launch-count 1 "${sections[@]}" \
+        python3 bench/ncu_probe.py "$c" 2>&1 | grep -vE '^==PROF==|^\s*$' | tee -a "$OUT/ncu.log" | tail -n "${NCU_TAIL:-90}"
     done
     summary+=("ncu: $OUT/ncu.log")
   fi

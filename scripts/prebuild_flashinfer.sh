@@ -62,9 +62,12 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 mkdir -p "$cache"
 
 # FlashInfer links every module with -lcuda (from $CUDA_HOME/lib64/stubs). A machine without a
-# driver and without the toolkit's stubs gets an empty stand-in with the driver's soname: the
-# module then records NEEDED libcuda.so.1 and resolves its cu* symbols from the real driver when
-# it is loaded on the GPU box (shared objects may keep undefined symbols at link time).
+# driver and without the toolkit's stubs gets an empty stand-in with the driver's soname, and the
+# module resolves its cu* symbols from the real driver when it is loaded on the GPU box (shared
+# objects may keep undefined symbols at link time). The stand-in defines none of them, so the
+# linker's default --as-needed would drop it and the module would not name libcuda.so.1: XQA's
+# e4m3 module then died with "undefined symbol: cuTensorMapEncodeTiled" on the GPU (session 5).
+# --no-as-needed keeps the NEEDED entry; the check after the build refuses any module without it.
 if ! ls "$CUDA_HOME"/lib64/libcuda.so "$CUDA_HOME"/lib64/stubs/libcuda.so >/dev/null 2>&1 \
     && ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so '; then
     stubs="$cache/stubs"
@@ -73,7 +76,7 @@ if ! ls "$CUDA_HOME"/lib64/libcuda.so "$CUDA_HOME"/lib64/stubs/libcuda.so >/dev/
         echo "no libcuda.so here: linking against an empty stub ($stubs/libcuda.so, soname libcuda.so.1)"
         echo 'void kvgen_libcuda_stub(void) {}' | c++ -x c - -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stubs/libcuda.so"
     fi
-    export FLASHINFER_EXTRA_LDFLAGS="${FLASHINFER_EXTRA_LDFLAGS:-} -L$stubs"
+    export FLASHINFER_EXTRA_LDFLAGS="${FLASHINFER_EXTRA_LDFLAGS:-} -L$stubs -Wl,--no-as-needed -lcuda -Wl,--as-needed"
 fi
 
 "$python" - "$repo_root" "$generate_only" <<'PY'
@@ -104,3 +107,15 @@ for p in paths:
     print(f"  {size / 2**20:8.2f} MiB  {p}")
 print(f"  {total / 2**20:8.2f} MiB  total")
 PY
+
+[ "$generate_only" = 1 ] && exit 0
+# Every module that calls the driver API must load libcuda.so.1 itself (see the stub note above).
+bad=0
+while IFS= read -r so; do
+    if nm -D --undefined-only "$so" | grep -qE ' cu[A-Z]' && ! readelf -d "$so" | grep -q 'NEEDED.*libcuda\.so\.1'; then
+        echo "module calls the driver API but does not name libcuda.so.1: $so" >&2
+        echo "  fix: patchelf --add-needed libcuda.so.1 '$so' (or rebuild with this script)" >&2
+        bad=1
+    fi
+done < <(find "$cache" -name '*.so' -not -path '*/stubs/*')
+exit $bad

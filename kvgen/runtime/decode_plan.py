@@ -23,28 +23,52 @@ def _torch() -> Any:
 
 
 class DecodePlan:
-    """Split-K plan of one decode step, reused by every layer: chunk length per CTA and the workspace."""
+    """Split-K plan of one decode step, reused by every layer: chunk length per CTA, split count, and views of
+    the cache's decode workspace (float32 partial outputs and log-sum-exps)."""
 
     def __init__(self, cache: KVCache, chunk: int, splits: int, batch: int):
-        torch = _torch()
         self.chunk, self.splits, self.batch = chunk, splits, batch
         hq = cache.spec.attention.num_q_heads
-        dev = f"cuda:{cache.device}"
-        self.part_o = torch.empty((batch, hq, splits, cache.head_size), dtype=torch.float32, device=dev)
-        self.part_lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=dev)
+        ws = cache.decode_workspace(batch * splits)
+        # Views at the start of the workspace: every plan of this cache uses the same addresses, so a CUDA graph
+        # captured with one plan stays valid after later plans (it keeps its own chunk and split count).
+        self.part_o = ws.part_o[: batch * hq * splits * cache.head_size].view(batch, hq, splits, cache.head_size)
+        self.part_lse = ws.part_lse[: batch * hq * splits].view(batch, hq, splits)
 
 
-def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = 96, tile: int = 64) -> int:
+class DecodeWorkspace:
+    """The partial results of split-K decode, allocated once per cache and never reallocated: a graph captured
+    with any plan keeps pointing at live memory (a workspace per plan was freed on the next step's plan and
+    reused by the allocator while captured graphs still wrote to it). Sized for `pairs` (request, split) pairs."""
+
+    def __init__(self, cache: KVCache, pairs: int):
+        torch = _torch()
+        hq, dev = cache.spec.attention.num_q_heads, f"cuda:{cache.device}"
+        self.pairs = pairs
+        self.part_o = torch.empty(pairs * hq * cache.head_size, dtype=torch.float32, device=dev)
+        self.part_lse = torch.empty(pairs * hq, dtype=torch.float32, device=dev)
+
+
+def workspace_pairs(max_batch: int, heads: int, slots: int) -> int:
+    """(request, split) pairs the workspace holds: two splits per request at the largest batch, and at small
+    batch enough splits for four waves of resident CTAs (the planner aims at one or two)."""
+    return max(2 * max_batch, -(-4 * slots // heads))
+
+
+def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = 96, tile: int = 64,
+                 max_splits: int | None = None) -> int:
     """Rows per CTA that minimize an estimate of the decode makespan: waves of `slots` resident CTAs, each
     wave as long as its longest CTA (chunk + a fixed per-CTA overhead in row units for the pipeline ramp,
     the merge and the combine). Measured on the H100, the old "total / budget" chunking lost up to a third
-    of the time to a partial last wave (16 x 1k: 640 CTAs on 264 slots = 2.4 waves)."""
+    of the time to a partial last wave (16 x 1k: 640 CTAs on 264 slots = 2.4 waves). With max_splits, only
+    chunks that cut the longest request into at most that many splits are considered."""
     lens = np.asarray(lengths, dtype=np.int64)
     if lens.size == 0:
         return tile
     max_tiles = max(1, int(-(-int(lens.max()) // tile)))
+    min_tiles = 1 if max_splits is None else max(1, -(-max_tiles // max(1, max_splits)))
     best_chunk, best_cost = tile * max_tiles, None
-    for t in range(1, max_tiles + 1):
+    for t in range(min_tiles, max_tiles + 1):
         chunk = t * tile
         ctas = heads * int(np.sum(-(-lens // chunk)))
         waves = -(-ctas // max(1, slots))
@@ -56,7 +80,8 @@ def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = 96
 
 def plan_decode(cache: KVCache, slots: int | None = None) -> DecodePlan:
     """Split-K plan of one step: `choose_chunk` over the host mirror of the lengths (no sync), with the
-    number of resident CTAs from the driver's occupancy calculator for this very kernel."""
+    number of resident CTAs from the driver's occupancy calculator for this very kernel, within the splits
+    the cache's workspace holds at this batch size."""
     b = int(cache.args.batch_size)
     lens = cache.host_lengths[:b].astype(np.int64) + 1  # the step's token is stored before decoding
     if cache.spec.attention.sliding_window and cache._window:
@@ -64,6 +89,7 @@ def plan_decode(cache: KVCache, slots: int | None = None) -> DecodePlan:
     if slots is None:
         kernel = cache._kernel("decode", cache._decode_smem)
         slots = driver.resident_blocks(kernel, 128, cache.device)
-    chunk = choose_chunk(lens, cache.num_heads, slots)
+    pairs = cache.decode_workspace(0).pairs
+    chunk = choose_chunk(lens, cache.num_heads, slots, max_splits=pairs // max(1, b))
     splits = max(1, int(-(-int(lens.max(initial=1)) // chunk)))
     return DecodePlan(cache, chunk, splits, b)

@@ -28,7 +28,7 @@ from ..errors import LaunchError
 from ..reference import padded_lut_cols
 from . import driver
 from .abi import ERROR_NAMES, CacheArgs
-from .decode_plan import DecodePlan, plan_decode
+from .decode_plan import DecodePlan, DecodeWorkspace, plan_decode, workspace_pairs
 from .tensors import DeviceTensor, check_positive_float32, check_tensor, to_host
 
 if TYPE_CHECKING:
@@ -118,8 +118,10 @@ class KVCache:
         # Per new token (page or slot, offset in it), resolved by begin_step from the host mirror of the lookup
         # table: the store kernel reads one 8-byte entry per token (re-checked on the device) instead of a CSR
         # binary search and a page-table load, two dependent loads ncu showed the store waiting on.
-        # Sized for max_tokens new tokens per step so a captured graph keeps a valid pointer.
+        # Sized for max_tokens new tokens per step and never reallocated, so a captured graph keeps a valid
+        # pointer. A step with more new tokens stores through the CSR search instead (begin_step decides).
         self._token_map = torch.zeros(2 * max_tokens, dtype=torch.int32, device=f"cuda:{self.device}")
+        self._step_has_map = False
         self._raw_stream = torch._C._cuda_getCurrentRawStream
         self.host_lut = np.full((self.max_batch, self.lut_cols), self.null_page, np.uint32) if self.paged \
             else np.zeros(self.max_batch, np.uint32)
@@ -145,6 +147,7 @@ class KVCache:
                           "fout": ctypes.c_uint64(0), "flse": ctypes.c_uint64(0), "fsinks": ctypes.c_uint64(0)}
         self._window: int | None = None
         self.decode_plan: DecodePlan | None = None
+        self._decode_ws: DecodeWorkspace | None = None
         # Geometry of the decode kernel for this GPU's arch (shared memory, loader), fixed per variant: computed
         # once, not on every launch.
         arch = driver.device_arch(self.device)
@@ -333,13 +336,12 @@ class KVCache:
         torch = _torch()
         self._row_offsets.copy_(torch.from_numpy(offs))
         total = int(offs[n])
-        lengths = np.asarray(new_lengths, dtype=np.int64)
-        req = np.repeat(np.arange(n, dtype=np.int64), lengths)
-        pos = self.host_lengths[req].astype(np.int64) + (np.arange(total) - offs[req])
-        if 2 * total > self._token_map.numel():  # grows (at least doubling) per step only, never per launch
-            self._token_map = torch.zeros(2 * max(total, self._token_map.numel()), dtype=torch.int32,
-                                          device=f"cuda:{self.device}")
-        if total:
+        # A bigger step (a long prefill chunk) leaves the map alone rather than reallocating it: a graph captured
+        # for decode steps holds its address, and a replay after a reallocation read freed memory.
+        self._step_has_map = 2 * total <= self._token_map.numel()
+        if total and self._step_has_map:
+            req = np.repeat(np.arange(n, dtype=np.int64), np.asarray(new_lengths, dtype=np.int64))
+            pos = self.host_lengths[req].astype(np.int64) + (np.arange(total) - offs[req])
             if self.paged:
                 page, off = self.host_lut[req, pos // self.page_size].astype(np.int64), pos % self.page_size
             else:
@@ -455,7 +457,7 @@ class KVCache:
         total = kt.shape[0]
         if total == 0:
             return
-        token_map = self._token_map.data_ptr() if row_offsets is None else 0
+        token_map = self._token_map.data_ptr() if row_offsets is None and self._step_has_map else 0
         self._launch_ragged("store", layer, total, kt.ptr, vptr, ro.ptr, token_map, stream)
 
     def load(self, layer: int, k_out: Any, v_out: Any | None, start_pos: Any, row_offsets: Any = None,
@@ -509,6 +511,19 @@ class KVCache:
         self._window = window
         self.decode_plan = plan_decode(self)
         return self.decode_plan
+
+    def decode_workspace(self, pairs: int) -> DecodeWorkspace:
+        """The split-K workspace every plan of this cache writes, for at least `pairs` (request, split) pairs.
+        Allocated once, on the first plan, for the most the planner uses (workspace_pairs) and never reallocated,
+        so CUDA graphs captured with any earlier plan keep writing live memory."""
+        ws = self._decode_ws
+        if ws is None:
+            slots = driver.resident_blocks(self._kernel("decode", self._decode_smem), 128, self.device)
+            ws = self._decode_ws = DecodeWorkspace(self, max(pairs, workspace_pairs(self.max_batch, self.num_heads, slots)))
+        elif pairs > ws.pairs:
+            raise LaunchError("DecodePlan", "splits", f"batch x splits must be at most {ws.pairs} (the decode workspace)",
+                              pairs, "use fewer splits per request (plan_decode stays within it)")
+        return ws
 
     def decode(self, layer: int, q: Any, out: Any, *, softmax_scale: float | None = None, window: int | None = None,
                soft_cap: float | None = None, sinks: Any = None, lse: Any = None, stream: Any = None) -> None:

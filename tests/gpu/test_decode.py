@@ -203,3 +203,87 @@ def test_window_variant_without_a_window_is_full_attention(gen, name: str) -> No
         for bad in (0.0, -1.0, float("inf"), float("nan"), 1e39, True):  # 1e39: inf as the kernel's float32
             with pytest.raises(LaunchError, match="argument 'soft_cap': must be"):
                 cache.decode(1, q, out, soft_cap=bad)
+
+
+def test_graph_captured_once_serves_later_steps(gen) -> None:
+    """A serving loop: one decode step (store the new token, then decode) is captured once and replayed over later
+    steps with longer contexts and fresh plans, with an eager prefill chunk larger than the token map in between.
+    A plan used to allocate its own workspace and a big step used to reallocate the token map, so replays wrote
+    freed memory. Every replay must match the float64 reference, and the addresses must never change."""
+    rng = np.random.default_rng(11)
+    v = gen.VARIANTS[next(n for n in NAMES if n.startswith("gdec_paged_bf16_h2_d128_p16"))]
+    spec = v.spec()
+    c, att = spec.cache, spec.attention
+    H, D, Hq, group = c.num_kv_heads, c.head_size, att.num_q_heads, att.num_q_heads // c.num_kv_heads
+    lengths = [1, 15, 16, 17, 100, 64]
+    B, pages_per = len(lengths), 40
+    cache = v.cache(max_batch=B, num_pages=B * pages_per + 1, max_pages_per_request=pages_per, num_layers=1,
+                    max_tokens=16)
+    cache.set_pages(permuted_pages([pages_per] * B, rng))
+    cache.set_cache_lengths([0] * B)
+    kept_k: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    kept_v: list[list[torch.Tensor]] = [[] for _ in range(B)]
+
+    def store_step(new: list[int], k: torch.Tensor, vv: torch.Tensor) -> None:
+        at = 0
+        for b, n in enumerate(new):
+            kept_k[b].append(k[at:at + n].double().cpu())
+            kept_v[b].append(vv[at:at + n].double().cpu())
+            at += n
+
+    def expected(q: torch.Tensor) -> torch.Tensor:
+        k = torch.cat([torch.cat(x) for x in kept_k])
+        vv = torch.cat([torch.cat(x) for x in kept_v])
+        return reference(q.double().cpu(), k, vv, [sum(len(t) for t in x) for x in kept_k], group, D ** -0.5)[0]
+
+    k0, v0 = (torch.randn(sum(lengths), H, D, device="cuda").to(torch.bfloat16) for _ in range(2))
+    cache.begin_step(lengths)
+    cache.store(0, k0, v0)
+    cache.end_step()
+    store_step(lengths, k0, v0)
+    k_new, v_new = (torch.empty(B, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q = torch.empty(B, Hq, D, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(B, Hq, D, device="cuda", dtype=torch.bfloat16)
+
+    def new_inputs() -> None:
+        for t in (k_new, v_new, q):
+            t.copy_(torch.randn(t.shape, device="cuda").to(torch.bfloat16))
+
+    def step() -> None:
+        cache.store(0, k_new, v_new)
+        cache.decode(0, q, out)
+
+    # Step 1 eager (loads the modules), step 2 captured, then replays; before step 4 an eager 200-token prefill
+    # chunk into the last request (more than the 16-token map holds: it goes through the CSR search).
+    g = torch.cuda.CUDAGraph()
+    addresses = None
+    for i in range(1, 7):
+        if i == 4:
+            chunk = [0] * (B - 1) + [200]
+            kp, vp = (torch.randn(200, H, D, device="cuda").to(torch.bfloat16) for _ in range(2))
+            cache.begin_step(chunk)
+            cache.store(0, kp, vp)
+            cache.end_step()
+            store_step(chunk, kp, vp)
+        new_inputs()
+        cache.begin_step([1] * B)
+        plan = cache.plan_decode()
+        now = (plan.part_o.data_ptr(), plan.part_lse.data_ptr(), cache._token_map.data_ptr())
+        assert addresses is None or now == addresses, "the decode workspace or the token map moved"
+        addresses = now
+        out.fill_(float("nan"))
+        if i == 1:
+            step()
+        elif i == 2:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+                step()
+            g.replay()
+        else:
+            g.replay()
+        torch.cuda.synchronize()
+        store_step([1] * B, k_new, v_new)
+        check(out, expected(q), f"graph step {i} (plan chunk {plan.chunk}, {plan.splits} splits)", False)
+        cache.end_step()
+    assert cache.errors() == []
