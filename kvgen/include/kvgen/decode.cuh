@@ -10,7 +10,6 @@
 // MMA: mma.sync m16n8k16, bf16 (bf16 and FP8 caches: FP8 is dequantized with its scales into bf16 in
 // registers) or f16 (f16 caches), fp32 accumulation, softmax in fp32 with exp2.
 #pragma once
-#include <cuda/std/type_traits>
 #include "cache.cuh"
 #include "tma.cuh"
 
@@ -105,14 +104,14 @@ template <bool F16> __device__ __forceinline__ uint32_t pack2(float lo, float hi
 // Two consecutive FP8 values (as stored) -> two floats.
 template <class T> __device__ __forceinline__ float2 fp8x2_to_float2(unsigned short raw) {
   const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(raw),
-                                                   cuda::std::is_same<T, __nv_fp8_e4m3>::value ? __NV_E4M3 : __NV_E5M2);
+                                                   is_same_v<T, __nv_fp8_e4m3> ? __NV_E4M3 : __NV_E5M2);
   return __half22float2(*reinterpret_cast<const __half2*>(&h));
 }
 
 // Two FP8 values -> one f16x2 register in a single cvt (e4m3 and e5m2 are exact in f16).
 template <class T> __device__ __forceinline__ uint32_t fp8x2_to_f16x2(unsigned short raw) {
   const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(raw),
-                                                   cuda::std::is_same<T, __nv_fp8_e4m3>::value ? __NV_E4M3 : __NV_E5M2);
+                                                   is_same_v<T, __nv_fp8_e4m3> ? __NV_E4M3 : __NV_E5M2);
   return uint32_t(h.x) | (uint32_t(h.y) << 16);
 }
 
@@ -123,7 +122,7 @@ template <class Cache> struct DecodeTypes {
   // score column and the V scale a probability column (no per-element work). Per-group scales (G > 1) are
   // applied per element while dequantizing to bf16.
   static constexpr bool kFp8Direct = kFp8 && (!Cache::quantization_enabled || Cache::num_scale_groups == 1);
-  static constexpr bool kF16 = cuda::std::is_same<T, __half>::value || kFp8Direct;  // f16 MMA, else bf16
+  static constexpr bool kF16 = is_same_v<T, __half> || kFp8Direct;  // f16 MMA, else bf16
 };
 
 // Final output of a single-split plan, written by decode_partial itself (no combine launch, no float32 partials):
