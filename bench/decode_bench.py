@@ -50,7 +50,7 @@ def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str
 
 
 def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float, label: str, with_peers: bool,
-              pdl_ab: bool = False, cluster_ab: bool = False) -> list[tuple]:
+              pdl_ab: bool = False) -> list[tuple]:
     """kvgen (one row per loader in `variants`, all reading the same caches) and the peers on one shape, all
     timed together (kvgen.benchmark.graph_times: graphs replayed round-robin)."""
     variant = next(iter(variants.values()))
@@ -75,17 +75,12 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
         name = "kvgen" if len(variants) == 1 else f"kvgen ({loader})"
         first_views[name] = views[0]
         entries.append((name, [lambda c=c, q=q, o=o: c.decode(0, q, o) for c, (_, q, o) in zip(views, sets)], nbytes))
-        # Host-side switches, timed on the same caches: the combine launched plainly after the decode kernel
-        # (no PDL); split plans merged by the combine kernel instead of in clusters.
-        for wanted, attr, label_suffix in ((pdl_ab, "_pdl", "without PDL"), (cluster_ab, "cluster_merge", "without clusters")):
-            if not wanted:
-                continue
+        if pdl_ab:  # same caches, the combine launched plainly after the decode kernel
             plain = [w.copy() for w in views]
             for w in plain:
-                setattr(w, attr, False)
-            entries.append((f"{name} {label_suffix}", [lambda c=c, q=q, o=o: c.decode(0, q, o)
-                                                       for c, (_, q, o) in zip(plain, sets)], nbytes))
-            first_views[f"{name} {label_suffix}"] = plain[0]
+                w._pdl = False
+            entries.append((f"{name} without PDL", [lambda c=c, q=q, o=o: c.decode(0, q, o)
+                                                    for c, (_, q, o) in zip(plain, sets)], nbytes))
     check = None
     if with_peers:
         peer_bytes = decode_bytes(spec, lengths, with_scales=False)  # the peers read no scales
@@ -152,14 +147,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--variant", default="*", help="only variants whose name matches this glob")
     ap.add_argument("--pdl-ab", action="store_true", help="also time kvgen with the combine launched without PDL")
-    ap.add_argument("--cluster-ab", action="store_true",
-                    help="also time kvgen with split plans merged by the combine kernel instead of in clusters")
     ap.add_argument("--loaders", nargs="+", default=["auto"], choices=["auto", "tma", "cp_async"],
                     help="time kvgen built with each K/V loader, on the same caches (one row each)")
     ap.add_argument("--defines", nargs="*", default=[], metavar="NAME=V[,NAME=V]",
                     help="also time kvgen (first loader) compiled with these -D knobs of decode.cuh, one build each")
     ap.add_argument("--shapes", nargs="*", default=None, metavar="BxC",
-                    help="only these batch x context shapes, e.g. 16x1024 128x4096, and the skewed batch if 'skewed' is listed")
+                    help="only these batch x context shapes, e.g. 16x1024 128x4096 (and no skewed batch)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     mods = {loader: load_generated(loader) for loader in args.loaders}
@@ -171,9 +164,8 @@ def main() -> None:
     shapes = [(b, c) for b in (16, 64, 128) for c in (1024, 4096, 16384)]
     if args.quick:
         shapes = [(16, 1024), (64, 4096)]
-    with_skewed = not args.shapes or "skewed" in args.shapes
     if args.shapes:
-        shapes = [tuple(int(x) for x in text.lower().split("x")) for text in args.shapes if text != "skewed"]
+        shapes = [tuple(int(x) for x in text.lower().split("x")) for text in args.shapes]
     lines = [f"Decode benchmark, {gpu}, {datetime.date.today()}; copy_ bandwidth {copy_bw / 1e12:.3f} TB/s "
              f"(256 MiB, read+write). Hq={HQ}, H={H}, D={D}.", "",
              "| cache | page | batch x context | kernel | µs | TB/s | % of copy |", "|---|---|---|---|---|---|---|"]
@@ -186,12 +178,11 @@ def main() -> None:
         tag = spec.cache.dtype + (" (scale per token+head)" if spec.quantization else "")
         cases = [(f"{b} x {c}", [c] * b) for b, c in shapes]
         skew = skewed_lengths(rng)
-        if with_skewed:
+        if not args.shapes:
             cases.append((f"64 x lognormal(mean {int(np.mean(skew))}, max {max(skew)})", skew))
         for label, lengths in cases:
             try:
-                for r in run_shape(by_loader, lengths, rng, copy_bw, label, not args.no_peers, args.pdl_ab,
-                                       args.cluster_ab):
+                for r in run_shape(by_loader, lengths, rng, copy_bw, label, not args.no_peers, args.pdl_ab):
                     results.append((tag, spec.cache.page_size, *r))
                     print(row_line(results[-1], copy_bw), flush=True)
             except Exception:  # noqa: BLE001

@@ -166,8 +166,7 @@ def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
     while stages > 2 and stages * (stage + ring) + align > DECODE_SMEM_LIMIT:
         stages -= 1
     group = a.num_q_heads // c.num_kv_heads
-    # The epilogue reuses the pipeline buffers: per-warp slices, then the CTA's partial for a cluster merge.
-    merge = (4 * group * ((c.head_size + 8) + 2) + group * (c.head_size + 1)) * 4
+    merge = 4 * group * ((c.head_size + 8) + 2) * 4  # the epilogue's per-warp slices reuse the pipeline buffers
     smem = max(stages * (stage + ring), merge) + align
     # Without a minimum, ptxas may take more registers than shared memory would cost in occupancy (the FP8
     # kernel went 127 -> 139 registers, 4 -> 3 CTAs per SM, 8% slower at 64 x 4k); 4 CTAs leave 128 registers.

@@ -104,8 +104,6 @@ class Kernel:
         self._launch = _raw_launch()
         self._pdl_config: _LaunchConfig | None = None  # built on the first dependent launch
         self._pdl_attr: _LaunchAttribute | None = None
-        self._cluster_config: _LaunchConfig | None = None  # built on the first cluster launch
-        self._cluster_attr: _LaunchAttribute | None = None
 
     def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], params: ctypes.Array, stream: int) -> None:
         """params: a ctypes array of void* pointing at each argument's bytes (kept alive by the caller)."""
@@ -118,29 +116,13 @@ class Kernel:
                          stream: int) -> None:
         """Launch as a programmatic dependent of the previous kernel on the stream (sm_90+): this grid may start
         while that one finishes, and must execute griddepcontrol.wait before reading what it wrote."""
-        if self._pdl_config is None:
-            self._pdl_config, self._pdl_attr = self._config_with(
-                cu().CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
-            self._pdl_attr.value[0] = 1
-        self._launch_ex(self._pdl_config, grid, block, params, stream)
-
-    def launch_clusters(self, grid: tuple[int, int, int], block: tuple[int, int, int], params: ctypes.Array,
-                        stream: int, cluster_x: int) -> None:
-        """Launch as thread-block clusters of (cluster_x, 1, 1) CTAs (sm_90+; grid[0] must be a multiple)."""
-        if self._cluster_config is None:
-            self._cluster_config, self._cluster_attr = self._config_with(
-                cu().CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION)
-        self._cluster_attr.value[0], self._cluster_attr.value[1], self._cluster_attr.value[2] = cluster_x, 1, 1
-        self._launch_ex(self._cluster_config, grid, block, params, stream)
-
-    def _config_with(self, attribute_id: Any) -> tuple[_LaunchConfig, _LaunchAttribute]:
-        """A cuLaunchKernelEx config with one launch attribute (built once per kind, then reused)."""
-        attr = _LaunchAttribute()
-        attr.id = int(attribute_id)
-        return _LaunchConfig(sharedMemBytes=self.dynamic_smem, attrs=ctypes.pointer(attr), numAttrs=1), attr
-
-    def _launch_ex(self, cfg: _LaunchConfig, grid: tuple[int, int, int], block: tuple[int, int, int],
-                   params: ctypes.Array, stream: int) -> None:
+        cfg = self._pdl_config
+        if cfg is None:
+            attr = _LaunchAttribute()
+            attr.id = int(cu().CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+            attr.value[0] = 1
+            cfg = self._pdl_config = _LaunchConfig(sharedMemBytes=self.dynamic_smem, attrs=ctypes.pointer(attr), numAttrs=1)
+            self._pdl_attr = attr
         cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
         cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block
         cfg.hStream = stream

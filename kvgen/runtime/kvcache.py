@@ -49,10 +49,6 @@ def _torch_dtype(name: str) -> Any:
     return {"uint32": torch.int32, "float8_e8m0fnu": torch.uint8}.get(name) or getattr(torch, name)
 
 
-MAX_CLUSTER_SPLITS = 8
-"""Largest portable thread-block cluster: split plans with more splits merge in the combine kernel."""
-
-
 class _Launch:
     """Pre-packed kernel parameters: values are updated in place, so a launch allocates nothing."""
 
@@ -67,10 +63,6 @@ class _Launch:
     def dependent(self, grid: tuple[int, int, int], block: tuple[int, int, int], stream: int) -> None:
         """Programmatic dependent launch (see driver.Kernel.launch_dependent)."""
         self.kernel.launch_dependent(grid, block, self.params, stream)
-
-    def clusters(self, grid: tuple[int, int, int], block: tuple[int, int, int], stream: int, cluster_x: int) -> None:
-        """Launch as thread-block clusters (see driver.Kernel.launch_clusters)."""
-        self.kernel.launch_clusters(grid, block, self.params, stream, cluster_x)
 
 
 class KVCache:
@@ -162,12 +154,8 @@ class KVCache:
         self._decode_geo = decode_geometry(self.spec, arch) if self.spec.attention is not None else None
         self._decode_smem = self._decode_geo.smem_bytes if self._decode_geo is not None else 0
         self._decode_maps: dict[int, tuple[TmaTile, TmaTile]] = {}  # layer -> K, V create_tma_tile descriptors
-        # Programmatic dependent launch (griddepcontrol) and thread-block clusters exist from sm_90 on.
+        # Programmatic dependent launch (griddepcontrol) exists from sm_90 on.
         self._pdl = int("".join(ch for ch in arch if ch.isdigit())) >= 90
-        # Split plans of at most MAX_CLUSTER_SPLITS splits launch the decode kernel as clusters, one per (request,
-        # KV head), whose CTAs merge their splits in distributed shared memory: no combine launch and no float32
-        # partials in global memory. False: always the combine kernel (A/B runs).
-        self.cluster_merge = self._pdl
         self.tma_geometry = tma_geometry(self.spec)  # box and tile shape of create_tma_tile / tile_load, per variant
 
     # ---- construction ---------------------------------------------------------------------------------
@@ -595,11 +583,7 @@ class KVCache:
         # A single-split plan (every request fits one chunk, e.g. batch >= 64 at a few thousand tokens) has
         # nothing to merge: the decode kernel writes the final output itself and the combine launch is skipped.
         single = plan.splits == 1
-        clustered = not single and self.cluster_merge and plan.splits <= MAX_CLUSTER_SPLITS
-        f["fout"].value, f["flse"].value, f["fsinks"].value = (ot.ptr, lse_ptr, sink_ptr) if single or clustered else (0, 0, 0)
-        if clustered:
-            launch.clusters((plan.splits, self.num_heads, B), (128, 1, 1), st, plan.splits)
-            return
+        f["fout"].value, f["flse"].value, f["fsinks"].value = (ot.ptr, lse_ptr, sink_ptr) if single else (0, 0, 0)
         launch((plan.splits, self.num_heads, B), (128, 1, 1), st)
         if single:
             return

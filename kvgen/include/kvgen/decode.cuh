@@ -64,38 +64,6 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool val
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
-// Thread-block clusters (sm_90+): a split plan launched with cluster dims (splits, 1, 1) puts every split of one
-// (request, KV head) in one cluster, and the splits merge through distributed shared memory (see cluster_merge).
-// Launched without clusters, a CTA is a cluster of one.
-__device__ __forceinline__ uint32_t cluster_ctas() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t n;
-  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
-  return n;
-#else
-  return 1;
-#endif
-}
-__device__ __forceinline__ void cluster_sync() {  // every thread of every CTA of the cluster; orders shared memory
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
-// A float in CTA `rank`'s shared memory, at the offset `local` has in this CTA's.
-__device__ __forceinline__ float ld_cluster(const float* local, uint32_t rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(local));
-  uint32_t remote;
-  float v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(a), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
-  return v;
-#else
-  return *local;
-#endif
-}
-
-
 template <bool F16> __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   if constexpr (F16) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -165,35 +133,6 @@ template <class OT> struct DecodeFinal {
   const float* sinks;
 };
 
-// The merge of a cluster's splits, run by all of its CTAs: each CTA parked its normalized partial output
-// cl_o [GROUP][D] and log-sum-exp cl_lse [GROUP] (natural log, -inf for a split without rows) in its own shared
-// memory; after one cluster barrier CTA r merges outputs r, r + n, r + 2n, ... (as decode_combine does, sinks
-// included) straight from the others' shared memory, and a second barrier keeps every CTA's shared memory alive
-// until the last remote read. No float32 partials in global memory and no second launch.
-template <class OT, int GROUP, int D>
-__device__ __noinline__ void cluster_merge(const float* cl_o, const float* cl_lse, const DecodeFinal<OT>& fin,
-                                              uint64_t row0, uint32_t hq0) {
-  cluster_sync();
-  const uint32_t n = cluster_ctas(), rank = blockIdx.x;  // cluster dims (gridDim.x, 1, 1): the rank is the split
-  for (uint32_t i = rank * kDecodeThreads + threadIdx.x; i < uint32_t(GROUP * D); i += n * kDecodeThreads) {
-    const uint32_t row = i / D, col = i % D;
-    float m = fin.sinks != nullptr ? fin.sinks[hq0 + row] : -INFINITY;
-    for (uint32_t r = 0; r < n; ++r) m = fmaxf(m, ld_cluster(cl_lse + row, r));
-    const float mr = m == -INFINITY ? 0.f : m;
-    float wsum = fin.sinks != nullptr ? __expf(fin.sinks[hq0 + row] - mr) : 0.f, acc = 0.f;
-    for (uint32_t r = 0; r < n; ++r) {
-      const float lse = ld_cluster(cl_lse + row, r);
-      if (lse == -INFINITY) continue;  // a split without rows left its output unwritten
-      const float w = __expf(lse - mr);
-      wsum += w;
-      acc += w * ld_cluster(cl_o + row * D + col, r);
-    }
-    fin.out[(row0 + row) * D + col] = from_f32<OT>(wsum > 0.f ? acc / wsum : 0.f);
-    if (col == 0 && fin.lse != nullptr) fin.lse[row0 + row] = wsum > 0.f ? mr + __logf(wsum) : -INFINITY;
-  }
-  cluster_sync();
-}
-
 // Partial attention of one (split, kv head, request). q: [batch, Hq, D]; part_o: [batch, Hq, max_splits, D] f32;
 // part_lse: [batch, Hq, max_splits] f32 (natural log). chunk: tokens per split (a multiple of 64); the last
 // split of the grid also takes everything past gridDim.x * chunk, so any length is covered. With one split
@@ -235,6 +174,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   constexpr int ALIGN_SLACK = TMA ? 128 : 0;  // TMA writes 128-byte aligned shared memory
   // SMEM_BYTES is what the host reserves (kvgen/derive.py decode_geometry): both uses of it must fit.
   static_assert(STAGES * (STAGE_BYTES + BN * 4) + ALIGN_SLACK <= SMEM_BYTES, "K/V stages and the row ring fit the shared memory");
+  static_assert(4 * GROUP * (D + 8 + 2) * 4 + ALIGN_SLACK <= SMEM_BYTES, "the epilogue's per-warp slices fit the shared memory");
   static_assert(!TMA || (PITCH / ES <= 256 && TILE_BYTES % 128 == 0), "a padded row is one TMA box");
 #if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
   static_assert(!TMA, "the TMA loader needs sm_90 or newer");
@@ -282,20 +222,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   float* o_out = part_o + ((uint64_t(b) * H * GROUP + hq0) * gridDim.x + split) * D;
   float* lse_out = part_lse + (uint64_t(b) * H * GROUP + hq0) * gridDim.x + split;
   const bool final_out = fin.out != nullptr && gridDim.x == 1;
-  // Split plan launched as clusters (fin.out set, several CTAs per cluster): the splits merge in shared memory.
-  const bool cluster_out = fin.out != nullptr && gridDim.x > 1;
-  // The epilogue's shared memory: per-warp slices [4][GROUP][OP] and (max, sum) [4][GROUP][2], then the CTA's
-  // partial for the cluster merge, cl_o [GROUP][D] and cl_lse [GROUP].
-  constexpr int OP = D + 8;  // row pitch in floats: 4 rows of 8-byte pairs land in distinct banks
-  constexpr int CL_O = 4 * GROUP * OP + 4 * GROUP * 2, CL_LSE = CL_O + GROUP * D;  // float offsets
-  static_assert((4 * GROUP * (OP + 2) + GROUP * (D + 1)) * 4 + ALIGN_SLACK <= SMEM_BYTES, "the cluster partial fits too");
   if (first >= last) {  // empty split: the combine step skips it by its -inf lse
-    if (cluster_out) {
-      float* cl = reinterpret_cast<float*>(smem);
-      for (int r = threadIdx.x; r < GROUP; r += blockDim.x) cl[CL_LSE + r] = -INFINITY;
-      cluster_merge<OT, GROUP, D>(cl + CL_O, cl + CL_LSE, fin, uint64_t(b) * H * GROUP + hq0, hq0);
-      return;
-    }
     if (final_out) {  // no rows at all (as decode_combine: zeros, and the sink's logit as the LSE)
       const uint64_t row0 = uint64_t(b) * H * GROUP + hq0;
       for (int i = threadIdx.x; i < GROUP * D; i += blockDim.x) fin.out[row0 * D + i] = from_f32<OT>(0.f);
@@ -662,6 +589,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
     l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
   }
+  constexpr int OP = D + 8;  // row pitch in floats: 4 rows of 8-byte pairs land in distinct banks
   float* sm_o = reinterpret_cast<float*>(smem);    // [4 warps][GROUP][OP]
   float* sm_ml = sm_o + 4 * GROUP * OP;            // [4 warps][GROUP][2]: running max (log2), row sum
 #pragma unroll
@@ -708,15 +636,11 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       }
       fin.out[orow * D + col] = from_f32<OT>(res);
       if (col == 0 && fin.lse != nullptr) fin.lse[orow] = lse_f;
-    } else if (cluster_out) {
-      sm_o[CL_O + row * D + col] = o_norm;
-      if (col == 0) sm_o[CL_LSE + row] = lse;
     } else {
       o_out[uint64_t(row) * gridDim.x * D + col] = o_norm;
       if (col == 0) lse_out[uint64_t(row) * gridDim.x] = lse;
     }
   }
-  if (cluster_out) cluster_merge<OT, GROUP, D>(sm_o + CL_O, sm_o + CL_LSE, fin, uint64_t(b) * H * GROUP + hq0, hq0);
   KVGEN_TRACE(4);
 }
 
