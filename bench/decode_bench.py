@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--defines", nargs="*", default=[], metavar="NAME=V[,NAME=V]",
                     help="also time kvgen (first loader) compiled with these -D knobs of decode.cuh, one build each")
     ap.add_argument("--shapes", nargs="*", default=None, metavar="BxC",
-                    help="only these batch x context shapes, e.g. 16x1024 128x4096 (and no skewed batch)")
+                    help="only these batch x context shapes, e.g. 16x1024 128x4096, and the skewed batch if 'skewed' is listed")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     mods = {loader: load_generated(loader) for loader in args.loaders}
@@ -164,8 +164,9 @@ def main() -> None:
     shapes = [(b, c) for b in (16, 64, 128) for c in (1024, 4096, 16384)]
     if args.quick:
         shapes = [(16, 1024), (64, 4096)]
+    with_skewed = not args.shapes or "skewed" in args.shapes
     if args.shapes:
-        shapes = [tuple(int(x) for x in text.lower().split("x")) for text in args.shapes]
+        shapes = [tuple(int(x) for x in text.lower().split("x")) for text in args.shapes if text != "skewed"]
     lines = [f"Decode benchmark, {gpu}, {datetime.date.today()}; copy_ bandwidth {copy_bw / 1e12:.3f} TB/s "
              f"(256 MiB, read+write). Hq={HQ}, H={H}, D={D}.", "",
              "| cache | page | batch x context | kernel | µs | TB/s | % of copy |", "|---|---|---|---|---|---|---|"]
@@ -178,7 +179,7 @@ def main() -> None:
         tag = spec.cache.dtype + (" (scale per token+head)" if spec.quantization else "")
         cases = [(f"{b} x {c}", [c] * b) for b, c in shapes]
         skew = skewed_lengths(rng)
-        if not args.shapes:
+        if with_skewed:
             cases.append((f"64 x lognormal(mean {int(np.mean(skew))}, max {max(skew)})", skew))
         for label, lengths in cases:
             try:
