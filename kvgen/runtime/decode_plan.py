@@ -23,8 +23,9 @@ def _torch() -> Any:
 
 
 class DecodePlan:
-    """Split-K plan of one decode step, reused by every layer: chunk length per CTA, split count, and views of
-    the cache's decode workspace (float32 partial outputs and log-sum-exps)."""
+    """Split-K plan of one decode step, reused by every layer: chunk length per CTA (0: each request's context cut
+    into `splits` equal parts on the device), split count, and views of the cache's decode workspace (float32
+    partial outputs and log-sum-exps)."""
 
     def __init__(self, cache: KVCache, chunk: int, splits: int, batch: int):
         self.chunk, self.splits, self.batch = chunk, splits, batch
@@ -78,18 +79,22 @@ def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = 96
     return best_chunk
 
 
-def plan_decode(cache: KVCache, slots: int | None = None) -> DecodePlan:
+def plan_decode(cache: KVCache, slots: int | None = None, splits: int | None = None) -> DecodePlan:
     """Split-K plan of one step: `choose_chunk` over the host mirror of the lengths (no sync), with the
     number of resident CTAs from the driver's occupancy calculator for this very kernel, within the splits
-    the cache's workspace holds at this batch size."""
+    the cache's workspace holds at this batch size. splits: a fixed split count instead, with chunk 0: the
+    kernel cuts each request's context into that many equal parts from the lengths on the device, so a CUDA
+    graph captured once stays balanced while the contexts grow."""
     b = int(cache.args.batch_size)
     lens = cache.host_lengths[:b].astype(np.int64) + 1  # the step's token is stored before decoding
     if cache.spec.attention.sliding_window and cache._window:
         lens = np.minimum(lens, cache._window)
+    longest = int(lens.max(initial=1))
+    if splits is not None:
+        return DecodePlan(cache, 0, splits, b)
     if slots is None:
         kernel = cache._kernel("decode", cache._decode_smem)
         slots = driver.resident_blocks(kernel, 128, cache.device)
     pairs = cache.decode_workspace(0).pairs
     chunk = choose_chunk(lens, cache.num_heads, slots, max_splits=pairs // max(1, b))
-    splits = max(1, int(-(-int(lens.max(initial=1)) // chunk)))
-    return DecodePlan(cache, chunk, splits, b)
+    return DecodePlan(cache, chunk, max(1, -(-longest // chunk)), b)

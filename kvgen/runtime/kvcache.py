@@ -502,14 +502,23 @@ class KVCache:
         launch((chunks, n, 1), (THREADS, 1, 1), self._stream(stream))
 
     # ---- decode attention -----------------------------------------------------------------------------
-    def plan_decode(self, window: int | None = None) -> DecodePlan:
+    def plan_decode(self, window: int | None = None, splits: int | None = None) -> DecodePlan:
         """Plan the step's decode (call after begin_step, once per step, outside graph capture). window: the
-        sliding window in tokens (variants generated with sliding_window), None for full attention."""
+        sliding window in tokens (variants generated with sliding_window), None for full attention. splits: fix
+        the split count instead of letting the planner choose it; the kernel then cuts each request's context
+        into that many equal parts from the lengths on the device, so a decode captured once in a CUDA graph
+        (same grid every step) stays balanced as the contexts grow."""
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise LaunchError("plan_decode", "window", "must be a positive number of tokens, or None for no window",
                               window, "pass e.g. window=4096, or window=None")
+        if splits is not None:
+            room = self.decode_workspace(0).pairs // max(1, int(self.args.batch_size))
+            if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= room:
+                raise LaunchError("plan_decode", "splits", f"must be an int in [1, {room}] at this batch size "
+                                  "(the decode workspace holds that many splits per request)", splits,
+                                  "pass e.g. splits=4, or splits=None to let the planner choose")
         self._window = window
-        self.decode_plan = plan_decode(self)
+        self.decode_plan = plan_decode(self, splits=splits)
         return self.decode_plan
 
     def decode_workspace(self, pairs: int) -> DecodeWorkspace:

@@ -209,7 +209,10 @@ def test_graph_captured_once_serves_later_steps(gen) -> None:
     """A serving loop: one decode step (store the new token, then decode) is captured once and replayed over later
     steps with longer contexts and fresh plans, with an eager prefill chunk larger than the token map in between.
     A plan used to allocate its own workspace and a big step used to reallocate the token map, so replays wrote
-    freed memory. Every replay must match the float64 reference, and the addresses must never change."""
+    freed memory. Every replay must match the float64 reference, and the addresses must never change. Plans fix
+    3 splits (the captured grid; the kernel cuts each context into 3 parts from the lengths on the device, so the
+    replays stay balanced after the prefill); step 5 lets the planner choose freely (another split count and
+    chunk than the graph's: the replay keeps its own, still correct)."""
     rng = np.random.default_rng(11)
     v = gen.VARIANTS[next(n for n in NAMES if n.startswith("gdec_paged_bf16_h2_d128_p16"))]
     spec = v.spec()
@@ -267,7 +270,8 @@ def test_graph_captured_once_serves_later_steps(gen) -> None:
             store_step(chunk, kp, vp)
         new_inputs()
         cache.begin_step([1] * B)
-        plan = cache.plan_decode()
+        plan = cache.plan_decode() if i == 5 else cache.plan_decode(splits=3)
+        assert i == 5 or plan.chunk == 0
         now = (plan.part_o.data_ptr(), plan.part_lse.data_ptr(), cache._token_map.data_ptr())
         assert addresses is None or now == addresses, "the decode workspace or the token map moved"
         addresses = now
@@ -287,3 +291,27 @@ def test_graph_captured_once_serves_later_steps(gen) -> None:
         check(out, expected(q), f"graph step {i} (plan chunk {plan.chunk}, {plan.splits} splits)", False)
         cache.end_step()
     assert cache.errors() == []
+
+
+def test_fixed_split_count(gen) -> None:
+    """plan_decode(splits=S): the kernel cuts every request's context into S equal parts on the device (chunk 0),
+    short requests leaving some parts empty; results match float64 for S from 1 to the workspace limit. Bad
+    counts raise an error that names the rule."""
+    rng = np.random.default_rng(5)
+    v = gen.VARIANTS[next(n for n in NAMES if n.startswith("gdec_paged_bf16_h2_d128_p16"))]
+    lengths = [700, 5, 64, 1, 2053]
+    cache, k, vv = setup_cache(v, lengths, rng)
+    room = cache.decode_workspace(0).pairs // len(lengths)
+    for bad in (0, -1, room + 1, 2.0, True, "4"):
+        with pytest.raises(LaunchError, match=r"argument 'splits': must be an int in \[1, "):
+            cache.plan_decode(splits=bad)
+    q = torch.randn(len(lengths), 8, 128, device="cuda", dtype=torch.bfloat16)
+    ref, _ = reference(q.double().cpu(), k, vv, lengths, 4, 128 ** -0.5)
+    for splits in (1, 3, 7, room):
+        plan = cache.plan_decode(splits=splits)
+        assert plan.splits == splits and plan.chunk == 0
+        plan.part_o.fill_(float("nan"))
+        out = torch.full_like(q, float("nan"))
+        cache.decode(1, q, out)
+        torch.cuda.synchronize()
+        check(out, ref, f"fixed {splits} splits", False)
