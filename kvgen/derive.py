@@ -133,6 +133,10 @@ class DecodeGeometry:
     softcap: bool
     min_blocks: int  # __launch_bounds__ minimum CTAs per SM: as many as shared memory allows, at most 4
     tma: bool  # K/V tiles by TMA (padded-row maps + populate, mbarrier pipeline) instead of cp.async
+    # The kernel can cut each request into equal splits itself (plan chunk 0, plan_decode(splits=S), for CUDA
+    # graphs). Not in FP8 kernels: they sit at the 128-register cap of 4 CTAs per SM, and the runtime chunk made
+    # them park 12 bytes and run 2-4% slower (H100, session 5 run 7); 16-bit kernels measured neutral.
+    balanced: bool
 
 
 # attention.loader "auto", per cache element width: the loader measured faster on the H100 (bench/NOTES.md, same
@@ -177,7 +181,7 @@ def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
         min_blocks = min(min_blocks, 3)
     return DecodeGeometry(group=group, stages=stages, stage_bytes=stage,
                           smem_bytes=smem, min_blocks=min_blocks, out_c=DTYPES[a.output_dtype].c_type,
-                          window=a.sliding_window, softcap=a.logits_soft_cap, tma=tma)
+                          window=a.sliding_window, softcap=a.logits_soft_cap, tma=tma, balanced=not dt.is_fp8)
 
 
 def kernel_symbol(variant: Variant, kernel: str) -> str:

@@ -13,9 +13,10 @@ if [ -d .whl ] && [ ! -f /tmp/site/.kvgen-installed ]; then
 fi
 # Our wheels go after the image's packages so torch's own dependencies keep their versions.
 export PYTHONPATH="$PWD:${PYTHONPATH:-}:/tmp/site"
-# FI_PREBUILT=1: install the FlashInfer modules built on the CPU machine (scripts/prebuild_flashinfer.sh, carried in
+# Install the FlashInfer modules built on the CPU machine (scripts/prebuild_flashinfer.sh, carried in
 # .peers/flashinfer_cache) into the package's AOT folder, so the benchmarks skip the ~70 s nvcc JIT of the peers.
-if [[ ${FI_PREBUILT:-0} == 1 && -d .peers/flashinfer_cache && ! -f /tmp/site/.kvgen-fi-prebuilt ]]; then
+# FI_PREBUILT=0 leaves them out (FlashInfer then JIT-builds its modules).
+if [[ ${FI_PREBUILT:-1} == 1 && -d .peers/flashinfer_cache && ! -f /tmp/site/.kvgen-fi-prebuilt ]]; then
   python3 -c 'import sys; sys.path.insert(0, "bench"); import peers
 print("FlashInfer prebuilt modules:", [p.parent.name[:40] for p in peers.flashinfer_install_prebuilt(".peers/flashinfer_cache")])' \
     && touch /tmp/site/.kvgen-fi-prebuilt

@@ -82,16 +82,19 @@ def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = 96
 def plan_decode(cache: KVCache, slots: int | None = None, splits: int | None = None) -> DecodePlan:
     """Split-K plan of one step: `choose_chunk` over the host mirror of the lengths (no sync), with the
     number of resident CTAs from the driver's occupancy calculator for this very kernel, within the splits
-    the cache's workspace holds at this batch size. splits: a fixed split count instead, with chunk 0: the
-    kernel cuts each request's context into that many equal parts from the lengths on the device, so a CUDA
-    graph captured once stays balanced while the contexts grow."""
+    the cache's workspace holds at this batch size. splits: a fixed split count instead, with chunk 0 where the
+    kernel supports it (16-bit caches): it cuts each request's context into that many equal parts from the
+    lengths on the device, so a CUDA graph captured once stays balanced while the contexts grow. FP8 kernels get
+    the chunk of this step's longest request (a replay keeps the capture's chunk: correct, less balanced)."""
     b = int(cache.args.batch_size)
     lens = cache.host_lengths[:b].astype(np.int64) + 1  # the step's token is stored before decoding
     if cache.spec.attention.sliding_window and cache._window:
         lens = np.minimum(lens, cache._window)
     longest = int(lens.max(initial=1))
     if splits is not None:
-        return DecodePlan(cache, 0, splits, b)
+        if cache._decode_geo.balanced:
+            return DecodePlan(cache, 0, splits, b)  # the kernel cuts each request from its length on the device
+        return DecodePlan(cache, -(-longest // (splits * 64)) * 64, splits, b)  # FP8: from this step's lengths
     if slots is None:
         kernel = cache._kernel("decode", cache._decode_smem)
         slots = driver.resident_blocks(kernel, 128, cache.device)

@@ -293,12 +293,14 @@ def test_graph_captured_once_serves_later_steps(gen) -> None:
     assert cache.errors() == []
 
 
-def test_fixed_split_count(gen) -> None:
-    """plan_decode(splits=S): the kernel cuts every request's context into S equal parts on the device (chunk 0),
-    short requests leaving some parts empty; results match float64 for S from 1 to the workspace limit. Bad
-    counts raise an error that names the rule."""
+@pytest.mark.parametrize("prefix", ["gdec_paged_bf16_h2_d128_p16", "gdec_paged_e4m3_h2_d128_p16_qf32g128"])
+def test_fixed_split_count(gen, prefix: str) -> None:
+    """plan_decode(splits=S): a 16-bit kernel cuts every request's context into S equal parts on the device (chunk
+    0), an FP8 one gets the chunk of the longest request; short requests leave some parts empty. Results match
+    float64 for S from 1 to the workspace limit. Bad counts raise an error that names the rule."""
     rng = np.random.default_rng(5)
-    v = gen.VARIANTS[next(n for n in NAMES if n.startswith("gdec_paged_bf16_h2_d128_p16"))]
+    v = gen.VARIANTS[next(n for n in NAMES if n.startswith(prefix))]
+    fp8 = v.spec().cache.dtype.startswith("float8")
     lengths = [700, 5, 64, 1, 2053]
     cache, k, vv = setup_cache(v, lengths, rng)
     room = cache.decode_workspace(0).pairs // len(lengths)
@@ -309,9 +311,9 @@ def test_fixed_split_count(gen) -> None:
     ref, _ = reference(q.double().cpu(), k, vv, lengths, 4, 128 ** -0.5)
     for splits in (1, 3, 7, room):
         plan = cache.plan_decode(splits=splits)
-        assert plan.splits == splits and plan.chunk == 0
+        assert plan.splits == splits and plan.chunk == (-(-max(lengths) // (splits * 64)) * 64 if fp8 else 0)
         plan.part_o.fill_(float("nan"))
         out = torch.full_like(q, float("nan"))
         cache.decode(1, q, out)
         torch.cuda.synchronize()
-        check(out, ref, f"fixed {splits} splits", False)
+        check(out, ref, f"{prefix} fixed {splits} splits", fp8)

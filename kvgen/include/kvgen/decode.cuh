@@ -51,10 +51,6 @@ constexpr int kDecodeTile = 64;
 #if KVGEN_KV_PREFETCH != 0 && KVGEN_KV_PREFETCH != 64 && KVGEN_KV_PREFETCH != 128 && KVGEN_KV_PREFETCH != 256
 #error "KVGEN_KV_PREFETCH must be 0, 64, 128 or 256 (bytes of L2 prefetch per K/V copy)"
 #endif
-// chunk == 0 (balanced splits per request, for CUDA graphs) support; 0 compiles it out (A/B of its cost).
-#ifndef KVGEN_DECODE_BALANCED
-#define KVGEN_DECODE_BALANCED 1
-#endif
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -138,10 +134,10 @@ template <class OT> struct DecodeFinal {
 };
 
 // Partial attention of one (split, kv head, request). q: [batch, Hq, D]; part_o: [batch, Hq, max_splits, D] f32;
-// part_lse: [batch, Hq, max_splits] f32 (natural log). chunk: tokens per split (a multiple of 64), or 0 to cut
-// each request's own context into gridDim.x equal 64-row-aligned splits (CUDA graphs: a grid captured once stays
-// balanced as the lengths on the device grow). The last split also takes everything past gridDim.x * chunk, so
-// any length is covered. With one split
+// part_lse: [batch, Hq, max_splits] f32 (natural log). chunk: tokens per split (a multiple of 64), or, with
+// BALANCED, 0 to cut each request's own context into gridDim.x equal 64-row-aligned splits (CUDA graphs: a grid
+// captured once stays balanced as the lengths on the device grow; kvgen/derive.py decides where it is compiled
+// in). The last split also takes everything past gridDim.x * chunk, so any length is covered. With one split
 // (gridDim.x == 1) and fin.out set, the CTA writes the final output as decode_combine would (sinks included).
 // K/V loader, chosen by kvgen/derive.py decode_geometry:
 //   TMA = false: cp.async, 16 bytes per thread per copy (any arch).
@@ -151,7 +147,8 @@ template <class OT> struct DecodeFinal {
 //     rows land padded exactly like the cp.async layout and fragments load without bank conflicts. Copies
 //     complete on a per-stage mbarrier; thread 0 issues, everyone waits. (Swizzled create_tma_tile spans were
 //     tried: reading fragments through the swizzle cost registers and made the FP8 kernels spill.)
-template <class Cache, class QT, class OT, int GROUP, int STAGES, int SMEM_BYTES, bool WINDOW, bool SOFTCAP, bool TMA = false>
+template <class Cache, class QT, class OT, int GROUP, int STAGES, int SMEM_BYTES, bool WINDOW, bool SOFTCAP, bool TMA = false,
+          bool BALANCED = false>
 __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CUtensorMap* vmap, DecodeFinal<OT> fin,
                                                const CacheArgs& a, uint32_t layer, const QT* __restrict__ q,
                                                float* __restrict__ part_o, float* __restrict__ part_lse,
@@ -210,7 +207,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // HBM round trip less before the first copy). Positions are clamped into the request's lookup-table row so
   // the speculative lookups stay in bounds; rows past the context are dropped once the length is known.
   constexpr bool kEarlyRows = !WINDOW && !TMA;
-  const bool early_rows = kEarlyRows && (!KVGEN_DECODE_BALANCED || chunk != 0);
+  const bool early_rows = kEarlyRows && (!BALANCED || chunk != 0);
   if (early_rows) {
     if (threadIdx.x < BN) {
       const uint32_t max_pos = Cache::page_size_ > 0 ? a.lut_row_stride * uint32_t(Cache::page_size_) - 1u : 0xffffffffu;
@@ -220,7 +217,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     }
   }
   const uint32_t ctx_start = (WINDOW && kv_len > window) ? kv_len - window : 0;
-  if (KVGEN_DECODE_BALANCED && chunk == 0) chunk = (kv_len - ctx_start + gridDim.x * BN - 1) / (gridDim.x * BN) * BN;
+  if (BALANCED && chunk == 0) chunk = (kv_len - ctx_start + gridDim.x * BN - 1) / (gridDim.x * BN) * BN;
   const uint32_t first = ctx_start + split * chunk;
   uint32_t last = split + 1 == gridDim.x ? kv_len : min(kv_len, first + chunk);
   // TMA tiles start on a multiple of 64 (so a tile holds whole pages for populate); rows before `first` (a
