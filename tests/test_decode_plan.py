@@ -112,17 +112,6 @@ def test_explicit_tma_loader_that_cannot_be_honored_is_refused(archs: list[str],
     assert "attention.loader" in str(e.value) and "cp_async" in str(e.value)
 
 
-@pytest.mark.parametrize("max_splits", [1, 2, 3, 7])
-def test_chunk_respects_the_workspace_split_limit(max_splits: int) -> None:
-    # The decode workspace holds a fixed number of (request, split) pairs: the plan may not cut the longest request
-    # into more splits than the workspace has room for at this batch size, and stays optimal among those that fit.
-    lens = np.array([16385, 300, 5000])
-    chunk = choose_chunk(lens, heads=8, slots=264, max_splits=max_splits)
-    assert chunk % 64 == 0 and -(-lens.max() // chunk) <= max_splits
-    allowed = [t * 64 for t in range(1, -(-lens.max() // 64) + 1) if -(-lens.max() // (t * 64)) <= max_splits]
-    assert makespan(lens, 8, 264, chunk) == min(makespan(lens, 8, 264, ch) for ch in allowed)
-
-
-def test_workspace_holds_two_splits_per_request_or_four_waves() -> None:
+def test_first_workspace_holds_two_splits_per_request_or_four_waves() -> None:
     assert workspace_pairs(max_batch=256, heads=8, slots=264) == 512
     assert workspace_pairs(max_batch=4, heads=8, slots=528) == 264  # 4 waves of 528 CTAs over 8 KV heads

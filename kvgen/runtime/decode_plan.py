@@ -38,9 +38,11 @@ class DecodePlan:
 
 
 class DecodeWorkspace:
-    """The partial results of split-K decode, allocated once per cache and never reallocated: a graph captured
-    with any plan keeps pointing at live memory (a workspace per plan was freed on the next step's plan and
-    reused by the allocator while captured graphs still wrote to it). Sized for `pairs` (request, split) pairs."""
+    """The partial results of split-K decode, shared by every plan of a cache. A plan used to allocate its own
+    and free it on the next step's plan, while a CUDA graph captured with it still wrote there (memory the
+    allocator had handed to something else). Now a workspace grows only when a plan needs more room, and the one
+    it replaces stays allocated for the cache's lifetime (KVCache.decode_workspace), so a captured graph always
+    writes live memory of its own. Sized for `pairs` (request, split) pairs."""
 
     def __init__(self, cache: KVCache, pairs: int):
         torch = _torch()
@@ -51,25 +53,23 @@ class DecodeWorkspace:
 
 
 def workspace_pairs(max_batch: int, heads: int, slots: int) -> int:
-    """(request, split) pairs the workspace holds: two splits per request at the largest batch, and at small
-    batch enough splits for four waves of resident CTAs (the planner aims at one or two)."""
+    """(request, split) pairs of the first workspace: two splits per request at the largest batch, and at small
+    batch enough splits for four waves of resident CTAs (the planner aims at one or two). Skewed batches may need
+    more (their longest request sets the split count of all); the workspace then doubles."""
     return max(2 * max_batch, -(-4 * slots // heads))
 
 
-def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = 96, tile: int = 64,
-                 max_splits: int | None = None) -> int:
+def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = 96, tile: int = 64) -> int:
     """Rows per CTA that minimize an estimate of the decode makespan: waves of `slots` resident CTAs, each
     wave as long as its longest CTA (chunk + a fixed per-CTA overhead in row units for the pipeline ramp,
     the merge and the combine). Measured on the H100, the old "total / budget" chunking lost up to a third
-    of the time to a partial last wave (16 x 1k: 640 CTAs on 264 slots = 2.4 waves). With max_splits, only
-    chunks that cut the longest request into at most that many splits are considered."""
+    of the time to a partial last wave (16 x 1k: 640 CTAs on 264 slots = 2.4 waves)."""
     lens = np.asarray(lengths, dtype=np.int64)
     if lens.size == 0:
         return tile
     max_tiles = max(1, int(-(-int(lens.max()) // tile)))
-    min_tiles = 1 if max_splits is None else max(1, -(-max_tiles // max(1, max_splits)))
     best_chunk, best_cost = tile * max_tiles, None
-    for t in range(min_tiles, max_tiles + 1):
+    for t in range(1, max_tiles + 1):
         chunk = t * tile
         ctas = heads * int(np.sum(-(-lens // chunk)))
         waves = -(-ctas // max(1, slots))
@@ -81,8 +81,7 @@ def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = 96
 
 def plan_decode(cache: KVCache, slots: int | None = None, splits: int | None = None) -> DecodePlan:
     """Split-K plan of one step: `choose_chunk` over the host mirror of the lengths (no sync), with the
-    number of resident CTAs from the driver's occupancy calculator for this very kernel, within the splits
-    the cache's workspace holds at this batch size. splits: a fixed split count instead, with chunk 0 where the
+    number of resident CTAs from the driver's occupancy calculator for this very kernel. splits: a fixed split count instead, with chunk 0 where the
     kernel supports it (16-bit caches): it cuts each request's context into that many equal parts from the
     lengths on the device, so a CUDA graph captured once stays balanced while the contexts grow. FP8 kernels get
     the chunk of this step's longest request (a replay keeps the capture's chunk: correct, less balanced)."""
@@ -98,6 +97,5 @@ def plan_decode(cache: KVCache, slots: int | None = None, splits: int | None = N
     if slots is None:
         kernel = cache._kernel("decode", cache._decode_smem)
         slots = driver.resident_blocks(kernel, 128, cache.device)
-    pairs = cache.decode_workspace(0).pairs
-    chunk = choose_chunk(lens, cache.num_heads, slots, max_splits=pairs // max(1, b))
+    chunk = choose_chunk(lens, cache.num_heads, slots)
     return DecodePlan(cache, chunk, max(1, -(-longest // chunk)), b)

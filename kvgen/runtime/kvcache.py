@@ -49,6 +49,10 @@ def _torch_dtype(name: str) -> Any:
     return {"uint32": torch.int32, "float8_e8m0fnu": torch.uint8}.get(name) or getattr(torch, name)
 
 
+MAX_FIXED_SPLITS = 1024
+"""Largest split count plan_decode(splits=...) accepts (a 64-row split each covers 64 Ki rows)."""
+
+
 class _Launch:
     """Pre-packed kernel parameters: values are updated in place, so a launch allocates nothing."""
 
@@ -148,6 +152,7 @@ class KVCache:
         self._window: int | None = None
         self.decode_plan: DecodePlan | None = None
         self._decode_ws: DecodeWorkspace | None = None
+        self._retired_ws: list[DecodeWorkspace] = []  # outgrown workspaces: captured graphs may still write them
         # Geometry of the decode kernel for this GPU's arch (shared memory, loader), fixed per variant: computed
         # once, not on every launch.
         arch = driver.device_arch(self.device)
@@ -511,27 +516,25 @@ class KVCache:
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise LaunchError("plan_decode", "window", "must be a positive number of tokens, or None for no window",
                               window, "pass e.g. window=4096, or window=None")
-        if splits is not None:
-            room = self.decode_workspace(0).pairs // max(1, int(self.args.batch_size))
-            if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= room:
-                raise LaunchError("plan_decode", "splits", f"must be an int in [1, {room}] at this batch size "
-                                  "(the decode workspace holds that many splits per request)", splits,
-                                  "pass e.g. splits=4, or splits=None to let the planner choose")
+        if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int)
+                                   or not 1 <= splits <= MAX_FIXED_SPLITS):
+            raise LaunchError("plan_decode", "splits", f"must be an int in [1, {MAX_FIXED_SPLITS}]", splits,
+                              "pass e.g. splits=4, or splits=None to let the planner choose")
         self._window = window
         self.decode_plan = plan_decode(self, splits=splits)
         return self.decode_plan
 
     def decode_workspace(self, pairs: int) -> DecodeWorkspace:
-        """The split-K workspace every plan of this cache writes, for at least `pairs` (request, split) pairs.
-        Allocated once, on the first plan, for the most the planner uses (workspace_pairs) and never reallocated,
-        so CUDA graphs captured with any earlier plan keep writing live memory."""
+        """The split-K workspace every plan of this cache writes, with room for at least `pairs` (request, split)
+        pairs. It only grows (doubling), and a replaced workspace stays allocated as long as the cache, so CUDA
+        graphs captured with an earlier plan keep writing memory of their own."""
         ws = self._decode_ws
         if ws is None:
             slots = driver.resident_blocks(self._kernel("decode", self._decode_smem), 128, self.device)
             ws = self._decode_ws = DecodeWorkspace(self, max(pairs, workspace_pairs(self.max_batch, self.num_heads, slots)))
         elif pairs > ws.pairs:
-            raise LaunchError("DecodePlan", "splits", f"batch x splits must be at most {ws.pairs} (the decode workspace)",
-                              pairs, "use fewer splits per request (plan_decode stays within it)")
+            self._retired_ws.append(ws)
+            ws = self._decode_ws = DecodeWorkspace(self, max(pairs, 2 * ws.pairs))
         return ws
 
     def decode(self, layer: int, q: Any, out: Any, *, softmax_scale: float | None = None, window: int | None = None,

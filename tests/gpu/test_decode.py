@@ -209,7 +209,8 @@ def test_graph_captured_once_serves_later_steps(gen) -> None:
     """A serving loop: one decode step (store the new token, then decode) is captured once and replayed over later
     steps with longer contexts and fresh plans, with an eager prefill chunk larger than the token map in between.
     A plan used to allocate its own workspace and a big step used to reallocate the token map, so replays wrote
-    freed memory. Every replay must match the float64 reference, and the addresses must never change. Plans fix
+    freed memory. Every replay must match the float64 reference; the addresses stay put until step 6 grows the
+    workspace (the graph then writes the outgrown one, which the cache keeps alive). Plans fix
     3 splits (the captured grid; the kernel cuts each context into 3 parts from the lengths on the device, so the
     replays stay balanced after the prefill); step 5 lets the planner choose freely (another split count and
     chunk than the graph's: the replay keeps its own, still correct)."""
@@ -270,11 +271,16 @@ def test_graph_captured_once_serves_later_steps(gen) -> None:
             store_step(chunk, kp, vp)
         new_inputs()
         cache.begin_step([1] * B)
+        if i == 6:  # a plan that needs more room grows the workspace; the graph keeps writing the old one
+            cache.decode_workspace(2 * cache.decode_workspace(0).pairs + 1)
         plan = cache.plan_decode() if i == 5 else cache.plan_decode(splits=3)
         assert i == 5 or plan.chunk == 0
         now = (plan.part_o.data_ptr(), plan.part_lse.data_ptr(), cache._token_map.data_ptr())
-        assert addresses is None or now == addresses, "the decode workspace or the token map moved"
-        addresses = now
+        if i < 6:
+            assert addresses is None or now == addresses, "the decode workspace or the token map moved"
+            addresses = now
+        else:
+            assert now[:2] != addresses[:2] and now[2] == addresses[2]
         out.fill_(float("nan"))
         if i == 1:
             step()
@@ -303,10 +309,11 @@ def test_fixed_split_count(gen, prefix: str) -> None:
     fp8 = v.spec().cache.dtype.startswith("float8")
     lengths = [700, 5, 64, 1, 2053]
     cache, k, vv = setup_cache(v, lengths, rng)
-    room = cache.decode_workspace(0).pairs // len(lengths)
-    for bad in (0, -1, room + 1, 2.0, True, "4"):
-        with pytest.raises(LaunchError, match=r"argument 'splits': must be an int in \[1, "):
+    first_pairs = cache.decode_workspace(0).pairs
+    for bad in (0, -1, 1025, 2.0, True, "4"):
+        with pytest.raises(LaunchError, match=r"argument 'splits': must be an int in \[1, 1024\]"):
             cache.plan_decode(splits=bad)
+    room = first_pairs // len(lengths) + 1  # one more split than the first workspace holds: it grows
     q = torch.randn(len(lengths), 8, 128, device="cuda", dtype=torch.bfloat16)
     ref, _ = reference(q.double().cpu(), k, vv, lengths, 4, 128 ** -0.5)
     for splits in (1, 3, 7, room):
@@ -317,3 +324,4 @@ def test_fixed_split_count(gen, prefix: str) -> None:
         cache.decode(1, q, out)
         torch.cuda.synchronize()
         check(out, ref, f"{prefix} fixed {splits} splits", fp8)
+    assert cache.decode_workspace(0).pairs >= room * len(lengths) > first_pairs
