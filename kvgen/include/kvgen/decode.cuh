@@ -52,22 +52,6 @@ constexpr int kDecodeTile = 64;
 #error "KVGEN_KV_PREFETCH must be 0, 64, 128 or 256 (bytes of L2 prefetch per K/V copy)"
 #endif
 
-// 2^x for the online softmax: ex2.approx.ftz, one MUFU.EX2. exp2f adds three instructions per call (a compare
-// and two predicated multiplies) to produce denormal results, which a probability never needs: it is at most 1,
-// and anything below 2^-126 is noise next to the row maximum's term of 1. KVGEN_FAST_EXP2=0 uses exp2f (A/B).
-#ifndef KVGEN_FAST_EXP2
-#define KVGEN_FAST_EXP2 1
-#endif
-__device__ __forceinline__ float softmax_exp2(float x) {
-#if KVGEN_FAST_EXP2
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#else
-  return exp2f(x);
-#endif
-}
-
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global" KVGEN_L2_PREFETCH_QUAL(KVGEN_KV_PREFETCH) " [%0], [%1], 16, %2;\n"
@@ -518,7 +502,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
       const float m_new = fmaxf(m_run[r], tmax[r]);
       mref[r] = m_new == -INFINITY ? 0.f : m_new;  // all masked so far: keep exp2 finite
-      alpha[r] = softmax_exp2(m_run[r] - mref[r]);
+      alpha[r] = exp2f(m_run[r] - mref[r]);
       m_run[r] = m_new;
       l_run[r] *= alpha[r];
     }
@@ -529,7 +513,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          p[nt][e] = softmax_exp2(s[nt][e] - mref[e >> 1]);
+          p[nt][e] = exp2f(s[nt][e] - mref[e >> 1]);
           l_run[e >> 1] += p[nt][e];
         }
       if constexpr (Ty::kFp8Direct && QUANT) {  // fold the per-token V scale into the probabilities
