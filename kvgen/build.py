@@ -22,7 +22,7 @@ from .derive import kernel_symbol
 from .errors import CompileError, ConfigError, Problem
 from .grid import ConfigFile, Variant, load_config
 from .nvrtc import NvrtcFailure
-from .render import environment, library_headers, render_source, render_trait_header
+from .render import environment, generator_stamp, library_headers, render_source, render_trait_header
 
 
 @dataclass
@@ -158,7 +158,8 @@ def package_files(config: ConfigFile, builds: list[VariantBuild]) -> dict[str, b
         })
     files["manifest.json"] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     files["__init__.py"] = environment().get_template("module.py.j2").render(
-        config_name=config.name, config_path=str(config.path or ""), variants=module_variants).encode()
+        config_name=config.name, config_path=str(config.path or ""), variants=module_variants,
+        generator=generator_stamp()).encode()
     return files
 
 

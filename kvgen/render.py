@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 
 import jinja2
@@ -48,3 +49,17 @@ def library_headers() -> dict[str, str]:
     return {
         f"kvgen/{p.name}": p.read_text() for p in sorted((INCLUDE_DIR / "kvgen").glob("*.cuh"))
     }
+
+
+@functools.cache
+def generator_stamp() -> str:
+    """What a generated package's kernels and the runtime that launches them must agree on: kvgen's headers (kernel
+    code and argument layouts), the kernel template (entry-point signatures) and derive.py (the launch geometry,
+    e.g. shared memory and the decode modes, that the runtime recomputes from the spec). Generated modules record
+    it; KVCache refuses a package stamped by another kvgen instead of launching it with a mismatched geometry."""
+    h = hashlib.sha256()
+    for name, text in library_headers().items():
+        h.update(f"{name}\n{text}\0".encode())
+    h.update((templates_dir() / "kernels.cu.j2").read_bytes() + b"\0")
+    h.update((PACKAGE_DIR / "derive.py").read_bytes())
+    return h.hexdigest()[:16]

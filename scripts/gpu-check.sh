@@ -15,7 +15,8 @@ fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}:/tmp/site"
 # Install the FlashInfer modules built on the CPU machine (scripts/prebuild_flashinfer.sh, carried in
 # .peers/flashinfer_cache) into the package's AOT folder, so the benchmarks skip the ~70 s nvcc JIT of the peers.
-# FI_PREBUILT=0 leaves them out (FlashInfer then JIT-builds its modules).
+# FI_PREBUILT=0 leaves them out on a fresh machine (FlashInfer then JIT-builds its modules); a warm machine keeps
+# what an earlier call installed.
 if [[ ${FI_PREBUILT:-1} == 1 && -d .peers/flashinfer_cache && ! -f /tmp/site/.kvgen-fi-prebuilt ]]; then
   python3 -c 'import sys; sys.path.insert(0, "bench"); import peers
 print("FlashInfer prebuilt modules:", [p.parent.name[:40] for p in peers.flashinfer_install_prebuilt(".peers/flashinfer_cache")])' \

@@ -76,7 +76,7 @@ if ! ls "$CUDA_HOME"/lib64/libcuda.so "$CUDA_HOME"/lib64/stubs/libcuda.so >/dev/
         echo "no libcuda.so here: linking against an empty stub ($stubs/libcuda.so, soname libcuda.so.1)"
         echo 'void kvgen_libcuda_stub(void) {}' | c++ -x c - -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stubs/libcuda.so"
     fi
-    export FLASHINFER_EXTRA_LDFLAGS="${FLASHINFER_EXTRA_LDFLAGS:-} -L$stubs -Wl,--no-as-needed -lcuda -Wl,--as-needed"
+    export FLASHINFER_EXTRA_LDFLAGS="${FLASHINFER_EXTRA_LDFLAGS:-} -L$stubs -Wl,--push-state,--no-as-needed -lcuda -Wl,--pop-state"
 fi
 
 "$python" - "$repo_root" "$generate_only" <<'PY'
@@ -112,7 +112,9 @@ PY
 # Every module that calls the driver API must load libcuda.so.1 itself (see the stub note above).
 bad=0
 while IFS= read -r so; do
-    if nm -D --undefined-only "$so" | grep -qE ' cu[A-Z]' && ! readelf -d "$so" | grep -q 'NEEDED.*libcuda\.so\.1'; then
+    # Process substitution, not a pipe: under pipefail, grep -q exiting early can kill nm with SIGPIPE and turn
+    # a match into a failure.
+    if grep -qE ' cu[A-Z]' < <(nm -D --undefined-only "$so") && ! grep -q 'NEEDED.*libcuda\.so\.1' < <(readelf -d "$so"); then
         echo "module calls the driver API but does not name libcuda.so.1: $so" >&2
         echo "  fix: patchelf --add-needed libcuda.so.1 '$so' (or rebuild with this script)" >&2
         bad=1

@@ -13,6 +13,7 @@ from ..config import VariantSpec
 class GeneratedVariant:
     NAME: ClassVar[str]
     DIGEST: ClassVar[str]
+    GENERATOR: ClassVar[str] = ""  # kvgen.render.generator_stamp() of the kvgen that built the package
     CONFIG_JSON: ClassVar[str]
     ARCHS: ClassVar[list[str]]
     KERNELS: ClassVar[dict[str, dict[str, str]]]

@@ -107,15 +107,16 @@ def check(out, ref, name: str, fp8: bool) -> None:
     assert rel <= 5e-3, rel
 
 
-# Single-split plans: the decode kernel writes the final output itself (no combine launch). Cover the feature
-# variant (window, soft cap, sinks, f16 output), a plain bf16 one and an FP8 one, with both loaders.
+# Besides the planner's own plan: a single split, where the decode kernel writes the final output itself (no
+# combine launch), and a fixed split count (plan_decode(splits=3), 16-bit kernels cut each request on the device).
+# Cover the feature variant (window, soft cap, sinks, f16 output), a plain bf16 one and an FP8 one, both loaders.
 SINGLE = {n for n in NAMES if ("h2_d128_p16_s128b" in n or "p16_qf32g128" in n) and ("_bf16_" in n or "_e4m3_" in n)} | \
     {v.name for v in GRID.variants if v.spec.attention.sinks}
+CASES = [(n, "plan") for n in NAMES] + [(n, e) for e in ("single_split", "fixed_splits") for n in NAMES if n in SINGLE]
 
 
-@pytest.mark.parametrize(("name", "single_split"), [(n, False) for n in NAMES] + [(n, True) for n in NAMES if n in SINGLE],
-                         ids=[n for n in NAMES] + [f"{n}-single_split" for n in NAMES if n in SINGLE])
-def test_decode_matches_float64(gen, name: str, single_split: bool) -> None:
+@pytest.mark.parametrize(("name", "ending"), CASES, ids=[n if e == "plan" else f"{n}-{e}" for n, e in CASES])
+def test_decode_matches_float64(gen, name: str, ending: str) -> None:
     rng = np.random.default_rng(abs(hash(name)) % 2**32)
     v = gen.VARIANTS[name]
     spec = v.spec()
@@ -136,12 +137,15 @@ def test_decode_matches_float64(gen, name: str, single_split: bool) -> None:
     if att.sinks:
         sinks = kw["sinks"] = torch.randn(att.num_q_heads, device="cuda")
     scale = spec.cache.head_size ** -0.5
-    plan = cache.plan_decode(window=window)
-    if single_split:
+    plan = cache.plan_decode(window=window, splits=3 if ending == "fixed_splits" else None)
+    if ending == "single_split":
         plan = cache.decode_plan = DecodePlan(cache, -(-max(lengths) // 64) * 64, 1, len(lengths))
     plan.part_o.fill_(float("nan"))  # poison the workspace: unwritten partials must never be read
+    plan.part_lse.fill_(float("nan"))
     cache.decode(1, q, out, lse=lse, **kw)
     torch.cuda.synchronize()
+    if ending == "fixed_splits":  # the longest request (2053 rows, or the window) fills all 3 splits
+        assert torch.isfinite(plan.part_lse[lengths.index(2053)]).all(), "a split of the longest request was empty"
     ref, ref_lse = reference(q.double().cpu(), k, vv, lengths, group, scale, window, cap,
                              sinks.double().cpu() if sinks is not None else None)
     check(out, ref, name, spec.cache.dtype.startswith("float8"))
@@ -272,7 +276,11 @@ def test_graph_captured_once_serves_later_steps(gen) -> None:
         new_inputs()
         cache.begin_step([1] * B)
         if i == 6:  # a plan that needs more room grows the workspace; the graph keeps writing the old one
-            cache.decode_workspace(2 * cache.decode_workspace(0).pairs + 1)
+            outgrown = cache.decode_workspace(0)
+            cache.decode_workspace(2 * outgrown.pairs + 1)
+            assert any(ws is outgrown for ws in cache._retired_ws)
+            del outgrown
+            torch.cuda.empty_cache()  # were it freed, its memory would now go back to the driver
         plan = cache.plan_decode() if i == 5 else cache.plan_decode(splits=3)
         assert i == 5 or plan.chunk == 0
         now = (plan.part_o.data_ptr(), plan.part_lse.data_ptr(), cache._token_map.data_ptr())
@@ -310,13 +318,14 @@ def test_fixed_split_count(gen, prefix: str) -> None:
     lengths = [700, 5, 64, 1, 2053]
     cache, k, vv = setup_cache(v, lengths, rng)
     first_pairs = cache.decode_workspace(0).pairs
-    for bad in (0, -1, 1025, 2.0, True, "4"):
-        with pytest.raises(LaunchError, match=r"argument 'splits': must be an int in \[1, 1024\]"):
+    for bad in (0, -1, 257, 2.0, True, "4"):
+        with pytest.raises(LaunchError, match=r"argument 'splits': must be an int in \[1, 256\]"):
             cache.plan_decode(splits=bad)
     room = first_pairs // len(lengths) + 1  # one more split than the first workspace holds: it grows
     q = torch.randn(len(lengths), 8, 128, device="cuda", dtype=torch.bfloat16)
     ref, _ = reference(q.double().cpu(), k, vv, lengths, 4, 128 ** -0.5)
     for splits in (1, 3, 7, room):
+        cache.decode_workspace(0).part_lse.fill_(float("nan"))
         plan = cache.plan_decode(splits=splits)
         assert plan.splits == splits and plan.chunk == (-(-max(lengths) // (splits * 64)) * 64 if fp8 else 0)
         plan.part_o.fill_(float("nan"))
@@ -324,4 +333,6 @@ def test_fixed_split_count(gen, prefix: str) -> None:
         cache.decode(1, q, out)
         torch.cuda.synchronize()
         check(out, ref, f"{prefix} fixed {splits} splits", fp8)
+        if splits in (3, 7):  # every split of the longest request (2053 rows) holds rows
+            assert torch.isfinite(plan.part_lse[lengths.index(2053)]).all(), "a split of the longest request was empty"
     assert cache.decode_workspace(0).pairs >= room * len(lengths) > first_pairs
