@@ -126,6 +126,8 @@ class KVCache:
         torch = _torch()
         self.error_word = torch.zeros(1, dtype=torch.int32, device=f"cuda:{self.device}")
         self._row_offsets = torch.zeros(self.max_batch + 1, dtype=torch.int32, device=f"cuda:{self.device}")
+        self._row_offsets_dt = check_tensor("KVCache", "row_offsets", self._row_offsets, dtype=_U32, device=self.device)
+        self._step_total = 0  # sum of the step's new lengths (begin_step)
         # Per new token (page or slot, offset in it), resolved by begin_step from the host mirror of the lookup
         # table: the store kernel reads one 8-byte entry per token (re-checked on the device) instead of a CSR
         # binary search and a page-table load, two dependent loads ncu showed the store waiting on.
@@ -274,6 +276,7 @@ class KVCache:
         # captured on the original reads them), and the split-K workspace (its plans would otherwise write the
         # original's partials). A plan made before the copy stays shared until the copy plans its own.
         other._row_offsets, other._token_map = self._row_offsets.clone(), self._token_map.clone()
+        other._row_offsets_dt = check_tensor("KVCache", "row_offsets", other._row_offsets, dtype=_U32, device=self.device)
         other._decode_ws, other._retired_ws = None, []
         return other
 
@@ -368,6 +371,7 @@ class KVCache:
         self.args.max_seq_length = max(new_lengths, default=0)
         self.args.max_cache_length = int(max((self.host_lengths[b] + k for b, k in enumerate(new_lengths)), default=0))
         self.step_lengths = np.asarray(new_lengths, np.uint32)
+        self._step_total = total
         return self._row_offsets[: n + 1]
 
     def end_step(self) -> None:
@@ -422,10 +426,10 @@ class KVCache:
                                   "needs begin_step(new_lengths) first (again after set_pages / set_slots / "
                                   "set_cache_lengths) or explicit CSR offsets", None,
                                   "call cache.begin_step([...]) once per step, after the page table is final")
-            if int(self.step_lengths.sum()) != total:
-                raise LaunchError(kernel, "k", f"has {total} rows but the step plans {int(self.step_lengths.sum())}",
+            if self._step_total != total:
+                raise LaunchError(kernel, "k", f"has {total} rows but the step plans {self._step_total}",
                                   total, "pass tensors with sum(new_lengths) rows")
-            row_offsets = self._row_offsets
+            return self._row_offsets_dt  # the cache's own buffer, checked once (eager host cost)
         return check_tensor(kernel, "row_offsets", row_offsets, dtype=_U32, device=self.device, align=4)
 
     def _check_layer(self, kernel: str, layer: int) -> None:
@@ -463,7 +467,8 @@ class KVCache:
                        stream: Any) -> None:
         """store / load launch: one block per tokens_per_block new tokens (they share the argument layout)."""
         p, s = self._ptrs, self._scalars
-        launch = self._launch(kernel, kernel, (self.args, p["a"], p["b"], p["c"], p["d"], s["total"], s["layer"], s["tpb"]))
+        launch = self._launches.get(kernel) or self._launch(
+            kernel, kernel, (self.args, p["a"], p["b"], p["c"], p["d"], s["total"], s["layer"], s["tpb"]))
         p["a"].value, p["b"].value, p["c"].value, p["d"].value = k, v, offsets, extra
         s["total"].value, s["layer"].value, s["tpb"].value = total, layer, self._tpb
         launch(((total + self._tpb - 1) // self._tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
