@@ -11,6 +11,8 @@ import pytest
 
 from kvgen.build import compile_all
 from kvgen.grid import load_config
+from kvgen.nvrtc import compile_cubin
+from kvgen.render import render_source
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -96,9 +98,13 @@ def test_decode_grid_compiles_with_few_spilled_words() -> None:
             # ptxas may park a few 64-bit values outside the tile loop (FP8 at the 128-register cap of 4 CTAs
             # per SM); more than that would mean the accumulators spilled.
             assert r["spill_stores"] <= 32 and r["spill_loads"] <= 32, (vb.variant.name, r)
-    cold = [ab.seconds for vb in builds for ab in vb.archs if not ab.cache_hit]
-    if len(cold) >= 5:
-        # Decode variants took 1.3-1.4 s each while decode.cuh included <cuda/std/type_traits> (1.1 s of C++
-        # front end); 0.7-0.8 s without it on this 2-core machine, two compiles at a time (headroom for CI load).
-        print(f"\n[compile] {len(cold)} cold decode-variant compiles: median {statistics.median(cold):.3f} s")
-        assert statistics.median(cold) < 1.2
+
+
+def test_decode_variant_compiles_in_under_a_second_and_a_bit() -> None:
+    """Timed straight through NVRTC (never the cubin cache, so a warm cache cannot skip it): decode variants took
+    1.3-1.4 s each while decode.cuh included <cuda/std/type_traits> (1.1 s of C++ front end), 0.65-0.86 s
+    without it on this 2-core machine; 1.2 s leaves headroom for a loaded CI runner."""
+    variants = [v for v in DECODE_GRID.variants if "_bf16_" in v.name or "_e4m3_" in v.name][:3]
+    times = [compile_cubin(render_source(v, "sm_90a"), "sm_90a").seconds for v in variants]
+    print(f"\n[compile] decode variants, no cache: {', '.join(f'{t:.3f}' for t in times)} s")
+    assert len(times) == 3 and statistics.median(times) < 1.2

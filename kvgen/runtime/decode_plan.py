@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import driver
-
 if TYPE_CHECKING:
     from .kvcache import KVCache
 
@@ -79,9 +77,9 @@ def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = 96
     return best_chunk
 
 
-def plan_decode(cache: KVCache, slots: int | None = None, splits: int | None = None) -> DecodePlan:
-    """Split-K plan of one step: `choose_chunk` over the host mirror of the lengths (no sync), with the
-    number of resident CTAs from the driver's occupancy calculator for this very kernel. splits: a fixed split count instead, with chunk 0 where the
+def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
+    """Split-K plan of one step: `choose_chunk` over the host mirror of the lengths (no sync) and the resident
+    CTAs of this very kernel (cache.decode_slots). splits: a fixed split count instead, with chunk 0 where the
     kernel supports it (16-bit caches): it cuts each request's context into that many equal parts from the
     lengths on the device, so a CUDA graph captured once stays balanced while the contexts grow. FP8 kernels get
     the chunk of this step's longest request (a replay keeps the capture's chunk: correct, less balanced)."""
@@ -94,8 +92,5 @@ def plan_decode(cache: KVCache, slots: int | None = None, splits: int | None = N
         if cache._decode_geo.balanced:
             return DecodePlan(cache, 0, splits, b)  # the kernel cuts each request from its length on the device
         return DecodePlan(cache, -(-longest // (splits * 64)) * 64, splits, b)  # FP8: from this step's lengths
-    if slots is None:
-        kernel = cache._kernel("decode", cache._decode_smem)
-        slots = driver.resident_blocks(kernel, 128, cache.device)
-    chunk = choose_chunk(lens, cache.num_heads, slots)
+    chunk = choose_chunk(lens, cache.num_heads, cache.decode_slots())
     return DecodePlan(cache, chunk, max(1, -(-longest // chunk)), b)

@@ -125,15 +125,14 @@ class KVCache:
         self.lookup_table, self.cache_lengths = lookup_table, cache_lengths
         torch = _torch()
         self.error_word = torch.zeros(1, dtype=torch.int32, device=f"cuda:{self.device}")
-        self._row_offsets = torch.zeros(self.max_batch + 1, dtype=torch.int32, device=f"cuda:{self.device}")
-        self._row_offsets_dt = check_tensor("KVCache", "row_offsets", self._row_offsets, dtype=_U32, device=self.device)
         self._step_total = 0  # sum of the step's new lengths (begin_step)
         # Per new token (page or slot, offset in it), resolved by begin_step from the host mirror of the lookup
         # table: the store kernel reads one 8-byte entry per token (re-checked on the device) instead of a CSR
         # binary search and a page-table load, two dependent loads ncu showed the store waiting on.
         # Sized for max_tokens new tokens per step and never reallocated, so a captured graph keeps a valid
         # pointer. A step with more new tokens stores through the CSR search instead (begin_step decides).
-        self._token_map = torch.zeros(2 * max_tokens, dtype=torch.int32, device=f"cuda:{self.device}")
+        self._own_step_buffers(torch.zeros(self.max_batch + 1, dtype=torch.int32, device=f"cuda:{self.device}"),
+                               torch.zeros(2 * max_tokens, dtype=torch.int32, device=f"cuda:{self.device}"))
         self._step_has_map = False
         self._raw_stream = torch._C._cuda_getCurrentRawStream
         self.host_lut = np.full((self.max_batch, self.lut_cols), self.null_page, np.uint32) if self.paged \
@@ -161,6 +160,7 @@ class KVCache:
         self._window: int | None = None
         self.decode_plan: DecodePlan | None = None
         self._decode_ws: DecodeWorkspace | None = None
+        self._decode_slots: int | None = None  # decode_slots()
         self._retired_ws: list[DecodeWorkspace] = []  # outgrown workspaces: captured graphs may still write them
         # Geometry of the decode kernel for this GPU's arch (shared memory, loader), fixed per variant: computed
         # once, not on every launch.
@@ -275,10 +275,15 @@ class KVCache:
         # Step state of its own: the row offsets and token map (begin_step rewrites them in place, and a graph
         # captured on the original reads them), and the split-K workspace (its plans would otherwise write the
         # original's partials). A plan made before the copy stays shared until the copy plans its own.
-        other._row_offsets, other._token_map = self._row_offsets.clone(), self._token_map.clone()
-        other._row_offsets_dt = check_tensor("KVCache", "row_offsets", other._row_offsets, dtype=_U32, device=self.device)
+        other._own_step_buffers(self._row_offsets.clone(), self._token_map.clone())
         other._decode_ws, other._retired_ws = None, []
         return other
+
+    def _own_step_buffers(self, row_offsets: Any, token_map: Any) -> None:
+        """The step's CSR row offsets and token map (rewritten in place by begin_step, never reallocated); the row
+        offsets are checked once here, not on every launch."""
+        self._row_offsets, self._token_map = row_offsets, token_map
+        self._row_offsets_dt = check_tensor("KVCache", "row_offsets", row_offsets, dtype=_U32, device=self.device)
 
     def view(self, kv: int, layer: int) -> Any:
         """The [num_blocks, P, H, D] torch view of one (K|V, layer) slice (page stride KVD*L*P*H*D)."""
@@ -527,9 +532,9 @@ class KVCache:
     def plan_decode(self, window: int | None = None, splits: int | None = None) -> DecodePlan:
         """Plan the step's decode (call after begin_step, once per step, outside graph capture). window: the
         sliding window in tokens (variants generated with sliding_window), None for full attention. splits: fix
-        the split count instead of letting the planner choose it; the kernel then cuts each request's context
-        into that many equal parts from the lengths on the device, so a decode captured once in a CUDA graph
-        (same grid every step) stays balanced as the contexts grow."""
+        the split count instead of letting the planner choose it, so a decode captured once in a CUDA graph keeps
+        its grid; 16-bit kernels then cut each request's context into that many equal parts from the lengths on
+        the device (balanced as contexts grow), FP8 kernels use this step's longest request (decode_plan.py)."""
         if self.spec.attention is None:
             raise LaunchError("plan_decode", "variant", "this variant has no attention parameters", self.variant.NAME,
                               "add attention: {num_q_heads: ...} and decode to the config")
@@ -550,12 +555,19 @@ class KVCache:
         graphs captured with an earlier plan keep writing memory of their own."""
         ws = self._decode_ws
         if ws is None:
-            slots = driver.resident_blocks(self._kernel("decode", self._decode_smem), 128, self.device)
-            ws = self._decode_ws = DecodeWorkspace(self, max(pairs, workspace_pairs(self.max_batch, self.num_heads, slots)))
+            first = workspace_pairs(self.max_batch, self.num_heads, self.decode_slots())
+            ws = self._decode_ws = DecodeWorkspace(self, max(pairs, first))
         elif pairs > ws.pairs:
             self._retired_ws.append(ws)
             ws = self._decode_ws = DecodeWorkspace(self, max(pairs, 2 * ws.pairs))
         return ws
+
+    def decode_slots(self) -> int:
+        """Decode CTAs the whole GPU holds at once (the driver's occupancy calculator for this very kernel): fixed
+        per cache, asked once."""
+        if self._decode_slots is None:
+            self._decode_slots = driver.resident_blocks(self._kernel("decode", self._decode_smem), 128, self.device)
+        return self._decode_slots
 
     def release_outgrown_workspaces(self) -> int:
         """Free the decode workspaces a growing plan replaced (kept so graphs captured with them stay valid).
