@@ -20,6 +20,19 @@ def per_call(fn, n: int = 5000) -> float:
     return eager_host_cost(fn, n) * 1e6
 
 
+def one_long_loop(fn, n: int = 5000) -> float:
+    """The method before session 6: one loop of n calls, which fills the launch queue and then times the GPU."""
+    import time
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
 def main() -> None:
     out = Path("/tmp/kvgen-host-profile")
     build(load_config(ROOT / "configs" / "bench_store.yaml"), out=out, jobs=4, pattern="bench_paged_bf16_h8_d128_p16")
@@ -38,6 +51,8 @@ def main() -> None:
         "_stream(None)": per_call(lambda: cache._stream(None)),
         "launch only (ctypes cuLaunchKernel)": per_call(lambda: launch(grid, (256, 1, 1), stream)),
         "torch.add eager (reference)": per_call(lambda: torch.add(k, k)),
+        "full store(), one 5000-call loop": one_long_loop(lambda: cache.store(0, k, k)),
+        "launch only, one 5000-call loop": one_long_loop(lambda: launch(grid, (256, 1, 1), stream)),
     }
     for name, us in rows.items():
         print(f"{name:40s} {us:7.2f} us")

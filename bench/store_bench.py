@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import peers  # noqa: E402
 
 from kvgen import derive, nvrtc  # noqa: E402
-from kvgen.benchmark import copy_bandwidth, eager_host_cost, graph_times, permuted_pages, rotations  # noqa: E402
+from kvgen.benchmark import copy_bandwidth, eager_host_costs, graph_times, permuted_pages, rotations  # noqa: E402
 from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import load_config  # noqa: E402
 
@@ -65,6 +65,14 @@ def with_derive(knobs: dict[str, int], fn):
     finally:
         for k, v in saved.items():
             setattr(derive, k, v)
+
+
+def bare_launch(cache, total: int):
+    """cuLaunchKernel of the cache's store kernel with the arguments of its last store(), and nothing else:
+    what any Python launcher pays on this host."""
+    launch, tpb = cache._launches["store"], cache.store_tokens_per_block(total)
+    grid, stream = ((total + tpb - 1) // tpb, 1, 1), cache._stream(None)
+    return lambda: launch(grid, (256, 1, 1), stream)
 
 
 def make_set(variant, batch: int, per_req: int, cached: int, rng: np.random.Generator):
@@ -108,6 +116,7 @@ def main() -> None:
             extra[text] = ({}, load_generated(Path(f"/tmp/kvgen-bench-store-def{i}"), f"kvgen_bench_store_def{i}"))
     copy_bw = copy_bandwidth()
     rows = []
+    host_floor: list[float] = []  # bare cuLaunchKernel host cost, one per 64-token case
     gpu = torch.cuda.get_device_name()
     for variant in mod.VARIANTS.values():
         spec = variant.spec()
@@ -128,14 +137,14 @@ def main() -> None:
                 for w in wrapped:
                     w.begin_step([per_req] * batch)
                 ops[f"kvgen {text}"] = ([lambda w=w, k=k, v=v: w.store(0, k, v) for w, (_, k, v) in zip(wrapped, sets)], kv_bytes)
-            eager = {"kvgen": eager_host_cost(kv_launch[0])} if T <= 64 else {}
+            eager_fns = {"kvgen": kv_launch[0]} if T <= 64 else {}  # host cost, timed interleaved below
             peer_bytes_fi = T * H * D * 2 * (2 * cache_bytes)  # FlashInfer moves cache-dtype bytes only
             try:
                 fi = [peers.make_flashinfer_append(k, v, c.blocks[:, :, 0], c.lookup_table[:batch], c.cache_lengths[:batch],
                                                    [per_req] * batch) for c, k, v in sets]
                 ops["flashinfer append" + (" (pre-cast fp8, no scales)" if fp8 else "")] = (fi, peer_bytes_fi)
                 if T <= 64:
-                    eager["flashinfer append"] = eager_host_cost(fi[0])
+                    eager_fns["flashinfer append"] = fi[0]
             except Exception as e:  # noqa: BLE001 - a missing peer is reported, not fatal
                 print(f"flashinfer unavailable: {type(e).__name__}: {str(e)[:300]}")
             try:
@@ -145,7 +154,7 @@ def main() -> None:
                       for c, k, v in sets]
                 ops["vllm triton" + (" (per-tensor scale)" if fp8 else "")] = (vl, T * H * D * 2 * (2 + cache_bytes))
                 if T <= 64:
-                    eager["vllm triton"] = eager_host_cost(vl[0])
+                    eager_fns["vllm triton"] = vl[0]
             except Exception as e:  # noqa: BLE001
                 print(f"vllm unavailable: {type(e).__name__}: {str(e)[:300]}")
             if not fp8:
@@ -157,6 +166,11 @@ def main() -> None:
             if T <= 64:  # the floor of this method: an empty kernel per call (torch.cuda._sleep(0)), same graph shape
                 ops["empty kernel (floor)"] = ([lambda: torch.cuda._sleep(0)] * n, 0)
             times = graph_times([launches for launches, _ in ops.values()])
+            eager = {}
+            if eager_fns:  # with the host's own floor: the same kernel through a bare ctypes cuLaunchKernel
+                costs = eager_host_costs([*eager_fns.values(), bare_launch(sets[0][0], T)])
+                eager = dict(zip(eager_fns, costs))
+                host_floor.append(costs[-1])
             results = {name: (t, nbytes) for (name, (_, nbytes)), t in zip(ops.items(), times)}
             for peer, (t, nbytes) in results.items():
                 rows.append((spec.cache.dtype + (f" g{spec.quantization.granularity} {spec.quantization.scale_dtype} scales" if fp8 else ""),
@@ -174,6 +188,10 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.2f} | {r[5]:.3f} | {100 * r[5] * 1e12 / copy_bw:.1f}% | "
                      f"{'' if np.isnan(r[7]) else f'{r[7]:.1f}'} | {r[8]} |")
+    if host_floor:
+        lines += ["", "Eager host cost: batches of 100 calls, the GPU drained between batches, all ops of a case "
+                  "interleaved (kvgen.benchmark.eager_host_costs). This host's floor, a bare ctypes cuLaunchKernel of "
+                  f"the same store kernel in the same interleaving: {min(host_floor) * 1e6:.1f}-{max(host_floor) * 1e6:.1f} µs."]
     text = "\n".join(lines)
     print(text)
     args.out.write_text(text + "\n")

@@ -104,18 +104,30 @@ def graph_times(launch_sets: Sequence[Sequence[Launch]], replays: int = 30) -> l
     return [statistics.median(t) if t else float("nan") for t in times]
 
 
-def eager_host_cost(fn: Launch, calls: int = 2000) -> float:
-    """Host seconds per eager call (launch-bound loop; the GPU work per call is tiny)."""
+def eager_host_costs(fns: Sequence[Launch], calls: int = 2000, batch: int = 100) -> list[float]:
+    """Host seconds per eager call of each fn: the median over batches of `batch` back-to-back calls, the GPU
+    drained between batches (not timed), the fns' batches interleaved round-robin so they share the host's noise
+    (one host measured the same kvgen store at 11 and 19 µs in one process, minutes apart). A batch stays far
+    below the driver's launch queue, so the host never waits for the GPU."""
     torch = _torch()
-    for _ in range(50):
-        fn()
+    for fn in fns:
+        for _ in range(50):
+            fn()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls
+    per_call: list[list[float]] = [[] for _ in fns]
+    for _ in range(max(1, calls // batch)):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for _ in range(batch):
+                fn()
+            per_call[i].append((time.perf_counter() - t0) / batch)
+            torch.cuda.synchronize()
+    return [statistics.median(t) for t in per_call]
+
+
+def eager_host_cost(fn: Launch, calls: int = 2000, batch: int = 100) -> float:
+    """eager_host_costs of one call."""
+    return eager_host_costs([fn], calls, batch)[0]
 
 
 def rotations(bytes_per_set: int, floor: int = 256 << 20, cap: int = 64) -> int:

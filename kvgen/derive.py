@@ -66,12 +66,30 @@ def store_split(spec: VariantSpec) -> StoreSplit:
 PASSES_PER_BLOCK = 1  # store/load: passes of IPT items per thread a block makes (more passes, fewer blocks)
 
 
-def tokens_per_block(spec: VariantSpec, split: StoreSplit) -> int:
-    """Tokens one 256-thread block of store/load handles: PASSES_PER_BLOCK passes of IPT items per thread, at
-    most 64."""
+def tokens_per_block(spec: VariantSpec, split: StoreSplit, passes: int | None = None) -> int:
+    """Tokens one 256-thread block of store/load handles: `passes` (default PASSES_PER_BLOCK) passes of IPT items
+    per thread, at most 64."""
     kvd = spec.cache.kv_dim
     items = kvd * spec.cache.num_kv_heads * (spec.cache.head_size // split.elems_per_item)
-    return max(1, min(MAX_TOKENS_PER_BLOCK, THREADS * split.ipt * PASSES_PER_BLOCK // max(1, items)))
+    passes = PASSES_PER_BLOCK if passes is None else passes
+    return max(1, min(MAX_TOKENS_PER_BLOCK, THREADS * split.ipt * passes // max(1, items)))
+
+
+# A large quantizing store makes two passes per block (tokens_per_block is a launch argument, so this is chosen per
+# call, no second kernel). Measured on the H100 (bench/NOTES.md, session 6; same run, FP8 g64, 8192 tokens): two
+# passes 75.9 -> 77.5% of copy (page 16) and 77.8 -> 79.7% (page 128), while 64 tokens went 2.93 -> 4.25 µs
+# (half the blocks, each twice as long) and bf16 8192 tokens 89.4 -> 86.0%. So 16-bit stores keep one pass, and
+# a quantizing store takes two once one-pass blocks would fill LARGE_STORE_WAVES waves of resident blocks.
+LARGE_STORE_PASSES = 2
+LARGE_STORE_WAVES = 4
+
+
+def large_store_tokens_per_block(spec: VariantSpec, split: StoreSplit) -> int | None:
+    """tokens_per_block of a large store step, or None where large steps keep the default (16-bit, RoPE caches)."""
+    if spec.quantization is None or spec.rope_layout is not None:
+        return None
+    large = tokens_per_block(spec, split, PASSES_PER_BLOCK * LARGE_STORE_PASSES)
+    return large if large > tokens_per_block(spec, split) else None
 
 
 @dataclass(frozen=True)

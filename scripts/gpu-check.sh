@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (offline): installs the carried wheels, runs the GPU tests, compute-sanitizer on a
-# subset and the benchmarks, and prints a short summary. Usage: scripts/gpu-check.sh [tests|sanitize|bench|decode|ab|sweep|trace|profile|ncu|cli|all]...
+# subset and the benchmarks, and prints a short summary. Usage: scripts/gpu-check.sh [tests|sanitize|bench|decode|ab|floor|sweep|trace|profile|ncu|cli|all]...
 # Wheels come from scripts/fetch_gpu_wheels.sh (run on a machine with internet) into .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,6 +57,10 @@ for step in "${@:-all}"; do
   fi
   if [[ $step == trace ]]; then  # decode per-CTA timeline (bench/decode_trace.py)
     python3 bench/decode_trace.py 2>&1 | tee "$OUT/decode-trace.log" | tail -n 60
+  fi
+  if [[ $step == floor ]]; then  # what a bare streaming kernel reaches for the targets' byte counts (bench/floor_bench.py)
+    python3 bench/floor_bench.py --out "$OUT/floor_bench.md" 2>&1 | tee "$OUT/floor-bench.log" | tail -n 12
+    summary+=("floors: $OUT/floor_bench.md")
   fi
   if [[ $step == profile ]]; then
     python3 bench/host_profile.py 2>&1 | tee "$OUT/host-profile.log"

@@ -13,6 +13,9 @@ from kvgen.derive import (
     SMEM_RESERVED_PER_CTA,
     decode_geometry,
     decode_loader,
+    large_store_tokens_per_block,
+    store_split,
+    tokens_per_block,
 )
 from kvgen.errors import ConfigError
 from kvgen.runtime.decode_plan import choose_chunk, workspace_pairs
@@ -115,3 +118,25 @@ def test_explicit_tma_loader_that_cannot_be_honored_is_refused(archs: list[str],
 def test_first_workspace_holds_two_splits_per_request_or_four_waves() -> None:
     assert workspace_pairs(max_batch=256, heads=8, slots=264) == 512
     assert workspace_pairs(max_batch=4, heads=8, slots=528) == 264  # 4 waves of 528 CTAs over 8 KV heads
+
+
+def _store_spec(dtype: str, quantized: bool) -> VariantSpec:
+    d = base_config()
+    d["cache"]["dtype"] = dtype
+    if quantized:
+        d["quantization"] = {"scale_dtype": "float32", "granularity": 64}
+    return validate_variant(d)
+
+
+@pytest.mark.parametrize(("dtype", "quantized", "doubles"), [("bfloat16", False, False), ("float8_e4m3fn", True, True),
+                                                             ("float8_e4m3fn", False, False)])
+def test_only_large_quantizing_stores_take_two_passes_per_block(dtype: str, quantized: bool, doubles: bool) -> None:
+    # Measured (derive.py): two passes helped only the quantizing store at 8192 tokens; 16-bit stores and plain
+    # FP8 casts keep one pass at every size.
+    spec = _store_spec(dtype, quantized)
+    split = store_split(spec)
+    large = large_store_tokens_per_block(spec, split)
+    if doubles:
+        assert large == 2 * tokens_per_block(spec, split)
+    else:
+        assert large is None

@@ -105,12 +105,17 @@ class Kernel:
         self._pdl_config: _LaunchConfig | None = None  # built on the first dependent launch
         self._pdl_attr: _LaunchAttribute | None = None
 
-    def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], params: ctypes.Array, stream: int) -> None:
-        """params: a ctypes array of void* pointing at each argument's bytes (kept alive by the caller)."""
-        err = self._launch(self._handle, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                           self.dynamic_smem, stream, ctypes.addressof(params), None)
-        if err != 0:
-            check((cu().CUresult(err),))
+    def launcher(self, params: ctypes.Array) -> Any:
+        """cuLaunchKernel of this kernel bound to one packed argument array (a void*[] of pointers to each
+        argument's bytes, kept alive by the caller): fire(grid, block, stream)."""
+        raw, handle, smem, addr = self._launch, self._handle, self.dynamic_smem, ctypes.addressof(params)
+
+        def fire(grid: tuple[int, int, int], block: tuple[int, int, int], stream: int) -> None:
+            err = raw(handle, grid[0], grid[1], grid[2], block[0], block[1], block[2], smem, stream, addr, None)
+            if err != 0:
+                check((cu().CUresult(err),))
+
+        return fire
 
     def launch_dependent(self, grid: tuple[int, int, int], block: tuple[int, int, int], params: ctypes.Array,
                          stream: int) -> None:

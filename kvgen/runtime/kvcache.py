@@ -16,9 +16,11 @@ import numpy as np
 
 from ..derive import (
     DECODE_TILE,
+    LARGE_STORE_WAVES,
     THREADS,
     StoreSplit,
     decode_geometry,
+    large_store_tokens_per_block,
     store_split,
     tma_geometry,
     tokens_per_block,
@@ -63,9 +65,10 @@ class _Launch:
         self.kernel = kernel
         self.fields = fields
         self.params, self._keep = driver.pack(*fields)
+        self.fire = kernel.launcher(self.params)  # the eager hot path: one Python frame, the address taken once
 
     def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], stream: int) -> None:
-        self.kernel.launch(grid, block, self.params, stream)
+        self.fire(grid, block, stream)
 
     def dependent(self, grid: tuple[int, int, int], block: tuple[int, int, int], stream: int) -> None:
         """Programmatic dependent launch (see driver.Kernel.launch_dependent)."""
@@ -145,7 +148,11 @@ class KVCache:
             num_blocks=self.num_blocks, num_layers=num_layers, max_seq_length=0, max_cache_length=0,
             tokens_per_slot=tokens_per_slot, reserved=0)
         self._split: StoreSplit = store_split(self.spec)
+        self._io_rows_shape = self._io_shape()
         self._tpb = 8 if self.spec.rope_layout else tokens_per_block(self.spec, self._split)
+        # Large quantizing stores: more tokens per block from this many tokens on (derive.py; resolved on first use).
+        self._tpb_large = large_store_tokens_per_block(self.spec, self._split)
+        self._large_store_from: int | None = None
         self._launches: dict[str, _Launch] = {}
         self._scalars = {k: ctypes.c_uint32(0) for k in ("total", "layer", "tpb", "kv", "tiles", "n")}
         self._ptrs = {k: ctypes.c_uint64(0) for k in ("a", "b", "c", "d")}
@@ -284,6 +291,7 @@ class KVCache:
         offsets are checked once here, not on every launch."""
         self._row_offsets, self._token_map = row_offsets, token_map
         self._row_offsets_dt = check_tensor("KVCache", "row_offsets", row_offsets, dtype=_U32, device=self.device)
+        self._token_map_ptr = token_map.data_ptr()
 
     def view(self, kv: int, layer: int) -> Any:
         """The [num_blocks, P, H, D] torch view of one (K|V, layer) slice (page stride KVD*L*P*H*D)."""
@@ -443,7 +451,7 @@ class KVCache:
 
     def _kv_rows(self, kernel: str, names: tuple[str, str], k: Any, v: Any | None) -> tuple[DeviceTensor, int]:
         """The K rows tensor checked, and the V pointer (V = K for an MLA cache, which has no separate V)."""
-        kt = check_tensor(kernel, names[0], k, dtype=self.io_dtype, shape=self._io_shape(), device=self.device)
+        kt = check_tensor(kernel, names[0], k, dtype=self.io_dtype, shape=self._io_rows_shape, device=self.device)
         if self.kv_dim == 1:
             return kt, kt.ptr
         if v is None:
@@ -452,6 +460,7 @@ class KVCache:
         return kt, check_tensor(kernel, names[1], v, dtype=self.io_dtype, shape=kt.shape, device=self.device).ptr
 
     def _io_shape(self) -> tuple[int | None, ...]:
+        """Shape of the K/V rows tensors of store and load (T free); kept as _io_rows_shape."""
         if self.spec.rope_layout:
             r = self.spec.rope_layout
             return (None, r.padded_depth + r.rope_dim)
@@ -468,15 +477,26 @@ class KVCache:
             self.args.batch_size = ro.shape[0] - 1
         return kt, vptr, ro
 
+    def store_tokens_per_block(self, total: int) -> int:
+        """Tokens per block of a store of `total` tokens: the variant's default, or for a large quantizing store
+        (one-pass blocks would fill LARGE_STORE_WAVES waves of resident blocks) two passes' worth."""
+        if self._tpb_large is None:
+            return self._tpb
+        if self._large_store_from is None:
+            resident = driver.resident_blocks(self._kernel("store"), THREADS, self.device)
+            self._large_store_from = LARGE_STORE_WAVES * resident * self._tpb
+        return self._tpb_large if total >= self._large_store_from else self._tpb
+
     def _launch_ragged(self, kernel: str, layer: int, total: int, k: int, v: int, offsets: int, extra: int,
                        stream: Any) -> None:
         """store / load launch: one block per tokens_per_block new tokens (they share the argument layout)."""
         p, s = self._ptrs, self._scalars
         launch = self._launches.get(kernel) or self._launch(
             kernel, kernel, (self.args, p["a"], p["b"], p["c"], p["d"], s["total"], s["layer"], s["tpb"]))
+        tpb = self.store_tokens_per_block(total) if kernel == "store" else self._tpb
         p["a"].value, p["b"].value, p["c"].value, p["d"].value = k, v, offsets, extra
-        s["total"].value, s["layer"].value, s["tpb"].value = total, layer, self._tpb
-        launch(((total + self._tpb - 1) // self._tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
+        s["total"].value, s["layer"].value, s["tpb"].value = total, layer, tpb
+        launch.fire(((total + tpb - 1) // tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
 
     def store(self, layer: int, k: Any, v: Any | None = None, row_offsets: Any = None, stream: Any = None) -> None:
         """Write new K/V rows [T, H, D] at cache_length(b) + t (CSR row offsets; default: the step's)."""
@@ -484,7 +504,7 @@ class KVCache:
         total = kt.shape[0]
         if total == 0:
             return
-        token_map = self._token_map.data_ptr() if row_offsets is None and self._step_has_map else 0
+        token_map = self._token_map_ptr if row_offsets is None and self._step_has_map else 0
         self._launch_ragged("store", layer, total, kt.ptr, vptr, ro.ptr, token_map, stream)
 
     def load(self, layer: int, k_out: Any, v_out: Any | None, start_pos: Any, row_offsets: Any = None,

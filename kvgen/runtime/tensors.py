@@ -125,12 +125,22 @@ def check_positive_float32(kernel: str, name: str, value: Any, fix: str) -> floa
     return as_f32
 
 
+_torch_tensor: type | None = None  # torch.Tensor, once a torch tensor was seen (torch stays an optional import)
+
+
 def _torch_fast_path(x: Any, dtype: str | tuple[str, ...], shape: tuple[int | None, ...] | None, device: int | None,
                      contiguous: bool, align: int) -> DeviceTensor | None:
-    """The common case (a valid CUDA torch tensor) in a few C calls; None sends anything unusual to the
-    full check, which produces the error message."""
-    if not type(x).__module__.startswith("torch") or not x.is_cuda:
-        return None
+    """The common case (a valid CUDA torch tensor, not a subclass) in a few C calls; None sends anything unusual
+    to the full check, which produces the error message. Runs on every eager launch, so every call here counts."""
+    global _torch_tensor
+    if type(x) is not _torch_tensor:
+        if _torch_tensor is not None or not type(x).__module__.startswith("torch"):
+            return None
+        import torch
+
+        _torch_tensor = torch.Tensor
+        if type(x) is not _torch_tensor:
+            return None
     name = _torch_name(x.dtype)
     if (name != dtype) if isinstance(dtype, str) else (name not in dtype):
         return None
@@ -141,9 +151,9 @@ def _torch_fast_path(x: Any, dtype: str | tuple[str, ...], shape: tuple[int | No
         for want, got in zip(shape, xs):
             if want is not None and want != got:
                 return None
-    dev = x.get_device()
+    dev = x.get_device()  # -1 for a CPU tensor
     ptr = x.data_ptr()
-    if (device is not None and dev != device) or (contiguous and not x.is_contiguous()) or ptr % align:
+    if dev < 0 or (device is not None and dev != device) or (contiguous and not x.is_contiguous()) or ptr % align:
         return None
     return DeviceTensor(ptr, xs, (), name, dev, x)
 

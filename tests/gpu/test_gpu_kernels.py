@@ -13,7 +13,7 @@ import pytest
 
 from kvgen import reference as ref
 from kvgen.build import build, import_package
-from kvgen.derive import tma_geometry
+from kvgen.derive import large_store_tokens_per_block, store_split, tma_geometry
 from kvgen.dtypes import DTYPES
 from kvgen.errors import LaunchError
 from kvgen.grid import load_config
@@ -125,6 +125,27 @@ def q_args(spec):
     return (q.granularity, q.scale_dtype) if q else (None, None)
 
 
+def store_matches_reference(cache, spec, new: list[int], layer: int, rng: np.random.Generator):
+    """Store random rows for a step of `new` tokens per request and check the whole cache bit for bit against the
+    reference: written rows equal it, every other byte (canaries, other layers, the null page) is unchanged.
+    Returns (state before the store, the rows stored)."""
+    io = spec.cache.io_dtype
+    H, D = spec.cache.num_kv_heads, spec.cache.head_size
+    before = state_of(cache, spec)
+    kv_in = [random_rows(rng, (sum(new), H, D), io) for _ in range(spec.cache.kv_dim)]
+    cache.begin_step(new)
+    cache.store(layer, *[from_np(x, io) for x in kv_in])
+    g, sd = q_args(spec)
+    refused = ref.store(before, layer, [x.astype(np.float32) for x in kv_in], np.cumsum([0, *new]), spec.cache.dtype, g, sd)
+    assert refused == 0
+    after = state_of(cache, spec)
+    np.testing.assert_array_equal(after.blocks.view(np.uint8), before.blocks.view(np.uint8))
+    if before.scales is not None:
+        np.testing.assert_array_equal(after.scales, before.scales)
+    assert cache.errors() == []
+    return before, kv_in
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_store_then_load_matches_reference(generated, name: str) -> None:
     rng = np.random.default_rng(abs(hash(name)) % 2**32)
@@ -134,22 +155,9 @@ def test_store_then_load_matches_reference(generated, name: str) -> None:
     v, spec, cache = make_cache(generated, name, rng, cached, new)
     io = spec.cache.io_dtype
     H, D = spec.cache.num_kv_heads, spec.cache.head_size
-    T = sum(new)
     layer = 1
-    before = state_of(cache, spec)
-    kv_in = [random_rows(rng, (T, H, D), io) for _ in range(spec.cache.kv_dim)]
-    cache.begin_step(new)
-    cache.store(layer, *[from_np(x, io) for x in kv_in])
     g, sd = q_args(spec)
-    refused = ref.store(before, layer, [x.astype(np.float32) for x in kv_in], np.cumsum([0, *new]), spec.cache.dtype, g, sd)
-    assert refused == 0
-    after = state_of(cache, spec)
-    # Bit-exact over the whole cache: written rows equal the reference, every other byte (canaries,
-    # other layers, the null page) is unchanged.
-    np.testing.assert_array_equal(after.blocks.view(np.uint8), before.blocks.view(np.uint8))
-    if before.scales is not None:
-        np.testing.assert_array_equal(after.scales, before.scales)
-    assert cache.errors() == []
+    before, kv_in = store_matches_reference(cache, spec, new, layer, rng)
 
     # Load everything each request now holds (cached + new) back out, dequantized.
     full = [c + n for c, n in zip(cached, new)]
@@ -173,6 +181,27 @@ def test_store_then_load_matches_reference(generated, name: str) -> None:
             assert np.max(rel[big]) <= 2.0 ** -mant + 1e-6 + (2.0 ** -7 if spec.quantization else 0.0)
     # Cached rows were canaries (never written): load must reproduce them faithfully; new rows are finite.
     assert cache.errors() == []
+
+
+LARGE_SPLIT = [v.name for v in GRID.variants if v.name in NAMES and large_store_tokens_per_block(v.spec, store_split(v.spec))]
+
+
+@pytest.mark.parametrize("name", LARGE_SPLIT)
+def test_large_quantizing_store_with_two_passes_per_block(generated, name: str) -> None:
+    """A large quantizing step runs blocks of two passes (KVCache.store_tokens_per_block). Forced here on a
+    ragged step of edge lengths, so blocks straddle requests and pages; the result must still be bit-exact."""
+    rng = np.random.default_rng(abs(hash(name)) % 2**32 + 1)
+    spec = generated.VARIANTS[name].spec()
+    p = spec.cache.page_size or 16
+    cached, new = edge_lengths(p)
+    new = [3 * n + 1 for n in new]
+    v, spec, cache = make_cache(generated, name, rng, cached, new)
+    small, large = cache.store_tokens_per_block(1), cache.store_tokens_per_block(10**9)
+    assert large > small, "a large step should take more tokens per block"
+    assert cache.store_tokens_per_block(cache._large_store_from - 1) == small
+    cache._large_store_from = 1  # every store of this cache now takes the large-step split
+    assert cache.store_tokens_per_block(sum(new)) == large
+    store_matches_reference(cache, spec, new, 0, rng)
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if "e4m3" in n or "e5m2" in n])
@@ -477,21 +506,14 @@ def test_cupy_arrays_on_a_cupy_stream(generated) -> None:
 
 def test_eager_store_host_cost(generated) -> None:
     """Host time of one eager store (validation + launch), reported; the bound catches regressions."""
-    import time
+    from kvgen.benchmark import eager_host_cost
 
     rng = np.random.default_rng(8)
     name = next(n for n in NAMES if n.startswith("gpu_paged_bf16_h4_d128_p16"))
     v, spec, cache = make_cache(generated, name, rng, [0] * 8, [1] * 8)
     k = torch.randn(8, 4, 128, device="cuda", dtype=torch.bfloat16)
     cache.begin_step([1] * 8)
-    for _ in range(100):
-        cache.store(0, k, k)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(2000):
-        cache.store(0, k, k)
-    per_call = (time.perf_counter() - t0) / 2000
-    torch.cuda.synchronize()
+    per_call = eager_host_cost(lambda: cache.store(0, k, k))
     print(f"\n[host] eager store: {per_call * 1e6:.2f} us/call")
     assert per_call < 60e-6  # a regression guard; the measured value is what bench/RESULTS.md reports
 
