@@ -155,6 +155,11 @@ class DecodeGeometry:
     # graphs). Not in FP8 kernels: they sit at the 128-register cap of 4 CTAs per SM, and the runtime chunk made
     # them park 12 bytes and run 2-4% slower (H100, session 5 run 7); 16-bit kernels measured neutral.
     balanced: bool
+    # Warp groups a CTA may run (blockDim 128 x groups, groups x smem_bytes): as many as one-group CTAs fit an SM,
+    # so a grouped CTA has exactly their warps, registers and shared memory (the launch bounds keep the register
+    # cap); small batches run one such CTA per (request, KV head) and skip the combine (decode_plan.py). 1 for TMA
+    # (its per-stage mbarriers are per CTA).
+    max_groups: int
 
 
 # attention.loader "auto", per cache element width: the loader measured faster on the H100 (bench/NOTES.md, same
@@ -199,7 +204,8 @@ def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
         min_blocks = min(min_blocks, 3)
     return DecodeGeometry(group=group, stages=stages, stage_bytes=stage,
                           smem_bytes=smem, min_blocks=min_blocks, out_c=DTYPES[a.output_dtype].c_type,
-                          window=a.sliding_window, softcap=a.logits_soft_cap, tma=tma, balanced=not dt.is_fp8)
+                          window=a.sliding_window, softcap=a.logits_soft_cap, tma=tma, balanced=not dt.is_fp8,
+                          max_groups=1 if tma else min_blocks)
 
 
 def kernel_symbol(variant: Variant, kernel: str) -> str:

@@ -18,7 +18,7 @@ from kvgen.derive import (
     tokens_per_block,
 )
 from kvgen.errors import ConfigError
-from kvgen.runtime.decode_plan import choose_chunk, workspace_pairs
+from kvgen.runtime.decode_plan import choose_chunk, grouped_splits, workspace_pairs
 
 
 def makespan(lengths: np.ndarray, heads: int, slots: int, chunk: int, overhead: int = 96) -> int:
@@ -140,3 +140,14 @@ def test_only_large_quantizing_stores_take_two_passes_per_block(dtype: str, quan
         assert large == 2 * tokens_per_block(spec, split)
     else:
         assert large is None
+
+
+@pytest.mark.parametrize(("longest", "pairs", "groups", "splits"), [
+    (1024, 128, 4, 1),     # 16 requests x 8 KV heads: one grouped CTA per pair, no combine launch
+    (1024, 132, 2, 1),     # exactly one per SM
+    (16384, 8, 4, 16),     # one request: split to fill the 132 SMs (16 x 8 = 128 CTAs)
+    (100, 8, 4, 1),        # short context: no split would give a warp group a whole tile
+    (600, 8, 2, 5),        # ... at most ceil(600 / (2 x 64)) splits
+])
+def test_grouped_splits_fill_one_wave_and_never_split_below_a_tile(longest: int, pairs: int, groups: int, splits: int) -> None:
+    assert grouped_splits(longest, pairs, 132, groups) == splits

@@ -21,12 +21,12 @@ def _torch() -> Any:
 
 
 class DecodePlan:
-    """Split-K plan of one decode step, reused by every layer: chunk length per CTA (0: each request's context cut
-    into `splits` equal parts on the device), split count, and views of the cache's decode workspace (float32
-    partial outputs and log-sum-exps)."""
+    """Split-K plan of one decode step, reused by every layer: chunk length per warp group (0: each request's
+    context cut into `splits x groups` equal parts on the device), split count (CTAs per request and KV head), warp
+    groups per CTA, and views of the cache's decode workspace (float32 partial outputs and log-sum-exps)."""
 
-    def __init__(self, cache: KVCache, chunk: int, splits: int, batch: int):
-        self.chunk, self.splits, self.batch = chunk, splits, batch
+    def __init__(self, cache: KVCache, chunk: int, splits: int, batch: int, groups: int = 1):
+        self.chunk, self.splits, self.batch, self.groups = chunk, splits, batch, groups
         hq = cache.spec.attention.num_q_heads
         ws = cache.decode_workspace(batch * splits)
         # Views at the start of the workspace: every plan of this cache uses the same addresses, so a CUDA graph
@@ -77,12 +77,24 @@ def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = 96
     return best_chunk
 
 
+def grouped_splits(longest: int, pairs: int, sms: int, groups: int, tile: int = 64) -> int:
+    """CTAs per (request, KV head) of a grouped plan: one wave of one grouped CTA per SM, and no more splits
+    than give every warp group at least one tile of the longest request."""
+    return max(1, min(sms // max(1, pairs), -(-longest // (groups * tile))))
+
+
 def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
-    """Split-K plan of one step: `choose_chunk` over the host mirror of the lengths (no sync) and the resident
-    CTAs of this very kernel (cache.decode_slots). splits: a fixed split count instead, with chunk 0 where the
-    kernel supports it (16-bit caches): it cuts each request's context into that many equal parts from the
-    lengths on the device, so a CUDA graph captured once stays balanced while the contexts grow. FP8 kernels get
-    the chunk of this step's longest request (a replay keeps the capture's chunk: correct, less balanced)."""
+    """Split-K plan of one step from the host mirror of the lengths (no sync).
+
+    Small batches (at most one (request, KV head) pair per SM) get grouped CTAs: one CTA per pair and SM with
+    every warp group the SM holds (DecodeGeometry.max_groups), its context cut among the groups, split further
+    only to fill the SMs (grouped_splits); with one split the CTA writes the final output and the combine launch
+    is skipped. Otherwise `choose_chunk` over the resident one-group CTAs of this very kernel (decode_slots).
+    splits: a fixed split count of one-group CTAs instead, with chunk 0 where the kernel supports it (16-bit
+    caches): it cuts each request's context into that many equal parts from the lengths on the device, so a CUDA
+    graph captured once stays balanced while the contexts grow. FP8 kernels get the chunk of this step's longest
+    request (a replay keeps the capture's chunk: correct, less balanced). Grouped plans of 16-bit caches are cut
+    on the device too."""
     b = int(cache.args.batch_size)
     lens = cache.host_lengths[:b].astype(np.int64) + 1  # the step's token is stored before decoding
     if cache.spec.attention.sliding_window and cache._window:
@@ -92,5 +104,16 @@ def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
         if cache._decode_geo.balanced:
             return DecodePlan(cache, 0, splits, b)  # the kernel cuts each request from its length on the device
         return DecodePlan(cache, -(-longest // (splits * 64)) * 64, splits, b)  # FP8: from this step's lengths
+    groups, pairs, sms = cache._decode_geo.max_groups, b * cache.num_heads, cache.sm_count()
+    if groups > 1 and 0 < pairs <= sms:
+        s = grouped_splits(longest, pairs, sms, groups)
+        chunk = 0 if cache._decode_geo.balanced else -(-longest // (s * groups * 64)) * 64
+        return DecodePlan(cache, chunk, s, b, groups)
+    return split_k_plan(cache, lens)
+
+
+def split_k_plan(cache: KVCache, lens: np.ndarray) -> DecodePlan:
+    """The one-group split-K plan of `choose_chunk` for these context lengths (plan_decode's rule above one pair
+    per SM; bench/decode_bench.py --plan-ab times it against the grouped plan at small batch)."""
     chunk = choose_chunk(lens, cache.num_heads, cache.decode_slots())
-    return DecodePlan(cache, chunk, max(1, -(-longest // chunk)), b)
+    return DecodePlan(cache, chunk, max(1, -(-int(lens.max(initial=1)) // chunk)), len(lens))

@@ -96,14 +96,19 @@ class Kernel:
         self.name = name
         self.function = check(d.cuModuleGetFunction(module, name.encode()))
         self.dynamic_smem = dynamic_smem
-        if dynamic_smem > 48 * 1024:
-            check(d.cuFuncSetAttribute(self.function,
-                                       d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                       dynamic_smem))
+        self.allow_dynamic_smem(dynamic_smem)
         self._handle = int(self.function)
         self._launch = _raw_launch()
         self._pdl_config: _LaunchConfig | None = None  # built on the first dependent launch
         self._pdl_attr: _LaunchAttribute | None = None
+
+    def allow_dynamic_smem(self, nbytes: int) -> None:
+        """Opt the function in to nbytes of dynamic shared memory (needed past 48 KB). The limit belongs to the
+        CUfunction, which every Kernel of the same name shares (Module.kernel keeps it at their largest)."""
+        if nbytes > 48 * 1024:
+            d = cu()
+            check(d.cuFuncSetAttribute(self.function, d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                       nbytes))
 
     def launcher(self, params: ctypes.Array) -> Any:
         """cuLaunchKernel of this kernel bound to one packed argument array (a void*[] of pointers to each
@@ -136,24 +141,31 @@ class Kernel:
             check((cu().CUresult(err),))
 
 
+def sm_count(device: int) -> int:
+    d = cu()
+    return int(check(d.cuDeviceGetAttribute(d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device)))
+
+
 def resident_blocks(kernel: Kernel, block_threads: int, device: int) -> int:
     """CTAs of `kernel` the whole GPU holds at once (occupancy per SM times the SM count)."""
-    d = cu()
-    per_sm = check(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(kernel.function, block_threads, kernel.dynamic_smem))
-    sms = check(d.cuDeviceGetAttribute(d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device))
-    return max(1, int(per_sm)) * int(sms)
+    per_sm = check(cu().cuOccupancyMaxActiveBlocksPerMultiprocessor(kernel.function, block_threads, kernel.dynamic_smem))
+    return max(1, int(per_sm)) * sm_count(device)
 
 
 class Module:
     def __init__(self, cubin: bytes, device: int):
         ensure_current(device)
         self.handle = check(cu().cuModuleLoadData(cubin))
-        self.kernels: dict[str, Kernel] = {}
+        self.kernels: dict[tuple[str, int], Kernel] = {}
 
     def kernel(self, name: str, dynamic_smem: int = 0) -> Kernel:
-        k = self.kernels.get(name)
+        """The kernel `name` launched with `dynamic_smem` bytes (one Kernel per size: decode launches one-group
+        and multi-group CTAs of the same function)."""
+        k = self.kernels.get((name, dynamic_smem))
         if k is None:
-            k = self.kernels[name] = Kernel(self.handle, name, dynamic_smem)
+            k = self.kernels[(name, dynamic_smem)] = Kernel(self.handle, name, dynamic_smem)
+            # A smaller size created later must not lower the function's limit below a larger one's.
+            k.allow_dynamic_smem(max(v.dynamic_smem for (n, _), v in self.kernels.items() if n == name))
         return k
 
 

@@ -168,6 +168,7 @@ class KVCache:
         self.decode_plan: DecodePlan | None = None
         self._decode_ws: DecodeWorkspace | None = None
         self._decode_slots: int | None = None  # decode_slots()
+        self._sm_count: int | None = None  # sm_count()
         self._retired_ws: list[DecodeWorkspace] = []  # outgrown workspaces: captured graphs may still write them
         # Geometry of the decode kernel for this GPU's arch (shared memory, loader), fixed per variant: computed
         # once, not on every launch.
@@ -551,10 +552,12 @@ class KVCache:
     # ---- decode attention -----------------------------------------------------------------------------
     def plan_decode(self, window: int | None = None, splits: int | None = None) -> DecodePlan:
         """Plan the step's decode (call after begin_step, once per step, outside graph capture). window: the
-        sliding window in tokens (variants generated with sliding_window), None for full attention. splits: fix
-        the split count instead of letting the planner choose it, so a decode captured once in a CUDA graph keeps
-        its grid; 16-bit kernels then cut each request's context into that many equal parts from the lengths on
-        the device (balanced as contexts grow), FP8 kernels use this step's longest request (decode_plan.py)."""
+        sliding window in tokens (variants generated with sliding_window), None for full attention. The planner
+        runs small batches as one CTA of several warp groups per (request, KV head) without a combine launch, and
+        larger ones split-K (decode_plan.py). splits: fix the split count (of one-group CTAs) instead, so a decode
+        captured once in a CUDA graph keeps its grid; 16-bit kernels then cut each request's context into that many
+        equal parts from the lengths on the device (balanced as contexts grow), FP8 kernels use this step's
+        longest request."""
         if self.spec.attention is None:
             raise LaunchError("plan_decode", "variant", "this variant has no attention parameters", self.variant.NAME,
                               "add attention: {num_q_heads: ...} and decode to the config")
@@ -581,6 +584,12 @@ class KVCache:
             self._retired_ws.append(ws)
             ws = self._decode_ws = DecodeWorkspace(self, max(pairs, 2 * ws.pairs))
         return ws
+
+    def sm_count(self) -> int:
+        """Streaming multiprocessors of the cache's GPU (asked once)."""
+        if self._sm_count is None:
+            self._sm_count = driver.sm_count(self.device)
+        return self._sm_count
 
     def decode_slots(self) -> int:
         """Decode CTAs the whole GPU holds at once (the driver's occupancy calculator for this very kernel): fixed
@@ -640,12 +649,13 @@ class KVCache:
         f = self._dec_vals
         fields = (self.args, f["layer"], f["q"], f["po"], f["pl"], f["chunk"], f["scale"], f["cap"], f["window"],
                   f["fout"], f["flse"], f["fsinks"])
-        if self._decode_geo.tma:
+        groups = plan.groups
+        if self._decode_geo.tma:  # one warp group (max_groups == 1)
             kmap, vmap = self._decode_tile_maps(layer)
             launch = self._launch("decode", "decode", (kmap.param_address, vmap.param_address, *fields), smem=self._decode_smem)
             launch.params[0], launch.params[1] = kmap.param_address, vmap.param_address
-        else:
-            launch = self._launch("decode", "decode", fields, smem=self._decode_smem)
+        else:  # a launch object per group count: the dynamic shared memory is part of it
+            launch = self._launch(f"decode{groups}", "decode", fields, smem=groups * self._decode_smem)
         f["layer"].value, f["q"].value, f["po"].value, f["pl"].value = layer, qt.ptr, plan.part_o.data_ptr(), plan.part_lse.data_ptr()
         f["chunk"].value = plan.chunk
         f["scale"].value, f["cap"].value = scale, cap
@@ -656,7 +666,7 @@ class KVCache:
         # nothing to merge: the decode kernel writes the final output itself and the combine launch is skipped.
         single = plan.splits == 1
         f["fout"].value, f["flse"].value, f["fsinks"].value = (ot.ptr, lse_ptr, sink_ptr) if single else (0, 0, 0)
-        launch((plan.splits, self.num_heads, B), (128, 1, 1), st)
+        launch((plan.splits, self.num_heads, B), (128 * groups, 1, 1), st)
         if single:
             return
         comb = self._launch("combine", "decode_combine", (f["po"], f["pl"], f["splits"], f["sinks"], f["out"], f["lse"], f["hq"]))

@@ -107,12 +107,15 @@ def check(out, ref, name: str, fp8: bool) -> None:
     assert rel <= 5e-3, rel
 
 
-# Besides the planner's own plan: a single split, where the decode kernel writes the final output itself (no
-# combine launch), and a fixed split count (plan_decode(splits=3), 16-bit kernels cut each request on the device).
+# Besides the planner's own plan (grouped CTAs at this batch size): a single split, where the decode kernel writes
+# the final output itself (no combine launch); one grouped CTA per (request, KV head), every warp group the SM
+# holds, also writing the final output; and a fixed split count of one-group CTAs (plan_decode(splits=3), 16-bit
+# kernels cut each request on the device).
 # Cover the feature variant (window, soft cap, sinks, f16 output), a plain bf16 one and an FP8 one, both loaders.
 SINGLE = {n for n in NAMES if ("h2_d128_p16_s128b" in n or "p16_qf32g128" in n) and ("_bf16_" in n or "_e4m3_" in n)} | \
     {v.name for v in GRID.variants if v.spec.attention.sinks}
-CASES = [(n, "plan") for n in NAMES] + [(n, e) for e in ("single_split", "fixed_splits") for n in NAMES if n in SINGLE]
+CASES = [(n, "plan") for n in NAMES] + [(n, e) for e in ("single_split", "grouped_single", "fixed_splits")
+                                        for n in NAMES if n in SINGLE]
 
 
 @pytest.mark.parametrize(("name", "ending"), CASES, ids=[n if e == "plan" else f"{n}-{e}" for n, e in CASES])
@@ -140,6 +143,12 @@ def test_decode_matches_float64(gen, name: str, ending: str) -> None:
     plan = cache.plan_decode(window=window, splits=3 if ending == "fixed_splits" else None)
     if ending == "single_split":
         plan = cache.decode_plan = DecodePlan(cache, -(-max(lengths) // 64) * 64, 1, len(lengths))
+    if ending == "grouped_single":
+        geo = cache._decode_geo
+        chunk = 0 if geo.balanced else -(-max(lengths) // (geo.max_groups * 64)) * 64
+        plan = cache.decode_plan = DecodePlan(cache, chunk, 1, len(lengths), groups=geo.max_groups)
+    elif ending == "plan" and cache._decode_geo.max_groups > 1:
+        assert plan.groups == cache._decode_geo.max_groups, "a batch this small should get grouped CTAs"
     plan.part_o.fill_(float("nan"))  # poison the workspace: unwritten partials must never be read
     plan.part_lse.fill_(float("nan"))
     cache.decode(1, q, out, lse=lse, **kw)

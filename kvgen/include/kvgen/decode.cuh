@@ -1,8 +1,9 @@
 // Paged decode attention (one new query token per request), split-K flash-decoding, written against the
 // KVCacheT trait (row_idx for every K/V row, the cache's scales for FP8).
 //
-// Grid (splits, H_kv, batch), 128 threads = 4 warps. A CTA owns one request, one KV head and one chunk of its
-// context, and serves all GROUP query heads of that KV head (rows of a 16-row MMA tile). K/V tiles of 64 rows
+// Grid (splits, H_kv, batch), 128 x ngrp threads: ngrp warp groups of 4 warps (ngrp = 1 except for small
+// batches; see decode_partial). A CTA owns one request, one KV head and one chunk of its context, and serves all
+// GROUP query heads of that KV head (rows of a 16-row MMA tile). K/V tiles of 64 rows
 // stream through a STAGES-deep pipeline, cp.async (page lookups one tile ahead, zero fill past the end) or TMA
 // page copies on mbarriers (see decode_partial); warp w takes rows [16w, 16w + 16) of every tile with its own
 // online softmax, and the 4 warps merge at the end. Each CTA writes a float32 partial output and its
@@ -139,6 +140,11 @@ template <class OT> struct DecodeFinal {
 // captured once stays balanced as the lengths on the device grow; kvgen/derive.py decides where it is compiled
 // in). The last split also takes everything past gridDim.x * chunk, so any length is covered. With one split
 // (gridDim.x == 1) and fin.out set, the CTA writes the final output as decode_combine would (sinks included).
+// Warp groups: a CTA of ngrp = blockDim.x / 128 groups (ngrp x SMEM_BYTES of shared memory) cuts its split into
+// ngrp consecutive sub-splits ("virtual splits": chunk and the BALANCED cut count gridDim.x * ngrp of them), each
+// group streams its own with its own pipeline and named barrier, and all 4 x ngrp warps merge in shared memory.
+// One such CTA per (request, KV head) holds the same warps and shared memory per SM as ngrp one-group CTAs, but
+// needs no float32 partials and no combine launch (small batches; runtime/decode_plan.py). TMA: one group only.
 // K/V loader, chosen by kvgen/derive.py decode_geometry:
 //   TMA = false: cp.async, 16 bytes per thread per copy (any arch).
 //   TMA = true (sm_90+): one TMA copy per page of a tile (page rows from the trait's populate) through kmap / vmap,
@@ -148,7 +154,7 @@ template <class OT> struct DecodeFinal {
 //     complete on a per-stage mbarrier; thread 0 issues, everyone waits. (Swizzled create_tma_tile spans were
 //     tried: reading fragments through the swizzle cost registers and made the FP8 kernels spill.)
 template <class Cache, class QT, class OT, int GROUP, int STAGES, int SMEM_BYTES, bool WINDOW, bool SOFTCAP, bool TMA = false,
-          bool BALANCED = false>
+          bool BALANCED = false, int MAX_GROUPS = 1>
 __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CUtensorMap* vmap, DecodeFinal<OT> fin,
                                                const CacheArgs& a, uint32_t layer, const QT* __restrict__ q,
                                                float* __restrict__ part_o, float* __restrict__ part_lse,
@@ -177,6 +183,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   constexpr int ALIGN_SLACK = TMA ? 128 : 0;  // TMA writes 128-byte aligned shared memory
   // SMEM_BYTES is what the host reserves (kvgen/derive.py decode_geometry): both uses of it must fit.
   static_assert(STAGES * (STAGE_BYTES + BN * 4) + ALIGN_SLACK <= SMEM_BYTES, "K/V stages and the row ring fit the shared memory");
+  // (Per group: a CTA of ngrp groups gets ngrp x SMEM_BYTES and has ngrp x as many warp slices to merge.)
   static_assert(4 * GROUP * (D + 8 + 2) * 4 + ALIGN_SLACK <= SMEM_BYTES, "the epilogue's per-warp slices fit the shared memory");
   static_assert(!TMA || (PITCH / ES <= 256 && TILE_BYTES % 128 == 0), "a padded row is one TMA box");
 #if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
@@ -187,14 +194,23 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   auto k_tile_off = [](int stage) { return TMA ? stage * 2 * TILE_BYTES : stage * STAGE_BYTES; };
   auto scale_off = [](int stage) { return TMA ? STAGES * 2 * TILE_BYTES + stage * SCALE_BYTES : stage * STAGE_BYTES + 2 * TILE_BYTES; };
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* smem = TMA ? reinterpret_cast<unsigned char*>((reinterpret_cast<uint64_t>(smem_raw) + 127) & ~uint64_t(127))
-                            : smem_raw;
+  static_assert(MAX_GROUPS >= 1 && MAX_GROUPS <= 4 && (!TMA || MAX_GROUPS == 1), "1-4 warp groups, TMA: one");
+  // MAX_GROUPS == 1 (TMA, large rows): constants, so those kernels compile exactly as one-group kernels.
+  const uint32_t tid = MAX_GROUPS == 1 ? threadIdx.x : threadIdx.x % kDecodeThreads;  // thread within its group
+  const uint32_t grp = MAX_GROUPS == 1 ? 0 : threadIdx.x / kDecodeThreads;             // index of its group
+  const uint32_t ngrp = MAX_GROUPS == 1 ? 1 : blockDim.x / kDecodeThreads;
+  unsigned char* const smem_cta = TMA ? reinterpret_cast<unsigned char*>((reinterpret_cast<uint64_t>(smem_raw) + 127) & ~uint64_t(127))
+                                      : smem_raw;
+  unsigned char* const smem = smem_cta + grp * SMEM_BYTES;  // this group's pipeline (TMA: ngrp == 1)
+  // The group's own barrier (named barrier 1 + grp, its 128 threads); the CTA-wide __syncthreads is barrier 0.
+  auto group_sync = [&]() { asm volatile("bar.sync %0, %1;" ::"r"(grp + 1), "n"(kDecodeThreads) : "memory"); };
   __shared__ alignas(8) uint64_t full_bar[TMA ? STAGES : 1];  // TMA: one transaction barrier per stage
   // Byte `byte` of row `row` of the tile at smem offset `tile` (both loaders: padded rows).
   auto sp = [&](int tile, int row, int byte) -> unsigned char* { return smem + tile + row * PITCH + byte; };
 
   const uint32_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint32_t warp = tid / 32, lane = tid % 32;  // warp within the group
+  const uint32_t vsplit = split * ngrp + grp, nvsplits = gridDim.x * ngrp;  // this group's virtual split
   const uint32_t gq = lane / 4, tq = lane % 4;  // MMA fragment row group and column pair
   const Cache kc = Cache::view(a, 0, layer), vc = Cache::view(a, 1, layer);
 
@@ -209,17 +225,17 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   constexpr bool kEarlyRows = !WINDOW && !TMA;
   const bool early_rows = kEarlyRows && (!BALANCED || chunk != 0);
   if (early_rows) {
-    if (threadIdx.x < BN) {
+    if (tid < BN) {
       const uint32_t max_pos = Cache::page_size_ > 0 ? a.lut_row_stride * uint32_t(Cache::page_size_) - 1u : 0xffffffffu;
 #pragma unroll
       for (int s = 0; s < STAGES; ++s)
-        row_ring[s * BN + threadIdx.x] = kc.row_idx(b, min(split * chunk + uint32_t(s) * BN + threadIdx.x, max_pos));
+        row_ring[s * BN + tid] = kc.row_idx(b, min(vsplit * chunk + uint32_t(s) * BN + tid, max_pos));
     }
   }
   const uint32_t ctx_start = (WINDOW && kv_len > window) ? kv_len - window : 0;
-  if (BALANCED && chunk == 0) chunk = (kv_len - ctx_start + gridDim.x * BN - 1) / (gridDim.x * BN) * BN;
-  const uint32_t first = ctx_start + split * chunk;
-  uint32_t last = split + 1 == gridDim.x ? kv_len : min(kv_len, first + chunk);
+  if (BALANCED && chunk == 0) chunk = (kv_len - ctx_start + nvsplits * BN - 1) / (nvsplits * BN) * BN;
+  const uint32_t first = ctx_start + vsplit * chunk;
+  uint32_t last = vsplit + 1 == nvsplits ? kv_len : min(kv_len, first + chunk);
   // TMA tiles start on a multiple of 64 (so a tile holds whole pages for populate); rows before `first` (a
   // sliding window's start) are masked like rows past `last`.
   const uint32_t tile0 = TMA ? first & ~uint32_t(BN - 1) : first;
@@ -227,7 +243,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   float* o_out = part_o + ((uint64_t(b) * H * GROUP + hq0) * gridDim.x + split) * D;
   float* lse_out = part_lse + (uint64_t(b) * H * GROUP + hq0) * gridDim.x + split;
   const bool final_out = fin.out != nullptr && gridDim.x == 1;
-  if (first >= last) {  // empty split: the combine step skips it by its -inf lse
+  // The whole CTA is empty when its first group is (groups take consecutive sub-splits): a uniform early exit.
+  if (ctx_start + split * ngrp * chunk >= kv_len) {  // empty split: the combine step skips it by its -inf lse
     if (final_out) {  // no rows at all (as decode_combine: zeros, and the sink's logit as the LSE)
       const uint64_t row0 = uint64_t(b) * H * GROUP + hq0;
       for (int i = threadIdx.x; i < GROUP * D; i += blockDim.x) fin.out[row0 * D + i] = from_f32<OT>(0.f);
@@ -238,7 +255,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     for (int r = threadIdx.x; r < GROUP; r += blockDim.x) lse_out[uint64_t(r) * gridDim.x] = -INFINITY;
     return;
   }
-  const int ntiles = int((last - tile0 + BN - 1) / BN);
+  // A later group of a CTA may still be empty: it streams nothing and joins the merge with no rows.
+  const int ntiles = first < last ? int((last - tile0 + BN - 1) / BN) : 0;
   KVGEN_TRACE(1);
 
   // ---- tile loader: K and V rows (page lookups through the trait), scales, zero fill past `last` ----------
@@ -250,8 +268,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   constexpr int ROWS_PER_PASS = kDecodeThreads / CPR;  // rows one pass of the block covers
   constexpr int PASSES = BN * CPR / kDecodeThreads;
   static_assert(kDecodeThreads % CPR == 0 && BN % ROWS_PER_PASS == 0, "tile copy splits evenly");
-  auto row_of = [&](int tile) -> uint32_t {  // row of token `tile * BN + threadIdx.x`, or kNoRow past the end
-    const uint32_t t = tile0 + uint32_t(tile) * BN + threadIdx.x;
+  auto row_of = [&](int tile) -> uint32_t {  // row of token `tile * BN + tid`, or kNoRow past the end
+    const uint32_t t = tile0 + uint32_t(tile) * BN + tid;
     return t < last ? kc.row_idx(b, t) : kNoRow;
   };
   // TMA: the ring holds each tile's page rows from the trait's populate (one row per page of the tile). Thread
@@ -262,13 +280,13 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     const Rows r = kc.template populate<BN, BN>(b, tile0 + uint32_t(tile) * BN);
     uint32_t mine = r.rows[0];
 #pragma unroll
-    for (int p = 1; p < NP; ++p) mine = threadIdx.x == uint32_t(p) ? r.rows[p] : mine;
+    for (int p = 1; p < NP; ++p) mine = tid == uint32_t(p) ? r.rows[p] : mine;
     return mine;
   };
   static_assert(!TMA || (EFF * PITCH) % 128 == 0, "every TMA box lands 128-byte aligned");
   // Per-thread constants of the copies, hoisted out of the tile loop: the K address of a row is one 32x32->64
   // multiply-add from kbase, V is K plus the distance between the two views, the shared slots are fixed offsets.
-  const int copy_chunk = int(threadIdx.x) % CPR, copy_row0 = int(threadIdx.x) / CPR;
+  const int copy_chunk = int(tid) % CPR, copy_row0 = int(tid) / CPR;
   const unsigned char* kbase = reinterpret_cast<const unsigned char*>(kc.blocks + int64_t(h) * D) + copy_chunk * 16;
   const int64_t v_minus_k = reinterpret_cast<const unsigned char*>(vc.blocks) - reinterpret_cast<const unsigned char*>(kc.blocks);
   constexpr uint32_t kRowBytes = uint32_t(Cache::row_elems) * ES;  // one cache row: all heads
@@ -276,7 +294,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     const uint32_t* pages = row_ring + (tile % STAGES) * BN;
     const uint32_t base = tile0 + uint32_t(tile) * BN;
-    if (threadIdx.x == 0) {
+    if (tid == 0) {
       unsigned char* kt = smem + k_tile_off(stage);
       mbar_arrive_expect_tx(&full_bar[stage], 2 * TILE_BYTES);  // boxes past the cache are zero-filled, still counted
 #pragma unroll
@@ -293,7 +311,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     if constexpr (QUANT) {
       float* kss = reinterpret_cast<float*>(smem + scale_off(stage));
       float* vss = kss + BN * G;
-      for (int i = threadIdx.x; i < BN * G; i += kDecodeThreads) {
+      for (int i = tid; i < BN * G; i += kDecodeThreads) {
         const int r = i / G, g = i % G;
         const bool valid = base + r < last && (!WINDOW || base + r >= first);  // same rule as the K/V pages
         const int64_t so = valid ? int64_t(pages[r / EFF] + r % EFF) * (H * G) + int64_t(h) * G + g : 0;
@@ -320,7 +338,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     if constexpr (QUANT) {
       float* kss = reinterpret_cast<float*>(smem + scale_off(stage));
       float* vss = kss + BN * G;
-      for (int i = threadIdx.x; i < BN * G; i += kDecodeThreads) {
+      for (int i = tid; i < BN * G; i += kDecodeThreads) {
         const int r = i / G, g = i % G;
         const bool valid = rows[r] != kNoRow;
         const int64_t so = valid ? int64_t(rows[r]) * (H * G) + int64_t(h) * G + g : 0;
@@ -333,39 +351,39 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   {  // prologue: the rows of the first STAGES tiles (independent lookups in flight together), then the copies
     if constexpr (TMA) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      if (threadIdx.x == 0) {
+      if (tid == 0) {
         prefetch_tmap(kmap);
         prefetch_tmap(vmap);
 #pragma unroll
         for (int s = 0; s < STAGES; ++s) mbar_init(&full_bar[s], 1);
         fence_mbar_init();
       }
-      if (threadIdx.x < NP) {
+      if (tid < NP) {
         uint32_t rows[STAGES];
 #pragma unroll
         for (int s = 0; s < STAGES; ++s) rows[s] = s < ntiles ? page_row_of(s) : kNoRow;
 #pragma unroll
-        for (int s = 0; s < STAGES; ++s) row_ring[s * BN + threadIdx.x] = rows[s];
+        for (int s = 0; s < STAGES; ++s) row_ring[s * BN + tid] = rows[s];
       }
 #endif
     } else {
       if (early_rows) {  // the ring already holds the rows: drop those past the context
-        if (threadIdx.x < BN) {
+        if (tid < BN) {
 #pragma unroll
           for (int s = 0; s < STAGES; ++s)
-            if (first + uint32_t(s) * BN + threadIdx.x >= last) row_ring[s * BN + threadIdx.x] = kNoRow;
+            if (first + uint32_t(s) * BN + tid >= last) row_ring[s * BN + tid] = kNoRow;
         }
       } else {
         uint32_t rows[STAGES];
 #pragma unroll
-        for (int s = 0; s < STAGES; ++s) rows[s] = threadIdx.x < BN ? row_of(s) : kNoRow;
-        if (threadIdx.x < BN) {
+        for (int s = 0; s < STAGES; ++s) rows[s] = tid < BN ? row_of(s) : kNoRow;
+        if (tid < BN) {
 #pragma unroll
-          for (int s = 0; s < STAGES; ++s) row_ring[s * BN + threadIdx.x] = rows[s];
+          for (int s = 0; s < STAGES; ++s) row_ring[s * BN + tid] = rows[s];
         }
       }
     }
-    __syncthreads();
+    group_sync();
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
       if (s < ntiles) load_tile(s, s);
@@ -398,7 +416,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   for (int tile = 0; tile < ntiles; ++tile) {
     const int stage = tile % STAGES;
     cp_async_wait<STAGES - 2>();
-    __syncthreads();
+    group_sync();
     if (tile == 0) KVGEN_TRACE(2);
     // Refill the stage consumed last iteration while this one is computed, and start the page lookups of the
     // tile after it (written to the ring after the math; the next iteration's barrier publishes them).
@@ -406,7 +424,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     cp_async_commit();
     // This thread's ring entry of tile + STAGES: its token's row (cp.async) or its page's row (TMA).
     constexpr uint32_t kRingWriters = TMA ? NP : BN;
-    const uint32_t next_row = threadIdx.x < kRingWriters && tile + STAGES < ntiles
+    const uint32_t next_row = tid < kRingWriters && tile + STAGES < ntiles
         ? (TMA ? page_row_of(tile + STAGES) : row_of(tile + STAGES)) : kNoRow;
 
     const int ks_o = k_tile_off(stage), vs_o = ks_o + TILE_BYTES;  // smem offsets of this stage's K and V tiles
@@ -574,7 +592,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     }
     // Slot (tile + STAGES) % STAGES was last read when tile's own copies were issued, before this iteration's
     // barrier; it is next read after the following barrier.
-    if (threadIdx.x < kRingWriters) row_ring[((tile + STAGES) % STAGES) * BN + threadIdx.x] = next_row;
+    if (tid < kRingWriters) row_ring[((tile + STAGES) % STAGES) * BN + tid] = next_row;
   }
   cp_async_wait<0>();
   __syncthreads();
@@ -584,9 +602,9 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 
-  // ---- merge the 4 warps (reusing the pipeline's shared memory) -------------------------------------------
+  // ---- merge the 4 x ngrp warps (reusing the pipelines' shared memory) ------------------------------------
   // Each warp parks its unnormalized rows (only the GROUP real ones) and their (max, sum) in its own slice, one
-  // barrier, then every thread combines the 4 slices for its outputs. (The first version added the warps into
+  // barrier, then every thread combines the slices for its outputs. (The first version added the warps into
   // one buffer in 4 barrier-separated turns with 8-way bank conflicts: 6 us per CTA, measured with the
   // per-CTA trace; at 16 x 1k that was a fifth of the kernel.)
 #pragma unroll
@@ -595,32 +613,31 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
   }
   constexpr int OP = D + 8;  // row pitch in floats: 4 rows of 8-byte pairs land in distinct banks
-  float* sm_o = reinterpret_cast<float*>(smem);    // [4 warps][GROUP][OP]
-  float* sm_ml = sm_o + 4 * GROUP * OP;            // [4 warps][GROUP][2]: running max (log2), row sum
+  const uint32_t nw = 4 * ngrp, gw = grp * 4 + warp;  // warps of the CTA, this warp's slice
+  float* sm_o = reinterpret_cast<float*>(smem_cta);  // [nw warps][GROUP][OP]
+  float* sm_ml = sm_o + nw * GROUP * OP;             // [nw warps][GROUP][2]: running max (log2), row sum
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = gq + 8 * r;
     if (row < GROUP) {
-      float* dst = sm_o + (warp * GROUP + row) * OP + tq * 2;
+      float* dst = sm_o + (gw * GROUP + row) * OP + tq * 2;
 #pragma unroll
       for (int dn = 0; dn < DN; ++dn)
         *reinterpret_cast<float2*>(dst + dn * 8) = make_float2(o[dn][2 * r], o[dn][2 * r + 1]);
       if (tq == 0) {
-        sm_ml[(warp * GROUP + row) * 2] = m_run[r];
-        sm_ml[(warp * GROUP + row) * 2 + 1] = l_run[r];
+        sm_ml[(gw * GROUP + row) * 2] = m_run[r];
+        sm_ml[(gw * GROUP + row) * 2 + 1] = l_run[r];
       }
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < GROUP * D; i += kDecodeThreads) {
+  for (int i = threadIdx.x; i < GROUP * D; i += blockDim.x) {
     const int row = i / D, col = i % D;
     float m = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < 4; ++w) m = fmaxf(m, sm_ml[(w * GROUP + row) * 2]);
+    for (uint32_t w = 0; w < nw; ++w) m = fmaxf(m, sm_ml[(w * GROUP + row) * 2]);
     const float mr = m == -INFINITY ? 0.f : m;
     float l = 0.f, acc = 0.f;
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
+    for (uint32_t w = 0; w < nw; ++w) {
       const float wgt = exp2f(sm_ml[(w * GROUP + row) * 2] - mr);  // 0 for a warp that saw no rows
       l += sm_ml[(w * GROUP + row) * 2 + 1] * wgt;
       acc += sm_o[(w * GROUP + row) * OP + col] * wgt;
