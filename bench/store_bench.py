@@ -41,7 +41,9 @@ def adopt_all(variant, caches: list) -> list:
     return [type(c).wrap(variant, c.blocks, c.scales, c.lookup_table, c.cache_lengths, num_layers=1) for c in caches]
 
 
-TUNABLE = {"ipt": "ITEMS_PER_THREAD", "min_blocks": "STORE_MIN_BLOCKS", "passes": "PASSES_PER_BLOCK"}  # --try knobs -> kvgen.derive constants
+# --try knobs -> kvgen.derive constants
+TUNABLE = {"ipt": "ITEMS_PER_THREAD", "qipt": "QUANTIZED_ITEMS_PER_THREAD", "min_blocks": "STORE_MIN_BLOCKS",
+           "passes": "PASSES_PER_BLOCK", "large": "LARGE_STORE_PASSES", "small": "SMALL_STORE_ONE_ITEM"}
 
 
 def parse_try(text: str) -> dict[str, int]:

@@ -24,6 +24,10 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
 
 
 ITEMS_PER_THREAD = 2  # store: items per thread per pass (the IPT template argument)
+# Quantizing stores: one item per thread per pass. Measured on the H100 against 2 (session 6, run 10, same data):
+# 64 tokens 2.79 -> 2.60 µs, 8192 tokens within 0.4%; the IPT = 2 build needs 40 registers and parks 4 bytes,
+# IPT = 1 takes 31. (16-bit stores keep 2: at IPT = 1 the 8192-token bf16 store lost 5.6 points.)
+QUANTIZED_ITEMS_PER_THREAD = 1
 # store __launch_bounds__ minimum CTAs per SM (256 threads each): 6 leaves 40 registers, enough without spills;
 # measured on the H100 against 4 and 5 in one run: FP8 8192-token store 25.1 -> 22.8 µs, bf16 27.4 -> 26.9 µs.
 STORE_MIN_BLOCKS = 6
@@ -60,7 +64,7 @@ def store_split(spec: VariantSpec) -> StoreSplit:
     g = spec.quantization.granularity
     vectors = g // vec
     tpg = _largest_pow2_divisor(vectors, 32)
-    return StoreSplit(vec=vec, tpg=tpg, vpt=vectors // tpg, ipt=ITEMS_PER_THREAD)
+    return StoreSplit(vec=vec, tpg=tpg, vpt=vectors // tpg, ipt=QUANTIZED_ITEMS_PER_THREAD)
 
 
 PASSES_PER_BLOCK = 1  # store/load: passes of IPT items per thread a block makes (more passes, fewer blocks)
@@ -82,6 +86,21 @@ def tokens_per_block(spec: VariantSpec, split: StoreSplit, passes: int | None = 
 # a quantizing store takes two once one-pass blocks would fill LARGE_STORE_WAVES waves of resident blocks.
 LARGE_STORE_PASSES = 2
 LARGE_STORE_WAVES = 4
+
+
+# A small store step (fewer blocks than SMs with the default split) runs one item per thread instead of IPT: twice
+# the blocks, each half as deep. Measured on the H100 (bench/NOTES.md, session 6, run 9; there with an IPT = 1
+# build, same data): 64 tokens 2.55 -> 2.40 µs (bf16) and 2.94 -> 2.60 µs (FP8 g64).
+SMALL_STORE_ONE_ITEM = 1
+
+
+def small_store_tokens_per_block(spec: VariantSpec, split: StoreSplit) -> int | None:
+    """tokens_per_block of a small store step (one item per thread), or None where it equals the default."""
+    if not SMALL_STORE_ONE_ITEM or spec.rope_layout is not None:
+        return None
+    items = spec.cache.kv_dim * spec.cache.num_kv_heads * (spec.cache.head_size // split.elems_per_item)
+    small = max(1, min(MAX_TOKENS_PER_BLOCK, THREADS // max(1, items)))
+    return small if small < tokens_per_block(spec, split) else None
 
 
 def large_store_tokens_per_block(spec: VariantSpec, split: StoreSplit) -> int | None:

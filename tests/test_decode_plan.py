@@ -14,6 +14,7 @@ from kvgen.derive import (
     decode_geometry,
     decode_loader,
     large_store_tokens_per_block,
+    small_store_tokens_per_block,
     store_split,
     tokens_per_block,
 )
@@ -151,3 +152,15 @@ def test_only_large_quantizing_stores_take_two_passes_per_block(dtype: str, quan
 ])
 def test_grouped_splits_fill_one_wave_and_never_split_below_a_tile(longest: int, pairs: int, groups: int, splits: int) -> None:
     assert grouped_splits(longest, pairs, 132, groups) == splits
+
+
+@pytest.mark.parametrize(("dtype", "quantized", "default", "small"), [("bfloat16", False, 2, 1),
+                                                                     ("float8_e4m3fn", True, 1, None)])
+def test_small_store_steps_take_one_item_per_thread(dtype: str, quantized: bool, default: int, small: int | None) -> None:
+    # 8 KV heads x 128: 256 items of 8 elements per token, K and V. 16-bit stores run IPT = 2 items per thread
+    # (2 tokens per 256-thread block) and one token per block when small; quantizing stores run one item per thread
+    # at every size (QUANTIZED_ITEMS_PER_THREAD), so a small step changes nothing for them.
+    spec = _store_spec(dtype, quantized)
+    split = store_split(spec)
+    assert tokens_per_block(spec, split) == default
+    assert small_store_tokens_per_block(spec, split) == small

@@ -21,6 +21,7 @@ from ..derive import (
     StoreSplit,
     decode_geometry,
     large_store_tokens_per_block,
+    small_store_tokens_per_block,
     store_split,
     tma_geometry,
     tokens_per_block,
@@ -150,9 +151,12 @@ class KVCache:
         self._split: StoreSplit = store_split(self.spec)
         self._io_rows_shape = self._io_shape()
         self._tpb = 8 if self.spec.rope_layout else tokens_per_block(self.spec, self._split)
-        # Large quantizing stores: more tokens per block from this many tokens on (derive.py; resolved on first use).
+        # Large quantizing stores: more tokens per block from this many tokens on; small steps: fewer, below this
+        # many (derive.py; both thresholds resolved on first use).
         self._tpb_large = large_store_tokens_per_block(self.spec, self._split)
         self._large_store_from: int | None = None
+        self._tpb_small = small_store_tokens_per_block(self.spec, self._split)
+        self._small_store_below: int | None = None
         self._launches: dict[str, _Launch] = {}
         self._scalars = {k: ctypes.c_uint32(0) for k in ("total", "layer", "tpb", "kv", "tiles", "n")}
         self._ptrs = {k: ctypes.c_uint64(0) for k in ("a", "b", "c", "d")}
@@ -479,8 +483,14 @@ class KVCache:
         return kt, vptr, ro
 
     def store_tokens_per_block(self, total: int) -> int:
-        """Tokens per block of a store of `total` tokens: the variant's default, or for a large quantizing store
-        (one-pass blocks would fill LARGE_STORE_WAVES waves of resident blocks) two passes' worth."""
+        """Tokens per block of a store of `total` tokens (derive.py): one item per thread for a small step (the
+        default split would leave SMs idle), two passes' worth for a large quantizing store (one-pass blocks would
+        fill LARGE_STORE_WAVES waves of resident blocks), else the variant's default."""
+        if self._tpb_small is not None:
+            if self._small_store_below is None:
+                self._small_store_below = self.sm_count() * self._tpb
+            if total < self._small_store_below:
+                return self._tpb_small
         if self._tpb_large is None:
             return self._tpb
         if self._large_store_from is None:
