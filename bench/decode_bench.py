@@ -35,14 +35,15 @@ from kvgen.runtime.decode_plan import split_k_plan  # noqa: E402
 HQ, H, D = 32, 8, 128
 
 
-def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str = ""):
-    """The bench config's variants, with attention.loader set to `loader` and the kernels compiled with extra
-    preprocessor `defines` (an A/B of the K/V loaders or of decode.cuh's compile-time knobs)."""
+def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str = "", stages: int | None = None):
+    """The bench config's variants, with attention.loader set to `loader` (and attention.stages to `stages`), the
+    kernels compiled with extra preprocessor `defines` (an A/B of the K/V loaders, the pipeline depth or
+    decode.cuh's compile-time knobs)."""
     cfg = load_config(ROOT / "configs" / "bench_decode.yaml")
     name = f"{loader}{tag}"
-    if loader != "auto" or defines:
-        specs = [v.spec.model_copy(update={"attention": v.spec.attention.model_copy(update={"loader": loader})})
-                 for v in cfg.variants]
+    if loader != "auto" or defines or stages is not None:
+        upd = {"loader": loader, **({"stages": stages} if stages is not None else {})}
+        specs = [v.spec.model_copy(update={"attention": v.spec.attention.model_copy(update=upd)}) for v in cfg.variants]
         cfg = ConfigFile(path=None, name=f"bench_decode_{name}", variants=[make_variant(s) for s in specs])
     out = Path(f"/tmp/kvgen-bench-decode-{name}")
     with nvrtc.defines(*defines):
@@ -161,6 +162,8 @@ def main() -> None:
                     help="time kvgen built with each K/V loader, on the same caches (one row each)")
     ap.add_argument("--defines", nargs="*", default=[], metavar="NAME=V[,NAME=V]",
                     help="also time kvgen (first loader) compiled with these -D knobs of decode.cuh, one build each")
+    ap.add_argument("--stages", nargs="*", type=int, default=[], metavar="N",
+                    help="also time kvgen (first loader) built with attention.stages = N, one build each")
     ap.add_argument("--shapes", nargs="*", default=None, metavar="BxC",
                     help="only these batch x context shapes, e.g. 16x1024 128x4096, and the skewed batch if 'skewed' is listed")
     args = ap.parse_args()
@@ -168,6 +171,8 @@ def main() -> None:
     mods = {loader: load_generated(loader) for loader in args.loaders}
     for i, text in enumerate(args.defines):
         mods[text] = load_generated(args.loaders[0], tuple(text.split(",")), tag=f"-d{i}")
+    for n in args.stages:
+        mods[f"stages={n}"] = load_generated(args.loaders[0], tag=f"-s{n}", stages=n)
     mod = mods[args.loaders[0]]
     copy_bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name()
