@@ -90,26 +90,25 @@ def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
     every warp group the SM holds (DecodeGeometry.max_groups), its context cut among the groups, split further
     only to fill the SMs (grouped_splits); with one split the CTA writes the final output and the combine launch
     is skipped. Otherwise `choose_chunk` over the resident one-group CTAs of this very kernel (decode_slots).
-    splits: a fixed split count of one-group CTAs instead, with chunk 0 where the kernel supports it (16-bit
-    caches): it cuts each request's context into that many equal parts from the lengths on the device, so a CUDA
-    graph captured once stays balanced while the contexts grow. FP8 kernels get the chunk of this step's longest
-    request (a replay keeps the capture's chunk: correct, less balanced). Grouped plans of 16-bit caches are cut
-    on the device too."""
+    splits: a fixed split count (CTAs per pair) instead, grouped when those CTAs fit one per SM, with chunk 0
+    where the kernel supports it (16-bit caches): it cuts each request's context into splits x groups equal parts
+    from the lengths on the device, so a CUDA graph captured once stays balanced while the contexts grow. FP8
+    kernels get the chunk of this step's longest request (a replay keeps the capture's chunk: correct, less
+    balanced)."""
     b = int(cache.args.batch_size)
     lens = cache.host_lengths[:b].astype(np.int64) + 1  # the step's token is stored before decoding
     if cache.spec.attention.sliding_window and cache._window:
         lens = np.minimum(lens, cache._window)
     longest = int(lens.max(initial=1))
-    if splits is not None:
-        if cache._decode_geo.balanced:
-            return DecodePlan(cache, 0, splits, b)  # the kernel cuts each request from its length on the device
-        return DecodePlan(cache, -(-longest // (splits * 64)) * 64, splits, b)  # FP8: from this step's lengths
-    groups, pairs, sms = cache._decode_geo.max_groups, b * cache.num_heads, cache.sm_count()
-    if groups > 1 and 0 < pairs <= sms:
-        s = grouped_splits(longest, pairs, sms, groups)
-        chunk = 0 if cache._decode_geo.balanced else -(-longest // (s * groups * 64)) * 64
-        return DecodePlan(cache, chunk, s, b, groups)
-    return split_k_plan(cache, lens)
+    geo, pairs, sms = cache._decode_geo, b * cache.num_heads, cache.sm_count()
+    if splits is None and geo.max_groups > 1 and 0 < pairs <= sms:
+        splits = grouped_splits(longest, pairs, sms, geo.max_groups)
+    if splits is None:
+        return split_k_plan(cache, lens)
+    groups = geo.max_groups if 0 < pairs * splits <= sms else 1  # grouped CTAs only where they fit one wave
+    # 16-bit: the kernel cuts each request from its length on the device; FP8: the chunk of this step's lengths.
+    chunk = 0 if geo.balanced else -(-longest // (splits * groups * 64)) * 64
+    return DecodePlan(cache, chunk, splits, b, groups)
 
 
 def split_k_plan(cache: KVCache, lens: np.ndarray) -> DecodePlan:

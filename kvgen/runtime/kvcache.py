@@ -564,10 +564,10 @@ class KVCache:
         """Plan the step's decode (call after begin_step, once per step, outside graph capture). window: the
         sliding window in tokens (variants generated with sliding_window), None for full attention. The planner
         runs small batches as one CTA of several warp groups per (request, KV head) without a combine launch, and
-        larger ones split-K (decode_plan.py). splits: fix the split count (of one-group CTAs) instead, so a decode
-        captured once in a CUDA graph keeps its grid; 16-bit kernels then cut each request's context into that many
-        equal parts from the lengths on the device (balanced as contexts grow), FP8 kernels use this step's
-        longest request."""
+        larger ones split-K (decode_plan.py). splits: fix the split count (CTAs per request and KV head, grouped
+        where they fit one per SM) instead, so a decode captured once in a CUDA graph keeps its grid; 16-bit
+        kernels then cut each request's context into equal parts from the lengths on the device (balanced as
+        contexts grow), FP8 kernels use this step's longest request."""
         if self.spec.attention is None:
             raise LaunchError("plan_decode", "variant", "this variant has no attention parameters", self.variant.NAME,
                               "add attention: {num_q_heads: ...} and decode to the config")

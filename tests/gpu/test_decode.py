@@ -153,8 +153,13 @@ def test_decode_matches_float64(gen, name: str, ending: str) -> None:
     plan.part_lse.fill_(float("nan"))
     cache.decode(1, q, out, lse=lse, **kw)
     torch.cuda.synchronize()
-    if ending == "fixed_splits":  # the longest request (2053 rows, or the window) fills all 3 splits
-        assert torch.isfinite(plan.part_lse[lengths.index(2053)]).all(), "a split of the longest request was empty"
+    if ending == "fixed_splits":  # every split of the longest request (2053 rows, or the window) that should hold rows does
+        ctx = min(2053, window or 2053)
+        parts = plan.splits * plan.groups  # 64-row-aligned parts: the device's cut (chunk 0) or the host's chunk
+        chunk = plan.chunk or -(-ctx // (parts * 64)) * 64
+        want = torch.tensor([i * plan.groups * chunk < ctx for i in range(plan.splits)])
+        got = torch.isfinite(plan.part_lse[lengths.index(2053)]).all(dim=0).cpu()
+        assert want[0] and torch.equal(got, want), f"splits holding rows: {got.tolist()}, expected {want.tolist()}"
     ref, ref_lse = reference(q.double().cpu(), k, vv, lengths, group, scale, window, cap,
                              sinks.double().cpu() if sinks is not None else None)
     check(out, ref, name, spec.cache.dtype.startswith("float8"))
@@ -336,7 +341,9 @@ def test_fixed_split_count(gen, prefix: str) -> None:
     for splits in (1, 3, 7, room):
         cache.decode_workspace(0).part_lse.fill_(float("nan"))
         plan = cache.plan_decode(splits=splits)
-        assert plan.splits == splits and plan.chunk == (-(-max(lengths) // (splits * 64)) * 64 if fp8 else 0)
+        # 5 requests x 2 KV heads x splits <= 132 SMs: grouped CTAs, each context cut among splits x groups.
+        assert plan.groups == (cache._decode_geo.max_groups if len(lengths) * 2 * splits <= cache.sm_count() else 1)
+        assert plan.splits == splits and plan.chunk == (-(-max(lengths) // (splits * plan.groups * 64)) * 64 if fp8 else 0)
         plan.part_o.fill_(float("nan"))
         out = torch.full_like(q, float("nan"))
         cache.decode(1, q, out)
