@@ -107,6 +107,17 @@ def check(out, ref, name: str, fp8: bool) -> None:
     assert rel <= 5e-3, rel
 
 
+def check_splits_holding_rows(plan, request: int, context: int) -> None:
+    """Exactly the splits (CTAs) of `request` that the cut gives rows wrote a finite partial LSE (the workspace
+    was NaN-poisoned; empty splits write -inf). The context is cut into splits x groups parts of whole 64-row
+    tiles: the device's cut (chunk 0) or the host's chunk, so with many parts the last CTAs may get none."""
+    parts = plan.splits * plan.groups
+    chunk = plan.chunk or -(-context // (parts * 64)) * 64
+    want = torch.tensor([i * plan.groups * chunk < context for i in range(plan.splits)])
+    got = torch.isfinite(plan.part_lse[request]).all(dim=0).cpu()
+    assert want[0] and torch.equal(got, want), f"splits holding rows: {got.tolist()}, expected {want.tolist()}"
+
+
 # Besides the planner's own plan (grouped CTAs at this batch size): a single split, where the decode kernel writes
 # the final output itself (no combine launch); one grouped CTA per (request, KV head), every warp group the SM
 # holds, also writing the final output; and a fixed split count of one-group CTAs (plan_decode(splits=3), 16-bit
@@ -153,13 +164,8 @@ def test_decode_matches_float64(gen, name: str, ending: str) -> None:
     plan.part_lse.fill_(float("nan"))
     cache.decode(1, q, out, lse=lse, **kw)
     torch.cuda.synchronize()
-    if ending == "fixed_splits":  # every split of the longest request (2053 rows, or the window) that should hold rows does
-        ctx = min(2053, window or 2053)
-        parts = plan.splits * plan.groups  # 64-row-aligned parts: the device's cut (chunk 0) or the host's chunk
-        chunk = plan.chunk or -(-ctx // (parts * 64)) * 64
-        want = torch.tensor([i * plan.groups * chunk < ctx for i in range(plan.splits)])
-        got = torch.isfinite(plan.part_lse[lengths.index(2053)]).all(dim=0).cpu()
-        assert want[0] and torch.equal(got, want), f"splits holding rows: {got.tolist()}, expected {want.tolist()}"
+    if ending == "fixed_splits":  # the longest request (2053 rows, or the window)
+        check_splits_holding_rows(plan, lengths.index(2053), min(2053, window or 2053))
     ref, ref_lse = reference(q.double().cpu(), k, vv, lengths, group, scale, window, cap,
                              sinks.double().cpu() if sinks is not None else None)
     check(out, ref, name, spec.cache.dtype.startswith("float8"))
@@ -349,6 +355,6 @@ def test_fixed_split_count(gen, prefix: str) -> None:
         cache.decode(1, q, out)
         torch.cuda.synchronize()
         check(out, ref, f"{prefix} fixed {splits} splits", fp8)
-        if splits in (3, 7):  # every split of the longest request (2053 rows) holds rows
-            assert torch.isfinite(plan.part_lse[lengths.index(2053)]).all(), "a split of the longest request was empty"
+        if splits in (3, 7):
+            check_splits_holding_rows(plan, lengths.index(2053), 2053)
     assert cache.decode_workspace(0).pairs >= room * len(lengths) > first_pairs
