@@ -5,9 +5,10 @@
 // batches; see decode_partial). A CTA owns one request, one KV head and one chunk of its context, and serves all
 // GROUP query heads of that KV head (rows of a 16-row MMA tile). K/V tiles of 64 rows
 // stream through a STAGES-deep pipeline, cp.async (page lookups one tile ahead, zero fill past the end) or TMA
-// page copies on mbarriers (see decode_partial); warp w takes rows [16w, 16w + 16) of every tile with its own
-// online softmax, and the 4 warps merge at the end. Each CTA writes a float32 partial output and its
-// log-sum-exp; decode_combine (a programmatic dependent launch on sm_90+) merges the splits and attention sinks.
+// page copies on mbarriers (see decode_partial); warp w of a group takes rows [16w, 16w + 16) of every tile of
+// the group with its own online softmax, and all warps of the CTA merge at the end. A CTA of a multi-split plan
+// writes a float32 partial output and its log-sum-exp, and decode_combine (a programmatic dependent launch on
+// sm_90+) merges the splits and attention sinks; a single-split CTA writes the final output itself.
 // MMA: mma.sync m16n8k16, bf16 (bf16 and FP8 caches: FP8 is dequantized with its scales into bf16 in
 // registers) or f16 (f16 caches), fp32 accumulation, softmax in fp32 with exp2.
 #pragma once
