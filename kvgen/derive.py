@@ -70,13 +70,12 @@ def store_split(spec: VariantSpec) -> StoreSplit:
 PASSES_PER_BLOCK = 1  # store/load: passes of IPT items per thread a block makes (more passes, fewer blocks)
 
 
-def tokens_per_block(spec: VariantSpec, split: StoreSplit, passes: int | None = None) -> int:
-    """Tokens one 256-thread block of store/load handles: `passes` (default PASSES_PER_BLOCK) passes of IPT items
-    per thread, at most 64."""
-    kvd = spec.cache.kv_dim
-    items = kvd * spec.cache.num_kv_heads * (spec.cache.head_size // split.elems_per_item)
-    passes = PASSES_PER_BLOCK if passes is None else passes
-    return max(1, min(MAX_TOKENS_PER_BLOCK, THREADS * split.ipt * passes // max(1, items)))
+def tokens_per_block(spec: VariantSpec, split: StoreSplit, items_per_thread: int | None = None) -> int:
+    """Tokens one 256-thread block of store/load handles when each thread takes `items_per_thread` items over the
+    block's life (default: PASSES_PER_BLOCK passes of IPT), at most 64."""
+    per_thread = split.ipt * PASSES_PER_BLOCK if items_per_thread is None else items_per_thread
+    items = spec.cache.kv_dim * spec.cache.num_kv_heads * (spec.cache.head_size // split.elems_per_item)
+    return max(1, min(MAX_TOKENS_PER_BLOCK, THREADS * per_thread // max(1, items)))
 
 
 # A large quantizing store makes two passes per block (tokens_per_block is a launch argument, so this is chosen per
@@ -98,8 +97,7 @@ def small_store_tokens_per_block(spec: VariantSpec, split: StoreSplit) -> int | 
     """tokens_per_block of a small store step (one item per thread), or None where it equals the default."""
     if not SMALL_STORE_ONE_ITEM or spec.rope_layout is not None:
         return None
-    items = spec.cache.kv_dim * spec.cache.num_kv_heads * (spec.cache.head_size // split.elems_per_item)
-    small = max(1, min(MAX_TOKENS_PER_BLOCK, THREADS // max(1, items)))
+    small = tokens_per_block(spec, split, items_per_thread=1)
     return small if small < tokens_per_block(spec, split) else None
 
 
@@ -107,7 +105,7 @@ def large_store_tokens_per_block(spec: VariantSpec, split: StoreSplit) -> int | 
     """tokens_per_block of a large store step, or None where large steps keep the default (16-bit, RoPE caches)."""
     if spec.quantization is None or spec.rope_layout is not None:
         return None
-    large = tokens_per_block(spec, split, PASSES_PER_BLOCK * LARGE_STORE_PASSES)
+    large = tokens_per_block(spec, split, items_per_thread=split.ipt * PASSES_PER_BLOCK * LARGE_STORE_PASSES)
     return large if large > tokens_per_block(spec, split) else None
 
 

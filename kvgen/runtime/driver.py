@@ -95,8 +95,7 @@ class Kernel:
         d = cu()
         self.name = name
         self.function = check(d.cuModuleGetFunction(module, name.encode()))
-        self.dynamic_smem = dynamic_smem
-        self.allow_dynamic_smem(dynamic_smem)
+        self.dynamic_smem = dynamic_smem  # its opt-in limit is set by Module.kernel, the one place Kernels are made
         self._handle = int(self.function)
         self._launch = _raw_launch()
         self._pdl_config: _LaunchConfig | None = None  # built on the first dependent launch
@@ -164,7 +163,8 @@ class Module:
         k = self.kernels.get((name, dynamic_smem))
         if k is None:
             k = self.kernels[(name, dynamic_smem)] = Kernel(self.handle, name, dynamic_smem)
-            # A smaller size created later must not lower the function's limit below a larger one's.
+            # The function's opt-in limit covers the largest size asked for: a smaller one made later must not
+            # lower it below a larger one's.
             k.allow_dynamic_smem(max(v.dynamic_smem for (n, _), v in self.kernels.items() if n == name))
         return k
 
