@@ -60,6 +60,7 @@ CASES = {
     "decode-fp8-16x1k": lambda: decode("*e4m3*p16_*", 16, 1024),
     "decode-bf16-128x4k": lambda: decode("*bf16*p16_*", 128, 4096),
     "decode-fp8-128x4k": lambda: decode("*e4m3*p16_*", 128, 4096),
+    "decode-fp8-128x1k": lambda: decode("*e4m3*p16_*", 128, 1024),
 }
 
 if __name__ == "__main__":

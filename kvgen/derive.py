@@ -192,26 +192,41 @@ def decode_loader(spec: VariantSpec, arch: str) -> str:
     return "tma" if want == "tma" and arch in TMA_ARCHS else "cp_async"
 
 
+def decode_fp8_swizzled(cache, tma: bool) -> bool:
+    """Whether decode.cuh keeps this cache's K/V tiles unpadded and swizzled (its SWZ): FP8 through cp.async, with
+    rows of 4, 8 or 16 chunks of 16 bytes (head size 64, 128 or 256)."""
+    return DTYPES[cache.dtype].is_fp8 and not tma and cache.head_size in (64, 128, 256)
+
+
 def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
-    """Shared memory per stage: K and V tiles of 64 rows padded by 16 bytes (bank spread), plus float32 scales."""
+    """Shared memory per stage: K and V tiles of 64 rows (padded by 16 bytes for bank spread, or swizzled FP8), plus
+    float32 scales."""
     c, a = spec.cache, spec.attention
     dt = DTYPES[c.dtype]
     row_bytes = c.head_size * dt.nbytes
     # TMA copies one padded row per box (D + 16 bytes, at most 256 elements): head size 256 in 16-bit or FP8 does
     # not fit and keeps cp.async.
     tma = decode_loader(spec, arch) == "tma" and decode_row_fits_tma_box(c)
-    pitch = row_bytes + 16
+    swizzled = decode_fp8_swizzled(c, tma)
+    pitch = row_bytes if swizzled else row_bytes + 16
     groups = (c.head_size + spec.quantization.granularity - 1) // spec.quantization.granularity if spec.quantization else 0
     stage = 2 * DECODE_TILE * pitch + 2 * DECODE_TILE * groups * 4
-    # Measured on the H100 (bench/RESULTS.md): FP8 runs faster with 2 stages (more CTAs per SM), 16-bit with 3.
-    stages = a.stages if a.stages is not None else (2 if dt.is_fp8 else 3)
+    # Measured on the H100 (bench/RESULTS.md): padded FP8 tiles ran faster with 2 stages (4 CTAs per SM) than
+    # with 3 (3 CTAs); unpadded (swizzled) FP8 tiles fit 3 stages at 4 CTAs per SM. 16-bit: 3.
+    stages = a.stages if a.stages is not None else (2 if dt.is_fp8 and not swizzled else 3)
     ring = DECODE_TILE * 4  # per stage: the tile's cache rows (uint32), looked up one iteration ahead
-    align = 128 if tma else 0  # slack to align the dynamic shared memory for TMA
-    while stages > 2 and stages * (stage + ring) + align > DECODE_SMEM_LIMIT:
-        stages -= 1
+    # Slack to align the dynamic shared memory: 128 bytes for TMA, a row for swizzled tiles (their fragment
+    # addresses XOR chunk bits into a tile address that must be a multiple of a row).
+    align = 128 if tma else row_bytes if swizzled else 0
     group = a.num_q_heads // c.num_kv_heads
+    # Swizzled FP8 kernels keep Q in shared memory (8 rows, or 16 past a group of 8; 16-bit, padded rows).
+    q_smem = (8 if group <= 8 else 16) * (2 * c.head_size + 16) if swizzled else 0
+    while stages > 2 and stages * (stage + ring) + q_smem + align > DECODE_SMEM_LIMIT:
+        stages -= 1
     merge = 4 * group * ((c.head_size + 8) + 2) * 4  # the epilogue's per-warp slices reuse the pipeline buffers
-    smem = max(stages * (stage + ring), merge) + align
+    smem = max(stages * (stage + ring) + q_smem, merge) + align
+    if swizzled:  # every warp group's pipeline (group g starts at g x smem) starts on a multiple of a row
+        smem = -(-smem // row_bytes) * row_bytes
     # Without a minimum, ptxas may take more registers than shared memory would cost in occupancy (the FP8
     # kernel went 127 -> 139 registers, 4 -> 3 CTAs per SM, 8% slower at 64 x 4k); 4 CTAs leave 128 registers.
     min_blocks = max(1, min(4, SM90_SMEM_PER_SM // (smem + SMEM_RESERVED_PER_CTA)))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (offline): installs the carried wheels, runs the GPU tests, compute-sanitizer on a
-# subset and the benchmarks, and prints a short summary. Usage: scripts/gpu-check.sh [tests|sanitize|bench|decode|ab|floor|sweep|trace|profile|ncu|cli|all]...
+# subset and the benchmarks, and prints a short summary. Usage: scripts/gpu-check.sh [tests|sanitize|bench|decode|ab|abtree|floor|sweep|trace|profile|ncu|cli|all]...
 # Wheels come from scripts/fetch_gpu_wheels.sh (run on a machine with internet) into .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +61,14 @@ for step in "${@:-all}"; do
   if [[ $step == floor ]]; then  # what a bare streaming kernel reaches for the targets' byte counts (bench/floor_bench.py)
     python3 bench/floor_bench.py --out "$OUT/floor_bench.md" 2>&1 | tee "$OUT/floor-bench.log" | tail -n 12
     summary+=("floors: $OUT/floor_bench.md")
+  fi
+  if [[ $step == abtree ]]; then  # the same decode_bench on a baseline tree (.base/: `git archive <rev>`) and on this one
+    for tree in .base .; do
+      [[ -d $tree/bench ]] || { echo "abtree: no $tree/bench (make .base with git archive and carry it)"; continue; }
+      name=$([[ $tree == . ]] && echo new || echo base)
+      (cd "$tree" && python3 bench/decode_bench.py --no-peers --out "$OUT/abtree-$name.md" ${ABTREE_ARGS:-} 2>&1 | tail -n 3)
+    done
+    summary+=("abtree: $OUT/abtree-base.md vs $OUT/abtree-new.md")
   fi
   if [[ $step == profile ]]; then
     python3 bench/host_profile.py 2>&1 | tee "$OUT/host-profile.log"

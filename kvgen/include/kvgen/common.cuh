@@ -24,6 +24,9 @@ using cuda::std::uint8_t;
 // --fdevice-time-trace: the C++ front end spent it parsing that header tree).
 template <class A, class B> inline constexpr bool is_same_v = false;
 template <class A> inline constexpr bool is_same_v<A, A> = true;
+template <bool C, class A, class B> struct conditional { using type = A; };
+template <class A, class B> struct conditional<false, A, B> { using type = B; };
+template <bool C, class A, class B> using conditional_t = typename conditional<C, A, B>::type;
 
 // Error bits written (atomicOr) into CacheArgs::error_word when a launch meets data it refuses to touch.
 // The write or read is skipped, so the cache is never corrupted; the host reads the word on demand.

@@ -92,6 +92,18 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row)
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
 }
 
+// The same from a 32-bit shared-memory address, and a 16-byte shared load (swizzled FP8 tiles compute their
+// addresses in the shared window: DecodeSwizzle).
+__device__ __forceinline__ void ldsm_x4_trans_s(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
+}
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+  return v;
+}
+
 // Two floats -> one 32-bit register of the MMA input type (low half = first element).
 template <bool F16> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   if constexpr (F16) {
@@ -117,6 +129,16 @@ template <class T> __device__ __forceinline__ uint32_t fp8x2_to_f16x2(unsigned s
   return uint32_t(h.x) | (uint32_t(h.y) << 16);
 }
 
+// Four FP8 values (one 32-bit word) -> two f16x2 registers: bytes 0-1 and bytes 2-3. The halves go to cvt as
+// 16-bit operands of the word itself, so no shift extracts the high half (ptxas reads it in place).
+template <class T> __device__ __forceinline__ void fp8x4_to_f16x2x2(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  if constexpr (is_same_v<T, __nv_fp8_e4m3>) {
+    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.rn.f16x2.e4m3x2 %0, l; cvt.rn.f16x2.e4m3x2 %1, h; }" : "=r"(lo), "=r"(hi) : "r"(w));
+  } else {
+    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.rn.f16x2.e5m2x2 %0, l; cvt.rn.f16x2.e5m2x2 %1, h; }" : "=r"(lo), "=r"(hi) : "r"(w));
+  }
+}
+
 template <class Cache> struct DecodeTypes {
   using T = typename Cache::dtype;
   static constexpr bool kFp8 = sizeof(T) == 1;
@@ -125,6 +147,38 @@ template <class Cache> struct DecodeTypes {
   // applied per element while dequantizing to bf16.
   static constexpr bool kFp8Direct = kFp8 && (!Cache::quantization_enabled || Cache::num_scale_groups == 1);
   static constexpr bool kF16 = is_same_v<T, __half> || kFp8Direct;  // f16 MMA, else bf16
+};
+
+// Swizzled FP8 tiles (decode_partial's SWZ: FP8 through cp.async, rows of 4, 8 or 16 chunks of 16 bytes). Rows
+// are not padded: chunk c of row r sits at c ^ row_xor(r), so the 8 rows one ldmatrix matrix or one quarter-warp's
+// 16-byte loads touch land in 8 distinct 4-bank units (128-byte rows: r & 7; 64-byte rows, two per 128-byte
+// line: (r / 2) & 3). Unpadded FP8 tiles leave room for a third pipeline stage at 4 CTAs per SM, and the
+// fragments come from vector loads instead of byte loads:
+//  - K (B of Q.K^T): lane (gq, tq) reads NJ = CPR / 4 whole chunks of its token's row, chunk k_chunk(tq, j). k-step
+//    kk takes 4 bytes of load kk / 4: those 4 dims stand at MMA k positions 2tq, 2tq + 1 (b0) and 2tq + 8, 2tq + 9
+//    (b1). Q's A fragments are built with the same permutation of k (k_dim), so Q.K is unchanged.
+//  - V (B of P.V): ldmatrix.trans of 8 tokens x one chunk, read as 16-bit pairs, gives lane (gq, tq) dims 2gq and
+//    2gq + 1 of tokens 2tq and 2tq + 1. One byte permute splits them into the B fragments of two n-tiles: "even"
+//    (column j holds dim 16c + 2j) and "odd" (dim 16c + 2j + 1). Output n-tile dn holds chunk dn / 2, parity dn % 2.
+template <int CPR> struct DecodeSwizzle {
+  static_assert(CPR == 4 || CPR == 8 || CPR == 16, "64-, 128- or 256-byte rows");
+  static constexpr int NJ = CPR / 4;  // 16-byte K loads per lane and token row
+  __device__ static constexpr int row_xor(int row) { return CPR >= 8 ? row & 7 : (row >> 1) & 3; }
+  __device__ static constexpr int chunk_at(int row, int chunk) { return chunk ^ row_xor(row); }
+  // K chunk of lane column tq, load j: rows gq even and odd of a quarter-warp take opposite unit parities.
+  __device__ static constexpr int k_chunk(int tq, int j) { return CPR == 4 ? tq : 8 * (j / 2) + 2 * tq + (j % 2); }
+  // First of the 4 dims of k-step kk in lane column tq.
+  __device__ static constexpr int k_dim(int tq, int kk) { return 16 * k_chunk(tq, kk / 4) + 4 * (kk % 4); }
+  // Addresses. A tile starts on a multiple of a row (decode_partial aligns it), so XOR on the chunk bits of a
+  // tile address + lane offset equals XOR on the lane's offset: one lane offset per operand lives across the
+  // tile loop, and a fragment address costs one add per tile plus one XOR.
+  // K: lane (gq, tq), row = warp * 16 + gq (+ 8 for the second n-tile, an add); load j of k_chunk(tq, j).
+  __device__ static uint32_t k_lane(int row, int tq) { return uint32_t(row * CPR * 16 + chunk_at(row, k_chunk(tq, 0)) * 16); }
+  __device__ static uint32_t k_load(uint32_t lane_addr, int j) {
+    return CPR == 4 ? lane_addr : (lane_addr ^ uint32_t((j & 1) * 16)) + uint32_t((j >> 1) * 128);
+  }
+  // V: ldmatrix row `row` of the lane, chunk c + half (c even, half = lane / 16): address = (tile + v_lane) ^ 16c.
+  __device__ static uint32_t v_lane(int row, int half) { return uint32_t(row * CPR * 16 + (half ^ row_xor(row)) * 16); }
 };
 
 // Final output of a single-split plan, written by decode_partial itself (no combine launch, no float32 partials):
@@ -168,8 +222,12 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   constexpr int BN = kDecodeTile;
   constexpr int ES = int(sizeof(T));
   constexpr int ROW_BYTES = D * ES;
-  constexpr int PITCH = ROW_BYTES + 16;  // padded smem row: fragment loads hit distinct banks
   constexpr int CPR = ROW_BYTES / 16;             // 16-byte chunks per row
+  // FP8 through cp.async with 64-, 128- or 256-byte rows: rows unpadded, 16-byte chunks XOR-swizzled, and
+  // vector fragment loads (see DecodeSwizzle). Everything else: rows padded by 16 bytes, so the fragment loads
+  // hit distinct banks. kvgen/derive.py decode_fp8_swizzled mirrors this choice for the shared-memory size.
+  constexpr bool SWZ = Ty::kFp8 && !TMA && (CPR == 4 || CPR == 8 || CPR == 16);
+  constexpr int PITCH = SWZ ? ROW_BYTES : ROW_BYTES + 16;
   constexpr bool QUANT = Cache::quantization_enabled;
   constexpr int G = Cache::num_scale_groups;
   constexpr int GRAN = Cache::quantization_granularity;
@@ -181,9 +239,16 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   constexpr int TILE_BYTES = BN * PITCH;
   constexpr int SCALE_BYTES = QUANT ? 2 * BN * G * 4 : 0;
   constexpr int STAGE_BYTES = 2 * TILE_BYTES + SCALE_BYTES;
-  constexpr int ALIGN_SLACK = TMA ? 128 : 0;  // TMA writes 128-byte aligned shared memory
+  // TMA writes 128-byte aligned shared memory. Swizzled tiles start on a multiple of a row, so a fragment's
+  // address is (tile + lane offset) ^ chunk bits (DecodeSwizzle) and no per-chunk address lives across the loop.
+  constexpr int ALIGN_SLACK = TMA ? 128 : SWZ ? ROW_BYTES : 0;
+  static_assert(!SWZ || (SMEM_BYTES % ROW_BYTES == 0 && (2 * TILE_BYTES + SCALE_BYTES) % ROW_BYTES == 0),
+                "swizzled tiles of every stage and group start on a multiple of a row");
   // SMEM_BYTES is what the host reserves (kvgen/derive.py decode_geometry): both uses of it must fit.
-  static_assert(STAGES * (STAGE_BYTES + BN * 4) + ALIGN_SLACK <= SMEM_BYTES, "K/V stages and the row ring fit the shared memory");
+  constexpr int Q_ROWS = GROUP > 8 ? 16 : 8, Q_PITCH = 2 * D + 16;  // SWZ: Q in shared memory, padded rows
+  constexpr int Q_BYTES = SWZ ? Q_ROWS * Q_PITCH : 0;
+  static_assert(STAGES * (STAGE_BYTES + BN * 4) + Q_BYTES + ALIGN_SLACK <= SMEM_BYTES,
+                "K/V stages, the row ring and (SWZ) Q fit the shared memory");
   // (Per group: a CTA of ngrp groups gets ngrp x SMEM_BYTES and has ngrp x as many warp slices to merge.)
   static_assert(4 * GROUP * (D + 8 + 2) * 4 + ALIGN_SLACK <= SMEM_BYTES, "the epilogue's per-warp slices fit the shared memory");
   static_assert(!TMA || (PITCH / ES <= 256 && TILE_BYTES % 128 == 0), "a padded row is one TMA box");
@@ -200,8 +265,11 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   const uint32_t tid = MAX_GROUPS == 1 ? threadIdx.x : threadIdx.x % kDecodeThreads;  // thread within its group
   const uint32_t grp = MAX_GROUPS == 1 ? 0 : threadIdx.x / kDecodeThreads;             // index of its group
   const uint32_t ngrp = MAX_GROUPS == 1 ? 1 : blockDim.x / kDecodeThreads;
-  unsigned char* const smem_cta = TMA ? reinterpret_cast<unsigned char*>((reinterpret_cast<uint64_t>(smem_raw) + 127) & ~uint64_t(127))
-                                      : smem_raw;
+  // Aligned by an offset from smem_raw, not through an integer round trip, so the compiler still knows every
+  // pointer derived from it is shared memory (generic loads of the scales otherwise).
+  unsigned char* const smem_cta = ALIGN_SLACK > 0
+      ? smem_raw + (ALIGN_SLACK - static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) % ALIGN_SLACK) % ALIGN_SLACK
+      : smem_raw;
   unsigned char* const smem = smem_cta + grp * SMEM_BYTES;  // this group's pipeline (TMA: ngrp == 1)
   // The group's own barrier (named barrier 1 + grp, its 128 threads); the CTA-wide __syncthreads is barrier 0.
   auto group_sync = [&]() { asm volatile("bar.sync %0, %1;" ::"r"(grp + 1), "n"(kDecodeThreads) : "memory"); };
@@ -287,7 +355,31 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   static_assert(!TMA || (EFF * PITCH) % 128 == 0, "every TMA box lands 128-byte aligned");
   // Per-thread constants of the copies, hoisted out of the tile loop: the K address of a row is one 32x32->64
   // multiply-add from kbase, V is K plus the distance between the two views, the shared slots are fixed offsets.
+  using Sw = DecodeSwizzle<SWZ ? CPR : 8>;
   const int copy_chunk = int(tid) % CPR, copy_row0 = int(tid) / CPR;
+  // Rows a thread copies are copy_row0 + multiples of ROWS_PER_PASS (a multiple of 8): one swizzle for all.
+  const int copy_slot = SWZ ? Sw::chunk_at(copy_row0, copy_chunk) : copy_chunk;
+  static_assert(!SWZ || ROWS_PER_PASS % 8 == 0, "the rows a thread copies share one swizzle");
+  // Swizzled fragment loads: the group's shared-window address and each lane's K and V offsets in a tile.
+  const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  // SWZ: Q (Q_ROWS rows of the MMA type, padded rows) after the row ring.
+  using MmaT = conditional_t<F16, __half, __nv_bfloat16>;
+  MmaT* const q_smem = reinterpret_cast<MmaT*>(smem + STAGES * (STAGE_BYTES + BN * 4));
+  const uint32_t q_lane = smem_s + uint32_t(STAGES * (STAGE_BYTES + BN * 4)) +
+                          uint32_t((lane % 8 + (Q_ROWS > 8 ? lane / 8 % 2 * 8 : 0)) * Q_PITCH + (Q_ROWS > 8 ? lane / 16 : lane / 8 % 2) * 16);
+  // A fragment of k-step kk: rows 8-15 are zero unless GROUP > 8 (ldmatrix.x2 of rows 0-7 then).
+  auto q_frag = [&](uint32_t (&f)[4], int kk) {
+    const uint32_t addr = q_lane + uint32_t(kk * 32);
+    if constexpr (Q_ROWS > 8) {
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                   : "=r"(f[0]), "=r"(f[1]), "=r"(f[2]), "=r"(f[3]) : "r"(addr) : "memory");
+    } else {
+      asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(f[0]), "=r"(f[2]) : "r"(addr) : "memory");
+      f[1] = f[3] = 0u;
+    }
+  };
+  const uint32_t k_lane = SWZ ? Sw::k_lane(int(warp) * 16 + int(gq), int(tq)) : 0u;
+  const uint32_t v_lane = SWZ ? Sw::v_lane(int(warp) * 16 + int(lane) / 8 % 2 * 8 + int(lane) % 8, int(lane) / 16) : 0u;
   const unsigned char* kbase = reinterpret_cast<const unsigned char*>(kc.blocks + int64_t(h) * D) + copy_chunk * 16;
   const int64_t v_minus_k = reinterpret_cast<const unsigned char*>(vc.blocks) - reinterpret_cast<const unsigned char*>(kc.blocks);
   constexpr uint32_t kRowBytes = uint32_t(Cache::row_elems) * ES;  // one cache row: all heads
@@ -324,7 +416,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   };
   auto load_tile = [&](int tile, int stage) {
     if constexpr (TMA) { load_tile_tma(tile, stage); return; }
-    unsigned char* ks = smem + k_tile_off(stage) + copy_row0 * PITCH + copy_chunk * 16;
+    unsigned char* ks = smem + k_tile_off(stage) + copy_row0 * PITCH + copy_slot * 16;
     const uint32_t* rows = row_ring + (tile % STAGES) * BN;
     uint32_t row[PASSES];
 #pragma unroll
@@ -393,17 +485,30 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   }
 
   // ---- Q fragments (rows = query heads of the group, zero padded to 16), held for the whole context ------
-  uint32_t qa[KS][4];
-  {
-    const QT* qb = q + (uint64_t(b) * H * GROUP + hq0) * D;
-    auto qv = [&](uint32_t r, uint32_t k) -> float { return r < GROUP ? to_f32(qb[uint64_t(r) * D + k]) : 0.f; };
+  // Held in registers for the whole context, except with SWZ: there the FP8 kernels sit at the 128-register
+  // cap of 4 CTAs per SM, and Q's 32 registers (half of them zero rows for GROUP <= 8) would spill the tile loop,
+  // so Q waits in shared memory and each k-step's fragment is one ldmatrix.
+  uint32_t qa[SWZ ? 1 : KS][4];
+  const QT* qb = q + (uint64_t(b) * H * GROUP + hq0) * D;
+  auto qv = [&](uint32_t r, uint32_t k) -> float { return r < GROUP ? to_f32(qb[uint64_t(r) * D + k]) : 0.f; };
+  if constexpr (!SWZ) {
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) {
+      // MMA k positions 2tq, 2tq + 1 and 2tq + 8, 2tq + 9 hold dims k, k + 1 and k + 8, k + 9.
       const uint32_t k = ks * 16 + tq * 2;
       qa[ks][0] = pack2<F16>(qv(gq, k), qv(gq, k + 1));
       qa[ks][1] = pack2<F16>(qv(gq + 8, k), qv(gq + 8, k + 1));
       qa[ks][2] = pack2<F16>(qv(gq, k + 8), qv(gq, k + 9));
       qa[ks][3] = pack2<F16>(qv(gq + 8, k + 8), qv(gq + 8, k + 9));
+    }
+  } else {
+    // q_smem row r, k-step kk: columns 16kk + 2t + e hold dim k_dim(t, kk) + e and columns 16kk + 8 + 2t + e
+    // dim k_dim(t, kk) + 2 + e (e = 0, 1), so ldmatrix hands lane (gq, tq) the A fragment of the permuted k.
+    // Read after the tile loop's first group barrier.
+    for (int i = tid; i < Q_ROWS * D; i += kDecodeThreads) {
+      const int r = i / D, col = i % D, kk = col / 16, within = col % 16;
+      const int dim = Sw::k_dim(within % 8 / 2, kk) + (within / 8) * 2 + within % 2;
+      q_smem[r * (Q_PITCH / 2) + col] = from_f32<MmaT>(qv(uint32_t(r), uint32_t(dim)));
     }
   }
 
@@ -458,8 +563,41 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 
     // S = Q K^T for 16 rows (two n-tiles of 8 tokens).
     float s[2][4];
+    if constexpr (SWZ) {
+      // FP8, swizzled (DecodeSwizzle): per 16-byte K load j, the Q fragments of its 4 k-steps come from shared
+      // memory (ldmatrix; q_smem holds Q in the permuted k order), and each n-tile's lane reads its token's chunk.
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
+      for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+      for (int j = 0; j < Sw::NJ; ++j) {
+        uint4 kv[2];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) kv[nt] = lds128(Sw::k_load(smem_s + uint32_t(ks_o + nt * 8 * PITCH) + k_lane, j));
+#pragma unroll
+        for (int kk = 4 * j; kk < 4 * j + 4; ++kk) {
+          uint32_t qf[4];
+          q_frag(qf, kk);
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            const uint32_t w = kk % 4 == 0 ? kv[nt].x : kk % 4 == 1 ? kv[nt].y : kk % 4 == 2 ? kv[nt].z : kv[nt].w;
+            uint32_t b0, b1;
+            if constexpr (Ty::kFp8Direct) {
+              fp8x4_to_f16x2x2<T>(w, b0, b1);
+            } else {  // per-group scales: a chunk's 16 dims share one (granularity is a multiple of 16)
+              const int n = warp * 16 + nt * 8 + gq;
+              const float2 x0 = fp8x2_to_float2<T>(static_cast<unsigned short>(w & 0xffffu));
+              const float2 x1 = fp8x2_to_float2<T>(static_cast<unsigned short>(w >> 16));
+              const float sc = QUANT ? kss[n * G + 16 * Sw::k_chunk(int(tq), kk / 4) / GRAN] : 1.f;
+              b0 = pack2<false>(x0.x * sc, x0.y * sc);
+              b1 = pack2<false>(x1.x * sc, x1.y * sc);
+            }
+            mma16816<F16>(s[nt], qf, b0, b1);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 2 && !SWZ; ++nt) {
       s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
       const int n = warp * 16 + nt * 8 + gq;  // smem row of this lane's token
       if constexpr (!Ty::kFp8) {
@@ -568,6 +706,38 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         mma16816<F16>(o[dn], pa, vb[0], vb[1]);
         mma16816<F16>(o[dn + 1], pa, vb[2], vb[3]);
       }
+    } else if constexpr (SWZ) {
+      // FP8, swizzled: one ldmatrix.x4.trans gives chunks c and c + 1 of tokens 0-7 and 8-15 (matrix lane / 8:
+      // tokens 8 x (m % 2), chunk c + m / 2), four n-tiles (DecodeSwizzle).
+      const uint32_t vaddr = smem_s + uint32_t(vs_o) + v_lane;
+#pragma unroll
+      for (int c = 0; c < CPR; c += 2) {
+        uint32_t vb[4];
+        ldsm_x4_trans_s(vb, vaddr ^ uint32_t(c * 16));
+#pragma unroll
+        for (int hc = 0; hc < 2; ++hc) {
+          // bytes of vb: (token 2tq: dim 2gq, 2gq + 1), (token 2tq + 1: same); even dims low, odd dims high
+          const uint32_t lo = __byte_perm(vb[2 * hc], 0, 0x3120), hi = __byte_perm(vb[2 * hc + 1], 0, 0x3120);
+          const int dn = 2 * (c + hc);
+          if constexpr (Ty::kFp8Direct) {
+            uint32_t even0, odd0, even1, odd1;
+            fp8x4_to_f16x2x2<T>(lo, even0, odd0);
+            fp8x4_to_f16x2x2<T>(hi, even1, odd1);
+            mma16816<F16>(o[dn], pa, even0, even1);
+            mma16816<F16>(o[dn + 1], pa, odd0, odd1);
+          } else {  // per-group scales of tokens r0, r0 + 1 (b0) and r0 + 8, r0 + 9 (b1) for this chunk
+            const int g = 16 * (c + hc) / GRAN;
+            const float s0 = QUANT ? vss[r0 * G + g] : 1.f, s1 = QUANT ? vss[(r0 + 1) * G + g] : 1.f;
+            const float s8 = QUANT ? vss[(r0 + 8) * G + g] : 1.f, s9 = QUANT ? vss[(r0 + 9) * G + g] : 1.f;
+            auto deq = [&](uint32_t raw, float sa, float sb) {
+              const float2 x = fp8x2_to_float2<T>(static_cast<unsigned short>(raw));
+              return pack2<false>(x.x * sa, x.y * sb);
+            };
+            mma16816<F16>(o[dn], pa, deq(lo & 0xffffu, s0, s1), deq(hi & 0xffffu, s8, s9));
+            mma16816<F16>(o[dn + 1], pa, deq(lo >> 16, s0, s1), deq(hi >> 16, s8, s9));
+          }
+        }
+      }
     } else {
 #pragma unroll
       for (int dn = 0; dn < DN; ++dn) {
@@ -621,10 +791,17 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   for (int r = 0; r < 2; ++r) {
     const int row = gq + 8 * r;
     if (row < GROUP) {
-      float* dst = sm_o + (gw * GROUP + row) * OP + tq * 2;
+      if constexpr (SWZ) {  // n-tiles 2c (even dims) and 2c + 1 (odd) hold dims 16c + 4tq + 0..3
+        float* dst = sm_o + (gw * GROUP + row) * OP + tq * 4;
 #pragma unroll
-      for (int dn = 0; dn < DN; ++dn)
-        *reinterpret_cast<float2*>(dst + dn * 8) = make_float2(o[dn][2 * r], o[dn][2 * r + 1]);
+        for (int c = 0; c < CPR; ++c)
+          *reinterpret_cast<float4*>(dst + c * 16) = make_float4(o[2 * c][2 * r], o[2 * c + 1][2 * r], o[2 * c][2 * r + 1], o[2 * c + 1][2 * r + 1]);
+      } else {
+        float* dst = sm_o + (gw * GROUP + row) * OP + tq * 2;
+#pragma unroll
+        for (int dn = 0; dn < DN; ++dn)
+          *reinterpret_cast<float2*>(dst + dn * 8) = make_float2(o[dn][2 * r], o[dn][2 * r + 1]);
+      }
       if (tq == 0) {
         sm_ml[(gw * GROUP + row) * 2] = m_run[r];
         sm_ml[(gw * GROUP + row) * 2 + 1] = l_run[r];
@@ -634,14 +811,29 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   __syncthreads();
   for (int i = threadIdx.x; i < GROUP * D; i += blockDim.x) {
     const int row = i / D, col = i % D;
+    // All slices' loads first, then the math: a loop over the runtime warp count issued them one dependent
+    // round trip at a time (bench/NOTES.md, session 7: the epilogue took 1.4-1.8 us per CTA).
+    constexpr int NW_MAX = 4 * MAX_GROUPS;
+    float mw[NW_MAX], lw[NW_MAX], ow[NW_MAX];
+#pragma unroll
+    for (int w = 0; w < NW_MAX; ++w) {
+      mw[w] = -INFINITY, lw[w] = 0.f, ow[w] = 0.f;
+      if (uint32_t(w) < nw) {
+        mw[w] = sm_ml[(w * GROUP + row) * 2];
+        lw[w] = sm_ml[(w * GROUP + row) * 2 + 1];
+        ow[w] = sm_o[(w * GROUP + row) * OP + col];
+      }
+    }
     float m = -INFINITY;
-    for (uint32_t w = 0; w < nw; ++w) m = fmaxf(m, sm_ml[(w * GROUP + row) * 2]);
+#pragma unroll
+    for (int w = 0; w < NW_MAX; ++w) m = fmaxf(m, mw[w]);
     const float mr = m == -INFINITY ? 0.f : m;
     float l = 0.f, acc = 0.f;
-    for (uint32_t w = 0; w < nw; ++w) {
-      const float wgt = exp2f(sm_ml[(w * GROUP + row) * 2] - mr);  // 0 for a warp that saw no rows
-      l += sm_ml[(w * GROUP + row) * 2 + 1] * wgt;
-      acc += sm_o[(w * GROUP + row) * OP + col] * wgt;
+#pragma unroll
+    for (int w = 0; w < NW_MAX; ++w) {
+      const float wgt = exp2f(mw[w] - mr);  // 0 for a warp that saw no rows
+      l += lw[w] * wgt;
+      acc += ow[w] * wgt;
     }
     const float o_norm = l > 0.f ? acc / l : 0.f;
     const float lse = l > 0.f ? (mr + log2f(l)) * 0.6931471805599453f : -INFINITY;
