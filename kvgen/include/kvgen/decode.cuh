@@ -247,6 +247,14 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // SMEM_BYTES is what the host reserves (kvgen/derive.py decode_geometry): both uses of it must fit.
   constexpr int Q_ROWS = GROUP > 8 ? 16 : 8, Q_PITCH = 2 * D + 16;  // SWZ: Q in shared memory, padded rows
   constexpr int Q_BYTES = SWZ ? Q_ROWS * Q_PITCH : 0;
+  // Rows of the 16-row MMA tile that hold query heads: gq only, unless GROUP > 8 (then gq + 8 too).
+  constexpr int ROWS_USED = GROUP > 8 ? 2 : 1;
+  // PVT (swizzled FP8, GROUP <= 8): P.V is computed transposed, O^T[dims][heads] = V^T P^T, so the 8 heads are the
+  // MMA's n and the dims its m: D / 16 MMAs per tile instead of D / 8 and 4 x D / 16 accumulators instead of
+  // 4 x D / 8 (half of those were padding rows). o[m] then holds dims 16m + 2gq (c0, c1) and 16m + 2gq + 1
+  // (c2, c3) of heads 2tq (c0, c2) and 2tq + 1 (c1, c3).
+  constexpr bool PVT = SWZ && GROUP <= 8;
+  constexpr int DN_OUT = PVT ? D / 16 : DN;
   static_assert(STAGES * (STAGE_BYTES + BN * 4) + Q_BYTES + ALIGN_SLACK <= SMEM_BYTES,
                 "K/V stages, the row ring and (SWZ) Q fit the shared memory");
   // (Per group: a CTA of ngrp groups gets ngrp x SMEM_BYTES and has ngrp x as many warp slices to merge.)
@@ -514,9 +522,9 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 
   constexpr float kLog2e = 1.4426950408889634f;
   const float scale_log2 = softmax_scale * kLog2e;
-  float o[DN][4];
+  float o[DN_OUT][4];
 #pragma unroll
-  for (int i = 0; i < DN; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  for (int i = 0; i < DN_OUT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // rows gq and gq + 8 (log2 units)
 
   for (int tile = 0; tile < ntiles; ++tile) {
@@ -634,12 +642,13 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       }
     }
 
-    // Online softmax over this warp's 16 tokens (log2 domain).
+    // Online softmax over this warp's 16 tokens (log2 domain). Rows gq + 8 (fragment elements 2, 3) hold query
+    // heads only when GROUP > 8; otherwise they are padding and skipped (their P is zero).
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
+      for (int e = 0; e < 2 * ROWS_USED; ++e) {
         float x = s[nt][e];
         if constexpr (Ty::kFp8Direct && QUANT) x *= kss[warp * 16 + nt * 8 + tq * 2 + (e & 1)];
         // soft_cap 0 = no cap at run time (a cap-capable variant called without one): a uniform branch.
@@ -652,9 +661,9 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         s[nt][e] = x;
         tmax[e >> 1] = fmaxf(tmax[e >> 1], x);
       }
-    float alpha[2], mref[2];
+    float alpha[2] = {1.f, 1.f}, mref[2] = {0.f, 0.f};
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < ROWS_USED; ++r) {
       tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
       tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
       const float m_new = fmaxf(m_run[r], tmax[r]);
@@ -665,11 +674,11 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     }
     uint32_t pa[4];
     {
-      float p[2][4];
+      float p[2][4] = {};
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
+        for (int e = 0; e < 2 * ROWS_USED; ++e) {
           p[nt][e] = exp2f(s[nt][e] - mref[e >> 1]);
           l_run[e >> 1] += p[nt][e];
         }
@@ -677,7 +686,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) p[nt][e] *= vss[warp * 16 + nt * 8 + tq * 2 + (e & 1)];
+          for (int e = 0; e < 2 * ROWS_USED; ++e) p[nt][e] *= vss[warp * 16 + nt * 8 + tq * 2 + (e & 1)];
       }
       // C fragments of the two token n-tiles are the A fragment of the 16-token k-step.
       pa[0] = pack2<F16>(p[0][0], p[0][1]);
@@ -687,10 +696,19 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     }
     // Rescale the output only when some row's running max moved (after the first tiles it rarely does).
     if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+      if constexpr (PVT) {  // O^T columns 2tq, 2tq + 1 are heads 2tq, 2tq + 1: their alphas sit in lanes 8tq, 8tq + 4
+        const float a0 = __shfl_sync(0xffffffffu, alpha[0], 8 * tq), a1 = __shfl_sync(0xffffffffu, alpha[0], 8 * tq + 4);
 #pragma unroll
-      for (int dn = 0; dn < DN; ++dn) {
-        o[dn][0] *= alpha[0]; o[dn][1] *= alpha[0];
-        o[dn][2] *= alpha[1]; o[dn][3] *= alpha[1];
+        for (int m = 0; m < DN_OUT; ++m) {
+          o[m][0] *= a0; o[m][1] *= a1;
+          o[m][2] *= a0; o[m][3] *= a1;
+        }
+      } else {
+#pragma unroll
+        for (int dn = 0; dn < DN_OUT; ++dn) {
+          o[dn][0] *= alpha[0]; o[dn][1] *= alpha[0];
+          if constexpr (ROWS_USED == 2) { o[dn][2] *= alpha[1]; o[dn][3] *= alpha[1]; }
+        }
       }
     }
 
@@ -719,7 +737,26 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
           // bytes of vb: (token 2tq: dim 2gq, 2gq + 1), (token 2tq + 1: same); even dims low, odd dims high
           const uint32_t lo = __byte_perm(vb[2 * hc], 0, 0x3120), hi = __byte_perm(vb[2 * hc + 1], 0, 0x3120);
           const int dn = 2 * (c + hc);
-          if constexpr (Ty::kFp8Direct) {
+          if constexpr (PVT) {
+            // O^T[dims][heads] += V^T P^T: A rows gq / gq + 8 are the chunk's even / odd dims 16c + 2gq (+1), k =
+            // tokens 2tq, 2tq + 1 (lo) and + 8 (hi); B is P's rows gq (pa[0], pa[2]) as they came from Q.K^T.
+            uint32_t va[4];
+            if constexpr (Ty::kFp8Direct) {
+              fp8x4_to_f16x2x2<T>(lo, va[0], va[1]);
+              fp8x4_to_f16x2x2<T>(hi, va[2], va[3]);
+            } else {  // per-group scales of tokens r0, r0 + 1 (lo) and r0 + 8, r0 + 9 (hi) for this chunk
+              const int g = 16 * (c + hc) / GRAN;
+              const float s0 = QUANT ? vss[r0 * G + g] : 1.f, s1 = QUANT ? vss[(r0 + 1) * G + g] : 1.f;
+              const float s8 = QUANT ? vss[(r0 + 8) * G + g] : 1.f, s9 = QUANT ? vss[(r0 + 9) * G + g] : 1.f;
+              auto deq = [&](uint32_t raw, float sa, float sb) {
+                const float2 x = fp8x2_to_float2<T>(static_cast<unsigned short>(raw));
+                return pack2<false>(x.x * sa, x.y * sb);
+              };
+              va[0] = deq(lo & 0xffffu, s0, s1), va[1] = deq(lo >> 16, s0, s1);
+              va[2] = deq(hi & 0xffffu, s8, s9), va[3] = deq(hi >> 16, s8, s9);
+            }
+            mma16816<F16>(o[c + hc], va, pa[0], pa[2]);
+          } else if constexpr (Ty::kFp8Direct) {
             uint32_t even0, odd0, even1, odd1;
             fp8x4_to_f16x2x2<T>(lo, even0, odd0);
             fp8x4_to_f16x2x2<T>(hi, even1, odd1);
@@ -787,11 +824,24 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   const uint32_t nw = 4 * ngrp, gw = grp * 4 + warp;  // warps of the CTA, this warp's slice
   float* sm_o = reinterpret_cast<float*>(smem_cta);  // [nw warps][GROUP][OP]
   float* sm_ml = sm_o + nw * GROUP * OP;             // [nw warps][GROUP][2]: running max (log2), row sum
+  if constexpr (PVT) {  // lane (gq, tq): heads 2tq (c0, c2) and 2tq + 1 (c1, c3), dims 16m + 2gq and + 1
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int head = 2 * int(tq) + hh;
+      if (head < GROUP) {
+        float* dst = sm_o + (gw * GROUP + head) * OP + 2 * gq;
+#pragma unroll
+        for (int m = 0; m < DN_OUT; ++m) *reinterpret_cast<float2*>(dst + 16 * m) = make_float2(o[m][hh], o[m][2 + hh]);
+      }
+    }
+  }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = gq + 8 * r;
     if (row < GROUP) {
-      if constexpr (SWZ) {  // n-tiles 2c (even dims) and 2c + 1 (odd) hold dims 16c + 4tq + 0..3
+      if constexpr (PVT) {
+        // parked above, by head
+      } else if constexpr (SWZ) {  // n-tiles 2c (even dims) and 2c + 1 (odd) hold dims 16c + 4tq + 0..3
         float* dst = sm_o + (gw * GROUP + row) * OP + tq * 4;
 #pragma unroll
         for (int c = 0; c < CPR; ++c)
