@@ -35,15 +35,24 @@ from kvgen.runtime.decode_plan import split_k_plan  # noqa: E402
 HQ, H, D = 32, 8, 128
 
 
-def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str = "", stages: int | None = None):
-    """The bench config's variants, with attention.loader set to `loader` (and attention.stages to `stages`), the
-    kernels compiled with extra preprocessor `defines` (an A/B of the K/V loaders, the pipeline depth or
-    decode.cuh's compile-time knobs)."""
+def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str = "",
+                   attention: dict[str, int] | None = None):
+    """The bench config's variants, with attention.loader set to `loader` and the `attention` fields updated (an
+    A/B of the K/V loaders, the pipeline depth, the CTAs per SM), the kernels compiled with extra preprocessor
+    `defines` (decode.cuh's compile-time knobs)."""
     cfg = load_config(ROOT / "configs" / "bench_decode.yaml")
     name = f"{loader}{tag}"
-    if loader != "auto" or defines or stages is not None:
-        upd = {"loader": loader, **({"stages": stages} if stages is not None else {})}
-        specs = [v.spec.model_copy(update={"attention": v.spec.attention.model_copy(update=upd)}) for v in cfg.variants]
+    if loader != "auto" or defines or attention:
+        fields = dict(attention or {})
+        granularity = fields.pop("granularity", None)  # quantization.granularity of the quantized variants
+        upd = {"loader": loader, **fields}
+
+        def tuned(spec):
+            out = {"attention": spec.attention.model_copy(update=upd)}
+            if granularity is not None and spec.quantization is not None:
+                out["quantization"] = spec.quantization.model_copy(update={"granularity": granularity})
+            return spec.model_copy(update=out)
+        specs = [tuned(v.spec) for v in cfg.variants]
         cfg = ConfigFile(path=None, name=f"bench_decode_{name}", variants=[make_variant(s) for s in specs])
     out = Path(f"/tmp/kvgen-bench-decode-{name}")
     with nvrtc.defines(*defines):
@@ -164,6 +173,9 @@ def main() -> None:
                     help="also time kvgen (first loader) compiled with these -D knobs of decode.cuh, one build each")
     ap.add_argument("--stages", nargs="*", type=int, default=[], metavar="N",
                     help="also time kvgen (first loader) built with attention.stages = N, one build each")
+    ap.add_argument("--tune", nargs="*", default=[], metavar="FIELD=N[,FIELD=N]",
+                    help="also time kvgen (first loader) built with these attention fields (and granularity: quantization."
+                         "granularity of the FP8 variants), e.g. stages=2,ctas_per_sm=5")
     ap.add_argument("--shapes", nargs="*", default=None, metavar="BxC",
                     help="only these batch x context shapes, e.g. 16x1024 128x4096, and the skewed batch if 'skewed' is listed")
     args = ap.parse_args()
@@ -172,7 +184,10 @@ def main() -> None:
     for i, text in enumerate(args.defines):
         mods[text] = load_generated(args.loaders[0], tuple(text.split(",")), tag=f"-d{i}")
     for n in args.stages:
-        mods[f"stages={n}"] = load_generated(args.loaders[0], tag=f"-s{n}", stages=n)
+        mods[f"stages={n}"] = load_generated(args.loaders[0], tag=f"-s{n}", attention={"stages": n})
+    for i, text in enumerate(args.tune):
+        fields = {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
+        mods[text] = load_generated(args.loaders[0], tag=f"-t{i}", attention=fields)
     mod = mods[args.loaders[0]]
     copy_bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name()

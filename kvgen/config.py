@@ -84,6 +84,10 @@ class AttentionParams(_Strict):
     sinks: bool = Field(False, description="accept per-head attention-sink logits")
     output_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     stages: int | None = Field(None, ge=2, le=4, description="K/V pipeline depth (default: 3 for 16-bit, 2 for FP8 caches)")
+    ctas_per_sm: int | None = Field(
+        None, ge=1, le=8,
+        description="decode CTAs per SM the kernel is compiled for (registers per thread at most 65536 / (128 x N)), "
+                    "capped by what shared memory holds; default: kvgen/derive.py decode_geometry")
     loader: Literal["auto", "tma", "cp_async"] = Field(
         "auto", description="how K/V tiles reach shared memory: 'tma' = create_tma_tile descriptors, populate and an "
         "mbarrier pipeline (sm_90a/sm_100a only; cp.async on other archs); 'cp_async' = 16-byte asynchronous copies "

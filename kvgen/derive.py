@@ -192,6 +192,12 @@ def decode_loader(spec: VariantSpec, arch: str) -> str:
     return "tma" if want == "tma" and arch in TMA_ARCHS else "cp_async"
 
 
+# Decode CTAs per SM for swizzled FP8 kernels by default (attention.ctas_per_sm overrides). Their tile loop fits
+# 94 registers, so 5 CTAs (96-register cap) compile without spilling, but 4 measured fastest on the H100 (session 7,
+# same caches, 2 stages: 5 CTAs 0-3% and 6 CTAs 3-12% slower; 3 stages at 4 CTAs 4-9% slower at batch >= 64).
+DECODE_SWIZZLED_CTAS = 4
+
+
 def decode_fp8_swizzled(cache, tma: bool) -> bool:
     """Whether decode.cuh keeps this cache's K/V tiles unpadded and swizzled (its SWZ): FP8 through cp.async, with
     rows of 4, 8 or 16 chunks of 16 bytes (head size 64, 128 or 256)."""
@@ -211,9 +217,9 @@ def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
     pitch = row_bytes if swizzled else row_bytes + 16
     groups = (c.head_size + spec.quantization.granularity - 1) // spec.quantization.granularity if spec.quantization else 0
     stage = 2 * DECODE_TILE * pitch + 2 * DECODE_TILE * groups * 4
-    # Measured on the H100 (bench/RESULTS.md): padded FP8 tiles ran faster with 2 stages (4 CTAs per SM) than
-    # with 3 (3 CTAs); unpadded (swizzled) FP8 tiles fit 3 stages at 4 CTAs per SM. 16-bit: 3.
-    stages = a.stages if a.stages is not None else (2 if dt.is_fp8 and not swizzled else 3)
+    # Measured on the H100 (bench/RESULTS.md, bench/NOTES.md session 7): FP8 runs faster with 2 stages and more
+    # CTAs per SM (3 stages: 4-9% slower at batch >= 64, 1.6% faster at 16 x 1k), 16-bit with 3.
+    stages = a.stages if a.stages is not None else (2 if dt.is_fp8 else 3)
     ring = DECODE_TILE * 4  # per stage: the tile's cache rows (uint32), looked up one iteration ahead
     # Slack to align the dynamic shared memory: 128 bytes for TMA, a row for swizzled tiles (their fragment
     # addresses XOR chunk bits into a tile address that must be a multiple of a row).
@@ -229,11 +235,16 @@ def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
         smem = -(-smem // row_bytes) * row_bytes
     # Without a minimum, ptxas may take more registers than shared memory would cost in occupancy (the FP8
     # kernel went 127 -> 139 registers, 4 -> 3 CTAs per SM, 8% slower at 64 x 4k); 4 CTAs leave 128 registers.
-    min_blocks = max(1, min(4, SM90_SMEM_PER_SM // (smem + SMEM_RESERVED_PER_CTA)))
-    if dt.is_fp8 and groups > 1:
-        # Per-group scales are applied per element while dequantizing: at 128 registers (4 CTAs) ptxas spilled
-        # 24 bytes (cp.async) and 60 bytes (TMA) in the tile loop; 3 CTAs leave 168 registers and none spill.
-        min_blocks = min(min_blocks, 3)
+    smem_fit = max(1, SM90_SMEM_PER_SM // (smem + SMEM_RESERVED_PER_CTA))
+    if a.ctas_per_sm is not None:
+        min_blocks = min(a.ctas_per_sm, smem_fit)
+    else:
+        min_blocks = min(DECODE_SWIZZLED_CTAS if swizzled else 4, smem_fit)
+        if dt.is_fp8 and groups > 1 and not swizzled:
+            # Per-group scales are applied per element while dequantizing: at 128 registers (4 CTAs) ptxas spilled
+            # 24 bytes (cp.async) and 60 bytes (TMA) in the tile loop; 3 CTAs leave 168 registers and none spill.
+            # (Swizzled tiles need 124 registers at granularity 32 and fit 4 CTAs.)
+            min_blocks = min(min_blocks, 3)
     return DecodeGeometry(group=group, stages=stages, stage_bytes=stage,
                           smem_bytes=smem, min_blocks=min_blocks, out_c=DTYPES[a.output_dtype].c_type,
                           window=a.sliding_window, softcap=a.logits_soft_cap, tma=tma, balanced=not dt.is_fp8,

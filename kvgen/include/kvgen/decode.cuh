@@ -268,7 +268,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   auto k_tile_off = [](int stage) { return TMA ? stage * 2 * TILE_BYTES : stage * STAGE_BYTES; };
   auto scale_off = [](int stage) { return TMA ? STAGES * 2 * TILE_BYTES + stage * SCALE_BYTES : stage * STAGE_BYTES + 2 * TILE_BYTES; };
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  static_assert(MAX_GROUPS >= 1 && MAX_GROUPS <= 4 && (!TMA || MAX_GROUPS == 1), "1-4 warp groups, TMA: one");
+  static_assert(MAX_GROUPS >= 1 && MAX_GROUPS <= 8 && (!TMA || MAX_GROUPS == 1), "1-8 warp groups (named barriers 1-8), TMA: one");
   // MAX_GROUPS == 1 (TMA, large rows): constants, so those kernels compile exactly as one-group kernels.
   const uint32_t tid = MAX_GROUPS == 1 ? threadIdx.x : threadIdx.x % kDecodeThreads;  // thread within its group
   const uint32_t grp = MAX_GROUPS == 1 ? 0 : threadIdx.x / kDecodeThreads;             // index of its group
