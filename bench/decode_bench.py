@@ -30,7 +30,7 @@ from kvgen import nvrtc  # noqa: E402
 from kvgen.benchmark import copy_bandwidth, decode_bytes, decode_cache, graph_times, rotations, skewed_lengths  # noqa: E402
 from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import ConfigFile, load_config, make_variant  # noqa: E402
-from kvgen.runtime.decode_plan import split_k_plan  # noqa: E402
+from kvgen.runtime.decode_plan import plan_decode, split_k_plan  # noqa: E402
 
 HQ, H, D = 32, 8, 128
 
@@ -61,7 +61,7 @@ def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str
 
 
 def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float, label: str, with_peers: bool,
-              pdl_ab: bool = False, plan_ab: bool = False) -> list[tuple]:
+              pdl_ab: bool = False, plan_ab: bool = False, fixed_splits: tuple[int, ...] = ()) -> list[tuple]:
     """kvgen (one row per loader in `variants`, all reading the same caches) and the peers on one shape, all
     timed together (kvgen.benchmark.graph_times: graphs replayed round-robin)."""
     variant = next(iter(variants.values()))
@@ -93,6 +93,13 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             first_views[f"{name} split-K plan"] = thin[0]
             entries.append((f"{name} split-K plan", [lambda c=c, q=q, o=o: c.decode(0, q, o)
                                                      for c, (_, q, o) in zip(thin, sets)], nbytes))
+        for n in fixed_splits:  # same caches, plan_decode(splits=n) instead of the planner's own choice
+            fixed = [w.copy() for w in views]
+            for w in fixed:
+                w.decode_plan = plan_decode(w, splits=n)
+            first_views[f"{name} {n} splits"] = fixed[0]
+            entries.append((f"{name} {n} splits", [lambda c=c, q=q, o=o: c.decode(0, q, o)
+                                                   for c, (_, q, o) in zip(fixed, sets)], nbytes))
         if pdl_ab:  # same caches, the combine launched plainly after the decode kernel
             plain = [w.copy() for w in views]
             for w in plain:
@@ -167,6 +174,8 @@ def main() -> None:
     ap.add_argument("--pdl-ab", action="store_true", help="also time kvgen with the combine launched without PDL")
     ap.add_argument("--plan-ab", action="store_true",
                     help="also time kvgen with the one-group split-K plan (grouped CTAs are the default at small batch)")
+    ap.add_argument("--splits", nargs="*", type=int, default=[], metavar="N",
+                    help="also time kvgen with plan_decode(splits=N) on the same caches (against the planner's choice)")
     ap.add_argument("--loaders", nargs="+", default=["auto"], choices=["auto", "tma", "cp_async"],
                     help="time kvgen built with each K/V loader, on the same caches (one row each)")
     ap.add_argument("--defines", nargs="*", default=[], metavar="NAME=V[,NAME=V]",
@@ -213,7 +222,8 @@ def main() -> None:
             cases.append((f"64 x lognormal(mean {int(np.mean(skew))}, max {max(skew)})", skew))
         for label, lengths in cases:
             try:
-                for r in run_shape(by_loader, lengths, rng, copy_bw, label, not args.no_peers, args.pdl_ab, args.plan_ab):
+                for r in run_shape(by_loader, lengths, rng, copy_bw, label, not args.no_peers, args.pdl_ab, args.plan_ab,
+                                   tuple(args.splits)):
                     results.append((tag, spec.cache.page_size, *r))
                     print(row_line(results[-1], copy_bw), flush=True)
             except Exception:  # noqa: BLE001

@@ -33,7 +33,7 @@ def read_trace(cache, n_ctas: int) -> np.ndarray:
     module = driver._modules[(path, cache.device)]
     err, ptr, size = cu.cuModuleGetGlobal(module.handle, b"kvgen_decode_trace")
     assert int(err) == 0, err
-    host = np.zeros((1 << 16, 6), np.uint64)
+    host = np.zeros((1 << 16, 8), np.uint64)
     (err,) = cu.cuMemcpyDtoH(host.ctypes.data_as(ctypes.c_void_p).value, ptr, host.nbytes)
     assert int(err) == 0, err
     return host[:n_ctas]
@@ -41,16 +41,17 @@ def read_trace(cache, n_ctas: int) -> np.ndarray:
 
 def report(label: str, tr: np.ndarray) -> None:
     t0 = tr[:, 0].min()
-    rel = (tr[:, :5].astype(np.int64) - int(t0)) / 1000.0  # µs from the first CTA's start
-    start, known, first, loop, end = (rel[:, i] for i in range(5))
+    rel = (tr[:, :7].astype(np.int64) - int(t0)) / 1000.0  # µs from the first CTA's start
+    start, known, first, loop, end, parked = (rel[:, i] for i in range(6))
     q = lambda x: f"{np.percentile(x, 5):6.2f} / {np.median(x):6.2f} / {np.percentile(x, 95):6.2f} / {x.max():6.2f}"  # noqa: E731
-    print(f"== {label}: {len(tr)} CTAs on {len(np.unique(tr[:, 5]))} SMs, kernel span {end.max():.2f} us "
+    print(f"== {label}: {len(tr)} CTAs on {len(np.unique(tr[:, 7]))} SMs, kernel span {end.max():.2f} us "
           "(p5 / median / p95 / max, µs)")
     print(f"   start offset          {q(start)}")
     print(f"   length known - start  {q(known - start)}")
     print(f"   first tile - known    {q(first - known)}")
     print(f"   loop - first tile     {q(loop - first)}")
     print(f"   exit - loop (epilog)  {q(end - loop)}")
+    print(f"     of which park+barrier {q(parked - loop)}, merge+store {q(end - parked)}")
     print(f"   CTA lifetime          {q(end - start)}")
     hist = np.histogram(end, bins=8, range=(0, end.max()))[0]
     print(f"   CTAs ending per 1/8 of the span: {list(map(int, hist))}")

@@ -21,10 +21,10 @@ namespace kvgen {
 #define INFINITY __int_as_float(0x7f800000)
 #endif
 // Per-CTA timeline for bench/decode_trace.py (built with -DKVGEN_DECODE_TRACE only; never in a normal build):
-// globaltimer ns at [start, length known, first tile landed, loop done, exit] and the SM id.
+// globaltimer ns at [start, length known, first tile landed, loop done, exit, warps parked, merged] and the SM id.
 #ifdef KVGEN_DECODE_TRACE
 extern "C" {  // unmangled, so the host finds it with cuModuleGetGlobal
-__device__ unsigned long long kvgen_decode_trace[1 << 16][6];
+__device__ unsigned long long kvgen_decode_trace[1 << 16][8];
 }
 #define KVGEN_TRACE(i)                                                                                      \
   do {                                                                                                      \
@@ -33,7 +33,7 @@ __device__ unsigned long long kvgen_decode_trace[1 << 16][6];
       asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                                                \
       asm volatile("{ .reg .u32 s; mov.u32 s, %%smid; cvt.u64.u32 %0, s; }" : "=l"(sm_));                  \
       const uint32_t cta_ = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;                \
-      if (cta_ < (1u << 16)) { kvgen_decode_trace[cta_][i] = t_; kvgen_decode_trace[cta_][5] = sm_; }       \
+      if (cta_ < (1u << 16)) { kvgen_decode_trace[cta_][i] = t_; kvgen_decode_trace[cta_][7] = sm_; }       \
     }                                                                                                       \
   } while (0)
 #else
@@ -859,32 +859,34 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     }
   }
   __syncthreads();
+  KVGEN_TRACE(5);
   for (int i = threadIdx.x; i < GROUP * D; i += blockDim.x) {
     const int row = i / D, col = i % D;
-    // All slices' loads first, then the math: a loop over the runtime warp count issued them one dependent
-    // round trip at a time (bench/NOTES.md, session 7: the epilogue took 1.4-1.8 us per CTA).
-    constexpr int NW_MAX = 4 * MAX_GROUPS;
-    float mw[NW_MAX], lw[NW_MAX], ow[NW_MAX];
+    // One warp group's 4 slices at a time, their loads issued together, merged online into (m, l, acc): a loop
+    // over single slices paid one dependent shared-memory round trip each (session 7: a 1.4-1.8 us epilogue).
+    float m = -INFINITY, l = 0.f, acc = 0.f;
+    for (uint32_t w0 = 0; w0 < nw; w0 += 4) {
+      float mw[4], lw[4], ow[4];
 #pragma unroll
-    for (int w = 0; w < NW_MAX; ++w) {
-      mw[w] = -INFINITY, lw[w] = 0.f, ow[w] = 0.f;
-      if (uint32_t(w) < nw) {
-        mw[w] = sm_ml[(w * GROUP + row) * 2];
-        lw[w] = sm_ml[(w * GROUP + row) * 2 + 1];
-        ow[w] = sm_o[(w * GROUP + row) * OP + col];
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t w = w0 + j;
+        mw[j] = sm_ml[(w * GROUP + row) * 2];
+        lw[j] = sm_ml[(w * GROUP + row) * 2 + 1];
+        ow[j] = sm_o[(w * GROUP + row) * OP + col];
       }
-    }
-    float m = -INFINITY;
+      const float m_new = fmaxf(fmaxf(m, fmaxf(mw[0], mw[1])), fmaxf(mw[2], mw[3]));
+      const float mref = m_new == -INFINITY ? 0.f : m_new;
+      const float keep = exp2f(m - mref);  // 0 while nothing was seen (m = -inf)
+      l *= keep, acc *= keep;
 #pragma unroll
-    for (int w = 0; w < NW_MAX; ++w) m = fmaxf(m, mw[w]);
+      for (int j = 0; j < 4; ++j) {
+        const float wgt = exp2f(mw[j] - mref);  // 0 for a warp that saw no rows
+        l += lw[j] * wgt;
+        acc += ow[j] * wgt;
+      }
+      m = m_new;
+    }
     const float mr = m == -INFINITY ? 0.f : m;
-    float l = 0.f, acc = 0.f;
-#pragma unroll
-    for (int w = 0; w < NW_MAX; ++w) {
-      const float wgt = exp2f(mw[w] - mr);  // 0 for a warp that saw no rows
-      l += lw[w] * wgt;
-      acc += ow[w] * wgt;
-    }
     const float o_norm = l > 0.f ? acc / l : 0.f;
     const float lse = l > 0.f ? (mr + log2f(l)) * 0.6931471805599453f : -INFINITY;
     if (final_out) {
