@@ -860,69 +860,52 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   }
   __syncthreads();
   KVGEN_TRACE(5);
-  // Up to 4 outputs per thread at a time, and one warp group's 4 slices of them at a time: their loads issue
-  // together and merge online into (m, l, acc). A loop over single outputs and slices paid one dependent
-  // shared-memory round trip each (session 7 trace: a 1.4-1.8 us epilogue).
-  constexpr int NOUT = GROUP * D;
-  for (int i0 = threadIdx.x; i0 < NOUT; i0 += 4 * blockDim.x) {
-    float m[4], l[4], acc[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) m[k] = -INFINITY, l[k] = 0.f, acc[k] = 0.f;
+  for (int i = threadIdx.x; i < GROUP * D; i += blockDim.x) {
+    const int row = i / D, col = i % D;
+    // One warp group's 4 slices at a time, their loads issued together, merged online into (m, l, acc): a loop
+    // over single slices paid one dependent shared-memory round trip each (session 7: a 1.4-1.8 us epilogue).
+    float m = -INFINITY, l = 0.f, acc = 0.f;
     for (uint32_t w0 = 0; w0 < nw; w0 += 4) {
-      float mw[4][4], lw[4][4], ow[4][4];
+      float mw[4], lw[4], ow[4];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int i = min(i0 + k * int(blockDim.x), NOUT - 1);  // past the end: a repeat, never stored
-        const int row = i / D, col = i % D;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint32_t w = w0 + j;
-          mw[k][j] = sm_ml[(w * GROUP + row) * 2];
-          lw[k][j] = sm_ml[(w * GROUP + row) * 2 + 1];
-          ow[k][j] = sm_o[(w * GROUP + row) * OP + col];
-        }
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t w = w0 + j;
+        mw[j] = sm_ml[(w * GROUP + row) * 2];
+        lw[j] = sm_ml[(w * GROUP + row) * 2 + 1];
+        ow[j] = sm_o[(w * GROUP + row) * OP + col];
       }
+      const float m_new = fmaxf(fmaxf(m, fmaxf(mw[0], mw[1])), fmaxf(mw[2], mw[3]));
+      const float mref = m_new == -INFINITY ? 0.f : m_new;
+      const float keep = exp2f(m - mref);  // 0 while nothing was seen (m = -inf)
+      l *= keep, acc *= keep;
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float m_new = fmaxf(fmaxf(m[k], fmaxf(mw[k][0], mw[k][1])), fmaxf(mw[k][2], mw[k][3]));
-        const float mref = m_new == -INFINITY ? 0.f : m_new;
-        const float keep = exp2f(m[k] - mref);  // 0 while nothing was seen (m = -inf)
-        l[k] *= keep, acc[k] *= keep;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float wgt = exp2f(mw[k][j] - mref);  // 0 for a warp that saw no rows
-          l[k] += lw[k][j] * wgt;
-          acc[k] += ow[k][j] * wgt;
-        }
-        m[k] = m_new;
+      for (int j = 0; j < 4; ++j) {
+        const float wgt = exp2f(mw[j] - mref);  // 0 for a warp that saw no rows
+        l += lw[j] * wgt;
+        acc += ow[j] * wgt;
       }
+      m = m_new;
     }
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int i = i0 + k * int(blockDim.x);
-      if (i >= NOUT) break;
-      const int row = i / D, col = i % D;
-      const float mr = m[k] == -INFINITY ? 0.f : m[k];
-      const float o_norm = l[k] > 0.f ? acc[k] / l[k] : 0.f;
-      const float lse = l[k] > 0.f ? (mr + log2f(l[k])) * 0.6931471805599453f : -INFINITY;
-      if (final_out) {
-        // decode_combine's merge of a single split: w = exp(lse - m) against the sink's exp(sink - m).
-        const uint64_t orow = uint64_t(b) * H * GROUP + hq0 + row;
-        float res = o_norm, lse_f = lse;
-        if (fin.sinks != nullptr) {
-          const float sink = fin.sinks[hq0 + row];
-          const float mm = fmaxf(lse, sink);
-          const float w = lse == -INFINITY ? 0.f : __expf(lse - mm);
-          const float wsum = w + __expf(sink - mm);
-          res = wsum > 0.f ? w * o_norm / wsum : 0.f;
-          lse_f = wsum > 0.f ? mm + __logf(wsum) : -INFINITY;
-        }
-        fin.out[orow * D + col] = from_f32<OT>(res);
-        if (col == 0 && fin.lse != nullptr) fin.lse[orow] = lse_f;
-      } else {
-        o_out[uint64_t(row) * gridDim.x * D + col] = o_norm;
-        if (col == 0) lse_out[uint64_t(row) * gridDim.x] = lse;
+    const float mr = m == -INFINITY ? 0.f : m;
+    const float o_norm = l > 0.f ? acc / l : 0.f;
+    const float lse = l > 0.f ? (mr + log2f(l)) * 0.6931471805599453f : -INFINITY;
+    if (final_out) {
+      // decode_combine's merge of a single split: w = exp(lse - m) against the sink's exp(sink - m).
+      const uint64_t orow = uint64_t(b) * H * GROUP + hq0 + row;
+      float res = o_norm, lse_f = lse;
+      if (fin.sinks != nullptr) {
+        const float sink = fin.sinks[hq0 + row];
+        const float mm = fmaxf(lse, sink);
+        const float w = lse == -INFINITY ? 0.f : __expf(lse - mm);
+        const float wsum = w + __expf(sink - mm);
+        res = wsum > 0.f ? w * o_norm / wsum : 0.f;
+        lse_f = wsum > 0.f ? mm + __logf(wsum) : -INFINITY;
       }
+      fin.out[orow * D + col] = from_f32<OT>(res);
+      if (col == 0 && fin.lse != nullptr) fin.lse[orow] = lse_f;
+    } else {
+      o_out[uint64_t(row) * gridDim.x * D + col] = o_norm;
+      if (col == 0) lse_out[uint64_t(row) * gridDim.x] = lse;
     }
   }
   KVGEN_TRACE(4);
