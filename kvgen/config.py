@@ -83,7 +83,7 @@ class AttentionParams(_Strict):
     logits_soft_cap: bool = Field(False, description="compile in cap * tanh(logit / cap)")
     sinks: bool = Field(False, description="accept per-head attention-sink logits")
     output_dtype: Literal["bfloat16", "float16"] = "bfloat16"
-    stages: int | None = Field(None, ge=2, le=4, description="K/V pipeline depth (default: 3 for 16-bit, 2 for FP8 caches)")
+    stages: int | None = Field(None, ge=2, le=4, description="decode K/V pipeline depth (default: 3 for 16-bit, 2 for FP8 caches)")
     ctas_per_sm: int | None = Field(
         None, ge=1, le=8,
         description="decode CTAs per SM the kernel is compiled for (registers per thread at most 65536 / (128 x N)), "
