@@ -166,7 +166,7 @@ class DecodeGeometry:
     out_c: str
     window: bool
     softcap: bool
-    min_blocks: int  # __launch_bounds__ minimum CTAs per SM: as many as shared memory allows, at most 4
+    min_blocks: int  # __launch_bounds__ minimum CTAs per SM: as many as shared memory allows, at most 4 (or attention.ctas_per_sm)
     tma: bool  # K/V tiles by TMA (padded-row maps + populate, mbarrier pipeline) instead of cp.async
     # The kernel can cut each request into equal splits itself (plan chunk 0, plan_decode(splits=S), for CUDA
     # graphs). Not in FP8 kernels: they sit at the 128-register cap of 4 CTAs per SM, and the runtime chunk made

@@ -11,6 +11,7 @@ from kvgen.derive import (
     DECODE_AUTO_LOADER,
     SM90_SMEM_PER_SM,
     SMEM_RESERVED_PER_CTA,
+    decode_fp8_swizzled,
     decode_geometry,
     decode_loader,
     large_store_tokens_per_block,
@@ -48,13 +49,15 @@ def test_single_long_request_is_split_across_the_gpu() -> None:
     assert 8 * -(-16385 // chunk) >= 200
 
 
-def _decode_spec(dtype: str, stages: int | None = None) -> VariantSpec:
+def _decode_spec(dtype: str, stages: int | None = None, ctas: int | None = None, head_size: int = 128,
+                 loader: str = "auto") -> VariantSpec:
     d = base_config()
-    d["cache"].update(dtype=dtype, page_size=16)
+    d["cache"].update(dtype=dtype, page_size=16, head_size=head_size)
     d["kernels"] = ["store", "decode"]
-    d["attention"] = {"num_q_heads": 32, **({"stages": stages} if stages else {})}
+    d["attention"] = {"num_q_heads": 32, "loader": loader, **({"stages": stages} if stages else {}),
+                      **({"ctas_per_sm": ctas} if ctas else {})}
     if dtype.startswith("float8"):
-        d["quantization"] = {"scale_dtype": "float32", "granularity": 128}
+        d["quantization"] = {"scale_dtype": "float32", "granularity": head_size}  # one scale per (token, head)
     return validate_variant(d)
 
 
@@ -66,6 +69,32 @@ def test_launch_bounds_minimum_follows_shared_memory(dtype: str, stages: int | N
     geo = decode_geometry(_decode_spec(dtype, stages), "sm_90a")
     assert geo.min_blocks == blocks
     assert geo.min_blocks * (geo.smem_bytes + SMEM_RESERVED_PER_CTA) <= SM90_SMEM_PER_SM
+
+
+@pytest.mark.parametrize(("ctas", "blocks"), [(2, 2), (5, 5), (8, 6)])
+def test_ctas_per_sm_sets_the_minimum_within_shared_memory(ctas: int, blocks: int) -> None:
+    # attention.ctas_per_sm overrides the default of 4, but never past what shared memory holds (2-stage FP8:
+    # 36.6 KB per CTA, so 6).
+    geo = decode_geometry(_decode_spec("float8_e4m3fn", ctas=ctas), "sm_90a")
+    assert geo.min_blocks == blocks
+    assert geo.min_blocks * (geo.smem_bytes + SMEM_RESERVED_PER_CTA) <= SM90_SMEM_PER_SM
+
+
+@pytest.mark.parametrize(("head_size", "loader", "swizzled"), [
+    (64, "cp_async", True), (128, "cp_async", True), (256, "cp_async", True),
+    (128, "tma", False)])  # TMA boxes land padded rows
+def test_fp8_tiles_are_swizzled_only_where_the_kernel_swizzles(head_size: int, loader: str, swizzled: bool) -> None:
+    spec = _decode_spec("float8_e4m3fn", head_size=head_size, loader=loader)
+    geo = decode_geometry(spec, "sm_90a")
+    assert decode_fp8_swizzled(spec.cache, geo.tma) == swizzled
+    pitch = head_size if swizzled else head_size + 16  # one FP8 row, or padded by 16 bytes
+    assert geo.stage_bytes == 2 * 64 * pitch + 2 * 64 * 4  # K and V tiles + one float32 scale per token
+    # Swizzled: Q in shared memory (8 padded 16-bit rows for a group of 4) after the stages and row rings, and
+    # every warp group's pipeline starts on a multiple of a row (decode.cuh XORs chunk bits into tile addresses).
+    need = geo.stages * (geo.stage_bytes + 64 * 4) + (8 * (2 * head_size + 16) if swizzled else 0)
+    assert geo.smem_bytes >= need
+    if swizzled:
+        assert geo.smem_bytes % head_size == 0 and geo.stages == 2
 
 
 @pytest.mark.parametrize(("loader", "arch", "head_size", "tma"), [

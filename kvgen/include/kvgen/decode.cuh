@@ -9,8 +9,11 @@
 // the group with its own online softmax, and all warps of the CTA merge at the end. A CTA of a multi-split plan
 // writes a float32 partial output and its log-sum-exp, and decode_combine (a programmatic dependent launch on
 // sm_90+) merges the splits and attention sinks; a single-split CTA writes the final output itself.
-// MMA: mma.sync m16n8k16, bf16 (bf16 and FP8 caches: FP8 is dequantized with its scales into bf16 in
-// registers) or f16 (f16 caches), fp32 accumulation, softmax in fp32 with exp2.
+// MMA: mma.sync m16n8k16, fp32 accumulation, softmax in fp32 with exp2. bf16 for bf16 caches and for FP8 with
+// per-group scales (dequantized into bf16 in registers); f16 for f16 caches and for FP8 with one scale per token
+// or none (raw FP8 -> f16 in one cvt, the scales applied to score and probability columns). FP8 tiles copied by
+// cp.async are unpadded and XOR-swizzled, their fragments built by vector and ldmatrix loads (DecodeSwizzle), and
+// for query groups of up to 8 their P.V is computed transposed, heads as the MMA's n (PVT in decode_partial).
 #pragma once
 #include "cache.cuh"
 #include "tma.cuh"
