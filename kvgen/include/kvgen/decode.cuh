@@ -740,32 +740,12 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
           // bytes of vb: (token 2tq: dim 2gq, 2gq + 1), (token 2tq + 1: same); even dims low, odd dims high
           const uint32_t lo = __byte_perm(vb[2 * hc], 0, 0x3120), hi = __byte_perm(vb[2 * hc + 1], 0, 0x3120);
           const int dn = 2 * (c + hc);
-          if constexpr (PVT) {
-            // O^T[dims][heads] += V^T P^T: A rows gq / gq + 8 are the chunk's even / odd dims 16c + 2gq (+1), k =
-            // tokens 2tq, 2tq + 1 (lo) and + 8 (hi); B is P's rows gq (pa[0], pa[2]) as they came from Q.K^T.
-            uint32_t va[4];
-            if constexpr (Ty::kFp8Direct) {
-              fp8x4_to_f16x2x2<T>(lo, va[0], va[1]);
-              fp8x4_to_f16x2x2<T>(hi, va[2], va[3]);
-            } else {  // per-group scales of tokens r0, r0 + 1 (lo) and r0 + 8, r0 + 9 (hi) for this chunk
-              const int g = 16 * (c + hc) / GRAN;
-              const float s0 = QUANT ? vss[r0 * G + g] : 1.f, s1 = QUANT ? vss[(r0 + 1) * G + g] : 1.f;
-              const float s8 = QUANT ? vss[(r0 + 8) * G + g] : 1.f, s9 = QUANT ? vss[(r0 + 9) * G + g] : 1.f;
-              auto deq = [&](uint32_t raw, float sa, float sb) {
-                const float2 x = fp8x2_to_float2<T>(static_cast<unsigned short>(raw));
-                return pack2<false>(x.x * sa, x.y * sb);
-              };
-              va[0] = deq(lo & 0xffffu, s0, s1), va[1] = deq(lo >> 16, s0, s1);
-              va[2] = deq(hi & 0xffffu, s8, s9), va[3] = deq(hi >> 16, s8, s9);
-            }
-            mma16816<F16>(o[c + hc], va, pa[0], pa[2]);
-          } else if constexpr (Ty::kFp8Direct) {
-            uint32_t even0, odd0, even1, odd1;
+          // even0 / odd0: dims 16(c + hc) + 2gq and + 1 of tokens r0, r0 + 1; even1 / odd1: of tokens r0 + 8, r0 + 9.
+          uint32_t even0, odd0, even1, odd1;
+          if constexpr (Ty::kFp8Direct) {
             fp8x4_to_f16x2x2<T>(lo, even0, odd0);
             fp8x4_to_f16x2x2<T>(hi, even1, odd1);
-            mma16816<F16>(o[dn], pa, even0, even1);
-            mma16816<F16>(o[dn + 1], pa, odd0, odd1);
-          } else {  // per-group scales of tokens r0, r0 + 1 (b0) and r0 + 8, r0 + 9 (b1) for this chunk
+          } else {  // per-group scales of those tokens for this chunk
             const int g = 16 * (c + hc) / GRAN;
             const float s0 = QUANT ? vss[r0 * G + g] : 1.f, s1 = QUANT ? vss[(r0 + 1) * G + g] : 1.f;
             const float s8 = QUANT ? vss[(r0 + 8) * G + g] : 1.f, s9 = QUANT ? vss[(r0 + 9) * G + g] : 1.f;
@@ -773,8 +753,17 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
               const float2 x = fp8x2_to_float2<T>(static_cast<unsigned short>(raw));
               return pack2<false>(x.x * sa, x.y * sb);
             };
-            mma16816<F16>(o[dn], pa, deq(lo & 0xffffu, s0, s1), deq(hi & 0xffffu, s8, s9));
-            mma16816<F16>(o[dn + 1], pa, deq(lo >> 16, s0, s1), deq(hi >> 16, s8, s9));
+            even0 = deq(lo & 0xffffu, s0, s1), odd0 = deq(lo >> 16, s0, s1);
+            even1 = deq(hi & 0xffffu, s8, s9), odd1 = deq(hi >> 16, s8, s9);
+          }
+          if constexpr (PVT) {
+            // O^T[dims][heads] += V^T P^T: A rows gq / gq + 8 are the chunk's even / odd dims, k = tokens 2tq, 2tq + 1
+            // and + 8; B is P's rows gq (pa[0], pa[2]) as they came from Q.K^T.
+            const uint32_t va[4] = {even0, odd0, even1, odd1};
+            mma16816<F16>(o[c + hc], va, pa[0], pa[2]);
+          } else {  // B fragments of n-tiles dn (even dims) and dn + 1 (odd dims)
+            mma16816<F16>(o[dn], pa, even0, even1);
+            mma16816<F16>(o[dn + 1], pa, odd0, odd1);
           }
         }
       }
