@@ -97,6 +97,10 @@ CASES: list[tuple[str, Any, str, str]] = [
     ("top_level_not_mapping", "- name: t\n- cache: {}\n", "<config>", "top level must be a mapping"),
     ("empty_kernels", {"kernels": []}, "kernels", "at least 1"),
     ("bool_as_int", {"cache.num_kv_heads": True}, "cache.num_kv_heads", "integer"),
+    ("ctas_per_sm_zero", {"kernels": ["store", "decode"], "attention": {"num_q_heads": 32, "ctas_per_sm": 0}},
+     "attention.ctas_per_sm", "greater than or equal to 1"),
+    ("ctas_per_sm_too_many", {"kernels": ["store", "decode"], "attention": {"num_q_heads": 32, "ctas_per_sm": 9}},
+     "attention.ctas_per_sm", "less than or equal to 8"),
 ]
 
 
