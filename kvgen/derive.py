@@ -229,8 +229,7 @@ def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
     q_smem = (8 if group <= 8 else 16) * (2 * c.head_size + 16) if swizzled else 0
     while stages > 2 and stages * (stage + ring) + q_smem + align > DECODE_SMEM_LIMIT:
         stages -= 1
-    # The epilogue's per-warp slices (padded rows, max and sum, weight) and row LSEs reuse the pipeline buffers.
-    merge = 4 * group * ((c.head_size + 8) + 3) * 4 + group * 4
+    merge = 4 * group * ((c.head_size + 8) + 2) * 4  # the epilogue's per-warp slices reuse the pipeline buffers
     smem = max(stages * (stage + ring) + q_smem, merge) + align
     if swizzled:  # every warp group's pipeline (group g starts at g x smem) starts on a multiple of a row
         smem = -(-smem // row_bytes) * row_bytes

@@ -261,8 +261,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   static_assert(STAGES * (STAGE_BYTES + BN * 4) + Q_BYTES + ALIGN_SLACK <= SMEM_BYTES,
                 "K/V stages, the row ring and (SWZ) Q fit the shared memory");
   // (Per group: a CTA of ngrp groups gets ngrp x SMEM_BYTES and has ngrp x as many warp slices to merge.)
-  static_assert(4 * GROUP * (D + 8 + 3) * 4 + GROUP * 4 + ALIGN_SLACK <= SMEM_BYTES,
-                "the epilogue's per-warp slices, weights and row LSEs fit the shared memory");
+  static_assert(4 * GROUP * (D + 8 + 2) * 4 + ALIGN_SLACK <= SMEM_BYTES, "the epilogue's per-warp slices fit the shared memory");
   static_assert(!TMA || (PITCH / ES <= 256 && TILE_BYTES % 128 == 0), "a padded row is one TMA box");
 #if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
   static_assert(!TMA, "the TMA loader needs sm_90 or newer");
@@ -853,38 +852,35 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   }
   __syncthreads();
   KVGEN_TRACE(5);
-  // Each row's weights first: one warp per row, a lane per warp slice, gives w_s = exp2(m_s - m) / L and the
-  // row's LSE, so each output below is a plain weighted sum of its slices. Merging (m, l) per output instead
-  // repeated the exponentials, the division and their dependent rounds for every column (session 7 trace:
-  // 1.2-1.7 us of merge per CTA).
-  float* sm_wt = sm_ml + nw * GROUP * 2;  // [nw warps][GROUP]: each slice's weight in its row
-  float* sm_lse = sm_wt + nw * GROUP;     // [GROUP]: natural-log LSE of the row
-  static_assert(4 * MAX_GROUPS <= 32, "one lane per warp slice");
-  for (uint32_t row = threadIdx.x / 32; row < uint32_t(GROUP); row += blockDim.x / 32) {
-    const uint32_t sl = threadIdx.x % 32;  // this lane's slice
-    const bool has = sl < nw;
-    const float ms = has ? sm_ml[(sl * GROUP + row) * 2] : -INFINITY;
-    const float ls = has ? sm_ml[(sl * GROUP + row) * 2 + 1] : 0.f;
-    float m = ms;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-    const float mr = m == -INFINITY ? 0.f : m;
-    const float e = exp2f(ms - mr);  // 0 for a slice that saw no rows
-    float l = ls * e;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
-    if (has) sm_wt[sl * GROUP + row] = l > 0.f ? e / l : 0.f;
-    if (sl == 0) sm_lse[row] = l > 0.f ? (mr + log2f(l)) * 0.6931471805599453f : -INFINITY;
-  }
-  __syncthreads();
   for (int i = threadIdx.x; i < GROUP * D; i += blockDim.x) {
     const int row = i / D, col = i % D;
-    float o_norm = 0.f;
-    for (uint32_t w0 = 0; w0 < nw; w0 += 4) {  // one warp group's slices per round: their loads issue together
+    // One warp group's 4 slices at a time, their loads issued together, merged online into (m, l, acc): a loop
+    // over single slices paid one dependent shared-memory round trip each (session 7: a 1.4-1.8 us epilogue).
+    float m = -INFINITY, l = 0.f, acc = 0.f;
+    for (uint32_t w0 = 0; w0 < nw; w0 += 4) {
+      float mw[4], lw[4], ow[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) o_norm += sm_wt[(w0 + j) * GROUP + row] * sm_o[((w0 + j) * GROUP + row) * OP + col];
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t w = w0 + j;
+        mw[j] = sm_ml[(w * GROUP + row) * 2];
+        lw[j] = sm_ml[(w * GROUP + row) * 2 + 1];
+        ow[j] = sm_o[(w * GROUP + row) * OP + col];
+      }
+      const float m_new = fmaxf(fmaxf(m, fmaxf(mw[0], mw[1])), fmaxf(mw[2], mw[3]));
+      const float mref = m_new == -INFINITY ? 0.f : m_new;
+      const float keep = exp2f(m - mref);  // 0 while nothing was seen (m = -inf)
+      l *= keep, acc *= keep;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float wgt = exp2f(mw[j] - mref);  // 0 for a warp that saw no rows
+        l += lw[j] * wgt;
+        acc += ow[j] * wgt;
+      }
+      m = m_new;
     }
-    const float lse = sm_lse[row];
+    const float mr = m == -INFINITY ? 0.f : m;
+    const float o_norm = l > 0.f ? acc / l : 0.f;
+    const float lse = l > 0.f ? (mr + log2f(l)) * 0.6931471805599453f : -INFINITY;
     if (final_out) {
       // decode_combine's merge of a single split: w = exp(lse - m) against the sink's exp(sink - m).
       const uint64_t orow = uint64_t(b) * H * GROUP + hq0 + row;
