@@ -42,7 +42,7 @@ def read_trace(cache, n_ctas: int) -> np.ndarray:
 def report(label: str, tr: np.ndarray) -> None:
     t0 = tr[:, 0].min()
     rel = (tr[:, :7].astype(np.int64) - int(t0)) / 1000.0  # µs from the first CTA's start
-    start, known, first, loop, end, parked = (rel[:, i] for i in range(6))
+    start, known, first, loop, end, parked, merged = (rel[:, i] for i in range(7))
     q = lambda x: f"{np.percentile(x, 5):6.2f} / {np.median(x):6.2f} / {np.percentile(x, 95):6.2f} / {x.max():6.2f}"  # noqa: E731
     print(f"== {label}: {len(tr)} CTAs on {len(np.unique(tr[:, 7]))} SMs, kernel span {end.max():.2f} us "
           "(p5 / median / p95 / max, µs)")
@@ -51,7 +51,7 @@ def report(label: str, tr: np.ndarray) -> None:
     print(f"   first tile - known    {q(first - known)}")
     print(f"   loop - first tile     {q(loop - first)}")
     print(f"   exit - loop (epilog)  {q(end - loop)}")
-    print(f"     of which park+barrier {q(parked - loop)}, merge+store {q(end - parked)}")
+    print(f"     of which park+barrier {q(parked - loop)}, first merge {q(merged - parked)}, rest {q(end - merged)}")
     print(f"   CTA lifetime          {q(end - start)}")
     hist = np.histogram(end, bins=8, range=(0, end.max()))[0]
     print(f"   CTAs ending per 1/8 of the span: {list(map(int, hist))}")

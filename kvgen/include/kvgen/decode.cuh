@@ -24,7 +24,8 @@ namespace kvgen {
 #define INFINITY __int_as_float(0x7f800000)
 #endif
 // Per-CTA timeline for bench/decode_trace.py (built with -DKVGEN_DECODE_TRACE only; never in a normal build):
-// globaltimer ns at [start, length known, first tile landed, loop done, exit, warps parked, merged] and the SM id.
+// globaltimer ns at [start, length known, first tile landed, loop done, exit, warps parked, first output merged]
+// and the SM id.
 #ifdef KVGEN_DECODE_TRACE
 extern "C" {  // unmangled, so the host finds it with cuModuleGetGlobal
 __device__ unsigned long long kvgen_decode_trace[1 << 16][8];
@@ -881,6 +882,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     const float mr = m == -INFINITY ? 0.f : m;
     const float o_norm = l > 0.f ? acc / l : 0.f;
     const float lse = l > 0.f ? (mr + log2f(l)) * 0.6931471805599453f : -INFINITY;
+    if (i == int(threadIdx.x)) KVGEN_TRACE(6);  // thread 0's first output merged, not yet stored
     if (final_out) {
       // decode_combine's merge of a single split: w = exp(lse - m) against the sink's exp(sink - m).
       const uint64_t orow = uint64_t(b) * H * GROUP + hq0 + row;
