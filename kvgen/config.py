@@ -87,7 +87,8 @@ class AttentionParams(_Strict):
     ctas_per_sm: int | None = Field(
         None, ge=1, le=8,
         description="decode CTAs per SM the kernel is compiled for (registers per thread at most 65536 / (128 x N)), "
-                    "capped by what shared memory holds; default: kvgen/derive.py decode_geometry")
+                    "capped by what shared memory holds; default: kvgen/derive.py decode_geometry. Overrides the "
+                    "default's caps, so a high value may make ptxas spill (the build manifest lists spills)")
     loader: Literal["auto", "tma", "cp_async"] = Field(
         "auto", description="how K/V tiles reach shared memory: 'tma' = create_tma_tile descriptors, populate and an "
         "mbarrier pipeline (sm_90a/sm_100a only; cp.async on other archs); 'cp_async' = 16-byte asynchronous copies "

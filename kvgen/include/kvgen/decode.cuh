@@ -154,10 +154,10 @@ template <class Cache> struct DecodeTypes {
 };
 
 // Swizzled FP8 tiles (decode_partial's SWZ: FP8 through cp.async, rows of 4, 8 or 16 chunks of 16 bytes). Rows
-// are not padded: chunk c of row r sits at c ^ row_xor(r), so the 8 rows one ldmatrix matrix or one quarter-warp's
-// 16-byte loads touch land in 8 distinct 4-bank units (128-byte rows: r & 7; 64-byte rows, two per 128-byte
-// line: (r / 2) & 3). Unpadded FP8 tiles leave room for a third pipeline stage at 4 CTAs per SM, and the
-// fragments come from vector loads instead of byte loads:
+// are not padded: chunk c of row r sits at c ^ row_xor(r) (128- and 256-byte rows: r & 7; 64-byte rows, two per
+// 128-byte line: (r / 2) & 3), so the 8 rows of one ldmatrix matrix, and the 2 rows x 4 chunks of one
+// quarter-warp's 16-byte K loads, land in 8 distinct 4-bank units. Unpadded FP8 tiles leave room for more
+// pipeline stages or CTAs per SM, and the fragments come from vector loads instead of byte loads:
 //  - K (B of Q.K^T): lane (gq, tq) reads NJ = CPR / 4 whole chunks of its token's row, chunk k_chunk(tq, j). k-step
 //    kk takes 4 bytes of load kk / 4: those 4 dims stand at MMA k positions 2tq, 2tq + 1 (b0) and 2tq + 8, 2tq + 9
 //    (b1). Q's A fragments are built with the same permutation of k (k_dim), so Q.K is unchanged.
@@ -169,7 +169,8 @@ template <int CPR> struct DecodeSwizzle {
   static constexpr int NJ = CPR / 4;  // 16-byte K loads per lane and token row
   __device__ static constexpr int row_xor(int row) { return CPR >= 8 ? row & 7 : (row >> 1) & 3; }
   __device__ static constexpr int chunk_at(int row, int chunk) { return chunk ^ row_xor(row); }
-  // K chunk of lane column tq, load j: rows gq even and odd of a quarter-warp take opposite unit parities.
+  // K chunk of lane column tq, load j. Rows of 8+ chunks: rows gq even and odd of a quarter-warp take opposite
+  // unit parities; 64-byte rows: the two rows sit in different halves of a 128-byte line.
   __device__ static constexpr int k_chunk(int tq, int j) { return CPR == 4 ? tq : 8 * (j / 2) + 2 * tq + (j % 2); }
   // First of the 4 dims of k-step kk in lane column tq.
   __device__ static constexpr int k_dim(int tq, int kk) { return 16 * k_chunk(tq, kk / 4) + 4 * (kk % 4); }
@@ -498,7 +499,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 
   // ---- Q fragments (rows = query heads of the group, zero padded to 16), held for the whole context ------
   // Held in registers for the whole context, except with SWZ: there the FP8 kernels sit at the 128-register
-  // cap of 4 CTAs per SM, and Q's 32 registers (half of them zero rows for GROUP <= 8) would spill the tile loop,
+  // cap of 4 CTAs per SM, and Q's D / 4 registers (half of them zero rows for GROUP <= 8) spilled the tile loop,
   // so Q waits in shared memory and each k-step's fragment is one ldmatrix.
   uint32_t qa[SWZ ? 1 : KS][4];
   const QT* qb = q + (uint64_t(b) * H * GROUP + hq0) * D;
@@ -583,8 +584,13 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 #pragma unroll
       for (int j = 0; j < Sw::NJ; ++j) {
         uint4 kv[2];
+        float ksc[2] = {1.f, 1.f};  // per-group scales: a chunk's 16 dims share one (granularity is a multiple of 16)
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) kv[nt] = lds128(Sw::k_load(smem_s + uint32_t(ks_o + nt * 8 * PITCH) + k_lane, j));
+        for (int nt = 0; nt < 2; ++nt) {
+          kv[nt] = lds128(Sw::k_load(smem_s + uint32_t(ks_o + nt * 8 * PITCH) + k_lane, j));
+          if constexpr (!Ty::kFp8Direct && QUANT)  // read once per load: q_frag's asm clobbers memory in the k-steps
+            ksc[nt] = kss[(warp * 16 + nt * 8 + gq) * G + 16 * Sw::k_chunk(int(tq), j) / GRAN];
+        }
 #pragma unroll
         for (int kk = 4 * j; kk < 4 * j + 4; ++kk) {
           uint32_t qf[4];
@@ -595,13 +601,11 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
             uint32_t b0, b1;
             if constexpr (Ty::kFp8Direct) {
               fp8x4_to_f16x2x2<T>(w, b0, b1);
-            } else {  // per-group scales: a chunk's 16 dims share one (granularity is a multiple of 16)
-              const int n = warp * 16 + nt * 8 + gq;
+            } else {
               const float2 x0 = fp8x2_to_float2<T>(static_cast<unsigned short>(w & 0xffffu));
               const float2 x1 = fp8x2_to_float2<T>(static_cast<unsigned short>(w >> 16));
-              const float sc = QUANT ? kss[n * G + 16 * Sw::k_chunk(int(tq), kk / 4) / GRAN] : 1.f;
-              b0 = pack2<false>(x0.x * sc, x0.y * sc);
-              b1 = pack2<false>(x1.x * sc, x1.y * sc);
+              b0 = pack2<false>(x0.x * ksc[nt], x0.y * ksc[nt]);
+              b1 = pack2<false>(x1.x * ksc[nt], x1.y * ksc[nt]);
             }
             mma16816<F16>(s[nt], qf, b0, b1);
           }
@@ -716,7 +720,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       }
     }
 
-    // O += P V: B[k = token][n = dim] from rows warp*16 + {2tq, 2tq+1, 2tq+8, 2tq+9}, column 8*dn + gq.
+    // O += P V: B[k = token][n = dim] from rows warp*16 + {2tq, 2tq+1, 2tq+8, 2tq+9}, column 8*dn + gq (PVT: V
+    // is the A operand of O^T instead, see below).
     const int r0 = warp * 16 + tq * 2;
     if constexpr (!Ty::kFp8) {
       // 16-bit V: one ldmatrix.x4.trans gives b0/b1 of two n-tiles (matrices: tokens 0-7 / 8-15 x 8 dims).
@@ -813,7 +818,9 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
     l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
   }
-  constexpr int OP = D + 8;  // row pitch in floats: 4 rows of 8-byte pairs land in distinct banks
+  // Row pitch in floats: 4 rows of the plain path's 8-byte pairs land in distinct banks (the PVT and swizzled
+  // float4 parks meet 2-way conflicts, once per CTA).
+  constexpr int OP = D + 8;
   const uint32_t nw = 4 * ngrp, gw = grp * 4 + warp;  // warps of the CTA, this warp's slice
   float* sm_o = reinterpret_cast<float*>(smem_cta);  // [nw warps][GROUP][OP]
   float* sm_ml = sm_o + nw * GROUP * OP;             // [nw warps][GROUP][2]: running max (log2), row sum
