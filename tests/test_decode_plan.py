@@ -97,6 +97,20 @@ def test_fp8_tiles_are_swizzled_only_where_the_kernel_swizzles(head_size: int, l
         assert geo.smem_bytes % head_size == 0 and geo.stages == 2
 
 
+@pytest.mark.parametrize(("num_q_heads", "q_rows"), [(8, 8), (16, 8), (24, 16), (32, 16)])
+def test_swizzled_fp8_reserves_q_rows_for_the_query_group(num_q_heads: int, q_rows: int) -> None:
+    # decode.cuh keeps Q of swizzled FP8 kernels in shared memory: 8 rows (the MMA tile's rows 8-15 are zero and
+    # never loaded) up to a group of 8, 16 rows above; 2 * D + 16 bytes per row. derive.py must reserve them.
+    d = base_config()
+    d["cache"].update(dtype="float8_e4m3fn", page_size=16, num_kv_heads=2)
+    d["kernels"] = ["store", "decode"]
+    d["attention"] = {"num_q_heads": num_q_heads}
+    geo = decode_geometry(validate_variant(d), "sm_90a")
+    rings = geo.stages * (geo.stage_bytes + 64 * 4)
+    assert geo.smem_bytes >= rings + q_rows * (2 * 128 + 16)
+    assert geo.smem_bytes - 128 < rings + q_rows * (2 * 128 + 16) + 128  # rounded up to a row, plus its slack
+
+
 @pytest.mark.parametrize(("loader", "arch", "head_size", "tma"), [
     ("tma", "sm_90a", 128, True), ("tma", "sm_100a", 64, True),
     ("tma", "sm_80", 128, False),     # no TMA on sm_80: cp.async there
