@@ -180,8 +180,6 @@ def main() -> None:
                     help="time kvgen built with each K/V loader, on the same caches (one row each)")
     ap.add_argument("--defines", nargs="*", default=[], metavar="NAME=V[,NAME=V]",
                     help="also time kvgen (first loader) compiled with these -D knobs of decode.cuh, one build each")
-    ap.add_argument("--stages", nargs="*", type=int, default=[], metavar="N",
-                    help="also time kvgen (first loader) built with attention.stages = N, one build each")
     ap.add_argument("--tune", nargs="*", default=[], metavar="FIELD=N[,FIELD=N]",
                     help="also time kvgen (first loader) built with these attention fields (and granularity: quantization."
                          "granularity of the FP8 variants), e.g. stages=2,ctas_per_sm=5")
@@ -192,8 +190,6 @@ def main() -> None:
     mods = {loader: load_generated(loader) for loader in args.loaders}
     for i, text in enumerate(args.defines):
         mods[text] = load_generated(args.loaders[0], tuple(text.split(",")), tag=f"-d{i}")
-    for n in args.stages:
-        mods[f"stages={n}"] = load_generated(args.loaders[0], tag=f"-s{n}", attention={"stages": n})
     for i, text in enumerate(args.tune):
         fields = {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
         mods[text] = load_generated(args.loaders[0], tag=f"-t{i}", attention=fields)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .config import SWIZZLE_BYTES, TMA_ARCHS, VariantSpec, decode_row_fits_tma_box, padded_depth
+from .config import SWIZZLE_BYTES, TMA_ARCHS, CacheParams, VariantSpec, decode_row_fits_tma_box, padded_depth
 from .dtypes import DTYPES
 from .grid import Variant
 
@@ -192,13 +192,13 @@ def decode_loader(spec: VariantSpec, arch: str) -> str:
     return "tma" if want == "tma" and arch in TMA_ARCHS else "cp_async"
 
 
-# Decode CTAs per SM for swizzled FP8 kernels by default (attention.ctas_per_sm overrides). Their tile loop fits
-# 94 registers, so 5 CTAs (96-register cap) compile without spilling, but 4 measured fastest on the H100 (session 7,
-# same caches, 2 stages: 5 CTAs 0-3% and 6 CTAs 3-12% slower; 3 stages at 4 CTAs 4-9% slower at batch >= 64).
-DECODE_SWIZZLED_CTAS = 4
+# Decode CTAs per SM by default, at most (attention.ctas_per_sm overrides; shared memory may allow fewer): 4 leave
+# 128 registers per thread. Swizzled FP8 kernels fit 94 registers, so 5 CTAs compile without spilling, but 4
+# measured fastest on the H100 (session 7, same caches, 2 stages: 5 CTAs 0-3% and 6 CTAs 3-12% slower).
+DECODE_MAX_CTAS = 4
 
 
-def decode_fp8_swizzled(cache, tma: bool) -> bool:
+def decode_fp8_swizzled(cache: CacheParams, tma: bool) -> bool:
     """Whether decode.cuh keeps this cache's K/V tiles unpadded and swizzled (its SWZ): FP8 through cp.async, with
     rows of 4, 8 or 16 chunks of 16 bytes (head size 64, 128 or 256)."""
     return DTYPES[cache.dtype].is_fp8 and not tma and cache.head_size in (64, 128, 256)
@@ -234,12 +234,12 @@ def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
     if swizzled:  # every warp group's pipeline (group g starts at g x smem) starts on a multiple of a row
         smem = -(-smem // row_bytes) * row_bytes
     # Without a minimum, ptxas may take more registers than shared memory would cost in occupancy (the FP8
-    # kernel went 127 -> 139 registers, 4 -> 3 CTAs per SM, 8% slower at 64 x 4k); 4 CTAs leave 128 registers.
+    # kernel went 127 -> 139 registers, 4 -> 3 CTAs per SM, 8% slower at 64 x 4k).
     smem_fit = max(1, SM90_SMEM_PER_SM // (smem + SMEM_RESERVED_PER_CTA))
     if a.ctas_per_sm is not None:
         min_blocks = min(a.ctas_per_sm, smem_fit)
     else:
-        min_blocks = min(DECODE_SWIZZLED_CTAS if swizzled else 4, smem_fit)
+        min_blocks = min(DECODE_MAX_CTAS, smem_fit)
         if dt.is_fp8 and groups > 1 and not swizzled:
             # Per-group scales are applied per element while dequantizing: at 128 registers (4 CTAs) ptxas spilled
             # 24 bytes (cp.async) and 60 bytes (TMA) in the tile loop; 3 CTAs leave 168 registers and none spill.

@@ -84,24 +84,27 @@ template <bool F16> __device__ __forceinline__ void mma16816(float (&d)[4], cons
 
 // ldmatrix: four 8x8 matrices of 16-bit elements; lane i gives the shared address of row i % 8 of matrix i / 8.
 // Plain: lane l receives row l / 4, elements 2 (l % 4) and +1 (an m16n8k16 B fragment when rows are n).
-// .trans: lane l receives rows 2 (l % 4) and +1 of column l / 4 (a B fragment when rows are k).
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+// .trans: lane l receives rows 2 (l % 4) and +1 of column l / 4 (a B fragment when rows are k). x2: two matrices,
+// lanes 0-15 give the addresses. The _s forms take a 32-bit shared-memory address (swizzled FP8 tiles and Q
+// compute theirs in the shared window: DecodeSwizzle), the others a generic pointer into shared memory.
+__device__ __forceinline__ void ldsm_x4_s(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
 }
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row) {
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
+__device__ __forceinline__ void ldsm_x2_s(uint32_t& r0, uint32_t& r1, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(addr) : "memory");
 }
-
-// The same from a 32-bit shared-memory address, and a 16-byte shared load (swizzled FP8 tiles compute their
-// addresses in the shared window: DecodeSwizzle).
 __device__ __forceinline__ void ldsm_x4_trans_s(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
 }
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
+  ldsm_x4_s(r, static_cast<uint32_t>(__cvta_generic_to_shared(row)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row) {
+  ldsm_x4_trans_s(r, static_cast<uint32_t>(__cvta_generic_to_shared(row)));
+}
+// A 16-byte shared load.
 __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
@@ -252,6 +255,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // SMEM_BYTES is what the host reserves (kvgen/derive.py decode_geometry): both uses of it must fit.
   constexpr int Q_ROWS = GROUP > 8 ? 16 : 8, Q_PITCH = 2 * D + 16;  // SWZ: Q in shared memory, padded rows
   constexpr int Q_BYTES = SWZ ? Q_ROWS * Q_PITCH : 0;
+  constexpr int Q_OFF = STAGES * (STAGE_BYTES + BN * 4);  // after the stages and the row ring
   // Rows of the 16-row MMA tile that hold query heads: gq only, unless GROUP > 8 (then gq + 8 too).
   constexpr int ROWS_USED = GROUP > 8 ? 2 : 1;
   // PVT (swizzled FP8, GROUP <= 8): P.V is computed transposed, O^T[dims][heads] = V^T P^T, so the 8 heads are the
@@ -260,7 +264,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // (c2, c3) of heads 2tq (c0, c2) and 2tq + 1 (c1, c3).
   constexpr bool PVT = SWZ && GROUP <= 8;
   constexpr int DN_OUT = PVT ? D / 16 : DN;
-  static_assert(STAGES * (STAGE_BYTES + BN * 4) + Q_BYTES + ALIGN_SLACK <= SMEM_BYTES,
+  static_assert(Q_OFF + Q_BYTES + ALIGN_SLACK <= SMEM_BYTES,
                 "K/V stages, the row ring and (SWZ) Q fit the shared memory");
   // (Per group: a CTA of ngrp groups gets ngrp x SMEM_BYTES and has ngrp x as many warp slices to merge.)
   static_assert(4 * GROUP * (D + 8 + 2) * 4 + ALIGN_SLACK <= SMEM_BYTES, "the epilogue's per-warp slices fit the shared memory");
@@ -377,17 +381,16 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   // SWZ: Q (Q_ROWS rows of the MMA type, padded rows) after the row ring.
   using MmaT = conditional_t<F16, __half, __nv_bfloat16>;
-  MmaT* const q_smem = reinterpret_cast<MmaT*>(smem + STAGES * (STAGE_BYTES + BN * 4));
-  const uint32_t q_lane = smem_s + uint32_t(STAGES * (STAGE_BYTES + BN * 4)) +
+  MmaT* const q_smem = reinterpret_cast<MmaT*>(smem + Q_OFF);
+  const uint32_t q_lane = smem_s + uint32_t(Q_OFF) +
                           uint32_t((lane % 8 + (Q_ROWS > 8 ? lane / 8 % 2 * 8 : 0)) * Q_PITCH + (Q_ROWS > 8 ? lane / 16 : lane / 8 % 2) * 16);
   // A fragment of k-step kk: rows 8-15 are zero unless GROUP > 8 (ldmatrix.x2 of rows 0-7 then).
   auto q_frag = [&](uint32_t (&f)[4], int kk) {
     const uint32_t addr = q_lane + uint32_t(kk * 32);
     if constexpr (Q_ROWS > 8) {
-      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                   : "=r"(f[0]), "=r"(f[1]), "=r"(f[2]), "=r"(f[3]) : "r"(addr) : "memory");
+      ldsm_x4_s(f, addr);
     } else {
-      asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(f[0]), "=r"(f[2]) : "r"(addr) : "memory");
+      ldsm_x2_s(f[0], f[2], addr);
       f[1] = f[3] = 0u;
     }
   };
