@@ -100,12 +100,14 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             first_views[f"{name} {n} splits"] = fixed[0]
             entries.append((f"{name} {n} splits", [lambda c=c, q=q, o=o: c.decode(0, q, o)
                                                    for c, (_, q, o) in zip(fixed, sets)], nbytes))
-        if pdl_ab:  # same caches, the combine launched plainly after the decode kernel
+        if pdl_ab:  # same caches: every kernel launched plainly; and PDL with early cache reads
             plain = [w.copy() for w in views]
             for w in plain:
-                w._pdl = False
+                w._pdl = w.programmatic_launch = False
             entries.append((f"{name} without PDL", [lambda c=c, q=q, o=o: c.decode(0, q, o)
                                                     for c, (_, q, o) in zip(plain, sets)], nbytes))
+            entries.append((f"{name} early reads", [lambda c=c, q=q, o=o: c.decode(0, q, o, early_cache_reads=True)
+                                                    for c, (_, q, o) in zip(views, sets)], nbytes))
     check = None
     if with_peers:
         peer_bytes = decode_bytes(spec, lengths, with_scales=False)  # the peers read no scales
@@ -171,7 +173,7 @@ def main() -> None:
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--variant", default="*", help="only variants whose name matches this glob")
-    ap.add_argument("--pdl-ab", action="store_true", help="also time kvgen with the combine launched without PDL")
+    ap.add_argument("--pdl-ab", action="store_true", help="also time kvgen launched without PDL, and with PDL and early cache reads")
     ap.add_argument("--plan-ab", action="store_true",
                     help="also time kvgen with the one-group split-K plan (grouped CTAs are the default at small batch)")
     ap.add_argument("--splits", nargs="*", type=int, default=[], metavar="N",

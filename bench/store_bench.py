@@ -133,13 +133,18 @@ def main() -> None:
             ops = {}  # name -> (launches, bytes), all timed together (graph_times: round-robin replays)
             kv_launch = [lambda c=c, k=k, v=v: c.store(0, k, v) for c, k, v in sets]
             ops["kvgen"] = (kv_launch, kv_bytes)
+            plain = [c.copy() for c, _, _ in sets]  # same tensors, store launched plainly (no PDL)
+            for w in plain:
+                w.programmatic_launch = False
+                w.begin_step([per_req] * batch)
+            ops["kvgen without PDL"] = ([lambda w=w, k=k, v=v: w.store(0, k, v) for w, (_, k, v) in zip(plain, sets)], kv_bytes)
             for text, (knobs, xmod) in extra.items():  # same tensors, adopted by the variant built with other knobs
                 xv = xmod.VARIANTS[variant.NAME]
                 wrapped = with_derive(knobs, partial(adopt_all, xv, [c for c, _, _ in sets]))
                 for w in wrapped:
                     w.begin_step([per_req] * batch)
                 ops[f"kvgen {text}"] = ([lambda w=w, k=k, v=v: w.store(0, k, v) for w, (_, k, v) in zip(wrapped, sets)], kv_bytes)
-            eager_fns = {"kvgen": kv_launch[0]} if T <= 64 else {}  # host cost, timed interleaved below
+            eager_fns = {"kvgen": kv_launch[0], "kvgen without PDL": partial(plain[0].store, 0, sets[0][1], sets[0][2])} if T <= 64 else {}  # host cost, timed below
             peer_bytes_fi = T * H * D * 2 * (2 * cache_bytes)  # FlashInfer moves cache-dtype bytes only
             try:
                 fi = [peers.make_flashinfer_append(k, v, c.blocks[:, :, 0], c.lookup_table[:batch], c.cache_lengths[:batch],

@@ -33,3 +33,6 @@ ERROR_NAMES = {
     ERR_PAGE_OUT_OF_RANGE: "a page or slot id is past the allocation",
     ERR_BAD_RANGE: "row offsets were not a valid CSR over the token count",
 }
+
+DECODE_EARLY_READS = 1 << 0
+"""decode_partial's flags bit (kDecodeEarlyReads in decode.cuh): KVCache.decode(early_cache_reads=True)."""

@@ -98,8 +98,6 @@ class Kernel:
         self.dynamic_smem = dynamic_smem  # its opt-in limit is set by Module.kernel, the one place Kernels are made
         self._handle = int(self.function)
         self._launch = _raw_launch()
-        self._pdl_config: _LaunchConfig | None = None  # built on the first dependent launch
-        self._pdl_attr: _LaunchAttribute | None = None
 
     def allow_dynamic_smem(self, nbytes: int) -> None:
         """Opt the function in to nbytes of dynamic shared memory (needed past 48 KB). The limit belongs to the
@@ -121,23 +119,27 @@ class Kernel:
 
         return fire
 
-    def launch_dependent(self, grid: tuple[int, int, int], block: tuple[int, int, int], params: ctypes.Array,
-                         stream: int) -> None:
-        """Launch as a programmatic dependent of the previous kernel on the stream (sm_90+): this grid may start
-        while that one finishes, and must execute griddepcontrol.wait before reading what it wrote."""
-        cfg = self._pdl_config
-        if cfg is None:
-            attr = _LaunchAttribute()
-            attr.id = int(cu().CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
-            attr.value[0] = 1
-            cfg = self._pdl_config = _LaunchConfig(sharedMemBytes=self.dynamic_smem, attrs=ctypes.pointer(attr), numAttrs=1)
-            self._pdl_attr = attr
-        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
-        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block
-        cfg.hStream = stream
-        err = _raw_launch_ex()(ctypes.byref(cfg), self._handle, ctypes.addressof(params), None)
-        if err != 0:
-            check((cu().CUresult(err),))
+    def dependent_launcher(self, params: ctypes.Array) -> Any:
+        """As launcher, but each launch is a programmatic dependent of the previous kernel on the stream (sm_90+,
+        cuLaunchKernelEx with PROGRAMMATIC_STREAM_SERIALIZATION): this grid may start once that one triggers
+        griddepcontrol.launch_dependents (or exits), and must execute griddepcontrol.wait before touching what it
+        may still be reading or writing (common.cuh pdl_wait). Graph capture keeps the programmatic edge."""
+        attr = _LaunchAttribute()
+        attr.id = int(cu().CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+        attr.value[0] = 1
+        cfg = _LaunchConfig(sharedMemBytes=self.dynamic_smem, attrs=ctypes.pointer(attr), numAttrs=1)
+        raw, handle, addr, cfg_ref = _raw_launch_ex(), self._handle, ctypes.addressof(params), ctypes.byref(cfg)
+
+        def fire(grid: tuple[int, int, int], block: tuple[int, int, int], stream: int) -> None:
+            cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
+            cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block
+            cfg.hStream = stream
+            err = raw(cfg_ref, handle, addr, None)
+            if err != 0:
+                check((cu().CUresult(err),))
+
+        fire.keep = (attr, cfg)  # the config points at the attribute: both live as long as the closure
+        return fire
 
 
 def sm_count(device: int) -> int:

@@ -31,7 +31,7 @@ from ..errors import LaunchError
 from ..reference import padded_lut_cols
 from ..render import generator_stamp
 from . import driver
-from .abi import ERROR_NAMES, CacheArgs
+from .abi import DECODE_EARLY_READS, ERROR_NAMES, CacheArgs
 from .decode_plan import DecodePlan, DecodeWorkspace, plan_decode, workspace_pairs
 from .tensors import DeviceTensor, check_positive_float32, check_tensor, to_host
 
@@ -67,13 +67,10 @@ class _Launch:
         self.fields = fields
         self.params, self._keep = driver.pack(*fields)
         self.fire = kernel.launcher(self.params)  # the eager hot path: one Python frame, the address taken once
+        self.fire_dependent = kernel.dependent_launcher(self.params)  # PDL (driver.Kernel.dependent_launcher)
 
     def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], stream: int) -> None:
         self.fire(grid, block, stream)
-
-    def dependent(self, grid: tuple[int, int, int], block: tuple[int, int, int], stream: int) -> None:
-        """Programmatic dependent launch (see driver.Kernel.launch_dependent)."""
-        self.kernel.launch_dependent(grid, block, self.params, stream)
 
 
 class KVCache:
@@ -163,7 +160,8 @@ class KVCache:
         self._u64 = {k: ctypes.c_uint64(0) for k in ("page_bytes", "scale_bytes")}
         self._dec_vals = {"layer": ctypes.c_uint32(0), "q": ctypes.c_uint64(0), "po": ctypes.c_uint64(0),
                           "pl": ctypes.c_uint64(0), "chunk": ctypes.c_uint32(0), "scale": ctypes.c_float(0),
-                          "cap": ctypes.c_float(1), "window": ctypes.c_uint32(0), "splits": ctypes.c_uint32(0),
+                          "cap": ctypes.c_float(1), "window": ctypes.c_uint32(0), "flags": ctypes.c_uint32(0),
+                          "splits": ctypes.c_uint32(0),
                           "sinks": ctypes.c_uint64(0), "out": ctypes.c_uint64(0), "lse": ctypes.c_uint64(0),
                           "hq": ctypes.c_uint32(0),
                           # the decode kernel's own final-output pointers (set only for single-split plans)
@@ -180,8 +178,12 @@ class KVCache:
         self._decode_geo = decode_geometry(self.spec, arch) if self.spec.attention is not None else None
         self._decode_smem = self._decode_geo.smem_bytes if self._decode_geo is not None else 0
         self._decode_maps: dict[int, tuple[TmaTile, TmaTile]] = {}  # layer -> K, V create_tma_tile descriptors
-        # Programmatic dependent launch (griddepcontrol) exists from sm_90 on.
+        # Programmatic dependent launch (griddepcontrol) exists from sm_90 on. With programmatic_launch, store and
+        # decode launch as programmatic dependents of the kernel before them on the stream (as FlashInfer's
+        # enable_pdl): their CTAs launch while it finishes and wait for it before touching memory (pdl_wait), so
+        # the launch gap between kernels overlaps. Set it to False to launch them plainly.
         self._pdl = int("".join(ch for ch in arch if ch.isdigit())) >= 90
+        self.programmatic_launch = self._pdl
         self.tma_geometry = tma_geometry(self.spec)  # box and tile shape of create_tma_tile / tile_load, per variant
 
     # ---- construction ---------------------------------------------------------------------------------
@@ -507,7 +509,8 @@ class KVCache:
         tpb = self.store_tokens_per_block(total) if kernel == "store" else self._tpb
         p["a"].value, p["b"].value, p["c"].value, p["d"].value = k, v, offsets, extra
         s["total"].value, s["layer"].value, s["tpb"].value = total, layer, tpb
-        launch.fire(((total + tpb - 1) // tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
+        fire = launch.fire_dependent if kernel == "store" and self.programmatic_launch else launch.fire
+        fire(((total + tpb - 1) // tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
 
     def store(self, layer: int, k: Any, v: Any | None = None, row_offsets: Any = None, stream: Any = None) -> None:
         """Write new K/V rows [T, H, D] at cache_length(b) + t (CSR row offsets; default: the step's)."""
@@ -617,11 +620,17 @@ class KVCache:
         return freed
 
     def decode(self, layer: int, q: Any, out: Any, *, softmax_scale: float | None = None, window: int | None = None,
-               soft_cap: float | None = None, sinks: Any = None, lse: Any = None, stream: Any = None) -> None:
+               soft_cap: float | None = None, sinks: Any = None, lse: Any = None, stream: Any = None,
+               early_cache_reads: bool = False) -> None:
         """One query token per request: out[b, hq] = softmax(q[b, hq] . K^T * scale) V over the request's
         cache_length(b) + 1 cached tokens (store the step's token first). q, out: [batch, Hq, D].
         softmax_scale: default head_size ** -0.5. window / soft_cap / sinks: only for variants generated with
-        them; None turns each off (full context, no cap, no sink), so one variant serves both kinds of layer."""
+        them; None turns each off (full context, no cap, no sink), so one variant serves both kinds of layer.
+        early_cache_reads (with programmatic_launch): read the page table, the cache lengths and the first tiles of
+        cached K/V before the kernel before this one on the stream has finished (the launch and the first DRAM
+        round trips overlap its tail). Only for a caller that guarantees that kernel writes none of them: it may
+        write Q, the step's own token (position cache_length(b), as kvgen's store does) and anything else. Q, that
+        token and every write of this kernel still wait for it."""
         kn = "decode"
         att = self.spec.attention
         if att is None:
@@ -658,7 +667,7 @@ class KVCache:
         st = self._stream(stream)
         f = self._dec_vals
         fields = (self.args, f["layer"], f["q"], f["po"], f["pl"], f["chunk"], f["scale"], f["cap"], f["window"],
-                  f["fout"], f["flse"], f["fsinks"])
+                  f["flags"], f["fout"], f["flse"], f["fsinks"])
         groups = plan.groups
         if self._decode_geo.tma:  # one warp group (max_groups == 1)
             kmap, vmap = self._decode_tile_maps(layer)
@@ -676,7 +685,9 @@ class KVCache:
         # nothing to merge: the decode kernel writes the final output itself and the combine launch is skipped.
         single = plan.splits == 1
         f["fout"].value, f["flse"].value, f["fsinks"].value = (ot.ptr, lse_ptr, sink_ptr) if single else (0, 0, 0)
-        launch((plan.splits, self.num_heads, B), (128 * groups, 1, 1), st)
+        f["flags"].value = DECODE_EARLY_READS if early_cache_reads else 0
+        fire = launch.fire_dependent if self.programmatic_launch else launch.fire
+        fire((plan.splits, self.num_heads, B), (128 * groups, 1, 1), st)
         if single:
             return
         comb = self._launch("combine", "decode_combine", (f["po"], f["pl"], f["splits"], f["sinks"], f["out"], f["lse"], f["hq"]))
@@ -684,7 +695,7 @@ class KVCache:
             plan.splits, sink_ptr, ot.ptr, lse_ptr, Hq)
         # The combine launches as a programmatic dependent of the decode kernel (sm_90+), which signals it after
         # its tile loop: its launch and CTA start overlap the decode's epilogues instead of following them.
-        (comb.dependent if self._pdl else comb)((Hq, B, 1), (min(256, D), 1, 1), st)
+        (comb.fire_dependent if self._pdl else comb.fire)((Hq, B, 1), (min(256, D), 1, 1), st)
 
     def _decode_tile_maps(self, layer: int) -> tuple[TmaTile, TmaTile]:
         """The K and V descriptors (decode_padded_tile) the TMA decode reads a layer through. Encoded once per

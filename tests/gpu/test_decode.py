@@ -63,14 +63,20 @@ def setup_cache(v, lengths: list[int], rng: np.random.Generator):
     for layer in range(2):
         cache.store(layer, k, vv)
     cache.end_step()
-    # The reference's K and V: exactly what the cache holds, dequantized in float32 by the NumPy oracle from the
-    # raw cache bytes and scales (no rounding to the 16-bit input dtype on the way).
-    qz = spec.quantization
-    ko, vo = ref.load(state_of(cache, spec), 1, np.cumsum([0, *lengths]), np.zeros(B, np.int64),
-                      qz.granularity if qz else None, qz.scale_dtype if qz else None)
+    ko, vo = cached_rows(cache, spec, lengths, layer=1)
     cache.set_cache_lengths([n - 1 for n in lengths])
     cache.begin_step([1] * B)  # decode step: one token per request, already stored
-    return cache, torch.from_numpy(ko).double(), torch.from_numpy(vo).double()
+    return cache, ko, vo
+
+
+def cached_rows(cache, spec, lengths: list[int], layer: int):
+    """The reference's K and V of `layer`: exactly what the cache holds in the first lengths[b] positions,
+    dequantized in float32 by the NumPy oracle from the raw cache bytes and scales (no rounding to the 16-bit input
+    dtype on the way), as float64 [sum(lengths), H, D]."""
+    qz = spec.quantization
+    ko, vo = ref.load(state_of(cache, spec), layer, np.cumsum([0, *lengths]), np.zeros(len(lengths), np.int64),
+                      qz.granularity if qz else None, qz.scale_dtype if qz else None)
+    return torch.from_numpy(ko).double(), torch.from_numpy(vo).double()
 
 
 def reference(q, k, v, lengths, group, scale, window=None, cap=None, sinks=None):
@@ -324,6 +330,73 @@ def test_graph_captured_once_serves_later_steps(gen) -> None:
         store_step([1] * B, k_new, v_new)
         check(out, expected(q), f"graph step {i} (plan chunk {plan.chunk}, {plan.splits} splits)", False)
         cache.end_step()
+    assert cache.errors() == []
+
+
+EARLY = [next(n for n in NAMES if n.startswith(prefix) and n.split("_")[-2] == loader)
+         for prefix, loader in (("gdec_paged_bf16_h2_d128_p16_s128b", "ldcpa"), ("gdec_paged_bf16_h2_d128_p64", "ldtma"),
+                                ("gdec_paged_e4m3_h2_d128_p16_qf32g128", "ldcpa"), ("gdec_paged_e5m2_h2_d128_p16", "ldtma"))]
+
+
+@pytest.mark.parametrize("name", EARLY)
+def test_store_then_decode_with_early_reads(gen, name: str) -> None:
+    """The serving order with programmatic launches: per layer, the step's token is stored (right after a store of
+    poison into the same rows), then decode(early_cache_reads=True) reads the cached rows before the store has
+    finished. Were the step's own row (or Q) read before the store completed, the poison (K 40, V 1000) would
+    show. Eager and captured in a CUDA graph (two replays with fresh inputs), against float64 on what the cache
+    holds afterwards; plain and PDL launches must agree bit for bit."""
+    rng = np.random.default_rng(21)
+    v = gen.VARIANTS[name]
+    spec = v.spec()
+    c, att = spec.cache, spec.attention
+    p = c.page_size
+    lengths = [1, p - 1, p, p + 1, 700, 2053, 64, 129, 4000]
+    cache, _, _ = setup_cache(v, lengths, rng)
+    assert cache.programmatic_launch, "sm_90: store and decode launch as programmatic dependents"
+    B, H, D, Hq = len(lengths), c.num_kv_heads, c.head_size, att.num_q_heads
+    io = getattr(torch, c.io_dtype)
+    poison_k, poison_v = torch.full((B, H, D), 40.0, device="cuda").to(io), torch.full((B, H, D), 1000.0, device="cuda").to(io)
+    k_new, v_new = (torch.empty(B, H, D, device="cuda", dtype=io) for _ in range(2))
+    q = torch.empty(2, B, Hq, D, device="cuda", dtype=io)
+    out = torch.empty(2, B, Hq, D, device="cuda", dtype=getattr(torch, att.output_dtype))
+    cache.plan_decode()
+
+    def new_inputs() -> None:
+        for t in (k_new, v_new, q):
+            t.copy_(torch.randn(t.shape, device="cuda").to(io))
+        out.fill_(float("nan"))
+
+    def step() -> None:
+        for layer in range(2):
+            cache.store(layer, poison_k, poison_v)
+            cache.store(layer, k_new, v_new)
+            cache.decode(layer, q[layer], out[layer], early_cache_reads=True)
+
+    def check_step(what: str) -> None:
+        torch.cuda.synchronize()
+        for layer in range(2):
+            k, vv = cached_rows(cache, spec, lengths, layer)
+            ref_o, _ = reference(q[layer].double().cpu(), k, vv, lengths, Hq // H, D ** -0.5)
+            check(out[layer], ref_o, f"{name} early reads, {what}, layer {layer}", c.dtype.startswith("float8"))
+
+    new_inputs()
+    step()
+    check_step("eager")
+    early = out.clone()
+    cache.programmatic_launch = False  # plain launches, same inputs: the same bits
+    step()
+    torch.cuda.synchronize()
+    assert torch.equal(out, early), "plain launches differ from programmatic ones"
+    cache.programmatic_launch = True
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        step()
+    for i in range(2):
+        new_inputs()
+        g.replay()
+        check_step(f"graph replay {i + 1}")
     assert cache.errors() == []
 
 

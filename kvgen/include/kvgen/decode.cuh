@@ -191,6 +191,9 @@ template <int CPR> struct DecodeSwizzle {
 
 // Final output of a single-split plan, written by decode_partial itself (no combine launch, no float32 partials):
 // out [batch, Hq, D], lse (optional) [batch, Hq], sinks (optional) [Hq]. out == nullptr: write partials.
+// decode_partial's flags: bit 0, early cache reads (KVCache.decode(early_cache_reads=True)).
+constexpr uint32_t kDecodeEarlyReads = 1u;
+
 template <class OT> struct DecodeFinal {
   OT* out;
   float* lse;
@@ -221,7 +224,8 @@ template <class Cache, class QT, class OT, int GROUP, int STAGES, int SMEM_BYTES
 __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CUtensorMap* vmap, DecodeFinal<OT> fin,
                                                const CacheArgs& a, uint32_t layer, const QT* __restrict__ q,
                                                float* __restrict__ part_o, float* __restrict__ part_lse,
-                                               uint32_t chunk, float softmax_scale, float soft_cap, uint32_t window) {
+                                               uint32_t chunk, float softmax_scale, float soft_cap, uint32_t window,
+                                               uint32_t flags) {
   using Ty = DecodeTypes<Cache>;
   using T = typename Ty::T;
   constexpr bool F16 = Ty::kF16;
@@ -300,6 +304,12 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   const uint32_t gq = lane / 4, tq = lane % 4;  // MMA fragment row group and column pair
   const Cache kc = Cache::view(a, 0, layer), vc = Cache::view(a, 1, layer);
 
+  // Programmatic dependent launch (common.cuh pdl_wait): by default nothing global is touched before the kernel
+  // before this one on the stream has finished. With early reads the page table, the lengths and the first tiles'
+  // K/V rows (when all of them precede cache_length(b)) are read first, and only Q, the step's own token and every
+  // write wait: the caller promises that the kernel before (kvgen's store is such a kernel) writes none of those.
+  const bool early_reads = (flags & kDecodeEarlyReads) != 0;
+  if (!early_reads) pdl_wait();
   // Context of this request: the step's token was stored at cache_length(b), so it holds cache_length + 1.
   KVGEN_TRACE(0);
   const uint32_t kv_len = b < a.batch_size ? kc.cache_length(b) + 1 : 0;
@@ -331,6 +341,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   const bool final_out = fin.out != nullptr && gridDim.x == 1;
   // The whole CTA is empty when its first group is (groups take consecutive sub-splits): a uniform early exit.
   if (ctx_start + split * ngrp * chunk >= kv_len) {  // empty split: the combine step skips it by its -inf lse
+    if (early_reads) pdl_wait();  // before any write (the kernel before may still read these buffers)
     if (final_out) {  // no rows at all (as decode_combine: zeros, and the sink's logit as the LSE)
       const uint64_t row0 = uint64_t(b) * H * GROUP + hq0;
       for (int i = threadIdx.x; i < GROUP * D; i += blockDim.x) fin.out[row0 * D + i] = from_f32<OT>(0.f);
@@ -493,11 +504,16 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       }
     }
     group_sync();
+    // Early reads: the first tiles' copies go out before the wait when every row they cover precedes
+    // cache_length(b), the row of the step's token (the context's last), which the store before writes.
+    const bool copy_before_wait = early_reads && tile0 + uint32_t(STAGES - 1) * BN < kv_len;
+    if (early_reads && !copy_before_wait) pdl_wait();
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
       if (s < ntiles) load_tile(s, s);
       cp_async_commit();
     }
+    if (copy_before_wait) pdl_wait();
   }
 
   // ---- Q fragments (rows = query heads of the group, zero padded to 16), held for the whole context ------
@@ -806,10 +822,9 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   cp_async_wait<0>();
   __syncthreads();
   KVGEN_TRACE(3);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // The combine kernel (a programmatic dependent launch) may start now; it waits for this grid's writes itself.
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
+  // The next grid (the combine, or the next layer's kernel) may start launching now; it waits for this grid's
+  // writes itself.
+  pdl_launch_dependents();
 
   // ---- merge the 4 x ngrp warps (reusing the pipelines' shared memory) ------------------------------------
   // Each warp parks its unnormalized rows (only the GROUP real ones) and their (max, sum) in its own slice, one
@@ -921,11 +936,9 @@ template <class OT, int D>
 __device__ __forceinline__ void decode_combine(const float* __restrict__ part_o, const float* __restrict__ part_lse,
                                                uint32_t splits, const float* __restrict__ sinks,
                                                OT* __restrict__ out, float* __restrict__ lse_out, uint32_t num_q_heads) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Launched as a programmatic dependent of decode_partial: wait until its partials are complete and visible
-  // (a no-op when launched normally).
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
+  // Launched as a programmatic dependent of decode_partial: wait until its partials are complete and visible.
+  pdl_wait();
+  pdl_launch_dependents();  // the next layer's kernels may launch: they wait for this grid themselves
   const uint32_t hq = blockIdx.x, b = blockIdx.y;
   const uint64_t row = uint64_t(b) * num_q_heads + hq;
   const float* lse = part_lse + row * splits;

@@ -15,6 +15,8 @@ __device__ __forceinline__ void store_rope_mla(const CacheArgs& a, const In* __r
   constexpr int kIn = PaddedDepth + RopeDim;
   constexpr int kPerLane = (PaddedDepth + 31) / 32;
   __shared__ uint32_t s_req[kMaxTokensPerBlock], s_pos[kMaxTokensPerBlock], s_row[kMaxTokensPerBlock];
+  pdl_wait();  // a programmatic dependent launch, as store_ragged
+  pdl_launch_dependents();
   const uint32_t tok0 = blockIdx.x * tokens_per_block;
   if (tok0 >= total_tokens) return;
   const uint32_t ntok = min(tokens_per_block, total_tokens - tok0);

@@ -76,6 +76,11 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
   using S = RowSplit<Cache, In, VEC, TPG, VPT>;
   using T = typename Cache::dtype;
   using Sc = typename Cache::scale_dtype;
+  // A programmatic dependent launch: the new rows may come from the kernel before (wait first). The next grid
+  // may launch at once: every kvgen kernel waits for this one before touching memory, and decode's early cache
+  // reads (decode_partial) only touch rows this store does not write.
+  pdl_wait();
+  pdl_launch_dependents();
   const uint32_t tok0 = blockIdx.x * tokens_per_block;
   if (tok0 >= total_tokens) return;
   const uint32_t ntok = min(tokens_per_block, total_tokens - tok0);
