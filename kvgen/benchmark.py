@@ -201,7 +201,9 @@ class Row:
         return self.nbytes / self.seconds / self.copy_bw
 
 
-def time_decode(variant: Any, label: str, lengths: list[int], rng: np.random.Generator, copy_bw: float) -> Row:
+def time_decode(variant: Any, label: str, lengths: list[int], rng: np.random.Generator, copy_bw: float,
+                early_reads: bool = False) -> Row:
+    """One decode shape, CUDA-graph replays over rotated caches; early_reads: decode(early_cache_reads=True)."""
     torch = _torch()
     spec = variant.spec()
     nbytes = decode_bytes(spec, lengths)
@@ -212,10 +214,11 @@ def time_decode(variant: Any, label: str, lengths: list[int], rng: np.random.Gen
                         dtype=getattr(torch, spec.cache.io_dtype))
         out = torch.empty(q.shape, device="cuda", dtype=getattr(torch, spec.attention.output_dtype))
         sets.append((cache, q, out))
-    t = graph_time([lambda c=c, q=q, o=o: c.decode(0, q, o) for c, q, o in sets])
+    t = graph_time([lambda c=c, q=q, o=o: c.decode(0, q, o, early_cache_reads=early_reads) for c, q, o in sets])
     del sets
     torch.cuda.empty_cache()
-    return Row(variant.NAME, spec.cache.dtype, spec.cache.page_size, label, "kvgen decode", t, nbytes, copy_bw)
+    kernel = "kvgen decode (early reads)" if early_reads else "kvgen decode"
+    return Row(variant.NAME, spec.cache.dtype, spec.cache.page_size, label, kernel, t, nbytes, copy_bw)
 
 
 def decode_cases(shapes: Sequence[tuple[int, int]], rng: np.random.Generator, skewed: bool = True) -> list[tuple[str, list[int]]]:
@@ -274,8 +277,9 @@ def write_plot(rows: list[Row], path: Path) -> bool:
 
 
 def run(generated: Any, out_dir: Path, shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES, skewed: bool = True,
-        echo: Callable[[str], None] = print) -> list[Row]:
-    """Benchmark every decode variant of a generated package; write table, CSV and plot into out_dir."""
+        echo: Callable[[str], None] = print, early_reads: bool = False) -> list[Row]:
+    """Benchmark every decode variant of a generated package; write table, CSV and plot into out_dir. early_reads:
+    also time each shape with decode(early_cache_reads=True) (a second row)."""
     torch = _torch()
     if not torch.cuda.is_available():
         raise RuntimeError("kvgen bench needs a CUDA GPU (torch.cuda.is_available() is False)")
@@ -286,9 +290,10 @@ def run(generated: Any, out_dir: Path, shapes: Sequence[tuple[int, int]] = DEFAU
         if variant.spec().attention is None:
             continue
         for label, lengths in decode_cases(shapes, rng, skewed):
-            rows.append(time_decode(variant, label, lengths, rng, copy_bw))
-            r = rows[-1]
-            echo(f"{r.variant} {r.shape}: {r.seconds * 1e6:.1f} us, {100 * r.fraction:.1f}% of copy")
+            for early in (False, True) if early_reads else (False,):
+                rows.append(time_decode(variant, label, lengths, rng, copy_bw, early))
+                r = rows[-1]
+                echo(f"{r.variant} {r.shape} {r.kernel}: {r.seconds * 1e6:.1f} us, {100 * r.fraction:.1f}% of copy")
     if not rows:
         raise RuntimeError("no variant of this config has attention parameters (add attention: to benchmark decode)")
     out_dir.mkdir(parents=True, exist_ok=True)

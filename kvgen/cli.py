@@ -132,7 +132,9 @@ def schema_cmd() -> None:
 @click.option("--shape", "shapes", multiple=True, help="BATCHxCONTEXT, repeatable (default: {16,64,128} x {1k,4k,16k})")
 @click.option("--no-skewed", is_flag=True, help="skip the 64-request log-normal batch")
 @click.option("--jobs", "-j", default=4, show_default=True, type=click.IntRange(1, 256))
-def bench_cmd(config: Path, out: Path | None, shapes: tuple[str, ...], no_skewed: bool, jobs: int) -> None:
+@click.option("--early-reads", is_flag=True,
+              help="also time decode(early_cache_reads=True): cached K/V read before the previous kernel finishes")
+def bench_cmd(config: Path, out: Path | None, shapes: tuple[str, ...], no_skewed: bool, jobs: int, early_reads: bool) -> None:
     """Benchmark CONFIG's decode kernels on the local GPU: prints a table, writes bench.md, bench.csv and
     bench.png. Exit 3 when no CUDA GPU (or PyTorch) is available. Peers: bench/decode_bench.py."""
     from .build import build, import_package
@@ -167,7 +169,7 @@ def bench_cmd(config: Path, out: Path | None, shapes: tuple[str, ...], no_skewed
         _fail(e, EXIT_COMPILE)
     module = import_package(report.out_dir, f"kvgen_bench_{cfg.name}")
     benchmark.run(module, out or Path("bench-results") / cfg.name, shapes=parsed or benchmark.DEFAULT_SHAPES,
-                  skewed=not no_skewed, echo=click.echo)
+                  skewed=not no_skewed, echo=click.echo, early_reads=early_reads)
 
 
 

@@ -178,10 +178,10 @@ class KVCache:
         self._decode_geo = decode_geometry(self.spec, arch) if self.spec.attention is not None else None
         self._decode_smem = self._decode_geo.smem_bytes if self._decode_geo is not None else 0
         self._decode_maps: dict[int, tuple[TmaTile, TmaTile]] = {}  # layer -> K, V create_tma_tile descriptors
-        # Programmatic dependent launch (griddepcontrol) exists from sm_90 on. With programmatic_launch, store and
-        # decode launch as programmatic dependents of the kernel before them on the stream (as FlashInfer's
-        # enable_pdl): their CTAs launch while it finishes and wait for it before touching memory (pdl_wait), so
-        # the launch gap between kernels overlaps. Set it to False to launch them plainly.
+        # Programmatic dependent launch (griddepcontrol) exists from sm_90 on. With programmatic_launch, store, load,
+        # copy_pages and decode launch as programmatic dependents of the kernel before them on the stream (as
+        # FlashInfer's enable_pdl): their CTAs launch while it finishes and wait for it before touching memory
+        # (pdl_wait), so the launch gap between kernels overlaps. Set it to False to launch them plainly.
         self._pdl = int("".join(ch for ch in arch if ch.isdigit())) >= 90
         self.programmatic_launch = self._pdl
         self.tma_geometry = tma_geometry(self.spec)  # box and tile shape of create_tma_tile / tile_load, per variant
@@ -509,7 +509,7 @@ class KVCache:
         tpb = self.store_tokens_per_block(total) if kernel == "store" else self._tpb
         p["a"].value, p["b"].value, p["c"].value, p["d"].value = k, v, offsets, extra
         s["total"].value, s["layer"].value, s["tpb"].value = total, layer, tpb
-        fire = launch.fire_dependent if kernel == "store" and self.programmatic_launch else launch.fire
+        fire = launch.fire_dependent if self.programmatic_launch else launch.fire
         fire(((total + tpb - 1) // tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
 
     def store(self, layer: int, k: Any, v: Any | None = None, row_offsets: Any = None, stream: Any = None) -> None:
@@ -560,7 +560,7 @@ class KVCache:
         p["a"].value, p["b"].value, s["n"].value = st.ptr, dt.ptr, n
         u["page_bytes"].value, u["scale_bytes"].value = self.page_bytes, self.scale_page_bytes
         chunks = max(1, min(32, (self.page_bytes // 16 + THREADS - 1) // THREADS))
-        launch((chunks, n, 1), (THREADS, 1, 1), self._stream(stream))
+        (launch.fire_dependent if self.programmatic_launch else launch.fire)((chunks, n, 1), (THREADS, 1, 1), self._stream(stream))
 
     # ---- decode attention -----------------------------------------------------------------------------
     def plan_decode(self, window: int | None = None, splits: int | None = None) -> DecodePlan:

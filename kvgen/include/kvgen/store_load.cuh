@@ -182,6 +182,8 @@ __device__ __forceinline__ void load_ragged(const CacheArgs& a, Out* __restrict_
                                             uint32_t total_tokens, uint32_t layer, uint32_t tokens_per_block) {
   using S = RowSplit<Cache, Out, VEC, 1, VPT>;
   __shared__ uint32_t s_req[kMaxTokensPerBlock], s_pos[kMaxTokensPerBlock], s_row[kMaxTokensPerBlock];
+  pdl_wait();  // a programmatic dependent launch, as store_ragged
+  pdl_launch_dependents();
   const uint32_t tok0 = blockIdx.x * tokens_per_block;
   if (tok0 >= total_tokens) return;
   const uint32_t ntok = min(tokens_per_block, total_tokens - tok0);
@@ -213,6 +215,8 @@ __device__ __forceinline__ void load_ragged(const CacheArgs& a, Out* __restrict_
 __device__ __forceinline__ void copy_pages(const CacheArgs& a, const uint32_t* __restrict__ src_ids,
                                            const uint32_t* __restrict__ dst_ids, uint32_t n_pairs,
                                            uint64_t page_bytes, uint64_t scale_page_bytes) {
+  pdl_wait();  // a programmatic dependent launch, as store_ragged
+  pdl_launch_dependents();
   const uint32_t pair = blockIdx.y;
   if (pair >= n_pairs) return;
   const uint32_t src = src_ids[pair], dst = dst_ids[pair];
