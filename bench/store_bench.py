@@ -77,6 +77,19 @@ def bare_launch(cache, total: int):
     return lambda: launch(grid, (256, 1, 1), stream)
 
 
+def pdl_floor(cache):
+    """A kvgen kernel launched as a programmatic dependent (as store is) that only waits for the kernel before it
+    and exits (copy_pages of zero pairs): the floor of one PDL-chained launch in a graph, against which the 64-token
+    store is measured (the plain empty kernel row is the floor of plain launches)."""
+    p, s, u = cache._ptrs, cache._scalars, cache._u64
+    launch = cache._launch("copy", "copy_pages", (cache.args, p["a"], p["b"], s["n"], u["page_bytes"], u["scale_bytes"]))
+
+    def fire() -> None:
+        s["n"].value = 0
+        launch.fire_dependent((1, 1, 1), (256, 1, 1), cache._stream(None))
+    return fire
+
+
 def make_set(variant, batch: int, per_req: int, cached: int, rng: np.random.Generator):
     """One independent cache + inputs: `batch` requests with `cached` tokens each, `per_req` new ones."""
     spec = variant.spec()
@@ -172,6 +185,7 @@ def main() -> None:
                 ops["torch index_copy_"] = (tc, T * H * D * 2 * 4)
             if T <= 64:  # the floor of this method: an empty kernel per call (torch.cuda._sleep(0)), same graph shape
                 ops["empty kernel (floor)"] = ([lambda: torch.cuda._sleep(0)] * n, 0)
+                ops["empty PDL kernel (floor)"] = ([pdl_floor(c) for c, _, _ in sets], 0)
             times = graph_times([launches for launches, _ in ops.values()])
             eager = {}
             if eager_fns:  # with the host's own floor: the same kernel through a bare ctypes cuLaunchKernel
