@@ -184,6 +184,7 @@ class KVCache:
         # before touching memory (pdl_wait), so the launch gap between kernels overlaps. False: plain launches.
         self._pdl = int("".join(ch for ch in arch if ch.isdigit())) >= 90
         self.programmatic_launch = self._pdl
+        self._decode_pdl: bool | None = None  # benchmarks only: force the decode kernel's launch kind
         self.tma_geometry = tma_geometry(self.spec)  # box and tile shape of create_tma_tile / tile_load, per variant
 
     # ---- construction ---------------------------------------------------------------------------------
@@ -688,7 +689,8 @@ class KVCache:
         f["flags"].value = DECODE_EARLY_READS if early_cache_reads else 0
         # A programmatic launch of the decode kernel only pays with early reads: without them it measured neutral
         # to 1.3% slower (FP8 at 16k contexts) on the H100 (bench/NOTES.md, session 8), so it launches plainly.
-        fire = launch.fire_dependent if self.programmatic_launch and early_cache_reads else launch.fire
+        pdl = self.programmatic_launch and early_cache_reads if self._decode_pdl is None else self._decode_pdl
+        fire = launch.fire_dependent if pdl else launch.fire
         fire((plan.splits, self.num_heads, B), (128 * groups, 1, 1), st)
         if single:
             return
