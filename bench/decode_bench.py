@@ -108,11 +108,6 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
                                                     for c, (_, q, o) in zip(plain, sets)], nbytes))
             entries.append((f"{name} early reads", [lambda c=c, q=q, o=o: c.decode(0, q, o, early_cache_reads=True)
                                                     for c, (_, q, o) in zip(views, sets)], nbytes))
-            forced = [w.copy() for w in views]  # PDL without early reads
-            for w in forced:
-                w._decode_pdl = True
-            entries.append((f"{name} PDL, no early reads", [lambda c=c, q=q, o=o: c.decode(0, q, o)
-                                                            for c, (_, q, o) in zip(forced, sets)], nbytes))
             # The first entry again, last: the spread between the two is the round-robin position's bias.
             entries.append((f"{name} (again)", entries[0][1], nbytes))
     check = None

@@ -178,13 +178,12 @@ class KVCache:
         self._decode_geo = decode_geometry(self.spec, arch) if self.spec.attention is not None else None
         self._decode_smem = self._decode_geo.smem_bytes if self._decode_geo is not None else 0
         self._decode_maps: dict[int, tuple[TmaTile, TmaTile]] = {}  # layer -> K, V create_tma_tile descriptors
-        # Programmatic dependent launch (griddepcontrol) exists from sm_90 on. With programmatic_launch, store, load
-        # and copy_pages (and decode with early_cache_reads) launch as programmatic dependents of the kernel before
-        # them on the stream (as FlashInfer's enable_pdl): their CTAs launch while it finishes and wait for it
-        # before touching memory (pdl_wait), so the launch gap between kernels overlaps. False: plain launches.
+        # Programmatic dependent launch (griddepcontrol) exists from sm_90 on. With programmatic_launch, store, load,
+        # copy_pages and decode launch as programmatic dependents of the kernel before them on the stream (as
+        # FlashInfer's enable_pdl): their CTAs launch while it finishes and wait for it before touching memory
+        # (pdl_wait), so the launch gap between kernels overlaps. False: plain launches.
         self._pdl = int("".join(ch for ch in arch if ch.isdigit())) >= 90
         self.programmatic_launch = self._pdl
-        self._decode_pdl: bool | None = None  # benchmarks only: force the decode kernel's launch kind
         self.tma_geometry = tma_geometry(self.spec)  # box and tile shape of create_tma_tile / tile_load, per variant
 
     # ---- construction ---------------------------------------------------------------------------------
@@ -627,9 +626,9 @@ class KVCache:
         cache_length(b) + 1 cached tokens (store the step's token first). q, out: [batch, Hq, D].
         softmax_scale: default head_size ** -0.5. window / soft_cap / sinks: only for variants generated with
         them; None turns each off (full context, no cap, no sink), so one variant serves both kinds of layer.
-        early_cache_reads (with programmatic_launch): launch as a programmatic dependent and read the page table,
-        the cache lengths and the first tiles of cached K/V before the kernel before this one on the stream has
-        finished (the launch and the first DRAM round trips overlap its tail). Only for a caller that guarantees that kernel writes none of them: it may
+        early_cache_reads (with programmatic_launch): read the page table, the cache lengths and the first tiles of
+        cached K/V before the kernel before this one on the stream has finished (the launch and the first DRAM
+        round trips overlap its tail). Only for a caller that guarantees that kernel writes none of them: it may
         write Q, the step's own token (position cache_length(b), as kvgen's store does) and anything else. Q, that
         token and every write of this kernel still wait for it."""
         kn = "decode"
@@ -687,10 +686,9 @@ class KVCache:
         single = plan.splits == 1
         f["fout"].value, f["flse"].value, f["fsinks"].value = (ot.ptr, lse_ptr, sink_ptr) if single else (0, 0, 0)
         f["flags"].value = DECODE_EARLY_READS if early_cache_reads else 0
-        # A programmatic launch of the decode kernel only pays with early reads: without them it measured neutral
-        # to 1.3% slower (FP8 at 16k contexts) on the H100 (bench/NOTES.md, session 8), so it launches plainly.
-        pdl = self.programmatic_launch and early_cache_reads if self._decode_pdl is None else self._decode_pdl
-        fire = launch.fire_dependent if pdl else launch.fire
+        # Programmatic launch: measured on the H100 (bench/NOTES.md, session 8, same caches) 1-6% faster at 1k-4k
+        # contexts of batch 16-64 and within 0.2% at 16k; early reads add 1-10% at those small shapes.
+        fire = launch.fire_dependent if self.programmatic_launch else launch.fire
         fire((plan.splits, self.num_heads, B), (128 * groups, 1, 1), st)
         if single:
             return

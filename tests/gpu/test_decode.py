@@ -352,7 +352,7 @@ def test_store_then_decode_with_early_reads(gen, name: str) -> None:
     p = c.page_size
     lengths = [1, p - 1, p, p + 1, 700, 2053, 64, 129, 4000]
     cache, _, _ = setup_cache(v, lengths, rng)
-    assert cache.programmatic_launch, "sm_90: store and decode (early reads) launch as programmatic dependents"
+    assert cache.programmatic_launch, "sm_90: store and decode launch as programmatic dependents"
     B, H, D, Hq = len(lengths), c.num_kv_heads, c.head_size, att.num_q_heads
     io = getattr(torch, c.io_dtype)
     poison_k, poison_v = torch.full((B, H, D), 40.0, device="cuda").to(io), torch.full((B, H, D), 1000.0, device="cuda").to(io)

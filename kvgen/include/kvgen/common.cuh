@@ -56,8 +56,8 @@ struct CacheArgs {
 static_assert(sizeof(CacheArgs) == 72, "CacheArgs layout must match kvgen/runtime/abi.py");
 
 // Programmatic dependent launch (sm_90+; no-ops before sm_90 and when the grid was launched plainly). The host
-// launches store, load, copy_pages (and decode with early cache reads) with the PDL attribute
-// (KVCache.programmatic_launch), so a grid may start while the kernel before it on the stream still runs:
+// launches store, load, copy_pages and decode with the PDL attribute (KVCache.programmatic_launch), so a grid
+// may start while the kernel before it on the stream still runs:
 // pdl_wait() blocks until that kernel has completed and its writes are visible, and must come before any global
 // access the previous kernel could race with. pdl_launch_dependents() lets the next grid start launching (its
 // CTAs then sit in their own pdl_wait, so triggering early is safe).
