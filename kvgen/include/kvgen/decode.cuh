@@ -112,6 +112,14 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
 }
 
 // Two floats -> one 32-bit register of the MMA input type (low half = first element).
+// Transpose of an 8 x 8 matrix of 16-bit pairs held as MMA fragments (lane: row lane / 4, columns 2 (lane % 4) and
+// + 1): returns the same lane's pair of the transposed matrix (sm_75+).
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t y;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
+}
+
 template <bool F16> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   if constexpr (F16) {
     __half2 h = __floats2half2_rn(lo, hi);
@@ -267,6 +275,12 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // 4 x D / 8 (half of those were padding rows). o[m] then holds dims 16m + 2gq (c0, c1) and 16m + 2gq + 1
   // (c2, c3) of heads 2tq (c0, c2) and 2tq + 1 (c1, c3).
   constexpr bool PVT = SWZ && GROUP <= 8;
+  // SAB (with PVT): Q.K^T swapped too, S^T[tokens][heads] = K Q^T, tokens as the MMA's m and heads as its n: one MMA
+  // per k-step instead of two n-tiles against a Q half of zero rows. Lane (gq, tq) then holds tokens gq and gq + 8
+  // of heads 2tq and 2tq + 1 (c0, c1 and c2, c3): the softmax reduces over gq, the running max and sum are per
+  // head (m_run / l_run [hh] = head 2tq + hh), O^T's rescale needs no shuffle, and P^T (the B operand of O^T += V^T
+  // P^T) is S^T's fragment transposed by movmatrix.
+  constexpr bool SAB = PVT;
   constexpr int DN_OUT = PVT ? D / 16 : DN;
   static_assert(Q_OFF + Q_BYTES + ALIGN_SLACK <= SMEM_BYTES,
                 "K/V stages, the row ring and (SWZ) Q fit the shared memory");
@@ -549,7 +563,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   float o[DN_OUT][4];
 #pragma unroll
   for (int i = 0; i < DN_OUT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // rows gq and gq + 8 (log2 units)
+  // Running max (log2 units) and sum: of rows gq and gq + 8, or (SAB) of heads 2tq and 2tq + 1.
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
   for (int tile = 0; tile < ntiles; ++tile) {
     const int stage = tile % STAGES;
@@ -614,19 +629,27 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         for (int kk = 4 * j; kk < 4 * j + 4; ++kk) {
           uint32_t qf[4];
           q_frag(qf, kk);
+          uint32_t b0[2], b1[2];  // per n-tile: K of token nt * 8 + gq at k 2tq, 2tq + 1 and 2tq + 8, 2tq + 9
 #pragma unroll
           for (int nt = 0; nt < 2; ++nt) {
             const uint32_t w = kk % 4 == 0 ? kv[nt].x : kk % 4 == 1 ? kv[nt].y : kk % 4 == 2 ? kv[nt].z : kv[nt].w;
-            uint32_t b0, b1;
             if constexpr (Ty::kFp8Direct) {
-              fp8x4_to_f16x2x2<T>(w, b0, b1);
+              fp8x4_to_f16x2x2<T>(w, b0[nt], b1[nt]);
             } else {
               const float2 x0 = fp8x2_to_float2<T>(static_cast<unsigned short>(w & 0xffffu));
               const float2 x1 = fp8x2_to_float2<T>(static_cast<unsigned short>(w >> 16));
-              b0 = pack2<false>(x0.x * ksc[nt], x0.y * ksc[nt]);
-              b1 = pack2<false>(x1.x * ksc[nt], x1.y * ksc[nt]);
+              b0[nt] = pack2<false>(x0.x * ksc[nt], x0.y * ksc[nt]);
+              b1[nt] = pack2<false>(x1.x * ksc[nt], x1.y * ksc[nt]);
             }
-            mma16816<F16>(s[nt], qf, b0, b1);
+          }
+          if constexpr (SAB) {
+            // The two n-tiles' B fragments are the A fragment of tokens gq / gq + 8; Q's rows 0-7 (qf[0], qf[2]),
+            // read as B, are heads x the same k positions.
+            const uint32_t ka[4] = {b0[0], b0[1], b1[0], b1[1]};
+            mma16816<F16>(s[0], ka, qf[0], qf[2]);
+          } else {
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) mma16816<F16>(s[nt], qf, b0[nt], b1[nt]);
           }
         }
       }
@@ -671,28 +694,39 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 
     // Online softmax over this warp's 16 tokens (log2 domain). Rows gq + 8 (fragment elements 2, 3) hold query
     // heads only when GROUP > 8; otherwise they are padding and skipped (their P is zero).
+    // Token of C element e in n-tile nt: column 2tq + (e & 1) of the n-tile, or (SAB) row gq + 8 (e >> 1).
+    auto token_of = [&](int nt, int e) -> int { return SAB ? 8 * (e >> 1) + int(gq) : nt * 8 + int(tq) * 2 + (e & 1); };
+    // SAB: heads 2tq, 2tq + 1 are elements e & 1; the max and sum are taken over the tokens (lanes gq).
+    auto slot_of = [&](int e) -> int { return SAB ? (e & 1) : (e >> 1); };
+    constexpr int NT_S = SAB ? 1 : 2, E_S = SAB ? 4 : 2 * ROWS_USED, NSLOT = SAB ? 2 : ROWS_USED;
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+    for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
-      for (int e = 0; e < 2 * ROWS_USED; ++e) {
+      for (int e = 0; e < E_S; ++e) {
         float x = s[nt][e];
-        if constexpr (Ty::kFp8Direct && QUANT) x *= kss[warp * 16 + nt * 8 + tq * 2 + (e & 1)];
+        if constexpr (Ty::kFp8Direct && QUANT) x *= kss[warp * 16 + token_of(nt, e)];
         // soft_cap 0 = no cap at run time (a cap-capable variant called without one): a uniform branch.
         if constexpr (SOFTCAP) x = soft_cap > 0.f ? soft_cap * tanhf(x * softmax_scale / soft_cap) * kLog2e : x * scale_log2;
         else x *= scale_log2;
         if (tail || head) {
-          const uint32_t t = tbase + nt * 8 + tq * 2 + (e & 1);
+          const uint32_t t = tbase + uint32_t(token_of(nt, e));
           x = t < last && (!head || t >= first) ? x : -INFINITY;
         }
         s[nt][e] = x;
-        tmax[e >> 1] = fmaxf(tmax[e >> 1], x);
+        tmax[slot_of(e)] = fmaxf(tmax[slot_of(e)], x);
       }
     float alpha[2] = {1.f, 1.f}, mref[2] = {0.f, 0.f};
 #pragma unroll
-    for (int r = 0; r < ROWS_USED; ++r) {
-      tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
-      tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
+    for (int r = 0; r < NSLOT; ++r) {
+      if constexpr (SAB) {  // over the 8 token rows gq
+        tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 4));
+        tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 8));
+        tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 16));
+      } else {
+        tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
+        tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
+      }
       const float m_new = fmaxf(m_run[r], tmax[r]);
       mref[r] = m_new == -INFINITY ? 0.f : m_new;  // all masked so far: keep exp2 finite
       alpha[r] = exp2f(m_run[r] - mref[r]);
@@ -703,28 +737,35 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     {
       float p[2][4] = {};
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
-        for (int e = 0; e < 2 * ROWS_USED; ++e) {
-          p[nt][e] = exp2f(s[nt][e] - mref[e >> 1]);
-          l_run[e >> 1] += p[nt][e];
+        for (int e = 0; e < E_S; ++e) {
+          p[nt][e] = exp2f(s[nt][e] - mref[slot_of(e)]);
+          l_run[slot_of(e)] += p[nt][e];
         }
       if constexpr (Ty::kFp8Direct && QUANT) {  // fold the per-token V scale into the probabilities
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
+        for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
-          for (int e = 0; e < 2 * ROWS_USED; ++e) p[nt][e] *= vss[warp * 16 + nt * 8 + tq * 2 + (e & 1)];
+          for (int e = 0; e < E_S; ++e) p[nt][e] *= vss[warp * 16 + token_of(nt, e)];
       }
-      // C fragments of the two token n-tiles are the A fragment of the 16-token k-step.
-      pa[0] = pack2<F16>(p[0][0], p[0][1]);
-      pa[1] = pack2<F16>(p[0][2], p[0][3]);
-      pa[2] = pack2<F16>(p[1][0], p[1][1]);
-      pa[3] = pack2<F16>(p[1][2], p[1][3]);
+      if constexpr (SAB) {
+        // P^T's B fragment (tokens 2tq, 2tq + 1 and + 8 of head gq) is the transpose of S^T's 8 x 8 halves.
+        pa[0] = movmatrix_trans(pack2<F16>(p[0][0], p[0][1]));
+        pa[2] = movmatrix_trans(pack2<F16>(p[0][2], p[0][3]));
+      } else {
+        // C fragments of the two token n-tiles are the A fragment of the 16-token k-step.
+        pa[0] = pack2<F16>(p[0][0], p[0][1]);
+        pa[1] = pack2<F16>(p[0][2], p[0][3]);
+        pa[2] = pack2<F16>(p[1][0], p[1][1]);
+        pa[3] = pack2<F16>(p[1][2], p[1][3]);
+      }
     }
     // Rescale the output only when some row's running max moved (after the first tiles it rarely does).
     if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-      if constexpr (PVT) {  // O^T columns 2tq, 2tq + 1 are heads 2tq, 2tq + 1: their alphas sit in lanes 8tq, 8tq + 4
-        const float a0 = __shfl_sync(0xffffffffu, alpha[0], 8 * tq), a1 = __shfl_sync(0xffffffffu, alpha[0], 8 * tq + 4);
+      if constexpr (PVT) {  // O^T columns 2tq, 2tq + 1 are heads 2tq, 2tq + 1: this lane's own alphas under SAB
+        const float a0 = SAB ? alpha[0] : __shfl_sync(0xffffffffu, alpha[0], 8 * tq);
+        const float a1 = SAB ? alpha[1] : __shfl_sync(0xffffffffu, alpha[0], 8 * tq + 4);
 #pragma unroll
         for (int m = 0; m < DN_OUT; ++m) {
           o[m][0] *= a0; o[m][1] *= a1;
@@ -833,8 +874,14 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // per-CTA trace; at 16 x 1k that was a fifth of the kernel.)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
-    l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
+    if constexpr (SAB) {  // partial sums of each head over this lane's tokens: add up the 8 token rows
+      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 4);
+      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 8);
+      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 16);
+    } else {
+      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 1);
+      l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 2);
+    }
   }
   // Row pitch in floats: 4 rows of the plain path's 8-byte pairs land in distinct banks (the PVT and swizzled
   // float4 parks meet 2-way conflicts, once per CTA).
@@ -850,6 +897,10 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         float* dst = sm_o + (gw * GROUP + head) * OP + 2 * gq;
 #pragma unroll
         for (int m = 0; m < DN_OUT; ++m) *reinterpret_cast<float2*>(dst + 16 * m) = make_float2(o[m][hh], o[m][2 + hh]);
+        if (SAB && gq == 0) {  // the head's (max, sum), equal in every lane gq after the reductions
+          sm_ml[(gw * GROUP + head) * 2] = m_run[hh];
+          sm_ml[(gw * GROUP + head) * 2 + 1] = l_run[hh];
+        }
       }
     }
   }
@@ -870,7 +921,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         for (int dn = 0; dn < DN; ++dn)
           *reinterpret_cast<float2*>(dst + dn * 8) = make_float2(o[dn][2 * r], o[dn][2 * r + 1]);
       }
-      if (tq == 0) {
+      if (!SAB && tq == 0) {
         sm_ml[(gw * GROUP + row) * 2] = m_run[r];
         sm_ml[(gw * GROUP + row) * 2 + 1] = l_run[r];
       }
