@@ -645,18 +645,13 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
           if constexpr (SAB) {
             // The two n-tiles' B fragments are the A fragment of tokens gq / gq + 8; Q's rows 0-7 (qf[0], qf[2]),
             // read as B, are heads x the same k positions.
-            // Even and odd k-steps accumulate apart: two chains of dependent MMAs instead of one twice as long.
             const uint32_t ka[4] = {b0[0], b0[1], b1[0], b1[1]};
-            mma16816<F16>(s[kk & 1], ka, qf[0], qf[2]);
+            mma16816<F16>(s[0], ka, qf[0], qf[2]);
           } else {
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt) mma16816<F16>(s[nt], qf, b0[nt], b1[nt]);
           }
         }
-      }
-      if constexpr (SAB) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[0][e] += s[1][e];
       }
     }
 #pragma unroll
