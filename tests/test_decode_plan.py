@@ -207,3 +207,43 @@ def test_small_store_steps_take_one_item_per_thread(dtype: str, quantized: bool,
     split = store_split(spec)
     assert tokens_per_block(spec, split) == default
     assert small_store_tokens_per_block(spec, split) == small
+
+
+class _Workspace:  # stands in for the torch workspace: slicing and view return itself
+    def __init__(self, pairs: int):
+        self.pairs = pairs
+        self.part_o = self.part_lse = self
+
+    def __getitem__(self, _):
+        return self
+
+    def view(self, *_):
+        return self
+
+
+def _fake_cache(lengths: list[int], max_groups: int):
+    """What plan_decode reads of a KVCache, without a GPU: the step's lengths (cache_length + 1 is decoded),
+    8 KV heads, 132 SMs, 4 one-group CTAs per SM."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        args=SimpleNamespace(batch_size=len(lengths)), host_lengths=np.asarray(lengths, np.uint32) - 1,
+        spec=SimpleNamespace(attention=SimpleNamespace(sliding_window=False, num_q_heads=32)), _window=None,
+        _decode_geo=SimpleNamespace(max_groups=max_groups, balanced=True), num_heads=8, head_size=128,
+        sm_count=lambda: 132, decode_slots=lambda: 528, decode_workspace=_Workspace)
+
+
+@pytest.mark.parametrize(("lengths", "max_groups", "programmatic"), [
+    ([1024] * 16, 4, True),       # grouped CTAs, short contexts: PDL measured 2-4% faster
+    ([2048] * 16, 4, True),       # the limit itself
+    ([2049] * 16, 4, False),      # one token past it
+    ([1024] * 128, 4, True),      # split-K plan, short contexts
+    ([16384] * 64, 4, False),     # long contexts launch plainly (FP8 measured 0.1-2% slower with PDL)
+    ([1, 5, 3000], 1, False),     # the longest request decides
+])
+def test_plan_launches_decode_programmatically_only_for_short_contexts(lengths: list[int], max_groups: int,
+                                                                       programmatic: bool) -> None:
+    from kvgen.runtime.decode_plan import PDL_MAX_CONTEXT, plan_decode
+
+    assert PDL_MAX_CONTEXT == 2048
+    assert plan_decode(_fake_cache(lengths, max_groups)).programmatic is programmatic

@@ -20,13 +20,22 @@ def _torch() -> Any:
     return torch
 
 
+# Longest context (tokens) at which the decode kernel itself launches as a programmatic dependent (with
+# KVCache.programmatic_launch; early cache reads always do). Measured on three H100s (bench/NOTES.md, session 8,
+# same caches, the default entry timed twice for the position bias): 2-4% faster at 16 x 1k, neutral at 1k-4k of
+# larger batches, and 0.1-2% slower for FP8 at 16k contexts (bf16 neutral), so long contexts launch plainly.
+PDL_MAX_CONTEXT = 2048
+
+
 class DecodePlan:
     """Split-K plan of one decode step, reused by every layer: chunk length per warp group (0: each request's
     context cut into `splits x groups` equal parts on the device), split count (CTAs per request and KV head), warp
-    groups per CTA, and views of the cache's decode workspace (float32 partial outputs and log-sum-exps)."""
+    groups per CTA, views of the cache's decode workspace (float32 partial outputs and log-sum-exps), and whether
+    the decode kernel launches as a programmatic dependent (`programmatic`: contexts up to PDL_MAX_CONTEXT)."""
 
-    def __init__(self, cache: KVCache, chunk: int, splits: int, batch: int, groups: int = 1):
+    def __init__(self, cache: KVCache, chunk: int, splits: int, batch: int, groups: int = 1, programmatic: bool = True):
         self.chunk, self.splits, self.batch, self.groups = chunk, splits, batch, groups
+        self.programmatic = programmatic
         hq = cache.spec.attention.num_q_heads
         ws = cache.decode_workspace(batch * splits)
         # Views at the start of the workspace: every plan of this cache uses the same addresses, so a CUDA graph
@@ -108,11 +117,12 @@ def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
     groups = geo.max_groups if 0 < pairs * splits <= sms else 1  # grouped CTAs only where they fit one wave
     # 16-bit: the kernel cuts each request from its length on the device; FP8: the chunk of this step's lengths.
     chunk = 0 if geo.balanced else -(-longest // (splits * groups * 64)) * 64
-    return DecodePlan(cache, chunk, splits, b, groups)
+    return DecodePlan(cache, chunk, splits, b, groups, programmatic=longest <= PDL_MAX_CONTEXT)
 
 
 def split_k_plan(cache: KVCache, lens: np.ndarray) -> DecodePlan:
     """The one-group split-K plan of `choose_chunk` for these context lengths (plan_decode's rule above one pair
     per SM; bench/decode_bench.py --plan-ab times it against the grouped plan at small batch)."""
     chunk = choose_chunk(lens, cache.num_heads, cache.decode_slots())
-    return DecodePlan(cache, chunk, max(1, -(-int(lens.max(initial=1)) // chunk)), len(lens))
+    longest = int(lens.max(initial=1))
+    return DecodePlan(cache, chunk, max(1, -(-longest // chunk)), len(lens), programmatic=longest <= PDL_MAX_CONTEXT)

@@ -179,9 +179,10 @@ class KVCache:
         self._decode_smem = self._decode_geo.smem_bytes if self._decode_geo is not None else 0
         self._decode_maps: dict[int, tuple[TmaTile, TmaTile]] = {}  # layer -> K, V create_tma_tile descriptors
         # Programmatic dependent launch (griddepcontrol) exists from sm_90 on. With programmatic_launch, store, load,
-        # copy_pages and decode launch as programmatic dependents of the kernel before them on the stream (as
-        # FlashInfer's enable_pdl): their CTAs launch while it finishes and wait for it before touching memory
-        # (pdl_wait), so the launch gap between kernels overlaps. False: plain launches.
+        # copy_pages and decode (short contexts, or early reads: DecodePlan.programmatic) launch as programmatic
+        # dependents of the kernel before them on the stream (as FlashInfer's enable_pdl): their CTAs launch while it
+        # finishes and wait for it before touching memory (pdl_wait), so the launch gap between kernels overlaps.
+        # False: plain launches.
         self._pdl = int("".join(ch for ch in arch if ch.isdigit())) >= 90
         self.programmatic_launch = self._pdl
         self.tma_geometry = tma_geometry(self.spec)  # box and tile shape of create_tma_tile / tile_load, per variant
@@ -686,9 +687,10 @@ class KVCache:
         single = plan.splits == 1
         f["fout"].value, f["flse"].value, f["fsinks"].value = (ot.ptr, lse_ptr, sink_ptr) if single else (0, 0, 0)
         f["flags"].value = DECODE_EARLY_READS if early_cache_reads else 0
-        # Programmatic launch: measured on the H100 (bench/NOTES.md, session 8, same caches) 1-6% faster at 1k-4k
-        # contexts of batch 16-64 and within 0.2% at 16k; early reads add 1-10% at those small shapes.
-        fire = launch.fire_dependent if self.programmatic_launch else launch.fire
+        # Programmatic launch for short contexts (the plan's choice, decode_plan.PDL_MAX_CONTEXT) and always with
+        # early reads, which need it.
+        pdl = self.programmatic_launch and (early_cache_reads or plan.programmatic)
+        fire = launch.fire_dependent if pdl else launch.fire
         fire((plan.splits, self.num_heads, B), (128 * groups, 1, 1), st)
         if single:
             return
