@@ -64,10 +64,12 @@ def graph_time(launches: Sequence[Launch], replays: int = 30) -> float:
 
 
 def graph_times(launch_sets: Sequence[Sequence[Launch]], replays: int = 30) -> list[float]:
-    """graph_time of several ops measured together: one graph per op, replayed round-robin (A B C A B C ...),
-    so every op sees the same clocks, temperature and neighbours. Timing ops one after the other let the
-    first op of a series read up to 10% slow in one run and not in the next. An op whose capture fails gets
-    NaN (and the error is printed); the others are still timed."""
+    """graph_time of several ops measured together: one graph per op, replayed round-robin, so every op sees the
+    same clocks, temperature and neighbours. Timing ops one after the other let the first op of a series read up
+    to 10% slow in one run and not in the next. Each round starts one op later (A B C, B C A, C A B, ...): with a
+    fixed order the op in first place read 1-1.5% slow at some decode shapes (session 8: the same kernel timed
+    first and last in one round). An op whose capture fails gets NaN (and the error is printed); the others are
+    still timed."""
     torch = _torch()
     torch.cuda.synchronize()
     s = torch.cuda.Stream()
@@ -91,8 +93,10 @@ def graph_times(launch_sets: Sequence[Sequence[Launch]], replays: int = 30) -> l
             torch.cuda.synchronize()
             graphs.append(None)
     times: list[list[float]] = [[] for _ in graphs]
-    for _ in range(replays):
-        for i, g in enumerate(graphs):
+    n = len(graphs)
+    for r in range(replays):
+        for i in ((r + k) % n for k in range(n)):
+            g = graphs[i]
             if g is None:
                 continue
             st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
