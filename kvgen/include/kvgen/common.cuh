@@ -71,6 +71,11 @@ __device__ __forceinline__ void pdl_launch_dependents() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// The start of a kernel that touches nothing before the kernel before it is done, and lets the next one launch.
+__device__ __forceinline__ void pdl_wait_then_release() {
+  pdl_wait();
+  pdl_launch_dependents();
+}
 
 __device__ __forceinline__ void report(const CacheArgs& a, uint32_t bits) {
   if (a.error_word != nullptr) atomicOr(a.error_word, bits);

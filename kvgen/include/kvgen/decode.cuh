@@ -111,7 +111,6 @@ __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   return v;
 }
 
-// Two floats -> one 32-bit register of the MMA input type (low half = first element).
 // Transpose of an 8 x 8 matrix of 16-bit pairs held as MMA fragments (lane: row lane / 4, columns 2 (lane % 4) and
 // + 1): returns the same lane's pair of the transposed matrix (sm_75+).
 __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
@@ -120,6 +119,7 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
   return y;
 }
 
+// Two floats -> one 32-bit register of the MMA input type (low half = first element).
 template <bool F16> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   if constexpr (F16) {
     __half2 h = __floats2half2_rn(lo, hi);
@@ -197,11 +197,11 @@ template <int CPR> struct DecodeSwizzle {
   __device__ static uint32_t v_lane(int row, int half) { return uint32_t(row * CPR * 16 + (half ^ row_xor(row)) * 16); }
 };
 
-// Final output of a single-split plan, written by decode_partial itself (no combine launch, no float32 partials):
-// out [batch, Hq, D], lse (optional) [batch, Hq], sinks (optional) [Hq]. out == nullptr: write partials.
 // decode_partial's flags: bit 0, early cache reads (KVCache.decode(early_cache_reads=True)).
 constexpr uint32_t kDecodeEarlyReads = 1u;
 
+// Final output of a single-split plan, written by decode_partial itself (no combine launch, no float32 partials):
+// out [batch, Hq, D], lse (optional) [batch, Hq], sinks (optional) [Hq]. out == nullptr: write partials.
 template <class OT> struct DecodeFinal {
   OT* out;
   float* lse;
@@ -274,13 +274,12 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // MMA's n and the dims its m: D / 16 MMAs per tile instead of D / 8 and 4 x D / 16 accumulators instead of
   // 4 x D / 8 (half of those were padding rows). o[m] then holds dims 16m + 2gq (c0, c1) and 16m + 2gq + 1
   // (c2, c3) of heads 2tq (c0, c2) and 2tq + 1 (c1, c3).
+  // Q.K^T is swapped too, S^T[tokens][heads] = K Q^T, tokens as the MMA's m and heads as its n: one MMA per k-step
+  // instead of two n-tiles against a Q half of zero rows. Lane (gq, tq) then holds tokens gq and gq + 8 of heads
+  // 2tq and 2tq + 1 (c0, c1 and c2, c3): the softmax reduces over gq, the running max and sum are per head
+  // (m_run / l_run [hh] = head 2tq + hh), O^T's rescale needs no shuffle, and P^T (the B operand of O^T += V^T P^T)
+  // is S^T's fragment transposed by movmatrix.
   constexpr bool PVT = SWZ && GROUP <= 8;
-  // SAB (with PVT): Q.K^T swapped too, S^T[tokens][heads] = K Q^T, tokens as the MMA's m and heads as its n: one MMA
-  // per k-step instead of two n-tiles against a Q half of zero rows. Lane (gq, tq) then holds tokens gq and gq + 8
-  // of heads 2tq and 2tq + 1 (c0, c1 and c2, c3): the softmax reduces over gq, the running max and sum are per
-  // head (m_run / l_run [hh] = head 2tq + hh), O^T's rescale needs no shuffle, and P^T (the B operand of O^T += V^T
-  // P^T) is S^T's fragment transposed by movmatrix.
-  constexpr bool SAB = PVT;
   constexpr int DN_OUT = PVT ? D / 16 : DN;
   static_assert(Q_OFF + Q_BYTES + ALIGN_SLACK <= SMEM_BYTES,
                 "K/V stages, the row ring and (SWZ) Q fit the shared memory");
@@ -563,7 +562,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   float o[DN_OUT][4];
 #pragma unroll
   for (int i = 0; i < DN_OUT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  // Running max (log2 units) and sum: of rows gq and gq + 8, or (SAB) of heads 2tq and 2tq + 1.
+  // Running max (log2 units) and sum: of rows gq and gq + 8, or (PVT) of heads 2tq and 2tq + 1.
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
 
   for (int tile = 0; tile < ntiles; ++tile) {
@@ -642,7 +641,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
               b1[nt] = pack2<false>(x1.x * ksc[nt], x1.y * ksc[nt]);
             }
           }
-          if constexpr (SAB) {
+          if constexpr (PVT) {
             // The two n-tiles' B fragments are the A fragment of tokens gq / gq + 8; Q's rows 0-7 (qf[0], qf[2]),
             // read as B, are heads x the same k positions.
             const uint32_t ka[4] = {b0[0], b0[1], b1[0], b1[1]};
@@ -694,11 +693,11 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 
     // Online softmax over this warp's 16 tokens (log2 domain). Rows gq + 8 (fragment elements 2, 3) hold query
     // heads only when GROUP > 8; otherwise they are padding and skipped (their P is zero).
-    // Token of C element e in n-tile nt: column 2tq + (e & 1) of the n-tile, or (SAB) row gq + 8 (e >> 1).
-    auto token_of = [&](int nt, int e) -> int { return SAB ? 8 * (e >> 1) + int(gq) : nt * 8 + int(tq) * 2 + (e & 1); };
-    // SAB: heads 2tq, 2tq + 1 are elements e & 1; the max and sum are taken over the tokens (lanes gq).
-    auto slot_of = [&](int e) -> int { return SAB ? (e & 1) : (e >> 1); };
-    constexpr int NT_S = SAB ? 1 : 2, E_S = SAB ? 4 : 2 * ROWS_USED, NSLOT = SAB ? 2 : ROWS_USED;
+    // Token of C element e in n-tile nt: column 2tq + (e & 1) of the n-tile, or (PVT, S^T) row gq + 8 (e >> 1).
+    auto token_of = [&](int nt, int e) -> int { return PVT ? 8 * (e >> 1) + int(gq) : nt * 8 + int(tq) * 2 + (e & 1); };
+    // PVT: heads 2tq, 2tq + 1 are elements e & 1; the max and sum are taken over the tokens (lanes gq).
+    auto slot_of = [&](int e) -> int { return PVT ? (e & 1) : (e >> 1); };
+    constexpr int NT_S = PVT ? 1 : 2, E_S = PVT ? 4 : 2 * ROWS_USED, NSLOT = PVT ? 2 : ROWS_USED;
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < NT_S; ++nt)
@@ -719,7 +718,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     float alpha[2] = {1.f, 1.f}, mref[2] = {0.f, 0.f};
 #pragma unroll
     for (int r = 0; r < NSLOT; ++r) {
-      if constexpr (SAB) {  // over the 8 token rows gq
+      if constexpr (PVT) {  // over the 8 token rows gq
         tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 4));
         tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 8));
         tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 16));
@@ -749,7 +748,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 #pragma unroll
           for (int e = 0; e < E_S; ++e) p[nt][e] *= vss[warp * 16 + token_of(nt, e)];
       }
-      if constexpr (SAB) {
+      if constexpr (PVT) {
         // P^T's B fragment (tokens 2tq, 2tq + 1 and + 8 of head gq) is the transpose of S^T's 8 x 8 halves.
         pa[0] = movmatrix_trans(pack2<F16>(p[0][0], p[0][1]));
         pa[2] = movmatrix_trans(pack2<F16>(p[0][2], p[0][3]));
@@ -763,13 +762,11 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     }
     // Rescale the output only when some row's running max moved (after the first tiles it rarely does).
     if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-      if constexpr (PVT) {  // O^T columns 2tq, 2tq + 1 are heads 2tq, 2tq + 1: this lane's own alphas under SAB
-        const float a0 = SAB ? alpha[0] : __shfl_sync(0xffffffffu, alpha[0], 8 * tq);
-        const float a1 = SAB ? alpha[1] : __shfl_sync(0xffffffffu, alpha[0], 8 * tq + 4);
+      if constexpr (PVT) {  // O^T columns 2tq, 2tq + 1 are heads 2tq, 2tq + 1: this lane's own alphas
 #pragma unroll
         for (int m = 0; m < DN_OUT; ++m) {
-          o[m][0] *= a0; o[m][1] *= a1;
-          o[m][2] *= a0; o[m][3] *= a1;
+          o[m][0] *= alpha[0]; o[m][1] *= alpha[1];
+          o[m][2] *= alpha[0]; o[m][3] *= alpha[1];
         }
       } else {
 #pragma unroll
@@ -824,7 +821,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
           }
           if constexpr (PVT) {
             // O^T[dims][heads] += V^T P^T: A rows gq / gq + 8 are the chunk's even / odd dims, k = tokens 2tq, 2tq + 1
-            // and + 8; B is P's rows gq (pa[0], pa[2]) as they came from Q.K^T.
+            // and + 8; B is P^T (pa[0], pa[2], transposed from S^T by movmatrix).
             const uint32_t va[4] = {even0, odd0, even1, odd1};
             mma16816<F16>(o[c + hc], va, pa[0], pa[2]);
           } else {  // B fragments of n-tiles dn (even dims) and dn + 1 (odd dims)
@@ -874,7 +871,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // per-CTA trace; at 16 x 1k that was a fifth of the kernel.)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if constexpr (SAB) {  // partial sums of each head over this lane's tokens: add up the 8 token rows
+    if constexpr (PVT) {  // partial sums of each head over this lane's tokens: add up the 8 token rows
       l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 4);
       l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 8);
       l_run[r] += __shfl_xor_sync(0xffffffffu, l_run[r], 16);
@@ -897,7 +894,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         float* dst = sm_o + (gw * GROUP + head) * OP + 2 * gq;
 #pragma unroll
         for (int m = 0; m < DN_OUT; ++m) *reinterpret_cast<float2*>(dst + 16 * m) = make_float2(o[m][hh], o[m][2 + hh]);
-        if (SAB && gq == 0) {  // the head's (max, sum), equal in every lane gq after the reductions
+        if (gq == 0) {  // the head's (max, sum), equal in every lane gq after the reductions
           sm_ml[(gw * GROUP + head) * 2] = m_run[hh];
           sm_ml[(gw * GROUP + head) * 2 + 1] = l_run[hh];
         }
@@ -921,7 +918,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         for (int dn = 0; dn < DN; ++dn)
           *reinterpret_cast<float2*>(dst + dn * 8) = make_float2(o[dn][2 * r], o[dn][2 * r + 1]);
       }
-      if (!SAB && tq == 0) {
+      if (!PVT && tq == 0) {
         sm_ml[(gw * GROUP + row) * 2] = m_run[r];
         sm_ml[(gw * GROUP + row) * 2 + 1] = l_run[r];
       }
@@ -987,9 +984,9 @@ template <class OT, int D>
 __device__ __forceinline__ void decode_combine(const float* __restrict__ part_o, const float* __restrict__ part_lse,
                                                uint32_t splits, const float* __restrict__ sinks,
                                                OT* __restrict__ out, float* __restrict__ lse_out, uint32_t num_q_heads) {
-  // Launched as a programmatic dependent of decode_partial: wait until its partials are complete and visible.
-  pdl_wait();
-  pdl_launch_dependents();  // the next layer's kernels may launch: they wait for this grid themselves
+  // Launched as a programmatic dependent of decode_partial: wait until its partials are complete and visible; the
+  // next layer's kernels may launch at once (they wait for this grid themselves).
+  pdl_wait_then_release();
   const uint32_t hq = blockIdx.x, b = blockIdx.y;
   const uint64_t row = uint64_t(b) * num_q_heads + hq;
   const float* lse = part_lse + row * splits;

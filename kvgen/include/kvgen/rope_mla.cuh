@@ -15,8 +15,7 @@ __device__ __forceinline__ void store_rope_mla(const CacheArgs& a, const In* __r
   constexpr int kIn = PaddedDepth + RopeDim;
   constexpr int kPerLane = (PaddedDepth + 31) / 32;
   __shared__ uint32_t s_req[kMaxTokensPerBlock], s_pos[kMaxTokensPerBlock], s_row[kMaxTokensPerBlock];
-  pdl_wait();  // a programmatic dependent launch, as store_ragged
-  pdl_launch_dependents();
+  pdl_wait_then_release();  // a programmatic dependent launch, as store_ragged
   const uint32_t tok0 = blockIdx.x * tokens_per_block;
   if (tok0 >= total_tokens) return;
   const uint32_t ntok = min(tokens_per_block, total_tokens - tok0);
@@ -57,8 +56,7 @@ __device__ __forceinline__ void load_rope_mla(const CacheArgs& a, Out* __restric
                                               uint32_t total_tokens, uint32_t layer, uint32_t tokens_per_block) {
   constexpr int kOut = PaddedDepth + RopeDim;
   __shared__ uint32_t s_req[kMaxTokensPerBlock], s_pos[kMaxTokensPerBlock], s_row[kMaxTokensPerBlock];
-  pdl_wait();  // a programmatic dependent launch, as store_ragged
-  pdl_launch_dependents();
+  pdl_wait_then_release();  // a programmatic dependent launch, as store_ragged
   const uint32_t tok0 = blockIdx.x * tokens_per_block;
   if (tok0 >= total_tokens) return;
   const uint32_t ntok = min(tokens_per_block, total_tokens - tok0);

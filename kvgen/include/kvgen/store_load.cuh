@@ -79,8 +79,7 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
   // A programmatic dependent launch: the new rows may come from the kernel before (wait first). The next grid
   // may launch at once: every kvgen kernel waits for this one before touching memory, and decode's early cache
   // reads (decode_partial) only touch rows this store does not write.
-  pdl_wait();
-  pdl_launch_dependents();
+  pdl_wait_then_release();
   const uint32_t tok0 = blockIdx.x * tokens_per_block;
   if (tok0 >= total_tokens) return;
   const uint32_t ntok = min(tokens_per_block, total_tokens - tok0);
@@ -182,8 +181,7 @@ __device__ __forceinline__ void load_ragged(const CacheArgs& a, Out* __restrict_
                                             uint32_t total_tokens, uint32_t layer, uint32_t tokens_per_block) {
   using S = RowSplit<Cache, Out, VEC, 1, VPT>;
   __shared__ uint32_t s_req[kMaxTokensPerBlock], s_pos[kMaxTokensPerBlock], s_row[kMaxTokensPerBlock];
-  pdl_wait();  // a programmatic dependent launch, as store_ragged
-  pdl_launch_dependents();
+  pdl_wait_then_release();  // a programmatic dependent launch, as store_ragged
   const uint32_t tok0 = blockIdx.x * tokens_per_block;
   if (tok0 >= total_tokens) return;
   const uint32_t ntok = min(tokens_per_block, total_tokens - tok0);
@@ -215,8 +213,7 @@ __device__ __forceinline__ void load_ragged(const CacheArgs& a, Out* __restrict_
 __device__ __forceinline__ void copy_pages(const CacheArgs& a, const uint32_t* __restrict__ src_ids,
                                            const uint32_t* __restrict__ dst_ids, uint32_t n_pairs,
                                            uint64_t page_bytes, uint64_t scale_page_bytes) {
-  pdl_wait();  // a programmatic dependent launch, as store_ragged
-  pdl_launch_dependents();
+  pdl_wait_then_release();  // a programmatic dependent launch, as store_ragged
   const uint32_t pair = blockIdx.y;
   if (pair >= n_pairs) return;
   const uint32_t src = src_ids[pair], dst = dst_ids[pair];
