@@ -85,7 +85,8 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             w.plan_decode()
         name = "kvgen" if len(variants) == 1 else f"kvgen ({loader})"
         first_views[name] = views[0]
-        entries.append((name, [lambda c=c, q=q, o=o: c.decode(0, q, o) for c, (_, q, o) in zip(views, sets)], nbytes))
+        default_launches = [lambda c=c, q=q, o=o: c.decode(0, q, o) for c, (_, q, o) in zip(views, sets)]
+        entries.append((name, default_launches, nbytes))
         if plan_ab:  # same caches, the one-group split-K plan (what small batches ran before grouped CTAs)
             thin = [w.copy() for w in views]
             for w in thin:
@@ -103,13 +104,13 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
         if pdl_ab:  # same caches: every kernel launched plainly; and PDL with early cache reads
             plain = [w.copy() for w in views]
             for w in plain:
-                w._pdl = w.programmatic_launch = False
+                w.programmatic_launch = False
             entries.append((f"{name} without PDL", [lambda c=c, q=q, o=o: c.decode(0, q, o)
                                                     for c, (_, q, o) in zip(plain, sets)], nbytes))
             entries.append((f"{name} early reads", [lambda c=c, q=q, o=o: c.decode(0, q, o, early_cache_reads=True)
                                                     for c, (_, q, o) in zip(views, sets)], nbytes))
-            # The first entry again, last: the spread between the two is the round-robin position's bias.
-            entries.append((f"{name} (again)", entries[0][1], nbytes))
+            # This build's default entry again, last: the spread between the two is the round-robin position's bias.
+            entries.append((f"{name} (again)", default_launches, nbytes))
     check = None
     if with_peers:
         peer_bytes = decode_bytes(spec, lengths, with_scales=False)  # the peers read no scales

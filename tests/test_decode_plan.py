@@ -247,3 +247,18 @@ def test_plan_launches_decode_programmatically_only_for_short_contexts(lengths: 
 
     assert PDL_MAX_CONTEXT == 2048
     assert plan_decode(_fake_cache(lengths, max_groups)).programmatic is programmatic
+
+
+def test_programmatic_launch_is_refused_before_sm90_naming_the_field() -> None:
+    from kvgen.errors import LaunchError
+    from kvgen.runtime.kvcache import KVCache
+
+    cache = object.__new__(KVCache)  # only the switch's own state: no GPU needed
+    cache._arch, cache._pdl_capable, cache._programmatic = "sm_80", False, False
+    with pytest.raises(LaunchError, match=r"programmatic_launch.*sm_90 or newer.*sm_80"):
+        cache.programmatic_launch = True
+    cache.programmatic_launch = False
+    assert cache.programmatic_launch is False
+    cache._arch, cache._pdl_capable = "sm_90a", True
+    cache.programmatic_launch = True
+    assert cache.programmatic_launch is True and cache._programmatic is True

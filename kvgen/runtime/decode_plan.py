@@ -27,6 +27,11 @@ def _torch() -> Any:
 PDL_MAX_CONTEXT = 2048
 
 
+def launches_programmatically(longest: int) -> bool:
+    """DecodePlan.programmatic of a step whose longest context is `longest` tokens."""
+    return longest <= PDL_MAX_CONTEXT
+
+
 class DecodePlan:
     """Split-K plan of one decode step, reused by every layer: chunk length per warp group (0: each request's
     context cut into `splits x groups` equal parts on the device), split count (CTAs per request and KV head), warp
@@ -117,7 +122,7 @@ def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
     groups = geo.max_groups if 0 < pairs * splits <= sms else 1  # grouped CTAs only where they fit one wave
     # 16-bit: the kernel cuts each request from its length on the device; FP8: the chunk of this step's lengths.
     chunk = 0 if geo.balanced else -(-longest // (splits * groups * 64)) * 64
-    return DecodePlan(cache, chunk, splits, b, groups, programmatic=longest <= PDL_MAX_CONTEXT)
+    return DecodePlan(cache, chunk, splits, b, groups, programmatic=launches_programmatically(longest))
 
 
 def split_k_plan(cache: KVCache, lens: np.ndarray) -> DecodePlan:
@@ -125,4 +130,4 @@ def split_k_plan(cache: KVCache, lens: np.ndarray) -> DecodePlan:
     per SM; bench/decode_bench.py --plan-ab times it against the grouped plan at small batch)."""
     chunk = choose_chunk(lens, cache.num_heads, cache.decode_slots())
     longest = int(lens.max(initial=1))
-    return DecodePlan(cache, chunk, max(1, -(-longest // chunk)), len(lens), programmatic=longest <= PDL_MAX_CONTEXT)
+    return DecodePlan(cache, chunk, max(1, -(-longest // chunk)), len(lens), programmatic=launches_programmatically(longest))

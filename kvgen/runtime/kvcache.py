@@ -182,10 +182,23 @@ class KVCache:
         # copy_pages and decode (short contexts, or early reads: DecodePlan.programmatic) launch as programmatic
         # dependents of the kernel before them on the stream (as FlashInfer's enable_pdl): their CTAs launch while it
         # finishes and wait for it before touching memory (pdl_wait), so the launch gap between kernels overlaps.
-        # False: plain launches.
-        self._pdl = int("".join(ch for ch in arch if ch.isdigit())) >= 90
-        self.programmatic_launch = self._pdl
+        # False: plain launches (the split merge included).
+        self._arch = arch
+        self._pdl_capable = int("".join(ch for ch in arch if ch.isdigit())) >= 90
+        self._programmatic = self._pdl_capable  # read on every launch; set through programmatic_launch
         self.tma_geometry = tma_geometry(self.spec)  # box and tile shape of create_tma_tile / tile_load, per variant
+
+    @property
+    def programmatic_launch(self) -> bool:
+        """Whether kvgen's kernels launch as programmatic dependents of the kernel before them (see __init__)."""
+        return self._programmatic
+
+    @programmatic_launch.setter
+    def programmatic_launch(self, on: bool) -> None:
+        if on and not self._pdl_capable:
+            raise LaunchError("KVCache", "programmatic_launch", "needs sm_90 or newer (griddepcontrol)", self._arch,
+                              "leave it False on this GPU")
+        self._programmatic = bool(on)
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -510,7 +523,7 @@ class KVCache:
         tpb = self.store_tokens_per_block(total) if kernel == "store" else self._tpb
         p["a"].value, p["b"].value, p["c"].value, p["d"].value = k, v, offsets, extra
         s["total"].value, s["layer"].value, s["tpb"].value = total, layer, tpb
-        fire = launch.fire_dependent if self.programmatic_launch else launch.fire
+        fire = launch.fire_dependent if self._programmatic else launch.fire
         fire(((total + tpb - 1) // tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
 
     def store(self, layer: int, k: Any, v: Any | None = None, row_offsets: Any = None, stream: Any = None) -> None:
@@ -561,7 +574,7 @@ class KVCache:
         p["a"].value, p["b"].value, s["n"].value = st.ptr, dt.ptr, n
         u["page_bytes"].value, u["scale_bytes"].value = self.page_bytes, self.scale_page_bytes
         chunks = max(1, min(32, (self.page_bytes // 16 + THREADS - 1) // THREADS))
-        (launch.fire_dependent if self.programmatic_launch else launch.fire)((chunks, n, 1), (THREADS, 1, 1), self._stream(stream))
+        (launch.fire_dependent if self._programmatic else launch.fire)((chunks, n, 1), (THREADS, 1, 1), self._stream(stream))
 
     # ---- decode attention -----------------------------------------------------------------------------
     def plan_decode(self, window: int | None = None, splits: int | None = None) -> DecodePlan:
@@ -689,7 +702,7 @@ class KVCache:
         f["flags"].value = DECODE_EARLY_READS if early_cache_reads else 0
         # Programmatic launch for short contexts (the plan's choice, decode_plan.PDL_MAX_CONTEXT) and always with
         # early reads, which need it.
-        pdl = self.programmatic_launch and (early_cache_reads or plan.programmatic)
+        pdl = self._programmatic and (early_cache_reads or plan.programmatic)
         fire = launch.fire_dependent if pdl else launch.fire
         fire((plan.splits, self.num_heads, B), (128 * groups, 1, 1), st)
         if single:
@@ -699,7 +712,7 @@ class KVCache:
             plan.splits, sink_ptr, ot.ptr, lse_ptr, Hq)
         # The combine launches as a programmatic dependent of the decode kernel (sm_90+), which signals it after
         # its tile loop: its launch and CTA start overlap the decode's epilogues instead of following them.
-        (comb.fire_dependent if self._pdl else comb.fire)((Hq, B, 1), (min(256, D), 1, 1), st)
+        (comb.fire_dependent if self._programmatic else comb.fire)((Hq, B, 1), (min(256, D), 1, 1), st)
 
     def _decode_tile_maps(self, layer: int) -> tuple[TmaTile, TmaTile]:
         """The K and V descriptors (decode_padded_tile) the TMA decode reads a layer through. Encoded once per

@@ -12,6 +12,7 @@ from kvgen.benchmark import permuted_pages
 from kvgen.build import build, import_package
 from kvgen.errors import LaunchError
 from kvgen.grid import load_config
+from kvgen.runtime.abi import DECODE_EARLY_READS
 from kvgen.runtime.decode_plan import DecodePlan
 
 torch = pytest.importorskip("torch")
@@ -381,6 +382,7 @@ def test_store_then_decode_with_early_reads(gen, name: str) -> None:
 
     new_inputs()
     step()
+    assert cache._dec_vals["flags"].value == DECODE_EARLY_READS, "the early-reads bit never reached the kernel"
     check_step("eager")
     early = out.clone()
     cache.programmatic_launch = False  # plain launches, same inputs: the same bits
