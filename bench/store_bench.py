@@ -43,7 +43,8 @@ def adopt_all(variant, caches: list) -> list:
 
 # --try knobs -> kvgen.derive constants
 TUNABLE = {"ipt": "ITEMS_PER_THREAD", "qipt": "QUANTIZED_ITEMS_PER_THREAD", "min_blocks": "STORE_MIN_BLOCKS",
-           "passes": "PASSES_PER_BLOCK", "large": "LARGE_STORE_PASSES", "small": "SMALL_STORE_ONE_ITEM"}
+           "passes": "PASSES_PER_BLOCK", "small": "SMALL_STORE_ONE_ITEM",
+           "qvpt": "QUANTIZED_VECTORS_PER_LANE"}
 
 
 def parse_try(text: str) -> dict[str, int]:
@@ -67,6 +68,23 @@ def with_derive(knobs: dict[str, int], fn):
     finally:
         for k, v in saved.items():
             setattr(derive, k, v)
+
+
+def check_same_store(default_set, other, label: str) -> None:
+    """A tuning build must write exactly what the default build writes: poison the cache, store with each, compare
+    the blocks and scales byte for byte (a wrong knob is reported and stops the run, not timed)."""
+    cache, k, v = default_set
+    written = []
+    for c in (cache, other):
+        cache.blocks.view(torch.uint8).fill_(0xFF)
+        if cache.scales is not None:
+            cache.scales.view(torch.uint8).fill_(0xFF)
+        c.store(0, k, v)
+        torch.cuda.synchronize()
+        written.append([t.clone() for t in (cache.blocks, cache.scales) if t is not None])
+    for a, b in zip(*written):
+        if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
+            raise SystemExit(f"--try {label}: the store wrote different bytes than the default build (mismatch)")
 
 
 def bare_launch(cache, total: int):
@@ -157,6 +175,7 @@ def main() -> None:
                 for w in wrapped:
                     w.begin_step([per_req] * batch)
                 ops[f"kvgen {text}"] = ([lambda w=w, k=k, v=v: w.store(0, k, v) for w, (_, k, v) in zip(wrapped, sets)], kv_bytes)
+                check_same_store(sets[0], wrapped[0], text)
             eager_fns = {"kvgen": kv_launch[0], "kvgen without PDL": partial(plain[0].store, 0, sets[0][1], sets[0][2])} if T <= 64 else {}  # host cost, timed below
             peer_bytes_fi = T * H * D * 2 * (2 * cache_bytes)  # FlashInfer moves cache-dtype bytes only
             try:

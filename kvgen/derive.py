@@ -31,6 +31,12 @@ QUANTIZED_ITEMS_PER_THREAD = 1
 # store __launch_bounds__ minimum CTAs per SM (256 threads each): 6 leaves 40 registers, enough without spills;
 # measured on the H100 against 4 and 5 in one run: FP8 8192-token store 25.1 -> 22.8 µs, bf16 27.4 -> 26.9 µs.
 STORE_MIN_BLOCKS = 6
+# Quantizing stores: input vectors (16 bytes each) one lane takes of its scale group, so TPG = vectors / this
+# many lanes share the group. The per-item work (index math, the row check, the amax shuffles, the scale's
+# division) is then spread over more bytes: the FP8 store was issue-bound (ncu on the H200: SM throughput 67%,
+# DRAM 31%, warps mostly "not selected"). Measured on the H200 (bench/NOTES.md, session 9, same data, FP8 g64,
+# 8192 tokens): 1 -> 2 vectors 17.0 -> 15.2 µs; 4 (48 registers, 5 CTAs/SM) 15.3 µs, no better.
+QUANTIZED_VECTORS_PER_LANE = 2
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ def store_split(spec: VariantSpec) -> StoreSplit:
         return StoreSplit(vec=vec, tpg=1, vpt=1, ipt=ITEMS_PER_THREAD)
     g = spec.quantization.granularity
     vectors = g // vec
-    tpg = _largest_pow2_divisor(vectors, 32)
+    tpg = _largest_pow2_divisor(vectors, min(32, max(1, vectors // QUANTIZED_VECTORS_PER_LANE)))
     return StoreSplit(vec=vec, tpg=tpg, vpt=vectors // tpg, ipt=QUANTIZED_ITEMS_PER_THREAD)
 
 
@@ -78,13 +84,6 @@ def tokens_per_block(spec: VariantSpec, split: StoreSplit, items_per_thread: int
     return max(1, min(MAX_TOKENS_PER_BLOCK, THREADS * per_thread // max(1, items)))
 
 
-# A large quantizing store makes two passes per block (tokens_per_block is a launch argument, so this is chosen per
-# call, no second kernel). Measured on the H100 (bench/NOTES.md, session 6; same run, FP8 g64, 8192 tokens): two
-# passes 75.9 -> 77.5% of copy (page 16) and 77.8 -> 79.7% (page 128), while 64 tokens went 2.93 -> 4.25 µs
-# (half the blocks, each twice as long) and bf16 8192 tokens 89.4 -> 86.0%. So 16-bit stores keep one pass, and
-# a quantizing store takes two once one-pass blocks would fill LARGE_STORE_WAVES waves of resident blocks.
-LARGE_STORE_PASSES = 2
-LARGE_STORE_WAVES = 4
 
 
 # A small store step (fewer blocks than SMs with the default split) runs one item per thread instead of IPT: twice
@@ -99,14 +98,6 @@ def small_store_tokens_per_block(spec: VariantSpec, split: StoreSplit) -> int | 
         return None
     small = tokens_per_block(spec, split, items_per_thread=1)
     return small if small < tokens_per_block(spec, split) else None
-
-
-def large_store_tokens_per_block(spec: VariantSpec, split: StoreSplit) -> int | None:
-    """tokens_per_block of a large store step, or None where large steps keep the default (16-bit, RoPE caches)."""
-    if spec.quantization is None or spec.rope_layout is not None:
-        return None
-    large = tokens_per_block(spec, split, items_per_thread=split.ipt * PASSES_PER_BLOCK * LARGE_STORE_PASSES)
-    return large if large > tokens_per_block(spec, split) else None
 
 
 @dataclass(frozen=True)

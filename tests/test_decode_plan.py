@@ -14,7 +14,6 @@ from kvgen.derive import (
     decode_fp8_swizzled,
     decode_geometry,
     decode_loader,
-    large_store_tokens_per_block,
     small_store_tokens_per_block,
     store_split,
     tokens_per_block,
@@ -172,20 +171,6 @@ def _store_spec(dtype: str, quantized: bool) -> VariantSpec:
     return validate_variant(d)
 
 
-@pytest.mark.parametrize(("dtype", "quantized", "doubles"), [("bfloat16", False, False), ("float8_e4m3fn", True, True),
-                                                             ("float8_e4m3fn", False, False)])
-def test_only_large_quantizing_stores_take_two_passes_per_block(dtype: str, quantized: bool, doubles: bool) -> None:
-    # Measured (derive.py): two passes helped only the quantizing store at 8192 tokens; 16-bit stores and plain
-    # FP8 casts keep one pass at every size.
-    spec = _store_spec(dtype, quantized)
-    split = store_split(spec)
-    large = large_store_tokens_per_block(spec, split)
-    if doubles:
-        assert large == 2 * tokens_per_block(spec, split)
-    else:
-        assert large is None
-
-
 @pytest.mark.parametrize(("longest", "pairs", "groups", "splits"), [
     (1024, 128, 4, 1),     # 16 requests x 8 KV heads: one grouped CTA per pair, no combine launch
     (1024, 132, 2, 1),     # exactly one per SM
@@ -198,11 +183,12 @@ def test_grouped_splits_fill_one_wave_and_never_split_below_a_tile(longest: int,
 
 
 @pytest.mark.parametrize(("dtype", "quantized", "default", "small"), [("bfloat16", False, 2, 1),
-                                                                     ("float8_e4m3fn", True, 1, None)])
+                                                                     ("float8_e4m3fn", True, 2, None)])
 def test_small_store_steps_take_one_item_per_thread(dtype: str, quantized: bool, default: int, small: int | None) -> None:
-    # 8 KV heads x 128: 256 items of 8 elements per token, K and V. 16-bit stores run IPT = 2 items per thread
-    # (2 tokens per 256-thread block) and one token per block when small; quantizing stores run one item per thread
-    # at every size (QUANTIZED_ITEMS_PER_THREAD), so a small step changes nothing for them.
+    # 8 KV heads x 128. 16-bit stores: 256 items of 8 elements per token (K and V), IPT = 2 items per thread, so 2
+    # tokens per 256-thread block, and one token per block when small. Quantizing stores: items of 2 vectors (16
+    # elements, QUANTIZED_VECTORS_PER_LANE), 128 per token, one per thread at every size
+    # (QUANTIZED_ITEMS_PER_THREAD), so 2 tokens per block and a small step changes nothing for them.
     spec = _store_spec(dtype, quantized)
     split = store_split(spec)
     assert tokens_per_block(spec, split) == default

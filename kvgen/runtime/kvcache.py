@@ -16,11 +16,9 @@ import numpy as np
 
 from ..derive import (
     DECODE_TILE,
-    LARGE_STORE_WAVES,
     THREADS,
     StoreSplit,
     decode_geometry,
-    large_store_tokens_per_block,
     small_store_tokens_per_block,
     store_split,
     tma_geometry,
@@ -148,10 +146,7 @@ class KVCache:
         self._split: StoreSplit = store_split(self.spec)
         self._io_rows_shape = self._io_shape()
         self._tpb = 8 if self.spec.rope_layout else tokens_per_block(self.spec, self._split)
-        # Large quantizing stores: more tokens per block from this many tokens on; small steps: fewer, below this
-        # many (derive.py; both thresholds resolved on first use).
-        self._tpb_large = large_store_tokens_per_block(self.spec, self._split)
-        self._large_store_from: int | None = None
+        # Small steps: fewer tokens per block, below this many (derive.py; the threshold is resolved on first use).
         self._tpb_small = small_store_tokens_per_block(self.spec, self._split)
         self._small_store_below: int | None = None
         self._launches: dict[str, _Launch] = {}
@@ -500,19 +495,13 @@ class KVCache:
 
     def store_tokens_per_block(self, total: int) -> int:
         """Tokens per block of a store of `total` tokens (derive.py): one item per thread for a small step (the
-        default split would leave SMs idle), two passes' worth for a large quantizing store (one-pass blocks would
-        fill LARGE_STORE_WAVES waves of resident blocks), else the variant's default."""
+        default split would leave SMs idle), else the variant's default."""
         if self._tpb_small is not None:
             if self._small_store_below is None:
                 self._small_store_below = self.sm_count() * self._tpb
             if total < self._small_store_below:
                 return self._tpb_small
-        if self._tpb_large is None:
-            return self._tpb
-        if self._large_store_from is None:
-            resident = driver.resident_blocks(self._kernel("store"), THREADS, self.device)
-            self._large_store_from = LARGE_STORE_WAVES * resident * self._tpb
-        return self._tpb_large if total >= self._large_store_from else self._tpb
+        return self._tpb
 
     def _launch_ragged(self, kernel: str, layer: int, total: int, k: int, v: int, offsets: int, extra: int,
                        stream: Any) -> None:

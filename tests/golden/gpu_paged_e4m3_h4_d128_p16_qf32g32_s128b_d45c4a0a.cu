@@ -39,14 +39,14 @@ extern "C" __global__ void __launch_bounds__(kvgen::kThreads, 6)
 kvgen_gpu_paged_e4m3_h4_d128_p16_qf32g32_s128b_d45c4a0a_store(const CacheArgs args, const IO* __restrict__ k_new, const IO* __restrict__ v_new,
     const uint32_t* __restrict__ row_offsets, const uint2* __restrict__ token_map, uint32_t total_tokens, uint32_t layer,
     uint32_t tokens_per_block) {
-  kvgen::store_ragged<Cache, IO, 8, 4, 1, 1>(args, k_new, v_new, row_offsets, token_map, total_tokens, layer, tokens_per_block);
+  kvgen::store_ragged<Cache, IO, 8, 2, 2, 1>(args, k_new, v_new, row_offsets, token_map, total_tokens, layer, tokens_per_block);
 }
 
 extern "C" __global__ void __launch_bounds__(kvgen::kThreads, 4)
 kvgen_gpu_paged_e4m3_h4_d128_p16_qf32g32_s128b_d45c4a0a_load(const CacheArgs args, IO* __restrict__ k_out, IO* __restrict__ v_out,
     const uint32_t* __restrict__ row_offsets, const uint32_t* __restrict__ start_pos, uint32_t total_tokens,
     uint32_t layer, uint32_t tokens_per_block) {
-  kvgen::load_ragged<Cache, IO, 8, 1>(args, k_out, v_out, row_offsets, start_pos, total_tokens, layer, tokens_per_block);
+  kvgen::load_ragged<Cache, IO, 8, 2>(args, k_out, v_out, row_offsets, start_pos, total_tokens, layer, tokens_per_block);
 }
 
 extern "C" __global__ void __launch_bounds__(kvgen::kThreads, 4)

@@ -13,7 +13,7 @@ import pytest
 
 from kvgen import reference as ref
 from kvgen.build import build, import_package
-from kvgen.derive import large_store_tokens_per_block, small_store_tokens_per_block, store_split, tma_geometry
+from kvgen.derive import small_store_tokens_per_block, store_split, tma_geometry
 from kvgen.dtypes import DTYPES
 from kvgen.errors import LaunchError
 from kvgen.grid import load_config
@@ -183,42 +183,28 @@ def test_store_then_load_matches_reference(generated, name: str) -> None:
     assert cache.errors() == []
 
 
-def _split_cases() -> list[tuple[str, str]]:
-    cases = []
-    for v in GRID.variants:
-        if v.name in NAMES:
-            split = store_split(v.spec)
-            if large_store_tokens_per_block(v.spec, split):
-                cases.append((v.name, "large"))
-            if small_store_tokens_per_block(v.spec, split) and ("_p16_" in v.name or "_cont_" in v.name):
-                cases.append((v.name, "small"))
-    return cases
+def _small_split_cases() -> list[str]:
+    return [v.name for v in GRID.variants if v.name in NAMES and small_store_tokens_per_block(v.spec, store_split(v.spec))
+            and ("_p16_" in v.name or "_cont_" in v.name)]
 
 
-@pytest.mark.parametrize(("name", "mode"), _split_cases())
-def test_store_with_the_small_and_large_step_splits(generated, name: str, mode: str) -> None:
+@pytest.mark.parametrize("name", _small_split_cases())
+def test_store_with_the_small_step_split(generated, name: str) -> None:
     """Store launches choose tokens per block per call (KVCache.store_tokens_per_block): one item per thread for a
-    small step, two passes per block for a large quantizing one. Each split is forced here on a ragged step of
-    edge lengths, so blocks straddle requests and pages; the result must still be bit-exact."""
-    rng = np.random.default_rng(abs(hash(name + mode)) % 2**32)
+    small step. The split is forced here on a ragged step of edge lengths, so blocks straddle requests and pages;
+    the result must still be bit-exact."""
+    rng = np.random.default_rng(abs(hash(name + "small")) % 2**32)
     spec = generated.VARIANTS[name].spec()
     p = spec.cache.page_size or 16
     cached, new = edge_lengths(p)
     new = [3 * n + 1 for n in new]
     v, spec, cache = make_cache(generated, name, rng, cached, new)
     default = cache._tpb
-    if mode == "large":
-        large = cache.store_tokens_per_block(10**9)
-        assert large > default, "a large quantizing step should take more tokens per block"
-        assert cache.store_tokens_per_block(cache._large_store_from - 1) == default
-        cache._large_store_from, cache._small_store_below = 1, 0  # every store of this cache: the large split
-        assert cache.store_tokens_per_block(sum(new)) == large
-    else:
-        small = cache.store_tokens_per_block(1)
-        assert small < default, "a one-token step should take fewer tokens per block"
-        assert cache.store_tokens_per_block(cache._small_store_below) >= default
-        cache._small_store_below = 10**9  # every store of this cache: the small split
-        assert cache.store_tokens_per_block(sum(new)) == small
+    small = cache.store_tokens_per_block(1)
+    assert small < default, "a one-token step should take fewer tokens per block"
+    assert cache.store_tokens_per_block(cache._small_store_below) >= default
+    cache._small_store_below = 10**9  # every store of this cache: the small split
+    assert cache.store_tokens_per_block(sum(new)) == small
     store_matches_reference(cache, spec, new, 0, rng)
 
 

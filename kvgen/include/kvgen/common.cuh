@@ -175,21 +175,64 @@ template <int N, class T> __device__ __forceinline__ void store_vec(T* p, const 
 constexpr __host__ __device__ __nv_fp8_interpretation_t fp8_kind(__nv_fp8_e4m3) { return __NV_E4M3; }
 constexpr __host__ __device__ __nv_fp8_interpretation_t fp8_kind(__nv_fp8_e5m2) { return __NV_E5M2; }
 
-// N floats (times `mul`) -> N elements of T. FP8 pairs go through one cvt.rn.satfinite.*x2 each (the same
-// rounding and saturation as from_f32, half the conversions and no byte packing afterwards).
-template <class T, int N> __device__ __forceinline__ Vec<T, N> convert_from_f32(const float (&x)[N], float mul) {
-  Vec<T, N> r;
-  constexpr bool kFp8 = sizeof(T) == 1;
-  if constexpr (kFp8 && N % 2 == 0) {
-    constexpr __nv_fp8_interpretation_t kind = fp8_kind(T{});
-    auto* pairs = reinterpret_cast<__nv_fp8x2_storage_t*>(r.v);
-#pragma unroll
-    for (int i = 0; i < N; i += 2) pairs[i / 2] = __nv_cvt_float2_to_fp8x2(make_float2(x[i] * mul, x[i + 1] * mul), __NV_SATFINITE, kind);
+// ---- vectors as 32-bit words (the store's hot path) ----------------------------------------------------
+// Converting through Vec<bf16/fp8, N> arrays makes the compiler move every 8- or 16-bit element with its own byte
+// permute (SASS of the FP8 store: ~40 PRMT/LOP3 per 16 output bytes); whole words avoid that.
+template <class In, int W> __device__ __forceinline__ float word_elem_to_f32(const uint32_t (&w)[W], int e) {
+  if constexpr (sizeof(In) == 4) {
+    return __uint_as_float(w[e]);
+  } else if constexpr (is_same_v<In, __nv_bfloat16>) {  // bf16 is the upper half of a float: a shift or a mask
+    return __uint_as_float((e & 1) ? (w[e >> 1] & 0xffff0000u) : (w[e >> 1] << 16));
   } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) r.v[i] = from_f32<T>(x[i] * mul);
+    static_assert(is_same_v<In, __half>, "16-bit inputs are bf16 or fp16");
+    const __half2 h = *reinterpret_cast<const __half2*>(&w[e >> 1]);
+    return (e & 1) ? __high2float(h) : __low2float(h);
+  }
+}
+
+// Four floats as four FP8 bytes (a0 lowest), saturating to the finite range. On sm_89+ two cvt.e4m3x2/e5m2x2
+// joined by one mov: the intrinsic returns 16-bit halves the compiler masks before it permutes them together.
+template <class T> __device__ __forceinline__ uint32_t fp8x4(float a0, float a1, float a2, float a3) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  uint32_t r;
+  if constexpr (is_same_v<T, __nv_fp8_e4m3>) {
+    asm("{.reg .b16 lo, hi;\n\tcvt.rn.satfinite.e4m3x2.f32 lo, %2, %1;\n\tcvt.rn.satfinite.e4m3x2.f32 hi, %4, %3;\n\t"
+        "mov.b32 %0, {lo, hi};}" : "=r"(r) : "f"(a0), "f"(a1), "f"(a2), "f"(a3));
+  } else {
+    asm("{.reg .b16 lo, hi;\n\tcvt.rn.satfinite.e5m2x2.f32 lo, %2, %1;\n\tcvt.rn.satfinite.e5m2x2.f32 hi, %4, %3;\n\t"
+        "mov.b32 %0, {lo, hi};}" : "=r"(r) : "f"(a0), "f"(a1), "f"(a2), "f"(a3));
   }
   return r;
+#else
+  constexpr __nv_fp8_interpretation_t kind = fp8_kind(T{});
+  const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(a0, a1), __NV_SATFINITE, kind);
+  const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(a2, a3), __NV_SATFINITE, kind);
+  return __byte_perm(lo, hi, 0x5410);
+#endif
+}
+
+// x[i] * mul as N elements of T, little-endian in 32-bit words, rounded as from_f32 (FP8: satfinite).
+template <class T, int N> __device__ __forceinline__ void pack_words(const float (&x)[N], float mul,
+                                                                     uint32_t (&w)[N * sizeof(T) / 4]) {
+  static_assert(N * sizeof(T) % 4 == 0, "whole words");
+  if constexpr (sizeof(T) == 1) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) w[i / 4] = fp8x4<T>(x[i] * mul, x[i + 1] * mul, x[i + 2] * mul, x[i + 3] * mul);
+  } else if constexpr (sizeof(T) == 2) {
+#pragma unroll
+    for (int i = 0; i < N; i += 2) {  // one packing convert per pair, .x in the low half
+      if constexpr (is_same_v<T, __nv_bfloat16>) {
+        const __nv_bfloat162 pair = __floats2bfloat162_rn(x[i] * mul, x[i + 1] * mul);
+        w[i / 2] = *reinterpret_cast<const uint32_t*>(&pair);
+      } else {
+        const __half2 pair = __floats2half2_rn(x[i] * mul, x[i + 1] * mul);
+        w[i / 2] = *reinterpret_cast<const uint32_t*>(&pair);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) w[i] = __float_as_uint(from_f32<T>(x[i] * mul));
+  }
 }
 
 __device__ __forceinline__ uint32_t lowbit(uint32_t x) { return x & (~x + 1u); }

@@ -65,6 +65,15 @@ template <class Cache> __device__ __forceinline__ void resolve_tokens(
   __syncthreads();
 }
 
+// One item's converted words (contiguous in the cache row) in as few stores as possible: 16-byte stores when the
+// item is a whole number of them (a quantizing item of 4 vectors is 32 FP8 bytes: 2 stores rather than 4 of 8
+// bytes, each of which would touch 32 sectors of the warp's span), else 8- or 4-byte ones.
+template <int W> __device__ __forceinline__ void store_words(uint32_t* dst, const uint32_t (&w)[W]) {
+  constexpr int kChunk = W % 4 == 0 ? 4 : W % 2 == 0 ? 2 : 1;
+#pragma unroll
+  for (int i = 0; i < W; i += kChunk) store_vec<kChunk>(dst + i, *reinterpret_cast<const Vec<uint32_t, kChunk>*>(w + i));
+}
+
 // store: new K/V [T, H, D] (In) -> cache rows cache_length(b) + t, converting (and quantizing) on the way.
 // Each thread owns IPT items per pass (kvgen/derive.py picks it); the token-map and input loads of a pass are all
 // issued before any is used, so their HBM round trips overlap (without a token map: inputs, then the CSR search).
@@ -100,7 +109,10 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
         slot[u] = it < n_items ? token_map[tok0 + it / S::items_per_token] : make_uint2(0u, 0u);
       }
     }
-    Vec<In, VEC> raw[IPT][VPT];
+    // Inputs as 32-bit words (see word_elem_to_f32): VPT vectors of VEC elements per item.
+    constexpr int kInWords = S::elems_per_item * int(sizeof(In)) / 4, kVecWords = VEC * int(sizeof(In)) / 4;
+    static_assert(VEC * sizeof(In) % 4 == 0, "input vectors are whole words");
+    uint32_t raw[IPT][kInWords];
 #pragma unroll
     for (int u = 0; u < IPT; ++u) {
       const uint32_t it = base + u * blockDim.x + threadIdx.x;
@@ -108,11 +120,13 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
       const uint32_t ti = it / S::items_per_token, rem = it % S::items_per_token;
       const uint32_t kv = rem / S::items_per_row, h = (rem % S::items_per_row) / S::items_per_head;
       const uint32_t d0 = (rem % S::items_per_head) * S::elems_per_item;
-      const In* src = (kv == 0 ? k_new : v_new) + (uint64_t(tok0 + ti) * S::H + h) * S::D + d0;
+      const uint32_t* src = reinterpret_cast<const uint32_t*>((kv == 0 ? k_new : v_new) + (uint64_t(tok0 + ti) * S::H + h) * S::D + d0);
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
-        raw[u][j] = Vec<In, VEC>{};
-        if (active) raw[u][j] = load_vec<VEC>(src + j * VEC);
+        Vec<uint32_t, kVecWords> w{};
+        if (active) w = load_vec<kVecWords>(src + j * kVecWords);
+#pragma unroll
+        for (int i = 0; i < kVecWords; ++i) raw[u][j * kVecWords + i] = w.v[i];
       }
     }
     uint32_t rows[IPT];
@@ -129,13 +143,6 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
                               nullptr, req, pos);
       }
     }
-    float x[IPT][VPT][VEC];
-#pragma unroll
-    for (int u = 0; u < IPT; ++u)
-#pragma unroll
-      for (int j = 0; j < VPT; ++j)
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) x[u][j][e] = to_f32(raw[u][j].v[e]);
 #pragma unroll
     for (int u = 0; u < IPT; ++u) {
       const uint32_t it = base + u * blockDim.x + threadIdx.x;
@@ -146,11 +153,13 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
       float inv = 1.f;
       Sc scale{};
       if constexpr (Cache::quantization_enabled) {
+        // Straight from the raw inputs: a float copy of all VPT x VEC elements would live across the shuffles
+        // (32 registers at VPT = 4); the widening conversion is exact, so it can be redone below.
         float amax = 0.f;
 #pragma unroll
         for (int j = 0; j < VPT; ++j)
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) amax = fmaxf(amax, fabsf(x[u][j][e]));
+          for (int e = 0; e < VEC; ++e) amax = fmaxf(amax, fabsf(word_elem_to_f32<In>(raw[u], j * VEC + e)));
 #pragma unroll
         for (int m = TPG / 2; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
         scale = make_scale<Sc>(amax, Cache::fp8_max);
@@ -162,8 +171,18 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
       if (!active || row == kNoRow) continue;
       // Select the base pointer, not a reference to one of two local caches (that would force them to memory).
       T* dst = (kv == 0 ? k_cache.blocks : v_cache.blocks) + int64_t(row) * S::H * S::D + int64_t(h) * S::D + d0;
+      constexpr int kOutWords = S::elems_per_item * int(sizeof(T)) / 4;
+      uint32_t out[kOutWords];
+      if constexpr (is_same_v<In, T> && !Cache::quantization_enabled) {
 #pragma unroll
-      for (int j = 0; j < VPT; ++j) store_vec<VEC>(dst + j * VEC, convert_from_f32<T, VEC>(x[u][j], inv));
+        for (int i = 0; i < kOutWords; ++i) out[i] = raw[u][i];  // same type: the input bits, untouched
+      } else {
+        float x[S::elems_per_item];
+#pragma unroll
+        for (int e = 0; e < S::elems_per_item; ++e) x[e] = word_elem_to_f32<In>(raw[u], e);
+        pack_words<T>(x, inv, out);
+      }
+      store_words(reinterpret_cast<uint32_t*>(dst), out);
       if constexpr (Cache::quantization_enabled) {
         if ((threadIdx.x & (TPG - 1)) == 0) {
           (kv == 0 ? k_cache.scales : v_cache.scales)[int64_t(row) * S::H * Cache::num_scale_groups + h * Cache::num_scale_groups
