@@ -879,8 +879,9 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   pdl_launch_dependents();
 
   // ---- merge the 4 x ngrp warps (reusing the pipelines' shared memory) ------------------------------------
-  // Each warp parks its unnormalized rows (only the GROUP real ones) and their (max, sum) in its own slice, one
-  // barrier, then every thread combines the slices for its outputs. (The first version added the warps into
+  // Each warp parks its unnormalized rows (only the GROUP real ones) and their (max, sum) in its own slice; after
+  // a barrier one warp per row turns the (max, sum) pairs into slice weights, and after a second every thread
+  // combines the slices for its outputs. (The first version added the warps into
   // one buffer in 4 barrier-separated turns with 8-way bank conflicts: 6 us per CTA, measured with the
   // per-CTA trace; at 16 x 1k that was a fifth of the kernel.)
 #pragma unroll
@@ -940,35 +941,40 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   }
   __syncthreads();
   KVGEN_TRACE(5);
+  // Each row's slice weights, once per row: one warp per row, lane w reads slice w's (max, sum). The weight
+  // c_w = 2^(m_w - M) / L overwrites the slice's max and the row's natural-log LSE its slice-0 sum; every output
+  // element is then one FMA per slice. (The online merge per element paid nw / 4 dependent rounds of
+  // exponentials and a division for each of the GROUP x D outputs.)
+  for (uint32_t row = threadIdx.x / 32; row < uint32_t(GROUP); row += nw) {  // warp-uniform
+    const bool has = lane < nw;
+    const float mw = has ? sm_ml[(lane * GROUP + row) * 2] : -INFINITY;
+    const float lw = has ? sm_ml[(lane * GROUP + row) * 2 + 1] : 0.f;
+    float mx = mw;
+#pragma unroll
+    for (int sh = 16; sh > 0; sh >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, sh));
+    const float mref = mx == -INFINITY ? 0.f : mx;
+    const float e = exp2f(mw - mref);  // 0 for a slice that saw no rows (m_w = -inf)
+    float l = lw * e;
+#pragma unroll
+    for (int sh = 16; sh > 0; sh >>= 1) l += __shfl_xor_sync(0xffffffffu, l, sh);
+    if (has) sm_ml[(lane * GROUP + row) * 2] = l > 0.f ? e / l : 0.f;
+    if (lane == 0) sm_ml[row * 2 + 1] = l > 0.f ? (mref + log2f(l)) * 0.6931471805599453f : -INFINITY;
+  }
+  __syncthreads();
   for (int i = threadIdx.x; i < GROUP * D; i += blockDim.x) {
     const int row = i / D, col = i % D;
-    // One warp group's 4 slices at a time, their loads issued together, merged online into (m, l, acc): a loop
-    // over single slices paid one dependent shared-memory round trip each (session 7: a 1.4-1.8 us epilogue).
-    float m = -INFINITY, l = 0.f, acc = 0.f;
-    for (uint32_t w0 = 0; w0 < nw; w0 += 4) {
-      float mw[4], lw[4], ow[4];
+    float o_norm = 0.f;
+    for (uint32_t w0 = 0; w0 < nw; w0 += 4) {  // 4 slices' loads in flight together
+      float cw[4], ow[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const uint32_t w = w0 + j;
-        mw[j] = sm_ml[(w * GROUP + row) * 2];
-        lw[j] = sm_ml[(w * GROUP + row) * 2 + 1];
-        ow[j] = sm_o[(w * GROUP + row) * OP + col];
+        cw[j] = sm_ml[((w0 + j) * GROUP + row) * 2];
+        ow[j] = sm_o[((w0 + j) * GROUP + row) * OP + col];
       }
-      const float m_new = fmaxf(fmaxf(m, fmaxf(mw[0], mw[1])), fmaxf(mw[2], mw[3]));
-      const float mref = m_new == -INFINITY ? 0.f : m_new;
-      const float keep = exp2f(m - mref);  // 0 while nothing was seen (m = -inf)
-      l *= keep, acc *= keep;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float wgt = exp2f(mw[j] - mref);  // 0 for a warp that saw no rows
-        l += lw[j] * wgt;
-        acc += ow[j] * wgt;
-      }
-      m = m_new;
+      for (int j = 0; j < 4; ++j) o_norm = fmaf(cw[j], ow[j], o_norm);
     }
-    const float mr = m == -INFINITY ? 0.f : m;
-    const float o_norm = l > 0.f ? acc / l : 0.f;
-    const float lse = l > 0.f ? (mr + log2f(l)) * 0.6931471805599453f : -INFINITY;
+    const float lse = sm_ml[row * 2 + 1];
     if (i == int(threadIdx.x)) KVGEN_TRACE(6);  // thread 0's first output merged, not yet stored
     if (final_out) {
       // decode_combine's merge of a single split: w = exp(lse - m) against the sink's exp(sink - m).
