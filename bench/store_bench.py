@@ -135,7 +135,8 @@ def main() -> None:
     ap.add_argument("--try", dest="tries", nargs="*", default=[], metavar="KNOB=V[,KNOB=V]",
                     help=f"also time the store built with other derive constants ({', '.join(TUNABLE)}), same data")
     ap.add_argument("--defines", nargs="*", default=[], metavar="NAME=V[,NAME=V]",
-                    help="also time the store compiled with these -D knobs of store_load.cuh, one build each, same data")
+                    help="also time the store compiled with these -D defines, one build each, same data (for a knob added to "
+                         "store_load.cuh for an experiment; it has none by default)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     mod = load_generated(Path("/tmp/kvgen-bench-store"))

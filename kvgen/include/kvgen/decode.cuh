@@ -551,7 +551,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     // dim k_dim(t, kk) + 2 + e (e = 0, 1), so ldmatrix hands lane (gq, tq) the A fragment of the permuted k.
     // Read after the tile loop's first group barrier. The loads go out in batches of 8 before any is stored:
     // written as one load -> convert -> store loop, each element waited for its own load (SASS: LDG, F2FP, STS,
-    // branch), 4 to 16 serial round trips that the per-CTA trace showed as FP8's first tile landing about 1.5 us
+    // branch), 4 to 32 serial round trips that the per-CTA trace showed as FP8's first tile landing about 1.5 us
     // later than bf16's.
     constexpr int kQPerThread = (Q_ROWS * D + kDecodeThreads - 1) / kDecodeThreads, kQBatch = 8;
 #pragma unroll

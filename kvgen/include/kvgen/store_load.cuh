@@ -66,8 +66,8 @@ template <class Cache> __device__ __forceinline__ void resolve_tokens(
 }
 
 // One item's converted words (contiguous in the cache row) in as few stores as possible: 16-byte stores when the
-// item is a whole number of them (a quantizing item of 4 vectors is 32 FP8 bytes: 2 stores rather than 4 of 8
-// bytes, each of which would touch 32 sectors of the warp's span), else 8- or 4-byte ones.
+// item is a whole number of them (a quantizing item of 2 bf16 vectors is 16 FP8 bytes: one store rather than two
+// of 8 bytes, each of which would touch twice the sectors of the warp's span), else 8- or 4-byte ones.
 template <int W> __device__ __forceinline__ void store_words(uint32_t* dst, const uint32_t (&w)[W]) {
   constexpr int kChunk = W % 4 == 0 ? 4 : W % 2 == 0 ? 2 : 1;
 #pragma unroll
