@@ -9,6 +9,7 @@ from conftest import base_config
 from kvgen.config import VariantSpec, validate_variant
 from kvgen.derive import (
     DECODE_AUTO_LOADER,
+    QUANTIZED_VECTORS_PER_LANE,
     SM90_SMEM_PER_SM,
     SMEM_RESERVED_PER_CTA,
     decode_fp8_swizzled,
@@ -169,6 +170,25 @@ def _store_spec(dtype: str, quantized: bool) -> VariantSpec:
     if quantized:
         d["quantization"] = {"scale_dtype": "float32", "granularity": 64}
     return validate_variant(d)
+
+
+@pytest.mark.parametrize("input_dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize(("head_size", "granularity"), [(128, 16), (128, 32), (128, 64), (128, 128), (96, 48),
+                                                        (96, 96), (256, 256)])
+def test_quantized_store_split_tiles_each_scale_group_with_whole_lanes(input_dtype: str, head_size: int,
+                                                                       granularity: int) -> None:
+    # The kernel's amax butterfly needs TPG lanes, a power of two of at most 32, holding VPT whole vectors each,
+    # that cover exactly one group; a head holds whole groups of lanes (RowSplit's static_asserts).
+    d = base_config()
+    d["cache"].update(dtype="float8_e4m3fn", head_size=head_size, input_dtype=input_dtype)
+    d["quantization"] = {"scale_dtype": "float32", "granularity": granularity}
+    d["tma"] = {"swizzle": "32B"}  # fits a 96-byte FP8 head row
+    split = store_split(validate_variant(d))
+    assert split.tpg & (split.tpg - 1) == 0 and 1 <= split.tpg <= 32
+    assert split.tpg * split.vpt * split.vec == granularity
+    assert (head_size // split.elems_per_item) % split.tpg == 0
+    vectors = granularity // split.vec
+    assert split.vpt >= min(QUANTIZED_VECTORS_PER_LANE, vectors)  # the per-item work spread over this many vectors
 
 
 @pytest.mark.parametrize(("longest", "pairs", "groups", "splits"), [
