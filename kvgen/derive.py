@@ -31,11 +31,12 @@ QUANTIZED_ITEMS_PER_THREAD = 1
 # store __launch_bounds__ minimum CTAs per SM (256 threads each): 6 leaves 40 registers, enough without spills;
 # measured on the H100 against 4 and 5 in one run: FP8 8192-token store 25.1 -> 22.8 µs, bf16 27.4 -> 26.9 µs.
 STORE_MIN_BLOCKS = 6
-# Quantizing stores: input vectors (16 bytes each) one lane takes of its scale group, at least: the group's
-# vectors are split over TPG lanes, a power of two of at most 32 and at most vectors / this (store_split). The per-item work (index math, the row check, the amax shuffles, the scale's
-# division) is then spread over more bytes: the FP8 store was issue-bound (ncu on the H200: SM throughput 67%,
-# DRAM 31%, warps mostly "not selected"). Measured on the H200 (bench/NOTES.md, session 9, same data, FP8 g64,
-# 8192 tokens): 1 -> 2 vectors 17.0 -> 15.2 µs; 4 (48 registers, 5 CTAs/SM) 15.3 µs, no better.
+# Quantizing stores: input vectors (16 bytes each) one lane takes of its scale group, at least (store_split:
+# the group's vectors go to TPG lanes, a power of two of at most 32 and at most vectors / this). The per-item work
+# (index math, the row check, the amax shuffles, the scale's division) is then spread over more bytes: the FP8
+# store was issue-bound (ncu on the H200: SM throughput 67%, DRAM 31%, warps mostly "not selected"). Measured on
+# the H200 (bench/NOTES.md, session 9, same data, FP8 g64, 8192 tokens): 1 -> 2 vectors 17.0 -> 15.2 µs; 4 (48
+# registers, 5 CTAs/SM) 15.3 µs, no better.
 QUANTIZED_VECTORS_PER_LANE = 2
 
 

@@ -188,6 +188,11 @@ def _small_split_cases() -> list[str]:
             and ("_p16_" in v.name or "_cont_" in v.name)]
 
 
+def test_the_small_step_split_has_variants_to_run_on() -> None:
+    # An empty parameter list would skip the test below without a failure.
+    assert _small_split_cases(), "no GPU-grid variant takes the small-step store split"
+
+
 @pytest.mark.parametrize("name", _small_split_cases())
 def test_store_with_the_small_step_split(generated, name: str) -> None:
     """Store launches choose tokens per block per call (KVCache.store_tokens_per_block): one item per thread for a
