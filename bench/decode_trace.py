@@ -55,6 +55,15 @@ def report(label: str, tr: np.ndarray) -> None:
     print(f"   CTA lifetime          {q(end - start)}")
     hist = np.histogram(end, bins=8, range=(0, end.max()))[0]
     print(f"   CTAs ending per 1/8 of the span: {list(map(int, hist))}")
+    # Per SM: how many CTAs it ran and when its last one ended (an SM with more CTAs of one wave ending later
+    # means the SMs do not share the memory bandwidth evenly).
+    sms, per_sm = np.unique(tr[:, 7], return_inverse=True)
+    counts = np.bincount(per_sm)
+    last = np.zeros(len(sms))
+    np.maximum.at(last, per_sm, end)
+    by_count = ", ".join(f"{int(n)} CTAs: {int((counts == n).sum())} SMs, last end {np.median(last[counts == n]):.2f}"
+                         for n in np.unique(counts))
+    print(f"   per SM (median last end): {by_count}")
 
 
 def main() -> None:
@@ -65,7 +74,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for v in mod.VARIANTS.values():
         spec = v.spec()
-        for label, lens, chunk in (("16x1k planned", [1024] * 16, None), ("128x1k planned", [1024] * 128, None),
+        for label, lens, chunk in (("16x1k planned", [1024] * 16, None), ("64x1k planned", [1024] * 64, None),
+                                   ("128x1k planned", [1024] * 128, None),
                                    ("64x4k planned", [4096] * 64, None), ("64x4k chunk 128", [4096] * 64, 128)):
             # Three caches, the traced one built first: the other two (built and decoded after it) push its
             # blocks out of L2, so the traced decode reads HBM as in the benchmark.

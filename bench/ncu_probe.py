@@ -52,6 +52,22 @@ def decode(pattern: str, batch: int, ctx: int) -> None:
     torch.cuda.synchronize()
 
 
+def decode_flashinfer_tc(pattern: str, batch: int, ctx: int) -> None:
+    """FlashInfer's tensor-core decode on the same cache layout and lengths as `decode` (the peer to compare with)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import peers
+
+    v = variant_of("bench_decode", pattern, "kvgen_ncu_dec_" + pattern.replace("*", ""))
+    cache = decode_cache(v, [ctx] * batch, np.random.default_rng(0))
+    q = torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    run = peers.make_flashinfer_decode(q, cache.blocks[:, :, 0], cache.lookup_table[:batch], lens, cache.page_size,
+                                       32, 8, 128, True, cache.blocks.dtype)
+    for _ in range(4):
+        run()
+    torch.cuda.synchronize()
+
+
 CASES = {
     "store-bf16": lambda: store("*bf16*p128*"),
     "store-fp8": lambda: store("*e4m3*p128*"),
@@ -61,6 +77,8 @@ CASES = {
     "decode-bf16-128x4k": lambda: decode("*bf16*p16_*", 128, 4096),
     "decode-fp8-128x4k": lambda: decode("*e4m3*p16_*", 128, 4096),
     "decode-fp8-128x1k": lambda: decode("*e4m3*p16_*", 128, 1024),
+    "decode-bf16-64x16k": lambda: decode("*bf16*p16_*", 64, 16384),
+    "fi-tc-bf16-64x16k": lambda: decode_flashinfer_tc("*bf16*p16_*", 64, 16384),
 }
 
 if __name__ == "__main__":
