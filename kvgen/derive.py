@@ -189,13 +189,22 @@ DECODE_MAX_CTAS = 4
 
 
 def decode_fp8_swizzled(cache: CacheParams, tma: bool) -> bool:
-    """Whether decode.cuh keeps this cache's K/V tiles unpadded and swizzled (its SWZ): FP8 through cp.async, with
-    rows of 4, 8 or 16 chunks of 16 bytes (head size 64, 128 or 256)."""
+    """Whether decode.cuh keeps this cache's FP8 K/V tiles unpadded and swizzled with vector fragment loads and Q
+    in shared memory (its SWZ): FP8 through cp.async, with rows of 4, 8 or 16 chunks of 16 bytes (head size 64,
+    128 or 256)."""
     return DTYPES[cache.dtype].is_fp8 and not tma and cache.head_size in (64, 128, 256)
 
 
+def decode_tiles_unpadded(cache: CacheParams, tma: bool) -> bool:
+    """Whether decode.cuh's K/V tile rows are unpadded (XOR-swizzled): SWZ (FP8) or SWZ16 (16-bit through cp.async,
+    rows of 8, 16 or 32 chunks: head size 64, 128 or 256). Else (TMA) rows are padded by 16 bytes."""
+    if DTYPES[cache.dtype].is_fp8:
+        return decode_fp8_swizzled(cache, tma)
+    return not tma and (cache.head_size * DTYPES[cache.dtype].nbytes // 16) % 8 == 0
+
+
 def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
-    """Shared memory per stage: K and V tiles of 64 rows (padded by 16 bytes for bank spread, or swizzled FP8), plus
+    """Shared memory per stage: K and V tiles of 64 rows (unpadded and XOR-swizzled, or padded by 16 bytes under TMA), plus
     float32 scales."""
     c, a = spec.cache, spec.attention
     dt = DTYPES[c.dtype]
@@ -204,7 +213,8 @@ def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
     # not fit and keeps cp.async.
     tma = decode_loader(spec, arch) == "tma" and decode_row_fits_tma_box(c)
     swizzled = decode_fp8_swizzled(c, tma)
-    pitch = row_bytes if swizzled else row_bytes + 16
+    unpadded = decode_tiles_unpadded(c, tma)
+    pitch = row_bytes if unpadded else row_bytes + 16
     groups = (c.head_size + spec.quantization.granularity - 1) // spec.quantization.granularity if spec.quantization else 0
     stage = 2 * DECODE_TILE * pitch + 2 * DECODE_TILE * groups * 4
     # Measured on the H100 (bench/RESULTS.md, bench/NOTES.md session 7): FP8 runs faster with 2 stages and more
@@ -213,7 +223,7 @@ def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
     ring = DECODE_TILE * 4  # per stage: the tile's cache rows (uint32), looked up one iteration ahead
     # Slack to align the dynamic shared memory: 128 bytes for TMA, a row for swizzled tiles (their fragment
     # addresses XOR chunk bits into a tile address that must be a multiple of a row).
-    align = 128 if tma else row_bytes if swizzled else 0
+    align = 128 if tma else row_bytes if unpadded else 0
     group = a.num_q_heads // c.num_kv_heads
     # Swizzled FP8 kernels keep Q in shared memory (8 rows, or 16 past a group of 8; 16-bit, padded rows).
     q_smem = (8 if group <= 8 else 16) * (2 * c.head_size + 16) if swizzled else 0
@@ -221,7 +231,7 @@ def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
         stages -= 1
     merge = 4 * group * ((c.head_size + 8) + 2) * 4  # the epilogue's per-warp slices reuse the pipeline buffers
     smem = max(stages * (stage + ring) + q_smem, merge) + align
-    if swizzled:  # every warp group's pipeline (group g starts at g x smem) starts on a multiple of a row
+    if unpadded:  # every warp group's pipeline (group g starts at g x smem) starts on a multiple of a row
         smem = -(-smem // row_bytes) * row_bytes
     # Without a minimum, ptxas may take more registers than shared memory would cost in occupancy (the FP8
     # kernel went 127 -> 139 registers, 4 -> 3 CTAs per SM, 8% slower at 64 x 4k).

@@ -15,6 +15,7 @@ from kvgen.derive import (
     decode_fp8_swizzled,
     decode_geometry,
     decode_loader,
+    decode_tiles_unpadded,
     small_store_tokens_per_block,
     store_split,
     tokens_per_block,
@@ -95,6 +96,24 @@ def test_fp8_tiles_are_swizzled_only_where_the_kernel_swizzles(head_size: int, l
     assert geo.smem_bytes >= need
     if swizzled:
         assert geo.smem_bytes % head_size == 0 and geo.stages == 2
+
+
+@pytest.mark.parametrize(("dtype", "head_size", "loader", "unpadded"), [
+    ("bfloat16", 64, "cp_async", True), ("bfloat16", 128, "cp_async", True), ("float16", 256, "cp_async", True),
+    ("bfloat16", 128, "tma", False)])  # TMA boxes land padded rows
+def test_16bit_tiles_are_unpadded_where_cp_async_copies_them(dtype: str, head_size: int, loader: str,
+                                                             unpadded: bool) -> None:
+    # decode.cuh's SWZ16: unpadded rows keep every 128-byte global line of a cp.async in one shared-memory wavefront
+    # (one L2 request); padded rows split 7 of 8 lines in two.
+    spec = _decode_spec(dtype, head_size=head_size, loader=loader)
+    geo = decode_geometry(spec, "sm_90a")
+    assert decode_tiles_unpadded(spec.cache, geo.tma) == unpadded
+    assert not decode_fp8_swizzled(spec.cache, geo.tma)  # Q stays in registers for 16-bit caches
+    row = 2 * head_size
+    assert geo.stage_bytes == 2 * 64 * (row if unpadded else row + 16)
+    assert geo.smem_bytes >= geo.stages * (geo.stage_bytes + 64 * 4)
+    if unpadded:  # tiles start on a multiple of a row: decode.cuh XORs chunk bits into row-aligned addresses
+        assert geo.smem_bytes % row == 0
 
 
 @pytest.mark.parametrize(("num_q_heads", "q_rows"), [(8, 8), (16, 8), (24, 16), (32, 16)])

@@ -244,10 +244,18 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   constexpr int ROW_BYTES = D * ES;
   constexpr int CPR = ROW_BYTES / 16;             // 16-byte chunks per row
   // FP8 through cp.async with 64-, 128- or 256-byte rows: rows unpadded, 16-byte chunks XOR-swizzled, and
-  // vector fragment loads (see DecodeSwizzle). Everything else: rows padded by 16 bytes, so the fragment loads
-  // hit distinct banks. kvgen/derive.py decode_fp8_swizzled mirrors this choice for the shared-memory size.
+  // vector fragment loads (see DecodeSwizzle). 16-bit through cp.async: SWZ16 below. TMA: rows padded by 16
+  // bytes, so the fragment loads hit distinct banks. kvgen/derive.py decode_tiles_unpadded mirrors this choice for
+  // the shared-memory size.
   constexpr bool SWZ = Ty::kFp8 && !TMA && (CPR == 4 || CPR == 8 || CPR == 16);
-  constexpr int PITCH = SWZ ? ROW_BYTES : ROW_BYTES + 16;
+  // 16-bit tiles through cp.async (rows of 8, 16 or 32 chunks) are unpadded too: chunk c of row r sits at
+  // c ^ (r & 7), so the 8 rows of an ldmatrix matrix still read 8 distinct 4-bank units. Why not padding: with
+  // 272-byte rows, 7 of 8 rows start off a 128-byte boundary, and the L1 split each 128-byte global line of a
+  // cp.async between two shared-memory wavefronts, i.e. two L2 requests (ncu, bf16 64 x 16k on the H200: L2 hit
+  // rate 48% against FlashInfer's 1%, the second request of each line hitting what the first brought in; DRAM
+  // 4.22 against FlashInfer's 4.49 TB/s on the same cache). Swizzled rows keep every line in one wavefront.
+  constexpr bool SWZ16 = !Ty::kFp8 && !TMA && CPR % 8 == 0;
+  constexpr int PITCH = SWZ || SWZ16 ? ROW_BYTES : ROW_BYTES + 16;
   constexpr bool QUANT = Cache::quantization_enabled;
   constexpr int G = Cache::num_scale_groups;
   constexpr int GRAN = Cache::quantization_granularity;
@@ -261,8 +269,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   constexpr int STAGE_BYTES = 2 * TILE_BYTES + SCALE_BYTES;
   // TMA writes 128-byte aligned shared memory. Swizzled tiles start on a multiple of a row, so a fragment's
   // address is (tile + lane offset) ^ chunk bits (DecodeSwizzle) and no per-chunk address lives across the loop.
-  constexpr int ALIGN_SLACK = TMA ? 128 : SWZ ? ROW_BYTES : 0;
-  static_assert(!SWZ || (SMEM_BYTES % ROW_BYTES == 0 && (2 * TILE_BYTES + SCALE_BYTES) % ROW_BYTES == 0),
+  constexpr int ALIGN_SLACK = TMA ? 128 : SWZ || SWZ16 ? ROW_BYTES : 0;
+  static_assert(!(SWZ || SWZ16) || (SMEM_BYTES % ROW_BYTES == 0 && (2 * TILE_BYTES + SCALE_BYTES) % ROW_BYTES == 0),
                 "swizzled tiles of every stage and group start on a multiple of a row");
   // SMEM_BYTES is what the host reserves (kvgen/derive.py decode_geometry): both uses of it must fit.
   constexpr int Q_ROWS = GROUP > 8 ? 16 : 8, Q_PITCH = 2 * D + 16;  // SWZ: Q in shared memory, padded rows
@@ -401,6 +409,11 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // Rows a thread copies are copy_row0 + multiples of ROWS_PER_PASS (a multiple of 8): one swizzle for all.
   const int copy_slot = SWZ ? Sw::chunk_at(copy_row0, copy_chunk) : copy_chunk;
   static_assert(!SWZ || ROWS_PER_PASS % 8 == 0, "the rows a thread copies share one swizzle");
+  // SWZ16: byte offset of pass j's chunk from copy_slot (constant across passes unless rows are 32 chunks, whose
+  // 4-row passes alternate between two swizzles).
+  auto copy_swz16 = [&](int j) -> int {
+    return SWZ16 ? ((copy_chunk ^ ((copy_row0 + j * ROWS_PER_PASS) & 7)) - copy_chunk) * 16 : 0;
+  };
   // Swizzled fragment loads: the group's shared-window address and each lane's K and V offsets in a tile.
   const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   // SWZ: Q (Q_ROWS rows of the MMA type, padded rows) after the row ring.
@@ -465,8 +478,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     for (int j = 0; j < PASSES; ++j) {
       const bool valid = row[j] != kNoRow;
       const unsigned char* kp = kbase + uint64_t(valid ? row[j] : 0u) * kRowBytes;
-      cp_async16(ks + j * ROWS_PER_PASS * PITCH, kp, valid);
-      cp_async16(ks + BN * PITCH + j * ROWS_PER_PASS * PITCH, kp + v_minus_k, valid);
+      cp_async16(ks + j * ROWS_PER_PASS * PITCH + copy_swz16(j), kp, valid);
+      cp_async16(ks + BN * PITCH + j * ROWS_PER_PASS * PITCH + copy_swz16(j), kp + v_minus_k, valid);
     }
     if constexpr (QUANT) {
       float* kss = reinterpret_cast<float*>(smem + scale_off(stage));
@@ -673,11 +686,15 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       const int n = warp * 16 + nt * 8 + gq;  // smem row of this lane's token
       if constexpr (!Ty::kFp8) {
         // 16-bit K: one ldmatrix.x4 gives the B fragments of two k-steps (rows = tokens, 8 dims per matrix).
+        // Matrix lane / 8 is chunk lane / 8 + 2kk of row lrow; swizzled (SWZ16), at chunk (lane / 8 + 2kk) ^ (lrow & 7)
+        // = ((lane / 8) ^ (lane % 8)) ^ 2kk: one lane offset, and an XOR per k-step on the row-aligned address.
         const int lrow = warp * 16 + nt * 8 + (lane % 8);
+        const uint32_t krow = smem_s + uint32_t(ks_o + lrow * PITCH) + uint32_t(((lane / 8) ^ (lane % 8)) * 16);
 #pragma unroll
         for (int kk = 0; kk < KS; kk += 2) {
           uint32_t kb[4];
-          ldsm_x4(kb, sp(ks_o, lrow, (lane / 8) * 16 + kk * 16 * ES));
+          if constexpr (SWZ16) ldsm_x4_s(kb, krow ^ uint32_t(kk * 32));
+          else ldsm_x4(kb, sp(ks_o, lrow, (lane / 8) * 16 + kk * 16 * ES));
           mma16816<F16>(s[nt], qa[kk], kb[0], kb[1]);
           mma16816<F16>(s[nt], qa[kk + 1], kb[2], kb[3]);
         }
@@ -796,11 +813,14 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     const int r0 = warp * 16 + tq * 2;
     if constexpr (!Ty::kFp8) {
       // 16-bit V: one ldmatrix.x4.trans gives b0/b1 of two n-tiles (matrices: tokens 0-7 / 8-15 x 8 dims).
+      // Lane's chunk lane / 16 + dn; swizzled (SWZ16), ((lane / 16) ^ (lane % 8)) ^ dn, as for K.
       const int lrow = warp * 16 + (lane / 8 % 2) * 8 + (lane % 8);
+      const uint32_t vrow = smem_s + uint32_t(vs_o + lrow * PITCH) + uint32_t(((lane / 16) ^ (lane % 8)) * 16);
 #pragma unroll
       for (int dn = 0; dn < DN; dn += 2) {
         uint32_t vb[4];
-        ldsm_x4_trans(vb, sp(vs_o, lrow, (lane / 16) * 16 + dn * 8 * ES));
+        if constexpr (SWZ16) ldsm_x4_trans_s(vb, vrow ^ uint32_t(dn * 16));
+        else ldsm_x4_trans(vb, sp(vs_o, lrow, (lane / 16) * 16 + dn * 8 * ES));
         mma16816<F16>(o[dn], pa, vb[0], vb[1]);
         mma16816<F16>(o[dn + 1], pa, vb[2], vb[3]);
       }
