@@ -77,6 +77,7 @@ CASES = {
     "decode-bf16-128x4k": lambda: decode("*bf16*p16_*", 128, 4096),
     "decode-fp8-128x4k": lambda: decode("*e4m3*p16_*", 128, 4096),
     "decode-fp8-128x1k": lambda: decode("*e4m3*p16_*", 128, 1024),
+    "decode-fp8-64x16k": lambda: decode("*e4m3*p16_*", 64, 16384),
     "decode-bf16-64x16k": lambda: decode("*bf16*p16_*", 64, 16384),
     "fi-tc-bf16-64x16k": lambda: decode_flashinfer_tc("*bf16*p16_*", 64, 16384),
 }
