@@ -58,12 +58,6 @@ constexpr int kDecodeTile = 64;
 #error "KVGEN_KV_PREFETCH must be 0, 64, 128 or 256 (bytes of L2 prefetch per K/V copy)"
 #endif
 
-// Diagnosis only (bench/decode_bench.py --defines): 1 skips the global reads of the FP8 scales (zero-filled:
-// wrong results), to time what the scale reads cost the tile loop.
-#ifndef KVGEN_DECODE_NO_SCALE_LOADS
-#define KVGEN_DECODE_NO_SCALE_LOADS 0
-#endif
-
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global" KVGEN_L2_PREFETCH_QUAL(KVGEN_KV_PREFETCH) " [%0], [%1], 16, %2;\n"
@@ -492,7 +486,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       float* vss = kss + BN * G;
       for (int i = tid; i < BN * G; i += kDecodeThreads) {
         const int r = i / G, g = i % G;
-        const bool valid = rows[r] != kNoRow && !KVGEN_DECODE_NO_SCALE_LOADS;
+        const bool valid = rows[r] != kNoRow;
         const int64_t so = valid ? int64_t(rows[r]) * (H * G) + int64_t(h) * G + g : 0;
         cp_async4(kss + i, kc.scales + so, valid);
         cp_async4(vss + i, vc.scales + so, valid);
