@@ -129,11 +129,17 @@ class Kernel:
         attr.value[0] = 1
         cfg = _LaunchConfig(sharedMemBytes=self.dynamic_smem, attrs=ctypes.pointer(attr), numAttrs=1)
         raw, handle, addr, cfg_ref = _raw_launch_ex(), self._handle, ctypes.addressof(params), ctypes.byref(cfg)
+        # The config's grid, block and stream as last written: a steady caller (same step size, same stream) skips
+        # the seven ctypes field writes, about 0.5 us of the eager host cost, for two tuple compares.
+        last: list[Any] = [None, None, None]
 
         def fire(grid: tuple[int, int, int], block: tuple[int, int, int], stream: int) -> None:
-            cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
-            cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block
-            cfg.hStream = stream
+            if grid != last[0]:
+                cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = last[0] = grid
+            if block != last[1]:
+                cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = last[1] = block
+            if stream != last[2]:
+                cfg.hStream = last[2] = stream
             err = raw(cfg_ref, handle, addr, None)
             if err != 0:
                 check((cu().CUresult(err),))

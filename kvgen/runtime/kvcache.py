@@ -10,6 +10,7 @@ prove safe, so a bad page table can never write outside the cache.
 from __future__ import annotations
 
 import ctypes
+import struct
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,6 +56,20 @@ MAX_FIXED_SPLITS = 256
 """Largest split count plan_decode(splits=...) accepts: the workspace holds batch x splits float32 partials of
 every query head (256 splits at batch 256, 32 heads of 128: 1 GiB), and 256 parts of a 128k context are 512
 rows each."""
+
+
+class _RaggedArgs(ctypes.Structure):
+    """The scalar arguments of a store / load launch after CacheArgs, in one buffer: one struct.pack_into writes
+    all seven per call (seven ctypes .value writes cost about twice as much on the eager path)."""
+
+    _fields_ = [("a", ctypes.c_uint64), ("b", ctypes.c_uint64), ("c", ctypes.c_uint64), ("d", ctypes.c_uint64),
+                ("total", ctypes.c_uint32), ("layer", ctypes.c_uint32), ("tpb", ctypes.c_uint32)]
+    layout = struct.Struct("<4Q3I")  # the same bytes as _fields_ (tests/test_driver_abi.py)
+
+    def addresses(self) -> tuple[int, ...]:
+        """Each field's address, in order: driver.pack takes ints as addresses of packed bytes."""
+        base = ctypes.addressof(self)
+        return tuple(base + getattr(_RaggedArgs, name).offset for name, _ in self._fields_)
 
 
 class _Launch:
@@ -152,6 +167,7 @@ class KVCache:
         self._launches: dict[str, _Launch] = {}
         self._scalars = {k: ctypes.c_uint32(0) for k in ("total", "layer", "tpb", "kv", "tiles", "n")}
         self._ptrs = {k: ctypes.c_uint64(0) for k in ("a", "b", "c", "d")}
+        self._ragged = _RaggedArgs()
         self._u64 = {k: ctypes.c_uint64(0) for k in ("page_bytes", "scale_bytes")}
         self._dec_vals = {"layer": ctypes.c_uint32(0), "q": ctypes.c_uint64(0), "po": ctypes.c_uint64(0),
                           "pl": ctypes.c_uint64(0), "chunk": ctypes.c_uint32(0), "scale": ctypes.c_float(0),
@@ -506,12 +522,9 @@ class KVCache:
     def _launch_ragged(self, kernel: str, layer: int, total: int, k: int, v: int, offsets: int, extra: int,
                        stream: Any) -> None:
         """store / load launch: one block per tokens_per_block new tokens (they share the argument layout)."""
-        p, s = self._ptrs, self._scalars
-        launch = self._launches.get(kernel) or self._launch(
-            kernel, kernel, (self.args, p["a"], p["b"], p["c"], p["d"], s["total"], s["layer"], s["tpb"]))
+        launch = self._launches.get(kernel) or self._launch(kernel, kernel, (self.args, *self._ragged.addresses()))
         tpb = self.store_tokens_per_block(total) if kernel == "store" else self._tpb
-        p["a"].value, p["b"].value, p["c"].value, p["d"].value = k, v, offsets, extra
-        s["total"].value, s["layer"].value, s["tpb"].value = total, layer, tpb
+        _RaggedArgs.layout.pack_into(self._ragged, 0, k, v, offsets, extra, total, layer, tpb)
         fire = launch.fire_dependent if self._programmatic else launch.fire
         fire(((total + tpb - 1) // tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
 
