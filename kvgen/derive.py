@@ -170,7 +170,9 @@ class DecodeGeometry:
 
 
 # attention.loader "auto", per cache element width: the loader measured faster on the H100 (bench/NOTES.md, same
-# run, same caches): cp.async. TMA was 3-4% slower for bf16 at 64 x 4k and 13-17% slower for FP8 e4m3.
+# run, same caches): cp.async. TMA was 3-4% slower for bf16 at 64 x 4k and 13-17% slower for FP8 e4m3. On the
+# H200 with unpadded cp.async tiles (session 10, bench/decode_ab_loaders_h200.md): TMA 7-18% slower for bf16 and
+# 19-37% slower for FP8.
 DECODE_AUTO_LOADER = {"fp8": "cp_async", "16-bit": "cp_async"}
 
 
