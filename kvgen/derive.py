@@ -202,7 +202,7 @@ def decode_tiles_unpadded(cache: CacheParams, tma: bool) -> bool:
     rows of 8, 16 or 32 chunks: head size 64, 128 or 256). Else (TMA) rows are padded by 16 bytes."""
     if DTYPES[cache.dtype].is_fp8:
         return decode_fp8_swizzled(cache, tma)
-    return not tma and (cache.head_size * DTYPES[cache.dtype].nbytes // 16) % 8 == 0
+    return not tma and cache.head_size * DTYPES[cache.dtype].nbytes // 16 in (8, 16, 32)
 
 
 def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:

@@ -134,10 +134,10 @@ class Kernel:
         last: list[Any] = [None, None, None]
 
         def fire(grid: tuple[int, int, int], block: tuple[int, int, int], stream: int) -> None:
-            if grid != last[0]:
-                cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = last[0] = grid
+            if grid != last[0]:  # kept as tuples: a caller's list mutated in place must not compare equal
+                cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = last[0] = tuple(grid)
             if block != last[1]:
-                cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = last[1] = block
+                cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = last[1] = tuple(block)
             if stream != last[2]:
                 cfg.hStream = last[2] = stream
             err = raw(cfg_ref, handle, addr, None)

@@ -254,7 +254,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // cp.async between two shared-memory wavefronts, i.e. two L2 requests (ncu, bf16 64 x 16k on the H200: L2 hit
   // rate 48% against FlashInfer's 1%, the second request of each line hitting what the first brought in; DRAM
   // 4.22 against FlashInfer's 4.49 TB/s on the same cache). Swizzled rows keep every line in one wavefront.
-  constexpr bool SWZ16 = !Ty::kFp8 && !TMA && CPR % 8 == 0;
+  constexpr bool SWZ16 = !Ty::kFp8 && !TMA && (CPR == 8 || CPR == 16 || CPR == 32);  // rows a power of two (XOR)
   constexpr int PITCH = SWZ || SWZ16 ? ROW_BYTES : ROW_BYTES + 16;
   constexpr bool QUANT = Cache::quantization_enabled;
   constexpr int G = Cache::num_scale_groups;
@@ -316,7 +316,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // The group's own barrier (named barrier 1 + grp, its 128 threads); the CTA-wide __syncthreads is barrier 0.
   auto group_sync = [&]() { asm volatile("bar.sync %0, %1;" ::"r"(grp + 1), "n"(kDecodeThreads) : "memory"); };
   __shared__ alignas(8) uint64_t full_bar[TMA ? STAGES : 1];  // TMA: one transaction barrier per stage
-  // Byte `byte` of row `row` of the tile at smem offset `tile` (both loaders: padded rows).
+  // Byte `byte` of row `row` of the tile at smem offset `tile` (padded rows: the TMA loader, and FP8 rows that are
+  // not swizzled).
   auto sp = [&](int tile, int row, int byte) -> unsigned char* { return smem + tile + row * PITCH + byte; };
 
   const uint32_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
