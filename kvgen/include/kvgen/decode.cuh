@@ -50,7 +50,9 @@ constexpr int kDecodeTile = 64;
 // L2 prefetch of the K/V row copies (KVGEN_KV_PREFETCH = 0 | 64 | 128 | 256 bytes; a compile-time knob so one
 // run can A/B it on the same caches: bench/decode_bench.py --defines). 128 measured 1-2% faster than none on
 // every shape (bf16 and FP8, 16 x 1k to 128 x 4k); 256 was within noise of 128. An evict-first cache policy on
-// the same copies (createpolicy + .L2::cache_hint) raised an illegal-instruction fault on the H100.
+// the same copies (createpolicy + .L2::cache_hint) raised an illegal-instruction fault on the H100. On the H200,
+// with unpadded 16-bit tiles (SWZ16): 0 and 128 within 0.5% of each other on all 16 shapes, 256 up to 8% slower
+// (bench/decode_ab_prefetch_h200_s10.md); the hint's old gain came with the split lines of padded rows.
 #ifndef KVGEN_KV_PREFETCH
 #define KVGEN_KV_PREFETCH 128
 #endif
