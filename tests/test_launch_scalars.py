@@ -36,3 +36,19 @@ def test_refuses_what_the_kernel_cannot_use(value, rule: str) -> None:
 def test_zero_dim_tensor_like_scalars() -> None:
     torch = pytest.importorskip("torch")
     assert check_positive_float32("decode", "softmax_scale", torch.tensor(0.125), "fix") == 0.125
+
+
+def test_free_first_dim_shape_specs_compare_their_tail() -> None:
+    # check_tensor's torch fast path compares shape[1:] in one go only when the first dim alone is free; any other
+    # spec (a fixed first dim, a free later dim) keeps the per-dim loop, so no fixed dim goes unchecked.
+    from kvgen.runtime.tensors import DeviceTensor, _free_first_tail, _make_device_tensor
+
+    assert _free_first_tail((None, 8, 128)) == (8, 128)
+    assert _free_first_tail((None,)) == ()
+    assert _free_first_tail((4, 8)) is None
+    assert _free_first_tail((None, None, 3)) is None
+    assert _free_first_tail((4, None)) is None
+    assert _free_first_tail(()) is None
+    made = _make_device_tensor(DeviceTensor, (16, (4, 8), (), "bfloat16", 0, None))
+    assert made == DeviceTensor(16, (4, 8), (), "bfloat16", 0, None) and made.ptr == 16 and made.dtype == "bfloat16"
+    assert type(made) is DeviceTensor

@@ -126,6 +126,21 @@ def check_positive_float32(kernel: str, name: str, value: Any, fix: str) -> floa
 
 
 _torch_tensor: type | None = None  # torch.Tensor, once a torch tensor was seen (torch stays an optional import)
+# Per expected shape: its dims after the first when only the first is free (the rows of store / load / decode
+# inputs), so the check is one tuple compare; None for any other pattern (the per-dim loop).
+_free_first_tails: dict[tuple[int | None, ...], tuple[int, ...] | None] = {}
+_make_device_tensor = tuple.__new__  # DeviceTensor without NamedTuple's Python-level __new__ (half the cost)
+
+
+_UNSEEN = object()
+
+
+def _free_first_tail(shape: tuple[int | None, ...]) -> tuple[int, ...] | None:
+    tail = _free_first_tails.get(shape, _UNSEEN)
+    if tail is _UNSEEN:
+        free_first = len(shape) > 0 and shape[0] is None and all(d is not None for d in shape[1:])
+        tail = _free_first_tails[shape] = shape[1:] if free_first else None
+    return tail  # type: ignore[return-value]
 
 
 def _torch_fast_path(x: Any, dtype: str | tuple[str, ...], shape: tuple[int | None, ...] | None, device: int | None,
@@ -148,14 +163,19 @@ def _torch_fast_path(x: Any, dtype: str | tuple[str, ...], shape: tuple[int | No
     if shape is not None:
         if len(xs) != len(shape):
             return None
-        for want, got in zip(shape, xs):
-            if want is not None and want != got:
+        tail = _free_first_tail(shape)
+        if tail is not None:
+            if xs[1:] != tail:  # torch.Size is a tuple: one C-level compare
                 return None
+        else:
+            for want, got in zip(shape, xs):
+                if want is not None and want != got:
+                    return None
     dev = x.get_device()  # -1 for a CPU tensor
     ptr = x.data_ptr()
     if dev < 0 or (device is not None and dev != device) or (contiguous and not x.is_contiguous()) or ptr % align:
         return None
-    return DeviceTensor(ptr, xs, (), name, dev, x)
+    return _make_device_tensor(DeviceTensor, (ptr, xs, (), name, dev, x))
 
 
 def to_host(x: Any) -> Any:

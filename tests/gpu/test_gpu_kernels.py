@@ -367,6 +367,10 @@ def test_bad_launch_arguments_are_refused(generated) -> None:
         cache.store(0, good.float(), good.float())
     with pytest.raises(LaunchError, match="shape"):
         cache.store(0, good[:, :2], good[:, :2])
+    with pytest.raises(LaunchError, match="shape"):  # right element count, wrong rank
+        cache.store(0, good.view(32, 512), good.view(32, 512))
+    with pytest.raises(LaunchError, match="shape"):  # right rank, only the free first dim right
+        cache.store(0, good.view(32, 8, 64), good.view(32, 8, 64))
     with pytest.raises(LaunchError, match="contiguous"):
         cache.store(0, good.transpose(0, 1).contiguous().transpose(0, 1), good)
     with pytest.raises(LaunchError, match="layer"):
