@@ -38,17 +38,38 @@ def test_zero_dim_tensor_like_scalars() -> None:
     assert check_positive_float32("decode", "softmax_scale", torch.tensor(0.125), "fix") == 0.125
 
 
-def test_free_first_dim_shape_specs_compare_their_tail() -> None:
-    # check_tensor's torch fast path compares shape[1:] in one go only when the first dim alone is free; any other
-    # spec (a fixed first dim, a free later dim) keeps the per-dim loop, so no fixed dim goes unchecked.
-    from kvgen.runtime.tensors import DeviceTensor, _free_first_tail, _make_device_tensor
+def test_shape_specs_check_every_fixed_dim() -> None:
+    # check_tensor (fast torch path and full check alike) compares shape[1:] in one go when only the first dim is
+    # free, and falls back to the per-dim rule otherwise or on a mismatch, so no fixed dim goes unchecked.
+    from kvgen.runtime.tensors import DeviceTensor, _fixed_dims_match, _make_device_tensor
 
-    assert _free_first_tail((None, 8, 128)) == (8, 128)
-    assert _free_first_tail((None,)) == ()
-    assert _free_first_tail((4, 8)) is None
-    assert _free_first_tail((None, None, 3)) is None
-    assert _free_first_tail((4, None)) is None
-    assert _free_first_tail(()) is None
+    assert _fixed_dims_match((5, 8, 128), (None, 8, 128))
+    assert not _fixed_dims_match((5, 8, 64), (None, 8, 128))
+    assert not _fixed_dims_match((5, 8, 128, 1), (None, 8, 128))  # rank counts
+    assert _fixed_dims_match((7,), (None,))
+    assert _fixed_dims_match((4, 8), (4, 8)) and not _fixed_dims_match((5, 8), (4, 8))  # a fixed first dim
+    assert _fixed_dims_match((5, 7, 3), (None, None, 3)) and not _fixed_dims_match((5, 7, 4), (None, None, 3))
+    assert _fixed_dims_match((4, 9), (4, None)) and not _fixed_dims_match((3, 9), (4, None))
+    assert _fixed_dims_match((), ())
     made = _make_device_tensor(DeviceTensor, (16, (4, 8), (), "bfloat16", 0, None))
     assert made == DeviceTensor(16, (4, 8), (), "bfloat16", 0, None) and made.ptr == 16 and made.dtype == "bfloat16"
     assert type(made) is DeviceTensor
+
+
+class _FakeDeviceArray:  # a __cuda_array_interface__ object: check_tensor's full path, no GPU needed
+    def __init__(self, shape: tuple[int, ...]):
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": "<f4", "data": (1 << 20, False), "version": 3}
+
+
+@pytest.mark.parametrize(("got", "spec", "ok"), [
+    ((5, 8, 128), (None, 8, 128), True), ((5, 8, 64), (None, 8, 128), False), ((5, 1024), (None, 8, 128), False),
+    ((4, 8), (4, 8), True), ((5, 8), (4, 8), False), ((5, 7, 3), (None, None, 3), True),
+    ((5, 7, 4), (None, None, 3), False)])
+def test_check_tensor_enforces_every_fixed_dim(got: tuple[int, ...], spec: tuple[int | None, ...], ok: bool) -> None:
+    from kvgen.runtime.tensors import check_tensor
+
+    if ok:
+        assert check_tensor("store", "k", _FakeDeviceArray(got), dtype="float32", shape=spec).shape == got
+    else:
+        with pytest.raises(LaunchError, match=r"k.*shape must be"):
+            check_tensor("store", "k", _FakeDeviceArray(got), dtype="float32", shape=spec)

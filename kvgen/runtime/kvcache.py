@@ -165,8 +165,9 @@ class KVCache:
         self._tpb_small = small_store_tokens_per_block(self.spec, self._split)
         self._small_store_below: int | None = None
         self._launches: dict[str, _Launch] = {}
-        self._scalars = {k: ctypes.c_uint32(0) for k in ("total", "layer", "tpb", "kv", "tiles", "n")}
-        self._ptrs = {k: ctypes.c_uint64(0) for k in ("a", "b", "c", "d")}
+        # Scalar arguments of copy_pages and tile_load (store / load pack theirs into _ragged).
+        self._scalars = {k: ctypes.c_uint32(0) for k in ("layer", "kv", "tiles", "n")}
+        self._ptrs = {k: ctypes.c_uint64(0) for k in ("a", "b")}
         self._ragged = _RaggedArgs()
         self._u64 = {k: ctypes.c_uint64(0) for k in ("page_bytes", "scale_bytes")}
         self._dec_vals = {"layer": ctypes.c_uint32(0), "q": ctypes.c_uint64(0), "po": ctypes.c_uint64(0),

@@ -95,8 +95,7 @@ def check_tensor(kernel: str, name: str, x: Any, *, dtype: str | tuple[str, ...]
     if t.dtype not in allowed and not any(t.dtype in _SAME_BITS.get(a, ()) for a in allowed):
         raise LaunchError(kernel, name, f"dtype must be {' or '.join(allowed)}", t.dtype, f"convert with .to({allowed[0]})")
     if shape is not None:
-        ok = len(shape) == len(t.shape) and all(s is None or s == v for s, v in zip(shape, t.shape))
-        if not ok:
+        if not _fixed_dims_match(t.shape, shape):
             want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
             raise LaunchError(kernel, name, f"shape must be {want}", list(t.shape), "reshape or allocate with that shape")
     if device is not None and t.device != device:
@@ -126,21 +125,18 @@ def check_positive_float32(kernel: str, name: str, value: Any, fix: str) -> floa
 
 
 _torch_tensor: type | None = None  # torch.Tensor, once a torch tensor was seen (torch stays an optional import)
-# Per expected shape: its dims after the first when only the first is free (the rows of store / load / decode
-# inputs), so the check is one tuple compare; None for any other pattern (the per-dim loop).
-_free_first_tails: dict[tuple[int | None, ...], tuple[int, ...] | None] = {}
 _make_device_tensor = tuple.__new__  # DeviceTensor without NamedTuple's Python-level __new__ (half the cost)
 
 
-_UNSEEN = object()
-
-
-def _free_first_tail(shape: tuple[int | None, ...]) -> tuple[int, ...] | None:
-    tail = _free_first_tails.get(shape, _UNSEEN)
-    if tail is _UNSEEN:
-        free_first = len(shape) > 0 and shape[0] is None and all(d is not None for d in shape[1:])
-        tail = _free_first_tails[shape] = shape[1:] if free_first else None
-    return tail  # type: ignore[return-value]
+def _fixed_dims_match(got: tuple[int, ...], want: tuple[int | None, ...]) -> bool:
+    """Same rank, and every dim `want` fixes (not None) equal in `got`. The launch specs (the first dim free, or
+    none: store / load / decode inputs) take one C-level tuple compare (torch.Size is a tuple); any other spec, or a
+    mismatch, the per-dim rule."""
+    if len(got) != len(want):
+        return False
+    if got == ((got[0], *want[1:]) if want and want[0] is None else want):  # slicing a torch.Size costs more
+        return True
+    return all(w is None or w == g for w, g in zip(want, got))
 
 
 def _torch_fast_path(x: Any, dtype: str | tuple[str, ...], shape: tuple[int | None, ...] | None, device: int | None,
@@ -160,17 +156,8 @@ def _torch_fast_path(x: Any, dtype: str | tuple[str, ...], shape: tuple[int | No
     if (name != dtype) if isinstance(dtype, str) else (name not in dtype):
         return None
     xs = x.shape
-    if shape is not None:
-        if len(xs) != len(shape):
-            return None
-        tail = _free_first_tail(shape)
-        if tail is not None:
-            if xs[1:] != tail:  # torch.Size is a tuple: one C-level compare
-                return None
-        else:
-            for want, got in zip(shape, xs):
-                if want is not None and want != got:
-                    return None
+    if shape is not None and not _fixed_dims_match(xs, shape):
+        return None
     dev = x.get_device()  # -1 for a CPU tensor
     ptr = x.data_ptr()
     if dev < 0 or (device is not None and dev != device) or (contiguous and not x.is_contiguous()) or ptr % align:

@@ -692,7 +692,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         // Matrix lane / 8 is chunk lane / 8 + 2kk of row lrow; swizzled (SWZ16), at chunk (lane / 8 + 2kk) ^ (lrow & 7)
         // = ((lane / 8) ^ (lane % 8)) ^ 2kk: one lane offset, and an XOR per k-step on the row-aligned address.
         const int lrow = warp * 16 + nt * 8 + (lane % 8);
-        const uint32_t krow = smem_s + uint32_t(ks_o + lrow * PITCH) + uint32_t(((lane / 8) ^ (lane % 8)) * 16);
+        const uint32_t krow = SWZ16 ? smem_s + uint32_t(ks_o + lrow * PITCH) + uint32_t(((lane / 8) ^ (lane % 8)) * 16) : 0u;
 #pragma unroll
         for (int kk = 0; kk < KS; kk += 2) {
           uint32_t kb[4];
@@ -818,7 +818,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       // 16-bit V: one ldmatrix.x4.trans gives b0/b1 of two n-tiles (matrices: tokens 0-7 / 8-15 x 8 dims).
       // Lane's chunk lane / 16 + dn; swizzled (SWZ16), ((lane / 16) ^ (lane % 8)) ^ dn, as for K.
       const int lrow = warp * 16 + (lane / 8 % 2) * 8 + (lane % 8);
-      const uint32_t vrow = smem_s + uint32_t(vs_o + lrow * PITCH) + uint32_t(((lane / 16) ^ (lane % 8)) * 16);
+      const uint32_t vrow = SWZ16 ? smem_s + uint32_t(vs_o + lrow * PITCH) + uint32_t(((lane / 16) ^ (lane % 8)) * 16) : 0u;
 #pragma unroll
       for (int dn = 0; dn < DN; dn += 2) {
         uint32_t vb[4];
