@@ -239,12 +239,6 @@ def _cross_field_problems(v: VariantSpec) -> list[Problem]:
     return P
 
 
-def decode_row_fits_tma_box(c: CacheParams) -> bool:
-    """The TMA decode copies one padded row (head_size elements + 16 bytes) per box, at most 256 elements."""
-    nb = DTYPES[c.dtype].nbytes
-    return (c.head_size * nb + 16) // nb <= 256
-
-
 def _decode_problems(v: VariantSpec) -> list[Problem]:
     c, a, q = v.cache, v.attention, v.quantization
     P: list[Problem] = []
@@ -272,9 +266,6 @@ def _decode_problems(v: VariantSpec) -> list[Problem]:
         if not TMA_ARCHS & set(v.archs):
             P.append(Problem("attention.loader", "the TMA loader needs an arch with TMA (sm_90a or sm_100a) in archs",
                              v.archs, "add sm_90a to archs, or use loader: cp_async"))
-        if not decode_row_fits_tma_box(c):
-            P.append(Problem("attention.loader", "the TMA loader copies one padded row (head_size elements + 16 bytes) "
-                             "per box, at most 256 elements", c.head_size, "use loader: cp_async (or auto) for this head size"))
     return P
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .config import SWIZZLE_BYTES, TMA_ARCHS, CacheParams, VariantSpec, decode_row_fits_tma_box, padded_depth
+from .config import SWIZZLE_BYTES, TMA_ARCHS, VariantSpec, padded_depth
 from .dtypes import DTYPES
 from .grid import Variant
 
@@ -157,15 +157,15 @@ class DecodeGeometry:
     window: bool
     softcap: bool
     min_blocks: int  # __launch_bounds__ minimum CTAs per SM: as many as shared memory allows, at most 4 (or attention.ctas_per_sm)
-    tma: bool  # K/V tiles by TMA (padded-row maps + populate, mbarrier pipeline) instead of cp.async
+    tma: bool  # K/V tiles by TMA (swizzled block-column boxes + populate, mbarrier pipeline) instead of cp.async
     # The kernel can cut each request into equal splits itself (plan chunk 0, plan_decode(splits=S), for CUDA
     # graphs). Not in FP8 kernels: they sit at the 128-register cap of 4 CTAs per SM, and the runtime chunk made
     # them park 12 bytes and run 2-4% slower (H100, session 5 run 7); 16-bit kernels measured neutral.
     balanced: bool
     # Warp groups a CTA may run (blockDim 128 x groups, groups x smem_bytes): as many as one-group CTAs fit an SM,
     # so a grouped CTA has exactly their warps, registers and shared memory (the launch bounds keep the register
-    # cap); small batches run one such CTA per (request, KV head) and skip the combine (decode_plan.py). 1 for TMA
-    # (its per-stage mbarriers are per CTA).
+    # cap); small batches run one such CTA per (request, KV head) and skip the combine (decode_plan.py). Under TMA
+    # each group has its own per-stage mbarriers.
     max_groups: int
 
 
@@ -190,67 +190,44 @@ def decode_loader(spec: VariantSpec, arch: str) -> str:
 DECODE_MAX_CTAS = 4
 
 
-def decode_fp8_swizzled(cache: CacheParams, tma: bool) -> bool:
-    """Whether decode.cuh keeps this cache's FP8 K/V tiles unpadded and swizzled with vector fragment loads and Q
-    in shared memory (its SWZ): FP8 through cp.async, with rows of 4, 8 or 16 chunks of 16 bytes (head size 64,
-    128 or 256)."""
-    return DTYPES[cache.dtype].is_fp8 and not tma and cache.head_size in (64, 128, 256)
-
-
-def decode_tiles_unpadded(cache: CacheParams, tma: bool) -> bool:
-    """Whether decode.cuh's K/V tile rows are unpadded (XOR-swizzled): SWZ (FP8) or SWZ16 (16-bit through cp.async,
-    rows of 8, 16 or 32 chunks: head size 64, 128 or 256). Else (TMA) rows are padded by 16 bytes."""
-    if DTYPES[cache.dtype].is_fp8:
-        return decode_fp8_swizzled(cache, tma)
-    return not tma and cache.head_size * DTYPES[cache.dtype].nbytes // 16 in (8, 16, 32)
+def decode_block_row_bytes(head_size: int, elem_bytes: int) -> int:
+    """Bytes per row of one column block of a decode K/V tile (decode.cuh TileLayout): 128, or 64 for 64-byte rows.
+    The TMA decode copies one page x one block column per box, with the swizzle of that width."""
+    return min(128, head_size * elem_bytes)
 
 
 def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
-    """Shared memory per stage: K and V tiles of 64 rows (unpadded and XOR-swizzled, or padded by 16 bytes under TMA), plus
+    """Shared memory per stage: K and V tiles of 64 unpadded rows (decode.cuh TileLayout, either loader), plus
     float32 scales."""
     c, a = spec.cache, spec.attention
     dt = DTYPES[c.dtype]
     row_bytes = c.head_size * dt.nbytes
-    # TMA copies one padded row per box (D + 16 bytes, at most 256 elements): head size 256 in 16-bit or FP8 does
-    # not fit and keeps cp.async.
-    tma = decode_loader(spec, arch) == "tma" and decode_row_fits_tma_box(c)
-    swizzled = decode_fp8_swizzled(c, tma)
-    unpadded = decode_tiles_unpadded(c, tma)
-    pitch = row_bytes if unpadded else row_bytes + 16
+    tma = decode_loader(spec, arch) == "tma"
     groups = (c.head_size + spec.quantization.granularity - 1) // spec.quantization.granularity if spec.quantization else 0
-    stage = 2 * DECODE_TILE * pitch + 2 * DECODE_TILE * groups * 4
+    stage = 2 * DECODE_TILE * row_bytes + 2 * DECODE_TILE * groups * 4
     # Measured on the H100 (bench/RESULTS.md, bench/NOTES.md session 7): FP8 runs faster with 2 stages and more
     # CTAs per SM (3 stages: 4-9% slower at batch >= 64, 1.6% faster at 16 x 1k), 16-bit with 3.
     stages = a.stages if a.stages is not None else (2 if dt.is_fp8 else 3)
     ring = DECODE_TILE * 4  # per stage: the tile's cache rows (uint32), looked up one iteration ahead
-    # Slack to align the dynamic shared memory: 128 bytes for TMA, a row for swizzled tiles (their fragment
-    # addresses XOR chunk bits into a tile address that must be a multiple of a row).
-    align = 128 if tma else row_bytes if unpadded else 0
+    # Slack to align the dynamic shared memory: 1024 bytes for TMA (its swizzle follows the address bits), a row
+    # for cp.async (fragment addresses XOR chunk bits into a tile address that must be a multiple of a row).
+    align = 1024 if tma else row_bytes
     group = a.num_q_heads // c.num_kv_heads
-    # Swizzled FP8 kernels keep Q in shared memory (8 rows, or 16 past a group of 8; 16-bit, padded rows).
-    q_smem = (8 if group <= 8 else 16) * (2 * c.head_size + 16) if swizzled else 0
+    # FP8 kernels keep Q in shared memory (8 rows, or 16 past a group of 8; 16-bit, padded rows).
+    q_smem = (8 if group <= 8 else 16) * (2 * c.head_size + 16) if dt.is_fp8 else 0
     while stages > 2 and stages * (stage + ring) + q_smem + align > DECODE_SMEM_LIMIT:
         stages -= 1
     merge = 4 * group * ((c.head_size + 8) + 2) * 4  # the epilogue's per-warp slices reuse the pipeline buffers
     smem = max(stages * (stage + ring) + q_smem, merge) + align
-    if unpadded:  # every warp group's pipeline (group g starts at g x smem) starts on a multiple of a row
-        smem = -(-smem // row_bytes) * row_bytes
+    smem = -(-smem // align) * align  # every warp group's pipeline (group g starts at g x smem) starts aligned
     # Without a minimum, ptxas may take more registers than shared memory would cost in occupancy (the FP8
     # kernel went 127 -> 139 registers, 4 -> 3 CTAs per SM, 8% slower at 64 x 4k).
     smem_fit = max(1, SM90_SMEM_PER_SM // (smem + SMEM_RESERVED_PER_CTA))
-    if a.ctas_per_sm is not None:
-        min_blocks = min(a.ctas_per_sm, smem_fit)
-    else:
-        min_blocks = min(DECODE_MAX_CTAS, smem_fit)
-        if dt.is_fp8 and groups > 1 and not swizzled:
-            # Per-group scales are applied per element while dequantizing: at 128 registers (4 CTAs) ptxas spilled
-            # 24 bytes (cp.async) and 60 bytes (TMA) in the tile loop; 3 CTAs leave 168 registers and none spill.
-            # (Swizzled tiles need 124 registers at granularity 32 and fit 4 CTAs.)
-            min_blocks = min(min_blocks, 3)
+    min_blocks = min(a.ctas_per_sm if a.ctas_per_sm is not None else DECODE_MAX_CTAS, smem_fit)
     return DecodeGeometry(group=group, stages=stages, stage_bytes=stage,
                           smem_bytes=smem, min_blocks=min_blocks, out_c=DTYPES[a.output_dtype].c_type,
                           window=a.sliding_window, softcap=a.logits_soft_cap, tma=tma, balanced=not dt.is_fp8,
-                          max_groups=1 if tma else min_blocks)
+                          max_groups=min_blocks)
 
 
 def kernel_symbol(variant: Variant, kernel: str) -> str:

@@ -12,10 +12,8 @@ from kvgen.derive import (
     QUANTIZED_VECTORS_PER_LANE,
     SM90_SMEM_PER_SM,
     SMEM_RESERVED_PER_CTA,
-    decode_fp8_swizzled,
     decode_geometry,
     decode_loader,
-    decode_tiles_unpadded,
     small_store_tokens_per_block,
     store_split,
     tokens_per_block,
@@ -81,39 +79,26 @@ def test_ctas_per_sm_sets_the_minimum_within_shared_memory(ctas: int, blocks: in
     assert geo.min_blocks * (geo.smem_bytes + SMEM_RESERVED_PER_CTA) <= SM90_SMEM_PER_SM
 
 
-@pytest.mark.parametrize(("head_size", "loader", "swizzled"), [
-    (64, "cp_async", True), (128, "cp_async", True), (256, "cp_async", True),
-    (128, "tma", False)])  # TMA boxes land padded rows
-def test_fp8_tiles_are_swizzled_only_where_the_kernel_swizzles(head_size: int, loader: str, swizzled: bool) -> None:
-    spec = _decode_spec("float8_e4m3fn", head_size=head_size, loader=loader)
-    geo = decode_geometry(spec, "sm_90a")
-    assert decode_fp8_swizzled(spec.cache, geo.tma) == swizzled
-    pitch = head_size if swizzled else head_size + 16  # one FP8 row, or padded by 16 bytes
-    assert geo.stage_bytes == 2 * 64 * pitch + 2 * 64 * 4  # K and V tiles + one float32 scale per token
-    # Swizzled: Q in shared memory (8 padded 16-bit rows for a group of 4) after the stages and row rings, and
-    # every warp group's pipeline starts on a multiple of a row (decode.cuh XORs chunk bits into tile addresses).
-    need = geo.stages * (geo.stage_bytes + 64 * 4) + (8 * (2 * head_size + 16) if swizzled else 0)
-    assert geo.smem_bytes >= need
-    if swizzled:
-        assert geo.smem_bytes % head_size == 0 and geo.stages == 2
-
-
-@pytest.mark.parametrize(("dtype", "head_size", "loader", "unpadded"), [
-    ("bfloat16", 64, "cp_async", True), ("bfloat16", 128, "cp_async", True), ("float16", 256, "cp_async", True),
-    ("bfloat16", 128, "tma", False)])  # TMA boxes land padded rows
-def test_16bit_tiles_are_unpadded_where_cp_async_copies_them(dtype: str, head_size: int, loader: str,
-                                                             unpadded: bool) -> None:
-    # decode.cuh's SWZ16: unpadded rows keep every 128-byte global line of a cp.async in one shared-memory wavefront
-    # (one L2 request); padded rows split 7 of 8 lines in two.
+@pytest.mark.parametrize("loader", ["cp_async", "tma"])
+@pytest.mark.parametrize(("dtype", "head_size"), [("bfloat16", 64), ("bfloat16", 128), ("float16", 256),
+                                                  ("float8_e4m3fn", 64), ("float8_e4m3fn", 128), ("float8_e4m3fn", 256)])
+def test_tiles_are_unpadded_and_aligned_for_their_loader(dtype: str, head_size: int, loader: str) -> None:
+    # decode.cuh's TileLayout under both loaders: unpadded rows keep every 128-byte global line of a cp.async in one
+    # shared-memory wavefront (one L2 request), and are what a swizzled TMA box writes. Every warp group's pipeline
+    # starts on a multiple of a row (cp.async: fragment addresses XOR chunk bits into row-aligned tile addresses) or
+    # of 1024 bytes (TMA: its swizzle follows the address bits).
     spec = _decode_spec(dtype, head_size=head_size, loader=loader)
     geo = decode_geometry(spec, "sm_90a")
-    assert decode_tiles_unpadded(spec.cache, geo.tma) == unpadded
-    assert not decode_fp8_swizzled(spec.cache, geo.tma)  # Q stays in registers for 16-bit caches
-    row = 2 * head_size
-    assert geo.stage_bytes == 2 * 64 * (row if unpadded else row + 16)
-    assert geo.smem_bytes >= geo.stages * (geo.stage_bytes + 64 * 4)
-    if unpadded:  # tiles start on a multiple of a row: decode.cuh XORs chunk bits into row-aligned addresses
-        assert geo.smem_bytes % row == 0
+    fp8 = dtype.startswith("float8")
+    row = head_size * (1 if fp8 else 2)
+    scales = 2 * 64 * 4 if fp8 else 0  # one float32 scale per (token, head) for K and V
+    assert geo.tma == (loader == "tma")
+    assert geo.stage_bytes == 2 * 64 * row + scales
+    # FP8: Q in shared memory (8 padded 16-bit rows for a group of 4) after the stages and row rings.
+    need = geo.stages * (geo.stage_bytes + 64 * 4) + (8 * (2 * head_size + 16) if fp8 else 0)
+    assert geo.smem_bytes >= need
+    assert geo.smem_bytes % (1024 if geo.tma else row) == 0
+    assert geo.max_groups == geo.min_blocks  # grouped CTAs under both loaders (per-group mbarriers under TMA)
 
 
 @pytest.mark.parametrize(("num_q_heads", "q_rows"), [(8, 8), (16, 8), (24, 16), (32, 16)])
@@ -133,7 +118,7 @@ def test_swizzled_fp8_reserves_q_rows_for_the_query_group(num_q_heads: int, q_ro
 @pytest.mark.parametrize(("loader", "arch", "head_size", "tma"), [
     ("tma", "sm_90a", 128, True), ("tma", "sm_100a", 64, True),
     ("tma", "sm_80", 128, False),     # no TMA on sm_80: cp.async there
-    ("auto", "sm_90a", 256, False),   # auto measured as TMA, but D + 16 bytes exceeds a 256-element box: cp.async
+    ("auto", "sm_90a", 256, True),    # "auto" as TMA: every head size fits its block-column boxes
     ("cp_async", "sm_90a", 128, False)])
 def test_decode_loader_choice(loader: str, arch: str, head_size: int, tma: bool, monkeypatch) -> None:
     monkeypatch.setitem(DECODE_AUTO_LOADER, "16-bit", "tma")  # so "auto" exercises the TMA fallback
@@ -144,8 +129,7 @@ def test_decode_loader_choice(loader: str, arch: str, head_size: int, tma: bool,
     d["attention"] = {"num_q_heads": 32, "loader": loader}
     geo = decode_geometry(validate_variant(d), arch)
     assert geo.tma is tma
-    # TMA needs 128 bytes of alignment slack on top of the same padded stages.
-    assert geo.smem_bytes % 16 == 0 and geo.min_blocks >= 1
+    assert geo.smem_bytes % (1024 if tma else 16) == 0 and geo.min_blocks >= 1
 
 
 def test_auto_loader_follows_the_measured_table() -> None:
@@ -163,17 +147,13 @@ def test_unknown_loader_is_refused_naming_the_field() -> None:
         validate_variant(d)
 
 
-@pytest.mark.parametrize(("archs", "head_size", "rule"), [
-    (["sm_80"], 128, "arch with TMA"),
-    (["sm_90a"], 256, "padded row"),
-])
-def test_explicit_tma_loader_that_cannot_be_honored_is_refused(archs: list[str], head_size: int, rule: str) -> None:
+def test_explicit_tma_loader_that_cannot_be_honored_is_refused() -> None:
     d = base_config()
-    d["cache"].update(dtype="bfloat16", page_size=16, head_size=head_size)
+    d["cache"].update(dtype="bfloat16", page_size=16)
     d["kernels"] = ["store", "decode"]
-    d["archs"] = archs
+    d["archs"] = ["sm_80"]
     d["attention"] = {"num_q_heads": 32, "loader": "tma"}
-    with pytest.raises(ConfigError, match=rule) as e:
+    with pytest.raises(ConfigError, match="arch with TMA") as e:
         validate_variant(d)
     assert "attention.loader" in str(e.value) and "cp_async" in str(e.value)
 

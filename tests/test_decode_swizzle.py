@@ -1,65 +1,165 @@
-"""The 16-bit decode tile swizzle (decode.cuh SWZ16), mirrored in Python: the cp.async copy side, the ldmatrix
-address math of the K and V fragments (one lane offset XORed with a per-step constant on row-aligned tiles), the
-bank spread of each 8-row ldmatrix phase, and that no warp's copy splits a 128-byte global line across two
-shared-memory lines (the reason the rows are unpadded). If decode.cuh's formulas change, change them here too."""
+"""The decode K/V tile layout (decode.cuh TileLayout), mirrored in Python for every decode row width (16-bit and FP8,
+head sizes 64, 128 and 256): the cp.async copy side, what a swizzled TMA box writes (the same bytes at the same
+places), the fragment address math of both dtypes (one lane offset, then TileLayout::step per k-step or chunk),
+the bank spread of every 8-address shared-memory phase, and that no warp's copy splits a 128-byte global line
+across two shared-memory lines (the reason the rows are unpadded). If decode.cuh's formulas change, change them
+here too."""
 
 from __future__ import annotations
 
 import pytest
 from test_decode_plan import _decode_spec
 
-from kvgen.derive import decode_geometry, decode_tiles_unpadded
+from kvgen.derive import decode_block_row_bytes, decode_geometry
 
 BN, THREADS = 64, 128
 
 
-def _tile_checks(base: int, head_size: int) -> None:
-    row_bytes = 2 * head_size
-    cpr = row_bytes // 16
+class Layout:
+    """TileLayout<CPR, BN>."""
+
+    def __init__(self, cpr: int) -> None:
+        self.cpr = cpr
+        self.cpb = min(cpr, 8)
+        self.rp = self.cpb * 16
+        self.block = BN * self.rp
+
+    def row_xor(self, row: int) -> int:
+        return row & 7 if self.cpb == 8 else (row >> 1) & 3
+
+    def offset(self, row: int, chunk: int) -> int:
+        return (chunk // self.cpb) * self.block + row * self.rp + ((chunk % self.cpb) ^ self.row_xor(row)) * 16
+
+    def step(self, lane_addr: int, chunk: int) -> int:
+        return (lane_addr ^ ((chunk % self.cpb) * 16)) + (chunk // self.cpb) * self.block
+
+
+def tma_swizzle(addr: int, span: int) -> int:
+    """tma.cuh swizzle_offset: SWIZZLE_{64,128}B XOR address bits [7, ...) into the chunk bits."""
+    return addr ^ (((addr >> 7) & (span // 16 - 1)) << 4)
+
+
+def cp_async_tile(lay: Layout, base: int) -> dict[int, tuple[int, int]]:
+    """Address -> (row, chunk) written by decode.cuh's cp.async copies (copy_off0 + copy_delta(j))."""
+    cpr = lay.cpr
     rows_per_pass, passes = THREADS // cpr, BN * cpr // THREADS
     written: dict[int, tuple[int, int]] = {}
     lines: dict[tuple[int, int, int, int], set[int]] = {}
     for tid in range(THREADS):
         chunk, row0 = tid % cpr, tid // cpr
+        off0 = lay.offset(row0, chunk)
+        swz_odd = 0 if rows_per_pass % 8 == 0 else lay.offset(row0 + rows_per_pass, chunk) - off0 - rows_per_pass * lay.rp
         for j in range(passes):
             row = row0 + j * rows_per_pass
-            # copy_slot (= chunk) + copy_swz16(j), in the row's place
-            addr = base + row * row_bytes + chunk * 16 + ((chunk ^ (row & 7)) - chunk) * 16
-            assert addr not in written and base + row * row_bytes <= addr < base + (row + 1) * row_bytes
+            addr = base + off0 + j * rows_per_pass * lay.rp + (swz_odd if j % 2 else 0)
+            assert addr not in written and base <= addr < base + BN * cpr * 16
             written[addr] = (row, chunk)
             lines.setdefault((tid // 32, j, row, chunk * 16 // 128), set()).add(addr // 128)
     assert len(written) == BN * cpr
     assert all(len(v) == 1 for v in lines.values()), "a 128-byte global line split across shared-memory lines"
+    return written
+
+
+def tma_tile(lay: Layout, base: int, page_rows: int, elem_bytes: int) -> dict[int, tuple[int, int]]:
+    """Address -> (row, chunk) written by the TMA boxes of one tile: page p, block column blk lands at
+    tile + blk * BLOCK + p * EFF * RP, box rows RP bytes apart, then the hardware swizzle of the box width."""
+    block_bytes = decode_block_row_bytes(lay.cpr * 16 // elem_bytes, elem_bytes)
+    assert block_bytes == lay.rp
+    written: dict[int, tuple[int, int]] = {}
+    for p in range(BN // page_rows):
+        for blk in range(lay.cpr // lay.cpb):
+            dst = base + blk * lay.block + p * page_rows * lay.rp
+            for i in range(page_rows):
+                for c in range(lay.cpb):
+                    addr = tma_swizzle(dst + i * lay.rp + c * 16, block_bytes)
+                    assert addr not in written
+                    written[addr] = (p * page_rows + i, blk * lay.cpb + c)
+    return written
+
+
+def check_16bit_fragments(lay: Layout, base: int, written: dict[int, tuple[int, int]]) -> None:
+    ks = lay.cpr // 2  # k-steps of 16 elements
     for warp in range(4):
-        for nt in range(2):  # K: ldmatrix.x4, matrix lane / 8 = chunk lane / 8 + 2kk of row lrow
-            for kk in range(0, head_size // 16, 2):
+        for nt in range(2):  # K: ldmatrix.x4, matrix lane / 8 = chunk 2kk + lane / 8 of row lrow
+            for kk in range(0, ks, 2):
                 phases: dict[int, list[int]] = {}
                 for lane in range(32):
                     lrow = warp * 16 + nt * 8 + lane % 8
-                    addr = (base + lrow * row_bytes + ((lane // 8) ^ (lane % 8)) * 16) ^ (kk * 32)
-                    assert written.get(addr) == (lrow, lane // 8 + 2 * kk)
+                    addr = lay.step(base + lay.offset(lrow, lane // 8), 2 * kk)
+                    assert written.get(addr) == (lrow, 2 * kk + lane // 8)
                     phases.setdefault(lane // 8, []).append(addr // 16 % 8)
                 assert all(len(set(u)) == 8 for u in phases.values()), "K ldmatrix bank conflict"
-        for dn in range(0, head_size // 8, 2):  # V: ldmatrix.x4.trans, chunk lane / 16 + dn
+        for dn in range(0, lay.cpr, 2):  # V: ldmatrix.x4.trans, chunk dn + lane / 16 (n-tile dn: 8 elements = a chunk)
             phases = {}
             for lane in range(32):
                 lrow = warp * 16 + (lane // 8 % 2) * 8 + lane % 8
-                addr = (base + lrow * row_bytes + ((lane // 16) ^ (lane % 8)) * 16) ^ (dn * 16)
-                assert written.get(addr) == (lrow, lane // 16 + dn)
+                addr = lay.step(base + lay.offset(lrow, lane // 16), dn)
+                assert written.get(addr) == (lrow, dn + lane // 16)
                 phases.setdefault(lane // 8, []).append(addr // 16 % 8)
             assert all(len(set(u)) == 8 for u in phases.values()), "V ldmatrix bank conflict"
 
 
+def check_fp8_fragments(lay: Layout, base: int, written: dict[int, tuple[int, int]]) -> None:
+    cpr = lay.cpr
+
+    def k_chunk(tq: int, j: int) -> int:
+        return tq if cpr == 4 else 8 * (j // 2) + 2 * tq + j % 2
+
+    for warp in range(4):
+        for nt in range(2):  # K: lane (gq, tq) reads chunk k_chunk(tq, j) of row warp * 16 + nt * 8 + gq
+            for j in range(cpr // 4):
+                phases: dict[int, list[int]] = {}
+                for lane in range(32):
+                    gq, tq = lane // 4, lane % 4
+                    row = warp * 16 + nt * 8 + gq
+                    lane_addr = base + nt * 8 * lay.rp + lay.offset(warp * 16 + gq, k_chunk(tq, 0))  # + nt * 8 * RP
+                    addr = lane_addr if cpr == 4 else lay.step(lane_addr, 8 * (j // 2) + j % 2)
+                    assert written.get(addr) == (row, k_chunk(tq, j))
+                    phases.setdefault(lane // 8, []).append(addr // 16 % 8)
+                assert all(len(set(u)) == 8 for u in phases.values()), "FP8 K load bank conflict"
+        for c in range(0, cpr, 2):  # V: ldmatrix.x4.trans of chunk c + lane / 16
+            phases = {}
+            for lane in range(32):
+                lrow = warp * 16 + (lane // 8 % 2) * 8 + lane % 8
+                addr = lay.step(base + lay.offset(lrow, lane // 16), c)
+                assert written.get(addr) == (lrow, c + lane // 16)
+                phases.setdefault(lane // 8, []).append(addr // 16 % 8)
+            assert all(len(set(u)) == 8 for u in phases.values()), "FP8 V ldmatrix bank conflict"
+
+
+@pytest.mark.parametrize("loader", ["cp_async", "tma"])
 @pytest.mark.parametrize("head_size", [64, 128, 256])
-@pytest.mark.parametrize("stages", [None, 2])
-def test_swizzled_16bit_tiles_round_trip_without_conflicts(head_size: int, stages: int | None) -> None:
-    geo = decode_geometry(_decode_spec("bfloat16", head_size=head_size, loader="cp_async", stages=stages), "sm_90a")
-    row_bytes = 2 * head_size
-    assert decode_tiles_unpadded(_decode_spec("bfloat16", head_size=head_size, loader="cp_async").cache, geo.tma)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
+def test_tiles_round_trip_without_conflicts(dtype: str, head_size: int, loader: str) -> None:
+    spec = _decode_spec(dtype, head_size=head_size, loader=loader)
+    geo = decode_geometry(spec, "sm_90a")
+    assert geo.tma == (loader == "tma")
+    elem = 1 if dtype.startswith("float8") else 2
+    lay = Layout(head_size * elem // 16)
+    tile = BN * head_size * elem
+    align = 1024 if geo.tma else head_size * elem  # ALIGN_SLACK
     window = 3 * 4096 + 48  # any 16-byte aligned start of the dynamic shared memory
-    cta = window + (row_bytes - window % row_bytes) % row_bytes  # ALIGN_SLACK = a row
-    tile = BN * row_bytes
+    cta = window + (align - window % align) % align
+    scales = 0  # (no quantization in this spec)
     for group in sorted({0, geo.max_groups - 1}):
         for stage in range(geo.stages):
             for kv in range(2):  # K tile, then V tile of each stage
-                _tile_checks(cta + group * geo.smem_bytes + stage * 2 * tile + kv * tile, head_size)
+                # cp.async keeps [K, V, scales] per stage; TMA puts every stage's tiles first
+                base = cta + group * geo.smem_bytes + stage * (2 * tile + scales) + kv * tile
+                written = cp_async_tile(lay, base)
+                if geo.tma:
+                    for page_rows in (8, 16, 64):
+                        assert tma_tile(lay, base, page_rows, elem) == written, "TMA boxes and cp.async disagree"
+                (check_fp8_fragments if elem == 1 else check_16bit_fragments)(lay, base, written)
+
+
+def test_a_wrong_row_xor_fails_the_mirror() -> None:
+    """The checks can fail: a layout without the XOR puts every row's chunk in the same bank group."""
+
+    class Unswizzled(Layout):
+        def row_xor(self, row: int) -> int:
+            return 0
+
+    lay = Unswizzled(16)
+    with pytest.raises(AssertionError, match="bank conflict"):
+        check_16bit_fragments(lay, 0, cp_async_tile(lay, 0))

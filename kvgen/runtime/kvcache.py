@@ -718,14 +718,14 @@ class KVCache:
         (comb.fire_dependent if self._programmatic else comb.fire)((Hq, B, 1), (min(256, D), 1, 1), st)
 
     def _decode_tile_maps(self, layer: int) -> tuple[TmaTile, TmaTile]:
-        """The K and V descriptors (decode_padded_tile) the TMA decode reads a layer through. Encoded once per
+        """The K and V descriptors (tma.decode_tile) the TMA decode reads a layer through. Encoded once per
         layer; the cache keeps them alive, and a captured graph holds its own copy of the kernel parameters."""
         maps = self._decode_maps.get(layer)
         if maps is None:
-            from .tma import decode_padded_tile
+            from .tma import decode_tile
 
-            maps = self._decode_maps[layer] = (decode_padded_tile(self, 0, layer, DECODE_TILE),
-                                               decode_padded_tile(self, 1, layer, DECODE_TILE))
+            maps = self._decode_maps[layer] = (decode_tile(self, 0, layer, DECODE_TILE),
+                                               decode_tile(self, 1, layer, DECODE_TILE))
         return maps
 
     # ---- TMA ------------------------------------------------------------------------------------------

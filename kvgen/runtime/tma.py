@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import SWIZZLE_BYTES
+from ..derive import decode_block_row_bytes
 from ..dtypes import DTYPES
 from ..errors import LaunchError
 from .driver import check, cu
@@ -135,15 +136,15 @@ def create_tma_tile(cache: KVCache, kv: int, layer: int, swizzle: str | None = N
                   (row * nb, cache.head_size * nb), (box_rows, 1, gran), swizzle)
 
 
-def decode_padded_tile(cache: KVCache, kv: int, layer: int, bn: int) -> TmaTile:
-    """The decode's K or V map: create_tma_tile's [num_kv_rows, H, D] view with box [min(BN, P), 1, D + 16 bytes]
-    and no swizzle. The 16 bytes past each row lie outside D and are zero-filled (no memory is read), so the
-    box lands in shared memory as rows padded by 16 bytes, the layout ldmatrix reads without bank conflicts."""
+def decode_tile(cache: KVCache, kv: int, layer: int, bn: int) -> TmaTile:
+    """The decode's K or V map: create_tma_tile's [num_kv_rows, H, D] view with box [min(BN, P), 1, one column block]
+    (128 bytes with SWIZZLE_128B; 64-byte rows: 64 with SWIZZLE_64B). Each box lands as one block of decode.cuh's
+    TileLayout, whose XOR is the TMA swizzle. Raw 1- or 2-byte elements (e5m2 has no TMA float type)."""
     base, nb, rows, row = _view_geometry(cache, kv, layer)
-    box_rows = _tile_box_rows(cache, "decode_padded_tile", rows, bn)
-    # Raw bytes are all a copy needs: any 1- or 2-byte element moves as UINT8 / UINT16 (e5m2 has no TMA float type).
-    return encode("decode_padded_tile", base, {1: "UINT8", 2: "UINT16"}[nb], (rows, cache.num_heads, cache.head_size),
-                  (row * nb, cache.head_size * nb), (box_rows, 1, cache.head_size + 16 // nb), "NONE")
+    box_rows = _tile_box_rows(cache, "decode_tile", rows, bn)
+    block = decode_block_row_bytes(cache.head_size, nb)
+    return encode("decode_tile", base, {1: "UINT8", 2: "UINT16"}[nb], (rows, cache.num_heads, cache.head_size),
+                  (row * nb, cache.head_size * nb), (box_rows, 1, block // nb), f"{block}B")
 
 
 def create_ragged_tma_tile(cache: KVCache, kv: int, layer: int, swizzle: str, bm: int, bk: int) -> TmaTile:

@@ -11,9 +11,10 @@
 // sm_90+) merges the splits and attention sinks; a single-split CTA writes the final output itself.
 // MMA: mma.sync m16n8k16, fp32 accumulation, softmax in fp32 with exp2. bf16 for bf16 caches and for FP8 with
 // per-group scales (dequantized into bf16 in registers); f16 for f16 caches and for FP8 with one scale per token
-// or none (raw FP8 -> f16 in one cvt, the scales applied to score and probability columns). FP8 tiles copied by
-// cp.async are unpadded and XOR-swizzled, their fragments built by vector and ldmatrix loads (DecodeSwizzle), and
-// for query groups of up to 8 their P.V is computed transposed, heads as the MMA's n (PVT in decode_partial).
+// or none (raw FP8 -> f16 in one cvt, the scales applied to score and probability columns). Tiles are unpadded
+// and XOR-swizzled (TileLayout) under both loaders; FP8 fragments are built by vector and ldmatrix loads
+// (DecodeSwizzle), and for query groups of up to 8 their P.V is computed transposed, heads as the MMA's n (PVT in
+// decode_partial).
 #pragma once
 #include "cache.cuh"
 #include "tma.cuh"
@@ -87,8 +88,8 @@ template <bool F16> __device__ __forceinline__ void mma16816(float (&d)[4], cons
 // ldmatrix: four 8x8 matrices of 16-bit elements; lane i gives the shared address of row i % 8 of matrix i / 8.
 // Plain: lane l receives row l / 4, elements 2 (l % 4) and +1 (an m16n8k16 B fragment when rows are n).
 // .trans: lane l receives rows 2 (l % 4) and +1 of column l / 4 (a B fragment when rows are k). x2: two matrices,
-// lanes 0-15 give the addresses. The _s forms take a 32-bit shared-memory address (swizzled FP8 tiles and Q
-// compute theirs in the shared window: DecodeSwizzle), the others a generic pointer into shared memory.
+// lanes 0-15 give the addresses. Addresses are 32-bit shared-window addresses (TileLayout and Q compute theirs
+// there).
 __device__ __forceinline__ void ldsm_x4_s(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
@@ -99,12 +100,6 @@ __device__ __forceinline__ void ldsm_x2_s(uint32_t& r0, uint32_t& r1, uint32_t a
 __device__ __forceinline__ void ldsm_x4_trans_s(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
-}
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
-  ldsm_x4_s(r, static_cast<uint32_t>(__cvta_generic_to_shared(row)));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row) {
-  ldsm_x4_trans_s(r, static_cast<uint32_t>(__cvta_generic_to_shared(row)));
 }
 // A 16-byte shared load.
 __device__ __forceinline__ uint4 lds128(uint32_t addr) {
@@ -166,37 +161,59 @@ template <class Cache> struct DecodeTypes {
   static constexpr bool kF16 = is_same_v<T, __half> || kFp8Direct;  // f16 MMA, else bf16
 };
 
-// Swizzled FP8 tiles (decode_partial's SWZ: FP8 through cp.async, rows of 4, 8 or 16 chunks of 16 bytes). Rows
-// are not padded: chunk c of row r sits at c ^ row_xor(r) (128- and 256-byte rows: r & 7; 64-byte rows, two per
-// 128-byte line: (r / 2) & 3), so the 8 rows of one ldmatrix matrix, and the 2 rows x 4 chunks of one
-// quarter-warp's 16-byte K loads, land in 8 distinct 4-bank units. Unpadded FP8 tiles leave room for more
-// pipeline stages or CTAs per SM, and the fragments come from vector loads instead of byte loads:
+// Shared-memory layout of every decode K/V tile (rows of 4 to 32 chunks of 16 bytes: head sizes 64, 128 and 256 in
+// 16-bit and FP8), unpadded and XOR-swizzled. A tile is cut into column blocks of at most 128 bytes: block j holds
+// bytes [128j, 128j + 128) of all BN rows, RP bytes per row, and chunk c of a block row r sits at c ^ row_xor(r)
+// (128-byte block rows: r & 7; 64-byte rows, two per 128-byte line: (r / 2) & 3). That is exactly what a TMA box
+// of one page x one block column writes with SWIZZLE_128B (SWIZZLE_64B) into a 1024-byte aligned block, so both
+// loaders fill the same layout and one set of fragment loads reads it:
+//  - the 8 rows of one ldmatrix matrix, and the 2 rows x 4 chunks of one quarter-warp's 16-byte FP8 K loads, land
+//    in 8 distinct 4-bank units;
+//  - a cp.async warp writes each 128-byte global line into one 128-byte shared line (padded rows, 272 bytes, split
+//    lines between two wavefronts, i.e. two L2 requests; ncu, bf16 64 x 16k on the H200: L2 hit rate 48% against
+//    FlashInfer's 1%, DRAM 4.22 against 4.49 TB/s);
+//  - a tile start, and the start of every block, is a multiple of 1024 bytes (TMA) or of a block row (cp.async),
+//    so XOR on the chunk bits of (tile + lane offset) equals XOR on the lane offset: one lane offset per operand
+//    lives across the tile loop, and a fragment address costs an add per tile plus one XOR.
+template <int CPR, int BN> struct TileLayout {
+  static_assert(CPR == 4 || CPR == 8 || CPR == 16 || CPR == 32, "rows of 64, 128, 256 or 512 bytes");
+  static constexpr int CPB = CPR < 8 ? CPR : 8;  // chunks per block row
+  static constexpr int RP = CPB * 16;            // bytes per block row
+  static constexpr int BLOCK = BN * RP;          // bytes per block
+  static constexpr int NBLK = CPR / CPB;
+  __device__ static constexpr int row_xor(int row) { return CPB == 8 ? row & 7 : (row >> 1) & 3; }
+  // Byte offset of chunk `chunk` of row `row` from the tile start.
+  __device__ static constexpr int offset(int row, int chunk) {
+    return (chunk / CPB) * BLOCK + row * RP + ((chunk % CPB) ^ row_xor(row)) * 16;
+  }
+  // Address of chunk c0 + c (c0 a multiple of CPB or of the lane's XOR span) given the lane's offset of chunk c0's
+  // XOR base: the XOR stays inside a block row, the block is an add.
+  __device__ static constexpr uint32_t step(uint32_t lane_addr, int chunk) {
+    return (lane_addr ^ uint32_t((chunk % CPB) * 16)) + uint32_t((chunk / CPB) * BLOCK);
+  }
+};
+
+// FP8 fragments from TileLayout tiles (decode_partial's SWZ), built by vector and ldmatrix loads:
 //  - K (B of Q.K^T): lane (gq, tq) reads NJ = CPR / 4 whole chunks of its token's row, chunk k_chunk(tq, j). k-step
 //    kk takes 4 bytes of load kk / 4: those 4 dims stand at MMA k positions 2tq, 2tq + 1 (b0) and 2tq + 8, 2tq + 9
-//    (b1). Q's A fragments are built with the same permutation of k (k_dim), so Q.K is unchanged.
+//    (b1). Q's A fragments are built with the same permutation of k (k_dim), so Q.K is unchanged. Rows of 8+
+//    chunks: rows gq even and odd of a quarter-warp take opposite unit parities.
 //  - V (B of P.V): ldmatrix.trans of 8 tokens x one chunk, read as 16-bit pairs, gives lane (gq, tq) dims 2gq and
 //    2gq + 1 of tokens 2tq and 2tq + 1. One byte permute splits them into the B fragments of two n-tiles: "even"
 //    (column j holds dim 16c + 2j) and "odd" (dim 16c + 2j + 1). Output n-tile dn holds chunk dn / 2, parity dn % 2.
-template <int CPR> struct DecodeSwizzle {
+template <int CPR, int BN> struct DecodeSwizzle {
   static_assert(CPR == 4 || CPR == 8 || CPR == 16, "64-, 128- or 256-byte rows");
+  using L = TileLayout<CPR, BN>;
   static constexpr int NJ = CPR / 4;  // 16-byte K loads per lane and token row
-  __device__ static constexpr int row_xor(int row) { return CPR >= 8 ? row & 7 : (row >> 1) & 3; }
-  __device__ static constexpr int chunk_at(int row, int chunk) { return chunk ^ row_xor(row); }
-  // K chunk of lane column tq, load j. Rows of 8+ chunks: rows gq even and odd of a quarter-warp take opposite
-  // unit parities; 64-byte rows: the two rows sit in different halves of a 128-byte line.
+  // K chunk of lane column tq, load j (64-byte rows: the two rows of a line sit in its two halves).
   __device__ static constexpr int k_chunk(int tq, int j) { return CPR == 4 ? tq : 8 * (j / 2) + 2 * tq + (j % 2); }
   // First of the 4 dims of k-step kk in lane column tq.
   __device__ static constexpr int k_dim(int tq, int kk) { return 16 * k_chunk(tq, kk / 4) + 4 * (kk % 4); }
-  // Addresses. A tile starts on a multiple of a row (decode_partial aligns it), so XOR on the chunk bits of a
-  // tile address + lane offset equals XOR on the lane's offset: one lane offset per operand lives across the
-  // tile loop, and a fragment address costs one add per tile plus one XOR.
   // K: lane (gq, tq), row = warp * 16 + gq (+ 8 for the second n-tile, an add); load j of k_chunk(tq, j).
-  __device__ static uint32_t k_lane(int row, int tq) { return uint32_t(row * CPR * 16 + chunk_at(row, k_chunk(tq, 0)) * 16); }
-  __device__ static uint32_t k_load(uint32_t lane_addr, int j) {
-    return CPR == 4 ? lane_addr : (lane_addr ^ uint32_t((j & 1) * 16)) + uint32_t((j >> 1) * 128);
-  }
-  // V: ldmatrix row `row` of the lane, chunk c + half (c even, half = lane / 16): address = (tile + v_lane) ^ 16c.
-  __device__ static uint32_t v_lane(int row, int half) { return uint32_t(row * CPR * 16 + (half ^ row_xor(row)) * 16); }
+  __device__ static uint32_t k_lane(int row, int tq) { return uint32_t(L::offset(row, k_chunk(tq, 0))); }
+  __device__ static uint32_t k_load(uint32_t lane_addr, int j) { return CPR == 4 ? lane_addr : L::step(lane_addr, 8 * (j / 2) + (j % 2)); }
+  // V: ldmatrix row `row` of the lane, chunk c + half (c even, half = lane / 16): L::step(tile + v_lane, c).
+  __device__ static uint32_t v_lane(int row, int half) { return uint32_t(L::offset(row, half)); }
 };
 
 // decode_partial's flags: bit 0, early cache reads (KVCache.decode(early_cache_reads=True)).
@@ -220,15 +237,15 @@ template <class OT> struct DecodeFinal {
 // ngrp consecutive sub-splits ("virtual splits": chunk and the BALANCED cut count gridDim.x * ngrp of them), each
 // group streams its own with its own pipeline and named barrier, and all 4 x ngrp warps merge in shared memory.
 // One such CTA per (request, KV head) holds the same warps and shared memory per SM as ngrp one-group CTAs, but
-// needs no float32 partials and no combine launch (small batches; runtime/decode_plan.py). TMA: one group only.
-// K/V loader, chosen by kvgen/derive.py decode_geometry:
+// needs no float32 partials and no combine launch (small batches; runtime/decode_plan.py).
+// K/V loader, chosen by kvgen/derive.py decode_geometry; both fill the same TileLayout:
 //   TMA = false: cp.async, 16 bytes per thread per copy (any arch).
-//   TMA = true (sm_90+): one TMA copy per page of a tile (page rows from the trait's populate) through kmap / vmap,
-//     maps of this layer's [rows, H, D] view (runtime/tma.py decode_padded_tile) whose box is one page of one
-//     head and D + 16 bytes wide, without swizzle: the 16 bytes past a row are out of bounds and zero-filled, so
-//     rows land padded exactly like the cp.async layout and fragments load without bank conflicts. Copies
-//     complete on a per-stage mbarrier; thread 0 issues, everyone waits. (Swizzled create_tma_tile spans were
-//     tried: reading fragments through the swizzle cost registers and made the FP8 kernels spill.)
+//   TMA = true (sm_90+): one TMA copy per page of a tile and column block (page rows from the trait's populate)
+//     through kmap / vmap, create_tma_tile maps of this layer's [rows, H, D] view (runtime/tma.py decode_tile)
+//     whose box is one page x 128 bytes (64-byte rows: 64) of one head with the swizzle of that width. Copies
+//     complete on a per-stage mbarrier of the warp group; its thread 0 issues, its threads wait. (The first TMA
+//     loader wrote 16-byte padded rows through an unswizzled box D + 16 bytes wide: 7-37% slower than cp.async
+//     on the H200, whose padded rows had the same split-line cost; head size 256 did not fit a box.)
 template <class Cache, class QT, class OT, int GROUP, int STAGES, int SMEM_BYTES, bool WINDOW, bool SOFTCAP, bool TMA = false,
           bool BALANCED = false, int MAX_GROUPS = 1>
 __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CUtensorMap* vmap, DecodeFinal<OT> fin,
@@ -245,19 +262,12 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   constexpr int ES = int(sizeof(T));
   constexpr int ROW_BYTES = D * ES;
   constexpr int CPR = ROW_BYTES / 16;             // 16-byte chunks per row
-  // FP8 through cp.async with 64-, 128- or 256-byte rows: rows unpadded, 16-byte chunks XOR-swizzled, and
-  // vector fragment loads (see DecodeSwizzle). 16-bit through cp.async: SWZ16 below. TMA: rows padded by 16
-  // bytes, so the fragment loads hit distinct banks. kvgen/derive.py decode_tiles_unpadded mirrors this choice for
-  // the shared-memory size.
-  constexpr bool SWZ = Ty::kFp8 && !TMA && (CPR == 4 || CPR == 8 || CPR == 16);
-  // 16-bit tiles through cp.async (rows of 8, 16 or 32 chunks) are unpadded too: chunk c of row r sits at
-  // c ^ (r & 7), so the 8 rows of an ldmatrix matrix still read 8 distinct 4-bank units. Why not padding: with
-  // 272-byte rows, 7 of 8 rows start off a 128-byte boundary, and the L1 split each 128-byte global line of a
-  // cp.async between two shared-memory wavefronts, i.e. two L2 requests (ncu, bf16 64 x 16k on the H200: L2 hit
-  // rate 48% against FlashInfer's 1%, the second request of each line hitting what the first brought in; DRAM
-  // 4.22 against FlashInfer's 4.49 TB/s on the same cache). Swizzled rows keep every line in one wavefront.
-  constexpr bool SWZ16 = !Ty::kFp8 && !TMA && (CPR == 8 || CPR == 16 || CPR == 32);  // rows a power of two (XOR)
-  constexpr int PITCH = SWZ || SWZ16 ? ROW_BYTES : ROW_BYTES + 16;
+  // Every tile is a TileLayout (unpadded, XOR-swizzled column blocks), whichever loader fills it. SWZ: FP8 fragments
+  // by vector and ldmatrix loads (DecodeSwizzle); SWZ16: 16-bit fragments by ldmatrix. kvgen/derive.py decode_geometry
+  // mirrors the shared-memory size.
+  using Lay = TileLayout<CPR, BN>;
+  constexpr bool SWZ = Ty::kFp8, SWZ16 = !Ty::kFp8;
+  constexpr int RP = Lay::RP;  // bytes between two rows of a block
   constexpr bool QUANT = Cache::quantization_enabled;
   constexpr int G = Cache::num_scale_groups;
   constexpr int GRAN = Cache::quantization_granularity;
@@ -266,14 +276,14 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   static_assert(GROUP >= 1 && GROUP <= 16, "one 16-row MMA tile holds the query group");
   static_assert(KS % 2 == 0 && DN % 2 == 0, "ldmatrix.x4 covers two k-steps / two n-tiles");
   static_assert(D % 16 == 0 && (BN * CPR) % kDecodeThreads == 0, "tile copy splits evenly");
-  constexpr int TILE_BYTES = BN * PITCH;
+  constexpr int TILE_BYTES = BN * ROW_BYTES;
   constexpr int SCALE_BYTES = QUANT ? 2 * BN * G * 4 : 0;
   constexpr int STAGE_BYTES = 2 * TILE_BYTES + SCALE_BYTES;
-  // TMA writes 128-byte aligned shared memory. Swizzled tiles start on a multiple of a row, so a fragment's
-  // address is (tile + lane offset) ^ chunk bits (DecodeSwizzle) and no per-chunk address lives across the loop.
-  constexpr int ALIGN_SLACK = TMA ? 128 : SWZ || SWZ16 ? ROW_BYTES : 0;
-  static_assert(!(SWZ || SWZ16) || (SMEM_BYTES % ROW_BYTES == 0 && (2 * TILE_BYTES + SCALE_BYTES) % ROW_BYTES == 0),
-                "swizzled tiles of every stage and group start on a multiple of a row");
+  // TMA's swizzle follows the shared address bits, so its tiles (and every block in them) start on a multiple of
+  // 1024 bytes; cp.async tiles on a multiple of a row (the XOR of a fragment address stays inside a block row).
+  constexpr int ALIGN_SLACK = TMA ? 1024 : ROW_BYTES;
+  static_assert(SMEM_BYTES % ALIGN_SLACK == 0 && (TMA ? TILE_BYTES % 1024 : (2 * TILE_BYTES + SCALE_BYTES) % ROW_BYTES) == 0,
+                "the tiles of every stage and group start aligned");
   // SMEM_BYTES is what the host reserves (kvgen/derive.py decode_geometry): both uses of it must fit.
   constexpr int Q_ROWS = GROUP > 8 ? 16 : 8, Q_PITCH = 2 * D + 16;  // SWZ: Q in shared memory, padded rows
   constexpr int Q_BYTES = SWZ ? Q_ROWS * Q_PITCH : 0;
@@ -295,32 +305,29 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
                 "K/V stages, the row ring and (SWZ) Q fit the shared memory");
   // (Per group: a CTA of ngrp groups gets ngrp x SMEM_BYTES and has ngrp x as many warp slices to merge.)
   static_assert(4 * GROUP * (D + 8 + 2) * 4 + ALIGN_SLACK <= SMEM_BYTES, "the epilogue's per-warp slices fit the shared memory");
-  static_assert(!TMA || (PITCH / ES <= 256 && TILE_BYTES % 128 == 0), "a padded row is one TMA box");
 #if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
   static_assert(!TMA, "the TMA loader needs sm_90 or newer");
 #endif
   // Stage s: cp.async keeps [K tile, V tile, scales] together; TMA puts every stage's tiles first so each tile
-  // stays 128-byte aligned, then the scales. The row ring follows either way.
+  // stays 1024-byte aligned, then the scales. The row ring follows either way.
   auto k_tile_off = [](int stage) { return TMA ? stage * 2 * TILE_BYTES : stage * STAGE_BYTES; };
   auto scale_off = [](int stage) { return TMA ? STAGES * 2 * TILE_BYTES + stage * SCALE_BYTES : stage * STAGE_BYTES + 2 * TILE_BYTES; };
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  static_assert(MAX_GROUPS >= 1 && MAX_GROUPS <= 8 && (!TMA || MAX_GROUPS == 1), "1-8 warp groups (named barriers 1-8), TMA: one");
-  // MAX_GROUPS == 1 (TMA, large rows): constants, so those kernels compile exactly as one-group kernels.
+  static_assert(MAX_GROUPS >= 1 && MAX_GROUPS <= 8, "1-8 warp groups (named barriers 1-8)");
+  // MAX_GROUPS == 1 (large rows): constants, so those kernels compile exactly as one-group kernels.
   const uint32_t tid = MAX_GROUPS == 1 ? threadIdx.x : threadIdx.x % kDecodeThreads;  // thread within its group
   const uint32_t grp = MAX_GROUPS == 1 ? 0 : threadIdx.x / kDecodeThreads;             // index of its group
   const uint32_t ngrp = MAX_GROUPS == 1 ? 1 : blockDim.x / kDecodeThreads;
   // Aligned by an offset from smem_raw, not through an integer round trip, so the compiler still knows every
   // pointer derived from it is shared memory (generic loads of the scales otherwise).
-  unsigned char* const smem_cta = ALIGN_SLACK > 0
-      ? smem_raw + (ALIGN_SLACK - static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) % ALIGN_SLACK) % ALIGN_SLACK
-      : smem_raw;
-  unsigned char* const smem = smem_cta + grp * SMEM_BYTES;  // this group's pipeline (TMA: ngrp == 1)
+  unsigned char* const smem_cta =
+      smem_raw + (ALIGN_SLACK - static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) % ALIGN_SLACK) % ALIGN_SLACK;
+  unsigned char* const smem = smem_cta + grp * SMEM_BYTES;  // this group's pipeline
   // The group's own barrier (named barrier 1 + grp, its 128 threads); the CTA-wide __syncthreads is barrier 0.
   auto group_sync = [&]() { asm volatile("bar.sync %0, %1;" ::"r"(grp + 1), "n"(kDecodeThreads) : "memory"); };
-  __shared__ alignas(8) uint64_t full_bar[TMA ? STAGES : 1];  // TMA: one transaction barrier per stage
-  // Byte `byte` of row `row` of the tile at smem offset `tile` (padded rows: the TMA loader, and FP8 rows that are
-  // not swizzled).
-  auto sp = [&](int tile, int row, int byte) -> unsigned char* { return smem + tile + row * PITCH + byte; };
+  // TMA: one transaction barrier per stage and warp group.
+  __shared__ alignas(8) uint64_t full_bar_cta[TMA ? MAX_GROUPS * STAGES : 1];
+  uint64_t* const full_bar = full_bar_cta + (TMA ? grp * STAGES : 0);
 
   const uint32_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const uint32_t warp = tid / 32, lane = tid % 32;  // warp within the group
@@ -404,19 +411,18 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     for (int p = 1; p < NP; ++p) mine = tid == uint32_t(p) ? r.rows[p] : mine;
     return mine;
   };
-  static_assert(!TMA || (EFF * PITCH) % 128 == 0, "every TMA box lands 128-byte aligned");
+  // A box lands where the TMA swizzle repeats (8 block rows) so its XOR is the layout's row_xor: pages of 8+ rows.
+  static_assert(!TMA || EFF % 8 == 0, "every TMA box starts on a swizzle atom");
   // Per-thread constants of the copies, hoisted out of the tile loop: the K address of a row is one 32x32->64
   // multiply-add from kbase, V is K plus the distance between the two views, the shared slots are fixed offsets.
-  using Sw = DecodeSwizzle<SWZ ? CPR : 8>;
+  using Sw = DecodeSwizzle<SWZ ? CPR : 8, BN>;
   const int copy_chunk = int(tid) % CPR, copy_row0 = int(tid) / CPR;
-  // Rows a thread copies are copy_row0 + multiples of ROWS_PER_PASS (a multiple of 8): one swizzle for all.
-  const int copy_slot = SWZ ? Sw::chunk_at(copy_row0, copy_chunk) : copy_chunk;
-  static_assert(!SWZ || ROWS_PER_PASS % 8 == 0, "the rows a thread copies share one swizzle");
-  // SWZ16: byte offset of pass j's chunk from copy_slot (constant across passes unless rows are 32 chunks, whose
-  // 4-row passes alternate between two swizzles).
-  auto copy_swz16 = [&](int j) -> int {
-    return SWZ16 ? ((copy_chunk ^ ((copy_row0 + j * ROWS_PER_PASS) & 7)) - copy_chunk) * 16 : 0;
-  };
+  // Tile offset of this thread's chunk in pass 0, and pass j's distance from it: rows of a thread are copy_row0 +
+  // multiples of ROWS_PER_PASS, one swizzle for all when that is a multiple of 8 (a constant distance), else (rows
+  // of 32 chunks) the 4-row passes alternate two swizzles.
+  const int copy_off0 = Lay::offset(copy_row0, copy_chunk);
+  const int copy_swz_odd = ROWS_PER_PASS % 8 == 0 ? 0 : Lay::offset(copy_row0 + ROWS_PER_PASS, copy_chunk) - copy_off0 - ROWS_PER_PASS * RP;
+  auto copy_delta = [&](int j) -> int { return j * ROWS_PER_PASS * RP + (j % 2 ? copy_swz_odd : 0); };
   // Swizzled fragment loads: the group's shared-window address and each lane's K and V offsets in a tile.
   const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   // SWZ: Q (Q_ROWS rows of the MMA type, padded rows) after the row ring.
@@ -452,9 +458,12 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         // may be stale once a serving stack recycles out-of-window pages. The OOB row reads as zeros, no DRAM.
         const bool wanted = base + p * EFF < last && (!WINDOW || base + (p + 1) * EFF > first);
         const int32_t row = wanted ? int32_t(pages[p]) : kOobRow;
-        unsigned char* dst = kt + p * EFF * PITCH;
-        tma_load_3d(dst, kmap, &full_bar[stage], 0, int32_t(h), row);
-        tma_load_3d(dst + TILE_BYTES, vmap, &full_bar[stage], 0, int32_t(h), row);
+#pragma unroll
+        for (int blk = 0; blk < Lay::NBLK; ++blk) {  // one box per block column: RP bytes of EFF rows
+          unsigned char* dst = kt + blk * Lay::BLOCK + p * EFF * RP;
+          tma_load_3d(dst, kmap, &full_bar[stage], blk * (RP / ES), int32_t(h), row);
+          tma_load_3d(dst + TILE_BYTES, vmap, &full_bar[stage], blk * (RP / ES), int32_t(h), row);
+        }
       }
     }
     if constexpr (QUANT) {
@@ -472,7 +481,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   };
   auto load_tile = [&](int tile, int stage) {
     if constexpr (TMA) { load_tile_tma(tile, stage); return; }
-    unsigned char* ks = smem + k_tile_off(stage) + copy_row0 * PITCH + copy_slot * 16;
+    unsigned char* ks = smem + k_tile_off(stage) + copy_off0;
     const uint32_t* rows = row_ring + (tile % STAGES) * BN;
     uint32_t row[PASSES];
 #pragma unroll
@@ -481,8 +490,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     for (int j = 0; j < PASSES; ++j) {
       const bool valid = row[j] != kNoRow;
       const unsigned char* kp = kbase + uint64_t(valid ? row[j] : 0u) * kRowBytes;
-      cp_async16(ks + j * ROWS_PER_PASS * PITCH + copy_swz16(j), kp, valid);
-      cp_async16(ks + BN * PITCH + j * ROWS_PER_PASS * PITCH + copy_swz16(j), kp + v_minus_k, valid);
+      cp_async16(ks + copy_delta(j), kp, valid);
+      cp_async16(ks + TILE_BYTES + copy_delta(j), kp + v_minus_k, valid);
     }
     if constexpr (QUANT) {
       float* kss = reinterpret_cast<float*>(smem + scale_off(stage));
@@ -627,9 +636,9 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         static_assert(CPR % 2 == 0, "rows are an even number of 16-byte units");
         const uint32_t t = tbase + lane / 2;
         if (t < first || t >= last) {
-          uint4* row = reinterpret_cast<uint4*>(sp(vs_o, int(warp) * 16 + int(lane) / 2, 0)) + (lane & 1);
 #pragma unroll
-          for (int j = 0; j < CPR / 2; ++j) row[2 * j] = make_uint4(0, 0, 0, 0);
+          for (int j = 0; j < CPR / 2; ++j)
+            *reinterpret_cast<uint4*>(smem + vs_o + Lay::offset(int(warp) * 16 + int(lane) / 2, 2 * j + int(lane & 1))) = make_uint4(0, 0, 0, 0);
         }
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // before TMA refills this stage
         __syncwarp();
@@ -650,7 +659,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         float ksc[2] = {1.f, 1.f};  // per-group scales: a chunk's 16 dims share one (granularity is a multiple of 16)
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
-          kv[nt] = lds128(Sw::k_load(smem_s + uint32_t(ks_o + nt * 8 * PITCH) + k_lane, j));
+          kv[nt] = lds128(Sw::k_load(smem_s + uint32_t(ks_o + nt * 8 * RP) + k_lane, j));
           if constexpr (!Ty::kFp8Direct && QUANT)  // read once per load: q_frag's asm clobbers memory in the k-steps
             ksc[nt] = kss[(warp * 16 + nt * 8 + gq) * G + 16 * Sw::k_chunk(int(tq), j) / GRAN];
         }
@@ -683,44 +692,19 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         }
       }
     }
+    if constexpr (SWZ16) {
+      // 16-bit K: one ldmatrix.x4 gives the B fragments of two k-steps (rows = tokens, 8 dims per matrix). Matrix
+      // lane / 8 is chunk 2kk + lane / 8 of row lrow: TileLayout::step from the lane's offset of chunk lane / 8.
 #pragma unroll
-    for (int nt = 0; nt < 2 && !SWZ; ++nt) {
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      const int n = warp * 16 + nt * 8 + gq;  // smem row of this lane's token
-      if constexpr (!Ty::kFp8) {
-        // 16-bit K: one ldmatrix.x4 gives the B fragments of two k-steps (rows = tokens, 8 dims per matrix).
-        // Matrix lane / 8 is chunk lane / 8 + 2kk of row lrow; swizzled (SWZ16), at chunk (lane / 8 + 2kk) ^ (lrow & 7)
-        // = ((lane / 8) ^ (lane % 8)) ^ 2kk: one lane offset, and an XOR per k-step on the row-aligned address.
-        const int lrow = warp * 16 + nt * 8 + (lane % 8);
-        const uint32_t krow = SWZ16 ? smem_s + uint32_t(ks_o + lrow * PITCH) + uint32_t(((lane / 8) ^ (lane % 8)) * 16) : 0u;
+      for (int nt = 0; nt < 2; ++nt) {
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+        const uint32_t krow = smem_s + uint32_t(ks_o + Lay::offset(int(warp) * 16 + nt * 8 + int(lane) % 8, int(lane) / 8));
 #pragma unroll
         for (int kk = 0; kk < KS; kk += 2) {
           uint32_t kb[4];
-          if constexpr (SWZ16) ldsm_x4_s(kb, krow ^ uint32_t(kk * 32));
-          else ldsm_x4(kb, sp(ks_o, lrow, (lane / 8) * 16 + kk * 16 * ES));
+          ldsm_x4_s(kb, Lay::step(krow, 2 * kk));
           mma16816<F16>(s[nt], qa[kk], kb[0], kb[1]);
           mma16816<F16>(s[nt], qa[kk + 1], kb[2], kb[3]);
-        }
-      } else {
-#pragma unroll
-        for (int kk = 0; kk < KS; ++kk) {
-          const int k = kk * 16 + tq * 2;
-          const unsigned char* kp = sp(ks_o, n, kk * 16) + tq * 2;  // k and k + 8 share a 16-byte unit
-          const unsigned short k0 = *reinterpret_cast<const unsigned short*>(kp);
-          const unsigned short k1 = *reinterpret_cast<const unsigned short*>(kp + 8);
-          uint32_t b0, b1;
-          if constexpr (Ty::kFp8Direct) {
-            b0 = fp8x2_to_f16x2<T>(k0);
-            b1 = fp8x2_to_f16x2<T>(k1);
-          } else {
-            const float2 x0 = fp8x2_to_float2<T>(k0);
-            const float2 x1 = fp8x2_to_float2<T>(k1);
-            float s0 = 1.f, s1 = 1.f;
-            if constexpr (QUANT) { s0 = kss[n * G + k / GRAN]; s1 = kss[n * G + (k + 8) / GRAN]; }
-            b0 = pack2<false>(x0.x * s0, x0.y * s0);
-            b1 = pack2<false>(x1.x * s1, x1.y * s1);
-          }
-          mma16816<F16>(s[nt], qa[kk], b0, b1);
         }
       }
     }
@@ -814,27 +798,25 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     // O += P V: B[k = token][n = dim] from rows warp*16 + {2tq, 2tq+1, 2tq+8, 2tq+9}, column 8*dn + gq (PVT: V
     // is the A operand of O^T instead, see below).
     const int r0 = warp * 16 + tq * 2;
-    if constexpr (!Ty::kFp8) {
-      // 16-bit V: one ldmatrix.x4.trans gives b0/b1 of two n-tiles (matrices: tokens 0-7 / 8-15 x 8 dims).
-      // Lane's chunk lane / 16 + dn; swizzled (SWZ16), ((lane / 16) ^ (lane % 8)) ^ dn, as for K.
-      const int lrow = warp * 16 + (lane / 8 % 2) * 8 + (lane % 8);
-      const uint32_t vrow = SWZ16 ? smem_s + uint32_t(vs_o + lrow * PITCH) + uint32_t(((lane / 16) ^ (lane % 8)) * 16) : 0u;
+    if constexpr (SWZ16) {
+      // 16-bit V: one ldmatrix.x4.trans gives b0/b1 of two n-tiles (matrices: tokens 0-7 / 8-15 x 8 dims), the
+      // lane's chunk dn + lane / 16: TileLayout::step from the lane's offset of chunk lane / 16, as for K.
+      const uint32_t vrow = smem_s + uint32_t(vs_o + Lay::offset(int(warp) * 16 + int(lane) / 8 % 2 * 8 + int(lane) % 8, int(lane) / 16));
 #pragma unroll
       for (int dn = 0; dn < DN; dn += 2) {
         uint32_t vb[4];
-        if constexpr (SWZ16) ldsm_x4_trans_s(vb, vrow ^ uint32_t(dn * 16));
-        else ldsm_x4_trans(vb, sp(vs_o, lrow, (lane / 16) * 16 + dn * 8 * ES));
+        ldsm_x4_trans_s(vb, Lay::step(vrow, dn));
         mma16816<F16>(o[dn], pa, vb[0], vb[1]);
         mma16816<F16>(o[dn + 1], pa, vb[2], vb[3]);
       }
-    } else if constexpr (SWZ) {
-      // FP8, swizzled: one ldmatrix.x4.trans gives chunks c and c + 1 of tokens 0-7 and 8-15 (matrix lane / 8:
+    } else {
+      // FP8: one ldmatrix.x4.trans gives chunks c and c + 1 of tokens 0-7 and 8-15 (matrix lane / 8:
       // tokens 8 x (m % 2), chunk c + m / 2), four n-tiles (DecodeSwizzle).
       const uint32_t vaddr = smem_s + uint32_t(vs_o) + v_lane;
 #pragma unroll
       for (int c = 0; c < CPR; c += 2) {
         uint32_t vb[4];
-        ldsm_x4_trans_s(vb, vaddr ^ uint32_t(c * 16));
+        ldsm_x4_trans_s(vb, Lay::step(vaddr, c));
 #pragma unroll
         for (int hc = 0; hc < 2; ++hc) {
           // bytes of vb: (token 2tq: dim 2gq, 2gq + 1), (token 2tq + 1: same); even dims low, odd dims high
@@ -866,28 +848,6 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
             mma16816<F16>(o[dn + 1], pa, odd0, odd1);
           }
         }
-      }
-    } else {
-#pragma unroll
-      for (int dn = 0; dn < DN; ++dn) {
-        const int col = dn * 8 + gq;
-        uint32_t b0, b1;
-        if constexpr (Ty::kFp8Direct) {
-          b0 = fp8x2_to_f16x2<T>(static_cast<unsigned short>(*sp(vs_o, r0, col) | (*sp(vs_o, r0 + 1, col) << 8)));
-          b1 = fp8x2_to_f16x2<T>(static_cast<unsigned short>(*sp(vs_o, r0 + 8, col) | (*sp(vs_o, r0 + 9, col) << 8)));
-        } else {
-          float v[4];
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const int r = r0 + (j & 1) + (j >> 1) * 8;
-            float x = to_f32(*reinterpret_cast<const T*>(sp(vs_o, r, col)));
-            if constexpr (QUANT) x *= vss[r * G + col / GRAN];
-            v[j] = x;
-          }
-          b0 = pack2<false>(v[0], v[1]);
-          b1 = pack2<false>(v[2], v[3]);
-        }
-        mma16816<F16>(o[dn], pa, b0, b1);
       }
     }
     // Slot (tile + STAGES) % STAGES was last read when tile's own copies were issued, before this iteration's
