@@ -686,11 +686,13 @@ class KVCache:
         fields = (self.args, f["layer"], f["q"], f["po"], f["pl"], f["chunk"], f["scale"], f["cap"], f["window"],
                   f["flags"], f["fout"], f["flse"], f["fsinks"])
         groups = plan.groups
-        if self._decode_geo.tma:  # one warp group (max_groups == 1)
+        # A launch object per group count: the dynamic shared memory is part of it.
+        if self._decode_geo.tma:
             kmap, vmap = self._decode_tile_maps(layer)
-            launch = self._launch("decode", "decode", (kmap.param_address, vmap.param_address, *fields), smem=self._decode_smem)
+            launch = self._launch(f"decode{groups}", "decode", (kmap.param_address, vmap.param_address, *fields),
+                                  smem=groups * self._decode_smem)
             launch.params[0], launch.params[1] = kmap.param_address, vmap.param_address
-        else:  # a launch object per group count: the dynamic shared memory is part of it
+        else:
             launch = self._launch(f"decode{groups}", "decode", fields, smem=groups * self._decode_smem)
         f["layer"].value, f["q"].value, f["po"].value, f["pl"].value = layer, qt.ptr, plan.part_o.data_ptr(), plan.part_lse.data_ptr()
         f["chunk"].value = plan.chunk
