@@ -345,13 +345,33 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   KVGEN_TRACE(0);
   const uint32_t kv_len = b < a.batch_size ? kc.cache_length(b) + 1 : 0;
   uint32_t* row_ring = reinterpret_cast<uint32_t*>(smem + STAGES * STAGE_BYTES);  // [STAGES][BN], see the loader
-  // Without a window a split's first row does not depend on the request's length: look up the rows of its
-  // first STAGES tiles into the ring now, while the cache_length load is in flight, instead of after it (one
-  // HBM round trip less before the first copy). Positions are clamped into the request's lookup-table row so
-  // the speculative lookups stay in bounds; rows past the context are dropped once the length is known.
-  constexpr bool kEarlyRows = !WINDOW && !TMA;
+  // TMA: the ring holds each tile's page rows from the trait's populate (one row per page of the tile). Thread
+  // p < NP keeps row p of the populate of the tile at position `pos`: one register per thread lives across the
+  // math, not NP.
+  using Rows = decltype(kc.template populate<BN, BN>(0u, 0u));
+  constexpr int NP = Rows::num_pages, EFF = Rows::eff_page;
+  auto page_row_at = [&](uint32_t pos) -> uint32_t {
+    const Rows r = kc.template populate<BN, BN>(b, pos);
+    uint32_t mine = r.rows[0];
+#pragma unroll
+    for (int p = 1; p < NP; ++p) mine = tid == uint32_t(p) ? r.rows[p] : mine;
+    return mine;
+  };
+  // Without a window a split's first row does not depend on the request's length: look up the rows (TMA: page
+  // rows) of its first STAGES tiles into the ring now, while the cache_length load is in flight, instead of after
+  // it (one HBM round trip less before the first copy). Positions are clamped into the request's lookup-table
+  // row (TMA: a tile on its last page, whose populate reads stay in the row's 16-column pad) so the speculative
+  // lookups stay in bounds; rows (pages) past the context are dropped once the length is known (TMA: by `wanted`
+  // when the copies are issued).
+  constexpr bool kEarlyRows = !WINDOW;
   const bool early_rows = kEarlyRows && (!BALANCED || chunk != 0);
-  if (early_rows) {
+  if (early_rows && TMA) {
+    if (tid < uint32_t(NP)) {
+      const uint32_t max_tile = Cache::page_size_ > 0 ? (a.lut_row_stride - 1u) * uint32_t(Cache::page_size_) : 0xffffffffu;
+#pragma unroll
+      for (int s = 0; s < STAGES; ++s) row_ring[s * BN + tid] = page_row_at(min(vsplit * chunk + uint32_t(s) * BN, max_tile));
+    }
+  } else if (early_rows) {
     if (tid < BN) {
       const uint32_t max_pos = Cache::page_size_ > 0 ? a.lut_row_stride * uint32_t(Cache::page_size_) - 1u : 0xffffffffu;
 #pragma unroll
@@ -400,17 +420,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     const uint32_t t = tile0 + uint32_t(tile) * BN + tid;
     return t < last ? kc.row_idx(b, t) : kNoRow;
   };
-  // TMA: the ring holds each tile's page rows from the trait's populate (one row per page of the tile). Thread
-  // p < NP keeps row p of the tile's populate: one register per thread lives across the math, not NP.
-  using Rows = decltype(kc.template populate<BN, BN>(0u, 0u));
-  constexpr int NP = Rows::num_pages, EFF = Rows::eff_page;
-  auto page_row_of = [&](int tile) -> uint32_t {
-    const Rows r = kc.template populate<BN, BN>(b, tile0 + uint32_t(tile) * BN);
-    uint32_t mine = r.rows[0];
-#pragma unroll
-    for (int p = 1; p < NP; ++p) mine = tid == uint32_t(p) ? r.rows[p] : mine;
-    return mine;
-  };
+  auto page_row_of = [&](int tile) -> uint32_t { return page_row_at(tile0 + uint32_t(tile) * BN); };
   // A box lands where the TMA swizzle repeats (8 block rows) so its XOR is the layout's row_xor: pages of 8+ rows.
   static_assert(!TMA || EFF % 8 == 0, "every TMA box starts on a swizzle atom");
   // Per-thread constants of the copies, hoisted out of the tile loop: the K address of a row is one 32x32->64
@@ -449,11 +459,14 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     const uint32_t* pages = row_ring + (tile % STAGES) * BN;
     const uint32_t base = tile0 + uint32_t(tile) * BN;
-    if (tid == 0) {
-      unsigned char* kt = smem + k_tile_off(stage);
-      mbar_arrive_expect_tx(&full_bar[stage], 2 * TILE_BYTES);  // boxes past the cache are zero-filled, still counted
-#pragma unroll
-      for (int p = 0; p < NP; ++p) {
+    // Lane p of the group's first warp issues page p's boxes (NP of them in parallel rather than one thread's
+    // loop); lane 0 arms the stage's barrier first. Boxes past the cache are zero-filled and still counted.
+    if (warp == 0) {
+      if (lane == 0) mbar_arrive_expect_tx(&full_bar[stage], 2 * TILE_BYTES);
+      __syncwarp();
+      if (lane < uint32_t(NP)) {
+        const int p = int(lane);
+        unsigned char* kt = smem + k_tile_off(stage);
         // Pages past the context, or (window) wholly before its start, are not read: their lookup-table entries
         // may be stale once a serving stack recycles out-of-window pages. The OOB row reads as zeros, no DRAM.
         const bool wanted = base + p * EFF < last && (!WINDOW || base + (p + 1) * EFF > first);
@@ -516,7 +529,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         for (int s = 0; s < STAGES; ++s) mbar_init(&full_bar[s], 1);
         fence_mbar_init();
       }
-      if (tid < NP) {
+      if (!early_rows && tid < NP) {  // (tiles past ntiles are never copied: their entries are not read)
         uint32_t rows[STAGES];
 #pragma unroll
         for (int s = 0; s < STAGES; ++s) rows[s] = s < ntiles ? page_row_of(s) : kNoRow;
