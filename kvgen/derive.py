@@ -169,18 +169,28 @@ class DecodeGeometry:
     max_groups: int
 
 
-# attention.loader "auto", per cache element width: the loader measured faster on the H100 (bench/NOTES.md, same
-# run, same caches): cp.async. TMA was 3-4% slower for bf16 at 64 x 4k and 13-17% slower for FP8 e4m3. On the
-# H200 with unpadded cp.async tiles (session 10, bench/decode_ab_loaders_h200.md): TMA 7-18% slower for bf16 and
-# 19-37% slower for FP8.
-DECODE_AUTO_LOADER = {"fp8": "cp_async", "16-bit": "cp_async"}
+# attention.loader "auto", per (cache element width, page size): the loader measured faster on the H200, session 11
+# (bench/decode_ab_tma_h200_s11*.md, bench/decode_bench_h200_s11.md; both loaders fill the same swizzled tiles).
+# FP8 with pages of a whole tile or more (continuous caches: one box per tile too): TMA 0.3-3.7% faster on most
+# shapes (16 x 1k, 16 x 4k and skewed the most), within 1.2% on the rest; FP8 at 16-token pages: TMA 2-5% slower at
+# 1k contexts, faster only past 4k. 16-bit: TMA 0-4% slower (pages of 16 the most). Before the swizzled TMA boxes
+# (padded rows, session 10): TMA 7-37% slower everywhere.
+DECODE_AUTO_LOADER = {("fp8", "large pages"): "tma", ("fp8", "small pages"): "cp_async",
+                      ("16-bit", "large pages"): "cp_async", ("16-bit", "small pages"): "cp_async"}
+
+
+def decode_auto_key(spec: VariantSpec) -> tuple[str, str]:
+    """DECODE_AUTO_LOADER's key of a variant: its element width and whether a page holds a whole 64-row tile."""
+    page = spec.cache.page_size
+    return ("fp8" if DTYPES[spec.cache.dtype].is_fp8 else "16-bit",
+            "large pages" if page is None or page >= DECODE_TILE else "small pages")
 
 
 def decode_loader(spec: VariantSpec, arch: str) -> str:
     """'tma' or 'cp_async' for one arch: TMA only where the arch has it."""
     want = spec.attention.loader
     if want == "auto":
-        want = DECODE_AUTO_LOADER["fp8" if DTYPES[spec.cache.dtype].is_fp8 else "16-bit"]
+        want = DECODE_AUTO_LOADER[decode_auto_key(spec)]
     return "tma" if want == "tma" and arch in TMA_ARCHS else "cp_async"
 
 

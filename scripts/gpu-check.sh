@@ -31,7 +31,7 @@ for step in "${@:-all}"; do
   fi
   if [[ $step == sanitize || $step == all ]]; then
     compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 python3 -m pytest -m gpu tests/gpu -q -x -p no:cacheprovider \
-      -k "p16 and (bf16 or e4m3) and not graph" 2>&1 | tee "$OUT/sanitizer.log" | tail -n 8
+      -k "${SANITIZE_K:-p16 and (bf16 or e4m3) and not graph}" 2>&1 | tee "$OUT/sanitizer.log" | tail -n 8
     summary+=("compute-sanitizer memcheck: $(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitizer.log" | tail -n 2 | tr '\n' ' ')")
   fi
   if [[ $step == bench || $step == all ]]; then

@@ -12,6 +12,7 @@ from kvgen.derive import (
     QUANTIZED_VECTORS_PER_LANE,
     SM90_SMEM_PER_SM,
     SMEM_RESERVED_PER_CTA,
+    decode_auto_key,
     decode_geometry,
     decode_loader,
     small_store_tokens_per_block,
@@ -121,7 +122,7 @@ def test_swizzled_fp8_reserves_q_rows_for_the_query_group(num_q_heads: int, q_ro
     ("auto", "sm_90a", 256, True),    # "auto" as TMA: every head size fits its block-column boxes
     ("cp_async", "sm_90a", 128, False)])
 def test_decode_loader_choice(loader: str, arch: str, head_size: int, tma: bool, monkeypatch) -> None:
-    monkeypatch.setitem(DECODE_AUTO_LOADER, "16-bit", "tma")  # so "auto" exercises the TMA fallback
+    monkeypatch.setitem(DECODE_AUTO_LOADER, ("16-bit", "small pages"), "tma")  # so "auto" exercises the TMA fallback
     d = base_config()
     d["cache"].update(dtype="bfloat16", page_size=16, head_size=head_size)
     d["kernels"] = ["store", "decode"]
@@ -132,11 +133,20 @@ def test_decode_loader_choice(loader: str, arch: str, head_size: int, tma: bool,
     assert geo.smem_bytes % (1024 if tma else 16) == 0 and geo.min_blocks >= 1
 
 
-def test_auto_loader_follows_the_measured_table() -> None:
-    for dtype, key in (("bfloat16", "16-bit"), ("float8_e4m3fn", "fp8")):
-        spec = _decode_spec(dtype)
-        assert decode_loader(spec, "sm_90a") == DECODE_AUTO_LOADER[key]
-        assert decode_loader(spec, "sm_80") == "cp_async"
+@pytest.mark.parametrize(("dtype", "kind", "page_size", "loader"), [
+    ("bfloat16", "paged", 16, "cp_async"), ("bfloat16", "paged", 64, "cp_async"), ("bfloat16", "continuous", None, "cp_async"),
+    ("float8_e4m3fn", "paged", 16, "cp_async"), ("float8_e4m3fn", "paged", 32, "cp_async"),
+    ("float8_e4m3fn", "paged", 64, "tma"), ("float8_e4m3fn", "paged", 256, "tma"), ("float8_e5m2", "continuous", None, "tma")])
+def test_auto_loader_follows_the_measured_table(dtype: str, kind: str, page_size: int | None, loader: str) -> None:
+    # FP8 caches whose pages hold a whole 64-row tile (one TMA box per tile and block) measured faster with TMA.
+    d = base_config()
+    d["cache"].update(dtype=dtype, kind=kind, page_size=page_size)
+    d["kernels"] = ["store", "decode"]
+    d["attention"] = {"num_q_heads": 32}
+    spec = validate_variant(d)
+    assert decode_loader(spec, "sm_90a") == loader == DECODE_AUTO_LOADER[decode_auto_key(spec)]
+    assert decode_loader(spec, "sm_80") == "cp_async"
+    assert decode_geometry(spec, "sm_90a").tma == (loader == "tma")
 
 
 def test_unknown_loader_is_refused_naming_the_field() -> None:

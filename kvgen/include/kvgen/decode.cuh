@@ -359,15 +359,16 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   };
   // Without a window a split's first row does not depend on the request's length: look up the rows (TMA: page
   // rows) of its first STAGES tiles into the ring now, while the cache_length load is in flight, instead of after
-  // it (one HBM round trip less before the first copy). Positions are clamped into the request's lookup-table
-  // row (TMA: a tile on its last page, whose populate reads stay in the row's 16-column pad) so the speculative
-  // lookups stay in bounds; rows (pages) past the context are dropped once the length is known (TMA: by `wanted`
-  // when the copies are issued).
+  // it (one HBM round trip less before the first copy). Positions are clamped into the request's lookup-table row
+  // so the speculative lookups stay in bounds (TMA: to the last whole tile that starts inside it, so populate's
+  // aligned vector reads stay aligned and within the row's 16-column pad); rows (pages) past the context are
+  // dropped once the length is known (TMA: by `wanted` when the copies are issued).
   constexpr bool kEarlyRows = !WINDOW;
   const bool early_rows = kEarlyRows && (!BALANCED || chunk != 0);
   if (early_rows && TMA) {
     if (tid < uint32_t(NP)) {
-      const uint32_t max_tile = Cache::page_size_ > 0 ? (a.lut_row_stride - 1u) * uint32_t(Cache::page_size_) : 0xffffffffu;
+      const uint32_t max_tile =
+          Cache::page_size_ > 0 ? (a.lut_row_stride * uint32_t(Cache::page_size_) - 1u) / BN * BN : 0xffffffffu & ~uint32_t(BN - 1);
 #pragma unroll
       for (int s = 0; s < STAGES; ++s) row_ring[s * BN + tid] = page_row_at(min(vsplit * chunk + uint32_t(s) * BN, max_tile));
     }
@@ -459,14 +460,12 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     const uint32_t* pages = row_ring + (tile % STAGES) * BN;
     const uint32_t base = tile0 + uint32_t(tile) * BN;
-    // Lane p of the group's first warp issues page p's boxes (NP of them in parallel rather than one thread's
-    // loop); lane 0 arms the stage's barrier first. Boxes past the cache are zero-filled and still counted.
-    if (warp == 0) {
-      if (lane == 0) mbar_arrive_expect_tx(&full_bar[stage], 2 * TILE_BYTES);
-      __syncwarp();
-      if (lane < uint32_t(NP)) {
-        const int p = int(lane);
-        unsigned char* kt = smem + k_tile_off(stage);
+    if (tid == 0) {
+      unsigned char* kt = smem + k_tile_off(stage);
+      mbar_arrive_expect_tx(&full_bar[stage], 2 * TILE_BYTES);  // boxes past the cache are zero-filled, still counted
+      // (One issuing thread: lanes issuing a page each measured the same on the H200, session 11.)
+#pragma unroll
+      for (int p = 0; p < NP; ++p) {
         // Pages past the context, or (window) wholly before its start, are not read: their lookup-table entries
         // may be stale once a serving stack recycles out-of-window pages. The OOB row reads as zeros, no DRAM.
         const bool wanted = base + p * EFF < last && (!WINDOW || base + (p + 1) * EFF > first);
