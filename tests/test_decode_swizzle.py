@@ -77,6 +77,19 @@ def tma_tile(lay: Layout, base: int, page_rows: int, elem_bytes: int) -> dict[in
     return written
 
 
+def check_v_fragments(lay: Layout, base: int, written: dict[int, tuple[int, int]], warp: int) -> None:
+    """V of both dtypes: ldmatrix.x4.trans of chunk c + lane / 16 for even c (16-bit: n-tiles dn = c, 8 elements
+    a chunk; FP8: chunk pairs), rows warp * 16 + (lane / 8 % 2) * 8 + lane % 8, one lane offset + TileLayout::step."""
+    for c in range(0, lay.cpr, 2):
+        phases: dict[int, list[int]] = {}
+        for lane in range(32):
+            lrow = warp * 16 + (lane // 8 % 2) * 8 + lane % 8
+            addr = lay.step(base + lay.offset(lrow, lane // 16), c)
+            assert written.get(addr) == (lrow, c + lane // 16)
+            phases.setdefault(lane // 8, []).append(addr // 16 % 8)
+        assert all(len(set(u)) == 8 for u in phases.values()), "V ldmatrix bank conflict"
+
+
 def check_16bit_fragments(lay: Layout, base: int, written: dict[int, tuple[int, int]]) -> None:
     ks = lay.cpr // 2  # k-steps of 16 elements
     for warp in range(4):
@@ -89,14 +102,7 @@ def check_16bit_fragments(lay: Layout, base: int, written: dict[int, tuple[int, 
                     assert written.get(addr) == (lrow, 2 * kk + lane // 8)
                     phases.setdefault(lane // 8, []).append(addr // 16 % 8)
                 assert all(len(set(u)) == 8 for u in phases.values()), "K ldmatrix bank conflict"
-        for dn in range(0, lay.cpr, 2):  # V: ldmatrix.x4.trans, chunk dn + lane / 16 (n-tile dn: 8 elements = a chunk)
-            phases = {}
-            for lane in range(32):
-                lrow = warp * 16 + (lane // 8 % 2) * 8 + lane % 8
-                addr = lay.step(base + lay.offset(lrow, lane // 16), dn)
-                assert written.get(addr) == (lrow, dn + lane // 16)
-                phases.setdefault(lane // 8, []).append(addr // 16 % 8)
-            assert all(len(set(u)) == 8 for u in phases.values()), "V ldmatrix bank conflict"
+        check_v_fragments(lay, base, written, warp)
 
 
 def check_fp8_fragments(lay: Layout, base: int, written: dict[int, tuple[int, int]]) -> None:
@@ -112,19 +118,12 @@ def check_fp8_fragments(lay: Layout, base: int, written: dict[int, tuple[int, in
                 for lane in range(32):
                     gq, tq = lane // 4, lane % 4
                     row = warp * 16 + nt * 8 + gq
-                    lane_addr = base + nt * 8 * lay.rp + lay.offset(warp * 16 + gq, k_chunk(tq, 0))  # + nt * 8 * RP
+                    lane_addr = base + nt * 8 * lay.rp + lay.offset(warp * 16 + gq, k_chunk(tq, 0))
                     addr = lane_addr if cpr == 4 else lay.step(lane_addr, 8 * (j // 2) + j % 2)
                     assert written.get(addr) == (row, k_chunk(tq, j))
                     phases.setdefault(lane // 8, []).append(addr // 16 % 8)
                 assert all(len(set(u)) == 8 for u in phases.values()), "FP8 K load bank conflict"
-        for c in range(0, cpr, 2):  # V: ldmatrix.x4.trans of chunk c + lane / 16
-            phases = {}
-            for lane in range(32):
-                lrow = warp * 16 + (lane // 8 % 2) * 8 + lane % 8
-                addr = lay.step(base + lay.offset(lrow, lane // 16), c)
-                assert written.get(addr) == (lrow, c + lane // 16)
-                phases.setdefault(lane // 8, []).append(addr // 16 % 8)
-            assert all(len(set(u)) == 8 for u in phases.values()), "FP8 V ldmatrix bank conflict"
+        check_v_fragments(lay, base, written, warp)
 
 
 @pytest.mark.parametrize("loader", ["cp_async", "tma"])

@@ -121,8 +121,9 @@ def _tile_box_rows(cache: KVCache, kind: str, rows: int, bn: int) -> int:
 
 
 def create_tma_tile(cache: KVCache, kv: int, layer: int, swizzle: str | None = None, bn: int | None = None,
-                    bk: int | None = None) -> TmaTile:
-    """Rank-3 [num_kv_rows, H, D] map with box [min(BN, P), 1, granule]: one issue per page and swizzle atom."""
+                    bk: int | None = None, data_type: str | None = None) -> TmaTile:
+    """Rank-3 [num_kv_rows, H, D] map with box [min(BN, P), 1, granule]: one issue per page and swizzle atom.
+    data_type: a CUtensorMapDataType suffix to move the elements as (default: the cache dtype's TMA type)."""
     geo = cache.tma_geometry
     swizzle = swizzle or geo.swizzle
     bn = bn or geo.bn
@@ -132,19 +133,17 @@ def create_tma_tile(cache: KVCache, kv: int, layer: int, swizzle: str | None = N
     if bk % gran:
         _fail("create_tma_tile", "BK", f"must be a multiple of the swizzle granule ({gran})", bk, f"use {gran}")
     box_rows = _tile_box_rows(cache, "create_tma_tile", rows, bn)
-    return encode("create_tma_tile", base, _tma_dtype(cache), (rows, cache.num_heads, cache.head_size),
+    return encode("create_tma_tile", base, data_type or _tma_dtype(cache), (rows, cache.num_heads, cache.head_size),
                   (row * nb, cache.head_size * nb), (box_rows, 1, gran), swizzle)
 
 
 def decode_tile(cache: KVCache, kv: int, layer: int, bn: int) -> TmaTile:
-    """The decode's K or V map: create_tma_tile's [num_kv_rows, H, D] view with box [min(BN, P), 1, one column block]
-    (128 bytes with SWIZZLE_128B; 64-byte rows: 64 with SWIZZLE_64B). Each box lands as one block of decode.cuh's
-    TileLayout, whose XOR is the TMA swizzle. Raw 1- or 2-byte elements (e5m2 has no TMA float type)."""
-    base, nb, rows, row = _view_geometry(cache, kv, layer)
-    box_rows = _tile_box_rows(cache, "decode_tile", rows, bn)
+    """The decode's K or V map: create_tma_tile with BN = `bn`, BK = D and the swizzle as wide as one column block of
+    decode.cuh's TileLayout (128 bytes, or 64 for 64-byte rows), so each box [min(BN, P), 1, block] lands as one
+    block and the hardware swizzle is the layout's XOR. Raw 1- or 2-byte elements (e5m2 has no TMA float type)."""
+    nb = DTYPES[cache.spec.cache.dtype].nbytes
     block = decode_block_row_bytes(cache.head_size, nb)
-    return encode("decode_tile", base, {1: "UINT8", 2: "UINT16"}[nb], (rows, cache.num_heads, cache.head_size),
-                  (row * nb, cache.head_size * nb), (box_rows, 1, block // nb), f"{block}B")
+    return create_tma_tile(cache, kv, layer, f"{block}B", bn, cache.head_size, data_type={1: "UINT8", 2: "UINT16"}[nb])
 
 
 def create_ragged_tma_tile(cache: KVCache, kv: int, layer: int, swizzle: str, bm: int, bk: int) -> TmaTile:
