@@ -92,7 +92,8 @@ class AttentionParams(_Strict):
     loader: Literal["auto", "tma", "cp_async"] = Field(
         "auto", description="how K/V tiles reach shared memory: 'tma' = create_tma_tile descriptors, populate and an "
         "mbarrier pipeline (sm_90a/sm_100a only; cp.async on other archs); 'cp_async' = 16-byte asynchronous copies "
-        "on every arch; 'auto' = the one measured faster on the H100 for this cache dtype (bench/RESULTS.md)")
+        "on every arch; 'auto' = the one measured faster (H200, session 11): TMA for FP8 caches whose pages hold a "
+        "64-row tile or more (continuous caches too), cp.async otherwise (bench/RESULTS.md)")
 
 
 class VariantSpec(_Strict):

@@ -232,7 +232,9 @@ def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
     smem = -(-smem // align) * align  # every warp group's pipeline (group g starts at g x smem) starts aligned
     # Without a minimum, ptxas may take more registers than shared memory would cost in occupancy (the FP8
     # kernel went 127 -> 139 registers, 4 -> 3 CTAs per SM, 8% slower at 64 x 4k).
-    smem_fit = max(1, SM90_SMEM_PER_SM // (smem + SMEM_RESERVED_PER_CTA))
+    # TMA kernels also hold their mbarriers in static shared memory: 8 bytes per stage and warp group (at most 8).
+    static = 8 * stages * 8 if tma else 0
+    smem_fit = max(1, SM90_SMEM_PER_SM // (smem + static + SMEM_RESERVED_PER_CTA))
     min_blocks = min(a.ctas_per_sm if a.ctas_per_sm is not None else DECODE_MAX_CTAS, smem_fit)
     return DecodeGeometry(group=group, stages=stages, stage_bytes=stage,
                           smem_bytes=smem, min_blocks=min_blocks, out_c=DTYPES[a.output_dtype].c_type,

@@ -139,12 +139,11 @@ def test_tiles_round_trip_without_conflicts(dtype: str, head_size: int, loader: 
     align = 1024 if geo.tma else head_size * elem  # ALIGN_SLACK
     window = 3 * 4096 + 48  # any 16-byte aligned start of the dynamic shared memory
     cta = window + (align - window % align) % align
-    scales = 0  # (no quantization in this spec)
     for group in sorted({0, geo.max_groups - 1}):
         for stage in range(geo.stages):
             for kv in range(2):  # K tile, then V tile of each stage
-                # cp.async keeps [K, V, scales] per stage; TMA puts every stage's tiles first
-                base = cta + group * geo.smem_bytes + stage * (2 * tile + scales) + kv * tile
+                # decode.cuh k_tile_off: cp.async keeps [K, V, scales] per stage, TMA puts every stage's tiles first
+                base = cta + group * geo.smem_bytes + stage * (2 * tile if geo.tma else geo.stage_bytes) + kv * tile
                 written = cp_async_tile(lay, base)
                 if geo.tma:
                     for page_rows in (8, 16, 64):
@@ -162,3 +161,36 @@ def test_a_wrong_row_xor_fails_the_mirror() -> None:
     lay = Unswizzled(16)
     with pytest.raises(AssertionError, match="bank conflict"):
         check_16bit_fragments(lay, 0, cp_async_tile(lay, 0))
+
+
+@pytest.mark.parametrize("page_size", [16, 64, 256])
+@pytest.mark.parametrize("head_size", [64, 128, 256])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e5m2"])
+def test_decode_tile_boxes_are_one_page_by_one_block(monkeypatch, dtype: str, head_size: int, page_size: int) -> None:
+    """runtime/tma.py decode_tile: the arguments it hands cuTensorMapEncodeTiled (encode stubbed): the layer's
+    [rows, H, D] view, box [min(64, P), 1, one TileLayout block] with the swizzle of that width, raw elements."""
+    from types import SimpleNamespace
+
+    from kvgen.derive import tma_geometry
+    from kvgen.runtime import tma
+
+    spec = _decode_spec(dtype, head_size=head_size, loader="tma")
+    nb = 1 if dtype.startswith("float8") else 2
+    heads, layers, rows = spec.cache.num_kv_heads, 2, 40 * page_size
+    cache = SimpleNamespace(spec=spec, tma_geometry=tma_geometry(spec), kv_dim=2, num_layers=layers, num_heads=heads,
+                            head_size=head_size, blocks_ptr=1 << 20, page_rows=rows, num_kv_rows=lambda: rows,
+                            page_size=page_size)
+    seen = []
+
+    def fake_encode(kind, address, data_type, dims, strides, box, swizzle="NONE"):
+        seen.append((kind, address, data_type, dims, strides, box, swizzle))
+        return tma.TmaTile(kind, None, dims, strides, box, swizzle, data_type, address, None)
+
+    monkeypatch.setattr(tma, "encode", fake_encode)
+    tile = tma.decode_tile(cache, 1, 1, 64)
+    kind, address, data_type, dims, strides, box, swizzle = seen[0]
+    block = min(128, head_size * nb)
+    assert (tile.kind, data_type, swizzle) == ("decode_tile", {1: "UINT8", 2: "UINT16"}[nb], f"{block}B")
+    assert dims == (rows, heads, head_size) and strides == (heads * head_size * nb, head_size * nb)
+    assert box == (min(64, page_size), 1, block // nb)
+    assert address == (1 << 20) + (1 * layers + 1) * rows * heads * head_size * nb  # V of layer 1

@@ -7,7 +7,7 @@ first, so a bad request fails with a message naming the rule instead of CUDA_ERR
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -143,7 +143,8 @@ def decode_tile(cache: KVCache, kv: int, layer: int, bn: int) -> TmaTile:
     block and the hardware swizzle is the layout's XOR. Raw 1- or 2-byte elements (e5m2 has no TMA float type)."""
     nb = DTYPES[cache.spec.cache.dtype].nbytes
     block = decode_block_row_bytes(cache.head_size, nb)
-    return create_tma_tile(cache, kv, layer, f"{block}B", bn, cache.head_size, data_type={1: "UINT8", 2: "UINT16"}[nb])
+    tile = create_tma_tile(cache, kv, layer, f"{block}B", bn, cache.head_size, data_type={1: "UINT8", 2: "UINT16"}[nb])
+    return replace(tile, kind="decode_tile")  # not a tile_load map, even where box and swizzle happen to match
 
 
 def create_ragged_tma_tile(cache: KVCache, kv: int, layer: int, swizzle: str, bm: int, bk: int) -> TmaTile:

@@ -186,8 +186,9 @@ template <int CPR, int BN> struct TileLayout {
   __device__ static constexpr int offset(int row, int chunk) {
     return (chunk / CPB) * BLOCK + row * RP + ((chunk % CPB) ^ row_xor(row)) * 16;
   }
-  // Address of chunk c0 + c (c0 a multiple of CPB or of the lane's XOR span) given the lane's offset of chunk c0's
-  // XOR base: the XOR stays inside a block row, the block is an add.
+  // Address of chunk `chunk` + m from lane_addr = tile + offset(row, m), for m < CPB and chunk % CPB sharing no bits
+  // with m (fragment loads: m is the lane's sub-chunk, chunk a multiple of 2 or 4): the XOR stays inside a block
+  // row, the block is an add.
   __device__ static constexpr uint32_t step(uint32_t lane_addr, int chunk) {
     return (lane_addr ^ uint32_t((chunk % CPB) * 16)) + uint32_t((chunk / CPB) * BLOCK);
   }
@@ -361,7 +362,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // rows) of its first STAGES tiles into the ring now, while the cache_length load is in flight, instead of after
   // it (one HBM round trip less before the first copy). Positions are clamped into the request's lookup-table row
   // so the speculative lookups stay in bounds (TMA: to the last whole tile that starts inside it, so populate's
-  // aligned vector reads stay aligned and within the row's 16-column pad); rows (pages) past the context are
+  // aligned vector reads stay aligned and inside the row); rows (pages) past the context are
   // dropped once the length is known (TMA: by `wanted` when the copies are issued).
   constexpr bool kEarlyRows = !WINDOW;
   const bool early_rows = kEarlyRows && (!BALANCED || chunk != 0);
@@ -809,7 +810,6 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 
     // O += P V: B[k = token][n = dim] from rows warp*16 + {2tq, 2tq+1, 2tq+8, 2tq+9}, column 8*dn + gq (PVT: V
     // is the A operand of O^T instead, see below).
-    const int r0 = warp * 16 + tq * 2;
     if constexpr (SWZ16) {
       // 16-bit V: one ldmatrix.x4.trans gives b0/b1 of two n-tiles (matrices: tokens 0-7 / 8-15 x 8 dims), the
       // lane's chunk dn + lane / 16: TileLayout::step from the lane's offset of chunk lane / 16, as for K.
@@ -822,6 +822,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         mma16816<F16>(o[dn + 1], pa, vb[2], vb[3]);
       }
     } else {
+      const int r0 = warp * 16 + tq * 2;  // the lane's first token row (per-group V scales)
       // FP8: one ldmatrix.x4.trans gives chunks c and c + 1 of tokens 0-7 and 8-15 (matrix lane / 8:
       // tokens 8 x (m % 2), chunk c + m / 2), four n-tiles (DecodeSwizzle).
       const uint32_t vaddr = smem_s + uint32_t(vs_o) + v_lane;
