@@ -30,7 +30,7 @@ from kvgen import nvrtc  # noqa: E402
 from kvgen.benchmark import copy_bandwidth, decode_bytes, decode_cache, graph_times, rotations, skewed_lengths  # noqa: E402
 from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import ConfigFile, load_config, make_variant  # noqa: E402
-from kvgen.runtime.decode_plan import plan_decode, split_k_plan  # noqa: E402
+from kvgen.runtime.decode_plan import DecodePlan, plan_decode, split_k_plan  # noqa: E402
 
 HQ, H, D = 32, 8, 128
 
@@ -94,6 +94,15 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             first_views[f"{name} split-K plan"] = thin[0]
             entries.append((f"{name} split-K plan", [lambda c=c, q=q, o=o: c.decode(0, q, o)
                                                      for c, (_, q, o) in zip(thin, sets)], nbytes))
+            if views[0].decode_plan.chunk == 0:  # a device-cut plan: the same plan with the host's chunk instead
+                hosted = [w.copy() for w in views]
+                for w, src in zip(hosted, views):
+                    pl, longest = src.decode_plan, int(src.host_lengths[: len(lengths)].max()) + 1
+                    chunk = -(-longest // (pl.splits * pl.groups * 64)) * 64
+                    w.decode_plan = DecodePlan(w, chunk, pl.splits, pl.batch, pl.groups, pl.programmatic)
+                first_views[f"{name} host chunk"] = hosted[0]
+                entries.append((f"{name} host chunk", [lambda c=c, q=q, o=o: c.decode(0, q, o)
+                                                       for c, (_, q, o) in zip(hosted, sets)], nbytes))
         for n in fixed_splits:  # same caches, plan_decode(splits=n) instead of the planner's own choice
             fixed = [w.copy() for w in views]
             for w in fixed:
