@@ -20,7 +20,7 @@ from kvgen.derive import (
     tokens_per_block,
 )
 from kvgen.errors import ConfigError
-from kvgen.runtime.decode_plan import choose_chunk, grouped_splits, workspace_pairs
+from kvgen.runtime.decode_plan import choose_chunk, grouped_groups, grouped_splits, workspace_pairs
 
 
 def makespan(lengths: np.ndarray, heads: int, slots: int, chunk: int, overhead: int = 96) -> int:
@@ -198,6 +198,26 @@ def test_quantized_store_split_tiles_each_scale_group_with_whole_lanes(input_dty
     assert (head_size // split.elems_per_item) % split.tpg == 0
     vectors = granularity // split.vec
     assert split.vpt >= min(QUANTIZED_VECTORS_PER_LANE, vectors)  # the per-item work spread over this many vectors
+
+
+@pytest.mark.parametrize(("pairs", "max_groups", "groups"), [
+    (128, 4, 4), (132, 4, 4),   # up to one pair per SM: every group the SM holds
+    (133, 4, 2), (264, 4, 2),   # up to two per SM: two CTAs of 2 groups per SM (FP8: 17-33 requests x 8 KV heads)
+    (265, 4, 0),                # more: split-K with a combine
+    (200, 6, 3), (396, 6, 2), (397, 6, 0),  # ctas_per_sm 6: 2 CTAs of 3 groups, then 3 of 2
+    (133, 2, 0), (100, 1, 0), (0, 4, 0)])
+def test_grouped_plans_take_as_many_groups_as_fit_one_wave(pairs: int, max_groups: int, groups: int) -> None:
+    assert grouped_groups(pairs, 132, max_groups) == groups
+
+
+@pytest.mark.parametrize(("lengths", "max_groups", "groups", "splits"), [
+    ([1024] * 16, 4, 4, 1), ([2048] * 32, 4, 2, 1), ([700] * 33, 4, 2, 1), ([700] * 34, 4, 1, 3),  # 34: split-K
+    ([1024] * 32, 2, 1, 2)])
+def test_plan_groups_and_splits(lengths: list[int], max_groups: int, groups: int, splits: int) -> None:
+    from kvgen.runtime.decode_plan import plan_decode
+
+    plan = plan_decode(_fake_cache(lengths, max_groups))
+    assert (plan.groups, plan.splits) == (groups, splits)
 
 
 @pytest.mark.parametrize(("longest", "pairs", "groups", "splits"), [

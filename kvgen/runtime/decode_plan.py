@@ -91,6 +91,18 @@ def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = 96
     return best_chunk
 
 
+def grouped_groups(pairs: int, sms: int, max_groups: int) -> int:
+    """Warp groups per CTA of a grouped plan (one CTA per (request, KV head), no combine launch), or 0 where none
+    fits: the most groups g >= 2 such that every pair's CTA is resident at once, max_groups // g CTAs per SM (so the
+    SM holds them in the shared memory of max_groups one-group CTAs). max_groups up to one pair per SM; fewer for
+    up to max_groups // 2 pairs per SM (FP8, 4 groups: 2 groups per CTA for 133-264 pairs, e.g. 17-33 requests
+    over 8 KV heads, which otherwise split in two with a combine launch)."""
+    for g in range(max_groups, 1, -1):
+        if 0 < pairs <= sms * (max_groups // g):
+            return g
+    return 0
+
+
 def grouped_splits(longest: int, pairs: int, sms: int, groups: int, tile: int = 64) -> int:
     """CTAs per (request, KV head) of a grouped plan: one wave of one grouped CTA per SM, and no more splits
     than give every warp group at least one tile of the longest request."""
@@ -103,7 +115,8 @@ def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
     Small batches (at most one (request, KV head) pair per SM) get grouped CTAs: one CTA per pair and SM with
     every warp group the SM holds (DecodeGeometry.max_groups), its context cut among the groups, split further
     only to fill the SMs (grouped_splits); with one split the CTA writes the final output and the combine launch
-    is skipped. Otherwise `choose_chunk` over the resident one-group CTAs of this very kernel (decode_slots).
+    is skipped. Up to max_groups / 2 pairs per SM, CTAs of fewer groups (grouped_groups), one split. Otherwise
+    `choose_chunk` over the resident one-group CTAs of this very kernel (decode_slots).
     splits: a fixed split count (CTAs per pair) instead, grouped when those CTAs fit one per SM, with chunk 0
     where the kernel supports it (16-bit caches): it cuts each request's context into splits x groups equal parts
     from the lengths on the device, so a CUDA graph captured once stays balanced while the contexts grow. FP8
@@ -115,11 +128,13 @@ def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
         lens = np.minimum(lens, cache._window)
     longest = int(lens.max(initial=1))
     geo, pairs, sms = cache._decode_geo, b * cache.num_heads, cache.sm_count()
-    if splits is None and geo.max_groups > 1 and 0 < pairs <= sms:
-        splits = grouped_splits(longest, pairs, sms, geo.max_groups)
     if splits is None:
-        return split_k_plan(cache, lens)
-    groups = geo.max_groups if 0 < pairs * splits <= sms else 1  # grouped CTAs only where they fit one wave
+        groups = grouped_groups(pairs, sms, geo.max_groups)
+        if not groups:
+            return split_k_plan(cache, lens)
+        splits = grouped_splits(longest, pairs, sms, groups)
+    else:  # a fixed split count: grouped CTAs only where they fit one per SM
+        groups = geo.max_groups if 0 < pairs * splits <= sms else 1
     # 16-bit: the kernel cuts each request from its length on the device; FP8: the chunk of this step's lengths.
     chunk = 0 if geo.balanced else -(-longest // (splits * groups * 64)) * 64
     return DecodePlan(cache, chunk, splits, b, groups, programmatic=launches_programmatically(longest))

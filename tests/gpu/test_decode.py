@@ -209,6 +209,44 @@ def test_decode_large_batch_skewed_and_graph(gen) -> None:
     assert torch.equal(out, eager), "graph replay differs from the eager launch"
 
 
+@pytest.mark.parametrize("name", [n for n in NAMES if n.startswith("gdec_paged_e4m3_h2_d128_p16_s128b_")])
+def test_decode_two_group_ctas_between_one_and_two_pairs_per_sm(gen, name: str) -> None:
+    """More (request, KV head) pairs than SMs but at most two per SM: CTAs of 2 warp groups, one per pair, one
+    split, no combine (decode_plan.grouped_groups), against float64, then in a CUDA graph."""
+    from kvgen.runtime.decode_plan import grouped_groups
+
+    rng = np.random.default_rng(11)
+    v = gen.VARIANTS[name]
+    spec = v.spec()
+    cache0, _, _ = setup_cache(v, [1], rng)
+    sms, max_groups = cache0.sm_count(), cache0._decode_geo.max_groups
+    assert max_groups == 4, "FP8 at 2 stages: four one-group CTAs per SM"
+    batch = (sms + 1 + 2 * sms) // 2 // 2  # pairs (2 KV heads each) between sms and 2 x sms
+    p = spec.cache.page_size
+    lengths = [1, p - 1, p, p + 1] + [int(x) for x in rng.integers(1, 900, batch - 4)]
+    cache, k, vv = setup_cache(v, lengths, rng)
+    plan = cache.plan_decode()
+    assert sms < 2 * batch <= 2 * sms and grouped_groups(2 * batch, sms, max_groups) == 2
+    assert (plan.groups, plan.splits) == (2, 1), (plan.groups, plan.splits)
+    q = torch.randn(batch, 8, 128, device="cuda", dtype=torch.bfloat16)
+    out = torch.full((batch, 8, 128), float("nan"), device="cuda", dtype=torch.bfloat16)
+    cache.decode(1, q, out)
+    torch.cuda.synchronize()
+    ref, _ = reference(q.double().cpu(), k, vv, lengths, 4, 128 ** -0.5)
+    check(out, ref, f"{name} two-group CTAs, batch {batch}", True)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        cache.decode(1, q, out)
+    eager = out.clone()
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager), "graph replay differs from the eager launch"
+    assert cache.errors() == []
+
+
 @pytest.mark.parametrize("name", [v.name for v in GRID.variants if v.spec.attention.sliding_window])
 def test_window_variant_without_a_window_is_full_attention(gen, name: str) -> None:
     """A variant generated with sliding_window (and soft cap), called without a window or a cap, attends to the
