@@ -210,14 +210,21 @@ def test_grouped_plans_take_as_many_groups_as_fit_one_wave(pairs: int, max_group
     assert grouped_groups(pairs, 132, max_groups) == groups
 
 
-@pytest.mark.parametrize(("lengths", "max_groups", "groups", "splits"), [
-    ([1024] * 16, 4, 4, 1), ([2048] * 32, 4, 2, 1), ([700] * 33, 4, 2, 1), ([700] * 34, 4, 1, 3),  # 34: split-K
-    ([1024] * 32, 2, 1, 2)])
-def test_plan_groups_and_splits(lengths: list[int], max_groups: int, groups: int, splits: int) -> None:
+@pytest.mark.parametrize(("lengths", "max_groups", "tma", "groups"), [
+    ([1024] * 16, 4, False, 4), ([16384] * 16, 4, False, 4),  # one pair per SM: every group, at any length
+    ([2048] * 20, 4, False, 2), ([700] * 33, 4, False, 2),    # short contexts: 2-group CTAs even with empty slots
+    ([700] * 34, 4, False, 1),                                # 272 pairs: past two per SM, split-K
+    ([4096] * 20, 4, False, 1), ([8192] * 24, 4, False, 1),   # long, 61% / 73% of the slots in use: split-K
+    ([8192] * 28, 4, False, 2), ([16384] * 32, 4, False, 2),  # long, 85% / 97%: 2-group CTAs
+    ([4096] * 20, 4, True, 2),                                # TMA: 2-group CTAs measured faster or equal everywhere
+    ([1024] * 32, 2, False, 1)])                              # 16-bit (2 groups per SM): split-K past one pair per SM
+def test_plan_groups_follow_the_measured_rule(lengths: list[int], max_groups: int, tma: bool, groups: int) -> None:
     from kvgen.runtime.decode_plan import plan_decode
 
-    plan = plan_decode(_fake_cache(lengths, max_groups))
-    assert (plan.groups, plan.splits) == (groups, splits)
+    plan = plan_decode(_fake_cache(lengths, max_groups, tma))
+    assert plan.groups == groups
+    if groups > 1 and len(lengths) * 8 > 132:
+        assert plan.splits == 1  # partial grouping: one CTA per pair, no combine
 
 
 @pytest.mark.parametrize(("longest", "pairs", "groups", "splits"), [
@@ -256,7 +263,7 @@ class _Workspace:  # stands in for the torch workspace: slicing and view return 
         return self
 
 
-def _fake_cache(lengths: list[int], max_groups: int):
+def _fake_cache(lengths: list[int], max_groups: int, tma: bool = False):
     """What plan_decode reads of a KVCache, without a GPU: the step's lengths (cache_length + 1 is decoded),
     8 KV heads, 132 SMs, 4 one-group CTAs per SM."""
     from types import SimpleNamespace
@@ -264,7 +271,7 @@ def _fake_cache(lengths: list[int], max_groups: int):
     return SimpleNamespace(
         args=SimpleNamespace(batch_size=len(lengths)), host_lengths=np.asarray(lengths, np.uint32) - 1,
         spec=SimpleNamespace(attention=SimpleNamespace(sliding_window=False, num_q_heads=32)), _window=None,
-        _decode_geo=SimpleNamespace(max_groups=max_groups, balanced=True), num_heads=8, head_size=128,
+        _decode_geo=SimpleNamespace(max_groups=max_groups, balanced=True, tma=tma), num_heads=8, head_size=128,
         sm_count=lambda: 132, decode_slots=lambda: 528, decode_workspace=_Workspace)
 
 

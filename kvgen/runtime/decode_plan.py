@@ -103,6 +103,21 @@ def grouped_groups(pairs: int, sms: int, max_groups: int) -> int:
     return 0
 
 
+# Fewer groups per CTA than the SM holds (grouped_groups below max_groups) leave group slots empty when the pairs do
+# not fill them. Measured on the H200 (bench/decode_ab_twogroup*_h200_s11.md, FP8, 2-group CTAs against split-K on
+# the same caches): at contexts up to 2k the saved combine wins (-9 to -11% at 24-32 x 1k, even with 27% of the slots
+# empty); past that, cp.async with 16-token pages loses when many slots are empty (+11-13% at 20 requests, 61% of
+# the slots in use; +2-6% at 24, 73%) and wins from 85% on (-5.6% at 28 x 8k); TMA won or tied at every shape.
+PARTIAL_GROUPING_MAX_CONTEXT = 2048
+PARTIAL_GROUPING_MIN_SLOT_USE = 0.8
+
+
+def partial_grouping_pays(pairs: int, groups: int, sms: int, max_groups: int, longest: int, tma: bool) -> bool:
+    """Whether CTAs of `groups` < max_groups warp groups beat split-K (see PARTIAL_GROUPING_*)."""
+    used = pairs * groups / (sms * max_groups)
+    return tma or longest <= PARTIAL_GROUPING_MAX_CONTEXT or used >= PARTIAL_GROUPING_MIN_SLOT_USE
+
+
 def grouped_splits(longest: int, pairs: int, sms: int, groups: int, tile: int = 64) -> int:
     """CTAs per (request, KV head) of a grouped plan: one wave of one grouped CTA per SM, and no more splits
     than give every warp group at least one tile of the longest request."""
@@ -115,7 +130,8 @@ def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
     Small batches (at most one (request, KV head) pair per SM) get grouped CTAs: one CTA per pair and SM with
     every warp group the SM holds (DecodeGeometry.max_groups), its context cut among the groups, split further
     only to fill the SMs (grouped_splits); with one split the CTA writes the final output and the combine launch
-    is skipped. Up to max_groups / 2 pairs per SM, CTAs of fewer groups (grouped_groups), one split. Otherwise
+    is skipped. Up to max_groups / 2 pairs per SM, CTAs of fewer groups (grouped_groups), one split, where that
+    measured faster than split-K (partial_grouping_pays). Otherwise
     `choose_chunk` over the resident one-group CTAs of this very kernel (decode_slots).
     splits: a fixed split count (CTAs per pair) instead, grouped when those CTAs fit one per SM, with chunk 0
     where the kernel supports it (16-bit caches): it cuts each request's context into splits x groups equal parts
@@ -130,6 +146,8 @@ def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
     geo, pairs, sms = cache._decode_geo, b * cache.num_heads, cache.sm_count()
     if splits is None:
         groups = grouped_groups(pairs, sms, geo.max_groups)
+        if groups < geo.max_groups and not partial_grouping_pays(pairs, groups, sms, geo.max_groups, longest, geo.tma):
+            groups = 0
         if not groups:
             return split_k_plan(cache, lens)
         splits = grouped_splits(longest, pairs, sms, groups)
