@@ -183,6 +183,20 @@ def test_decode_matches_float64(gen, name: str, ending: str) -> None:
     assert cache.errors() == []
 
 
+def assert_graph_replay_matches_eager(cache, q, out) -> None:
+    """Layer 1's decode captured in a CUDA graph and replayed into a NaN-poisoned `out` gives the eager bits."""
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        cache.decode(1, q, out)
+    eager = out.clone()
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager), "graph replay differs from the eager launch"
+
+
 def test_decode_large_batch_skewed_and_graph(gen) -> None:
     """Batch 256 with log-normal lengths, split-K plan, captured in a CUDA graph and replayed."""
     rng = np.random.default_rng(3)
@@ -197,16 +211,7 @@ def test_decode_large_batch_skewed_and_graph(gen) -> None:
     torch.cuda.synchronize()
     ref, _ = reference(q.double().cpu(), k, vv, lengths, 4, 128 ** -0.5)
     check(out, ref, "batch256-skewed", False)
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
-        cache.decode(1, q, out)
-    eager = out.clone()
-    out.fill_(float("nan"))
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager), "graph replay differs from the eager launch"
+    assert_graph_replay_matches_eager(cache, q, out)
 
 
 @pytest.mark.parametrize("name", [v.name for v in GRID.variants if v.name.startswith("gdec_paged_e4m3_h2_d128_p16_s128b_")
@@ -235,16 +240,7 @@ def test_decode_two_group_ctas_between_one_and_two_pairs_per_sm(gen, name: str) 
     torch.cuda.synchronize()
     ref, _ = reference(q.double().cpu(), k, vv, lengths, 4, 128 ** -0.5)
     check(out, ref, f"{name} two-group CTAs, batch {batch}", True)
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
-        cache.decode(1, q, out)
-    eager = out.clone()
-    out.fill_(float("nan"))
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager), "graph replay differs from the eager launch"
+    assert_graph_replay_matches_eager(cache, q, out)
     assert cache.errors() == []
 
 
