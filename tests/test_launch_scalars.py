@@ -39,8 +39,8 @@ def test_zero_dim_tensor_like_scalars() -> None:
 
 
 def test_shape_specs_check_every_fixed_dim() -> None:
-    # check_tensor (fast torch path and full check alike) compares shape[1:] in one go when only the first dim is
-    # free, and falls back to the per-dim rule otherwise or on a mismatch, so no fixed dim goes unchecked.
+    # check_tensor (fast torch path and full check alike) compares the whole shape in one tuple compare when only the
+    # first dim is free, and falls back to the per-dim rule otherwise or on a mismatch, so no fixed dim goes unchecked.
     from kvgen.runtime.tensors import DeviceTensor, _fixed_dims_match, _make_device_tensor
 
     assert _fixed_dims_match((5, 8, 128), (None, 8, 128))

@@ -146,7 +146,7 @@ def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
     geo, pairs, sms = cache._decode_geo, b * cache.num_heads, cache.sm_count()
     if splits is None:
         groups = grouped_groups(pairs, sms, geo.max_groups)
-        if groups < geo.max_groups and not partial_grouping_pays(pairs, groups, sms, geo.max_groups, longest, geo.tma):
+        if 0 < groups < geo.max_groups and not partial_grouping_pays(pairs, groups, sms, geo.max_groups, longest, geo.tma):
             groups = 0
         if not groups:
             return split_k_plan(cache, lens)

@@ -85,6 +85,10 @@ class _Launch:
     def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], stream: int) -> None:
         self.fire(grid, block, stream)
 
+    def fire_as(self, programmatic: bool) -> Any:
+        """fire_dependent for a programmatic dependent launch, else fire."""
+        return self.fire_dependent if programmatic else self.fire
+
 
 class KVCache:
     """A KV-cache collection (all layers, K and V) of one variant, plus its page table and lengths."""
@@ -526,8 +530,7 @@ class KVCache:
         launch = self._launches.get(kernel) or self._launch(kernel, kernel, (self.args, *self._ragged.addresses()))
         tpb = self.store_tokens_per_block(total) if kernel == "store" else self._tpb
         _RaggedArgs.layout.pack_into(self._ragged, 0, k, v, offsets, extra, total, layer, tpb)
-        fire = launch.fire_dependent if self._programmatic else launch.fire
-        fire(((total + tpb - 1) // tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
+        launch.fire_as(self._programmatic)(((total + tpb - 1) // tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
 
     def store(self, layer: int, k: Any, v: Any | None = None, row_offsets: Any = None, stream: Any = None) -> None:
         """Write new K/V rows [T, H, D] at cache_length(b) + t (CSR row offsets; default: the step's)."""
@@ -577,7 +580,7 @@ class KVCache:
         p["a"].value, p["b"].value, s["n"].value = st.ptr, dt.ptr, n
         u["page_bytes"].value, u["scale_bytes"].value = self.page_bytes, self.scale_page_bytes
         chunks = max(1, min(32, (self.page_bytes // 16 + THREADS - 1) // THREADS))
-        (launch.fire_dependent if self._programmatic else launch.fire)((chunks, n, 1), (THREADS, 1, 1), self._stream(stream))
+        launch.fire_as(self._programmatic)((chunks, n, 1), (THREADS, 1, 1), self._stream(stream))
 
     # ---- decode attention -----------------------------------------------------------------------------
     def plan_decode(self, window: int | None = None, splits: int | None = None) -> DecodePlan:
@@ -686,14 +689,11 @@ class KVCache:
         fields = (self.args, f["layer"], f["q"], f["po"], f["pl"], f["chunk"], f["scale"], f["cap"], f["window"],
                   f["flags"], f["fout"], f["flse"], f["fsinks"])
         groups = plan.groups
-        # A launch object per group count: the dynamic shared memory is part of it.
-        if self._decode_geo.tma:
-            kmap, vmap = self._decode_tile_maps(layer)
-            launch = self._launch(f"decode{groups}", "decode", (kmap.param_address, vmap.param_address, *fields),
-                                  smem=groups * self._decode_smem)
-            launch.params[0], launch.params[1] = kmap.param_address, vmap.param_address
-        else:
-            launch = self._launch(f"decode{groups}", "decode", fields, smem=groups * self._decode_smem)
+        # TMA kernels take the layer's K and V maps first. A launch object per group count (the dynamic shared memory
+        # is part of it), shared by every layer: the maps' addresses are rewritten per call.
+        maps = tuple(m.param_address for m in self._decode_tile_maps(layer)) if self._decode_geo.tma else ()
+        launch = self._launch(f"decode{groups}", "decode", (*maps, *fields), smem=groups * self._decode_smem)
+        launch.params[: len(maps)] = maps
         f["layer"].value, f["q"].value, f["po"].value, f["pl"].value = layer, qt.ptr, plan.part_o.data_ptr(), plan.part_lse.data_ptr()
         f["chunk"].value = plan.chunk
         f["scale"].value, f["cap"].value = scale, cap
@@ -707,9 +707,8 @@ class KVCache:
         f["flags"].value = DECODE_EARLY_READS if early_cache_reads else 0
         # Programmatic launch for short contexts (the plan's choice, decode_plan.PDL_MAX_CONTEXT) and always with
         # early reads, which need it.
-        pdl = self._programmatic and (early_cache_reads or plan.programmatic)
-        fire = launch.fire_dependent if pdl else launch.fire
-        fire((plan.splits, self.num_heads, B), (128 * groups, 1, 1), st)
+        launch.fire_as(self._programmatic and (early_cache_reads or plan.programmatic))(
+            (plan.splits, self.num_heads, B), (128 * groups, 1, 1), st)
         if single:
             return
         comb = self._launch("combine", "decode_combine", (f["po"], f["pl"], f["splits"], f["sinks"], f["out"], f["lse"], f["hq"]))
@@ -717,7 +716,7 @@ class KVCache:
             plan.splits, sink_ptr, ot.ptr, lse_ptr, Hq)
         # The combine launches as a programmatic dependent of the decode kernel (sm_90+), which signals it after
         # its tile loop: its launch and CTA start overlap the decode's epilogues instead of following them.
-        (comb.fire_dependent if self._programmatic else comb.fire)((Hq, B, 1), (min(256, D), 1, 1), st)
+        comb.fire_as(self._programmatic)((Hq, B, 1), (min(256, D), 1, 1), st)
 
     def _decode_tile_maps(self, layer: int) -> tuple[TmaTile, TmaTile]:
         """The K and V descriptors (tma.decode_tile) the TMA decode reads a layer through. Encoded once per

@@ -219,13 +219,14 @@ def test_decode_large_batch_skewed_and_graph(gen) -> None:
 def test_decode_two_group_ctas_between_one_and_two_pairs_per_sm(gen, name: str) -> None:
     """More (request, KV head) pairs than SMs but at most two per SM: CTAs of 2 warp groups, one per pair, one
     split, no combine (decode_plan.grouped_groups), against float64, then in a CUDA graph."""
+    from kvgen.derive import decode_geometry
     from kvgen.runtime.decode_plan import grouped_groups
 
     rng = np.random.default_rng(11)
     v = gen.VARIANTS[name]
     spec = v.spec()
-    cache0, _, _ = setup_cache(v, [1], rng)
-    sms, max_groups = cache0.sm_count(), cache0._decode_geo.max_groups
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    max_groups = decode_geometry(spec, "sm_90a").max_groups
     assert max_groups == 4, "FP8 at 2 stages: four one-group CTAs per SM"
     batch = (sms + 1 + 2 * sms) // 2 // 2  # pairs (2 KV heads each) between sms and 2 x sms
     p = spec.cache.page_size
