@@ -61,7 +61,8 @@ def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str
 
 
 def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float, label: str, with_peers: bool,
-              pdl_ab: bool = False, plan_ab: bool = False, fixed_splits: tuple[int, ...] = ()) -> list[tuple]:
+              pdl_ab: bool = False, plan_ab: bool = False, fixed_splits: tuple[int, ...] = (),
+              page_order_ab: bool = False) -> list[tuple]:
     """kvgen (one row per loader in `variants`, all reading the same caches) and the peers on one shape, all
     timed together (kvgen.benchmark.graph_times: graphs replayed round-robin)."""
     variant = next(iter(variants.values()))
@@ -110,6 +111,21 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             first_views[f"{name} {n} splits"] = fixed[0]
             entries.append((f"{name} {n} splits", [lambda c=c, q=q, o=o: c.decode(0, q, o)
                                                    for c, (_, q, o) in zip(fixed, sets)], nbytes))
+        if page_order_ab and v is variant and spec.cache.page_size is not None:
+            # Same blocks, but each request's pages in ascending, contiguous order (a fresh allocator's layout)
+            # instead of a random permutation: how much the DRAM locality of the page order costs. The data
+            # read differs, so this entry is not checked against the others.
+            need = [-(-n // spec.cache.page_size) for n in lengths]
+            starts = np.cumsum([0, *need])
+            in_order = []
+            for c, _, _ in sets:
+                w = type(c).wrap(v, c.blocks, c.scales, c.lookup_table.clone(), c.cache_lengths, num_layers=1)
+                w.set_pages([list(range(int(starts[i]), int(starts[i + 1]))) for i in range(len(lengths))])
+                w.begin_step([1] * len(lengths))
+                w.plan_decode()
+                in_order.append(w)
+            entries.append((f"{name} pages in order", [lambda c=c, q=q, o=o: c.decode(0, q, o)
+                                                       for c, (_, q, o) in zip(in_order, sets)], nbytes))
         if pdl_ab:  # same caches: every kernel launched plainly; and PDL with early cache reads
             plain = [w.copy() for w in views]
             for w in plain:
@@ -197,6 +213,8 @@ def main() -> None:
     ap.add_argument("--tune", nargs="*", default=[], metavar="FIELD=N[,FIELD=N]",
                     help="also time kvgen (first loader) built with these attention fields (and granularity: quantization."
                          "granularity of the FP8 variants), e.g. stages=2,ctas_per_sm=5")
+    ap.add_argument("--page-order-ab", action="store_true",
+                    help="also time kvgen on the same blocks with each request's pages in ascending order (not permuted)")
     ap.add_argument("--shapes", nargs="*", default=None, metavar="BxC",
                     help="only these batch x context shapes, e.g. 16x1024 128x4096, and the skewed batch if 'skewed' is listed")
     args = ap.parse_args()
@@ -233,7 +251,7 @@ def main() -> None:
         for label, lengths in cases:
             try:
                 for r in run_shape(by_loader, lengths, rng, copy_bw, label, not args.no_peers, args.pdl_ab, args.plan_ab,
-                                   tuple(args.splits)):
+                                   tuple(args.splits), args.page_order_ab):
                     results.append((tag, spec.cache.page_size, *r))
                     print(row_line(results[-1], copy_bw), flush=True)
             except Exception:  # noqa: BLE001

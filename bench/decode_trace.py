@@ -9,6 +9,7 @@ the first tile, streaming, the epilogue, and the tail after the last CTA's loop.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def read_trace(cache, n_ctas: int) -> np.ndarray:
     module = driver._modules[(path, cache.device)]
     err, ptr, size = cu.cuModuleGetGlobal(module.handle, b"kvgen_decode_trace")
     assert int(err) == 0, err
-    host = np.zeros((1 << 16, 8), np.uint64)
+    host = np.zeros((1 << 16, 16), np.uint64)
     (err,) = cu.cuMemcpyDtoH(host.ctypes.data_as(ctypes.c_void_p).value, ptr, host.nbytes)
     assert int(err) == 0, err
     return host[:n_ctas]
@@ -41,10 +42,10 @@ def read_trace(cache, n_ctas: int) -> np.ndarray:
 
 def report(label: str, tr: np.ndarray) -> None:
     t0 = tr[:, 0].min()
-    rel = (tr[:, :7].astype(np.int64) - int(t0)) / 1000.0  # µs from the first CTA's start
-    start, known, first, loop, end, parked, merged = (rel[:, i] for i in range(7))
+    rel = (tr[:, :9].astype(np.int64) - int(t0)) / 1000.0  # µs from the first CTA's start
+    start, known, first, loop, end, parked, merged, weighed, synced = (rel[:, i] for i in range(9))
     q = lambda x: f"{np.percentile(x, 5):6.2f} / {np.median(x):6.2f} / {np.percentile(x, 95):6.2f} / {x.max():6.2f}"  # noqa: E731
-    print(f"== {label}: {len(tr)} CTAs on {len(np.unique(tr[:, 7]))} SMs, kernel span {end.max():.2f} us "
+    print(f"== {label}: {len(tr)} CTAs on {len(np.unique(tr[:, 15]))} SMs, kernel span {end.max():.2f} us "
           "(p5 / median / p95 / max, µs)")
     print(f"   start offset          {q(start)}")
     print(f"   length known - start  {q(known - start)}")
@@ -52,12 +53,17 @@ def report(label: str, tr: np.ndarray) -> None:
     print(f"   loop - first tile     {q(loop - first)}")
     print(f"   exit - loop (epilog)  {q(end - loop)}")
     print(f"     of which park+barrier {q(parked - loop)}, first merge {q(merged - parked)}, rest {q(end - merged)}")
+    print(f"     first merge = weights {q(weighed - parked)} + barrier {q(synced - weighed)} + slices {q(merged - synced)}")
     print(f"   CTA lifetime          {q(end - start)}")
+    # Slot 14 holds clock64 at the last trace point reached, the exit (point 4) in every CTA that merges.
+    cycles = tr[:, 14].astype(np.int64) - tr[:, 13].astype(np.int64)
+    ghz = cycles / np.maximum((end - start) * 1000.0, 1.0)
+    print(f"   SM clock, GHz         {q(ghz)}")
     hist = np.histogram(end, bins=8, range=(0, end.max()))[0]
     print(f"   CTAs ending per 1/8 of the span: {list(map(int, hist))}")
     # Per SM: how many CTAs it ran and when its last one ended (an SM with more CTAs of one wave ending later
     # means the SMs do not share the memory bandwidth evenly).
-    sms, per_sm = np.unique(tr[:, 7], return_inverse=True)
+    sms, per_sm = np.unique(tr[:, 15], return_inverse=True)
     counts = np.bincount(per_sm)
     last = np.zeros(len(sms))
     np.maximum.at(last, per_sm, end)
@@ -68,7 +74,8 @@ def report(label: str, tr: np.ndarray) -> None:
 
 def main() -> None:
     out = Path("/tmp/kvgen-trace")
-    with nvrtc.defines("KVGEN_DECODE_TRACE"):
+    extra = tuple(d for d in os.environ.get("TRACE_DEFINES", "").split(",") if d)  # more decode.cuh knobs
+    with nvrtc.defines("KVGEN_DECODE_TRACE", *extra):
         build(load_config(ROOT / "configs" / "bench_decode.yaml"), out=out, jobs=1, pattern="*p16*")
     mod = import_package(out, "kvgen_trace")
     rng = np.random.default_rng(0)

@@ -25,11 +25,12 @@ namespace kvgen {
 #define INFINITY __int_as_float(0x7f800000)
 #endif
 // Per-CTA timeline for bench/decode_trace.py (built with -DKVGEN_DECODE_TRACE only; never in a normal build):
-// globaltimer ns at [start, length known, first tile landed, loop done, exit, warps parked, first output merged]
-// and the SM id.
+// globaltimer ns at [start, length known, first tile landed, loop done, exit, warps parked, first output merged,
+// slice weights done, second barrier passed], the SM's clock64 at the first and the latest point (slots 13, 14; their
+// ratio to the globaltimer is the SM clock) and (slot 15) the SM id.
 #ifdef KVGEN_DECODE_TRACE
 extern "C" {  // unmangled, so the host finds it with cuModuleGetGlobal
-__device__ unsigned long long kvgen_decode_trace[1 << 16][8];
+__device__ unsigned long long kvgen_decode_trace[1 << 16][16];
 }
 #define KVGEN_TRACE(i)                                                                                      \
   do {                                                                                                      \
@@ -38,7 +39,11 @@ __device__ unsigned long long kvgen_decode_trace[1 << 16][8];
       asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                                                \
       asm volatile("{ .reg .u32 s; mov.u32 s, %%smid; cvt.u64.u32 %0, s; }" : "=l"(sm_));                  \
       const uint32_t cta_ = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;                \
-      if (cta_ < (1u << 16)) { kvgen_decode_trace[cta_][i] = t_; kvgen_decode_trace[cta_][7] = sm_; }       \
+      if (cta_ < (1u << 16)) {                                                                              \
+        kvgen_decode_trace[cta_][i] = t_;                                                                   \
+        kvgen_decode_trace[cta_][15] = sm_;                                                                 \
+        kvgen_decode_trace[cta_][i == 0 ? 13 : 14] = clock64(); /* SM cycles at start / at the last point */ \
+      }                                                                                                     \
     }                                                                                                       \
   } while (0)
 #else
@@ -659,6 +664,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 #endif
     }
 
+#ifndef KVGEN_DECODE_NO_MATH  // diagnosis knob (bench/decode_bench.py --defines): the loads alone, wrong results
     // S = Q K^T for 16 rows (two n-tiles of 8 tokens).
     float s[2][4];
     if constexpr (SWZ) {
@@ -863,6 +869,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         }
       }
     }
+#endif  // KVGEN_DECODE_NO_MATH
     // Slot (tile + STAGES) % STAGES was last read when tile's own copies were issued, before this iteration's
     // barrier; it is next read after the following barrier.
     if (tid < kRingWriters) row_ring[((tile + STAGES) % STAGES) * BN + tid] = next_row;
@@ -956,7 +963,9 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     if (has) sm_ml[(lane * GROUP + row) * 2] = l > 0.f ? e / l : 0.f;
     if (lane == 0) sm_ml[row * 2 + 1] = l > 0.f ? (mref + log2f(l)) * 0.6931471805599453f : -INFINITY;
   }
+  KVGEN_TRACE(7);
   __syncthreads();
+  KVGEN_TRACE(8);
   for (int i = threadIdx.x; i < GROUP * D; i += blockDim.x) {
     const int row = i / D, col = i % D;
     float o_norm = 0.f;
