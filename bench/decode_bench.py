@@ -77,6 +77,7 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
         out = torch.empty_like(q)
         sets.append((cache, q, out))
     entries = []  # (name, launches, bytes)
+    in_order_luts = []  # --page-order-ab: the in-order lookup tables, so XQA can read the same pages too
     first_views = {}  # kvgen build name -> its view of sets[0]: every build must give the default's answer
     for loader, v in variants.items():
         views = [c if v is variant else type(c).wrap(v, c.blocks, c.scales, c.lookup_table, c.cache_lengths, num_layers=1)
@@ -124,6 +125,7 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
                 w.begin_step([1] * len(lengths))
                 w.plan_decode()
                 in_order.append(w)
+                in_order_luts.append(w.lookup_table)
             entries.append((f"{name} pages in order", [lambda c=c, q=q, o=o: c.decode(0, q, o)
                                                        for c, (_, q, o) in zip(in_order, sets)], nbytes))
         if pdl_ab:  # same caches: every kernel launched plainly; and PDL with early cache reads
@@ -155,6 +157,10 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             try:
                 fns = [make(c, q, lens_t) for c, q, _ in sets]
                 entries.append((pname, fns, peer_bytes))
+                if pname == "flashinfer xqa" and in_order_luts:  # the best peer on the pages in order as well
+                    entries.append((f"{pname} pages in order", [
+                        peers.make_flashinfer_xqa_decode(q, c.blocks[:, :, 0], lut[: len(lengths)], lens_t)
+                        for (c, q, _), lut in zip(sets, in_order_luts)], peer_bytes))
                 if pname.endswith("(tensor cores)") and not fp8:
                     check = fns[0]
             except Exception as e:  # noqa: BLE001 - a failing peer is reported, the run goes on
