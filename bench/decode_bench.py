@@ -27,7 +27,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 import peers  # noqa: E402
 
 from kvgen import nvrtc  # noqa: E402
-from kvgen.benchmark import copy_bandwidth, decode_bytes, decode_cache, graph_times, rotations, skewed_lengths  # noqa: E402
+from kvgen.benchmark import (  # noqa: E402
+    copy_bandwidth,
+    decode_bytes,
+    decode_cache,
+    graph_times,
+    in_order_pages,
+    pages_needed,
+    rotations,
+    skewed_lengths,
+)
 from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import ConfigFile, load_config, make_variant  # noqa: E402
 from kvgen.runtime.decode_plan import DecodePlan, plan_decode, split_k_plan  # noqa: E402
@@ -116,12 +125,11 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             # Same blocks, but each request's pages in ascending, contiguous order (a fresh allocator's layout)
             # instead of a random permutation: how much the DRAM locality of the page order costs. The data
             # read differs, so this entry is not checked against the others.
-            need = [-(-n // spec.cache.page_size) for n in lengths]
-            starts = np.cumsum([0, *need])
+            pages = in_order_pages(pages_needed(lengths, spec.cache.page_size))
             in_order = []
             for c, _, _ in sets:
                 w = type(c).wrap(v, c.blocks, c.scales, c.lookup_table.clone(), c.cache_lengths, num_layers=1)
-                w.set_pages([list(range(int(starts[i]), int(starts[i + 1]))) for i in range(len(lengths))])
+                w.set_pages(pages)
                 w.begin_step([1] * len(lengths))
                 w.plan_decode()
                 in_order.append(w)

@@ -140,11 +140,24 @@ def rotations(bytes_per_set: int, floor: int = 256 << 20, cap: int = 64) -> int:
 
 
 # ---- decode ------------------------------------------------------------------------------------------------
+def pages_needed(lengths: Sequence[int], page_size: int) -> list[int]:
+    """Pages each request of `lengths` tokens occupies."""
+    return [-(-n // page_size) for n in lengths]
+
+
+def _deal_pages(ids: np.ndarray, need: list[int]) -> list[list[int]]:
+    bounds = np.cumsum([0, *need])
+    return [[int(x) for x in ids[bounds[i]:bounds[i + 1]]] for i in range(len(need))]
+
+
 def permuted_pages(need: list[int], rng: np.random.Generator) -> list[list[int]]:
     """Page ids for requests needing need[i] pages each: a random permutation of 0..sum(need)-1, never shared."""
-    perm = rng.permutation(sum(need))
-    bounds = np.cumsum([0, *need])
-    return [[int(x) for x in perm[bounds[i]:bounds[i + 1]]] for i in range(len(need))]
+    return _deal_pages(rng.permutation(sum(need)), need)
+
+
+def in_order_pages(need: list[int]) -> list[list[int]]:
+    """The same page ids dealt in ascending order: each request's pages contiguous (a fresh allocator's layout)."""
+    return _deal_pages(np.arange(sum(need)), need)
 
 
 def decode_cache(variant: Any, lengths: list[int], rng: np.random.Generator) -> Any:
@@ -153,7 +166,7 @@ def decode_cache(variant: Any, lengths: list[int], rng: np.random.Generator) -> 
     torch = _torch()
     spec = variant.spec()
     p = spec.cache.page_size
-    need = [(n + p - 1) // p for n in lengths]
+    need = pages_needed(lengths, p)
     cache = variant.cache(max_batch=len(lengths), num_pages=sum(need) + 1, max_pages_per_request=max(need),
                           num_layers=1, max_tokens=len(lengths))
     if spec.cache.dtype.startswith("float8"):

@@ -71,3 +71,15 @@ def test_rotation_and_skew_helpers() -> None:
     assert benchmark.rotations(300 << 20) == 2 and benchmark.rotations(1 << 20, cap=64) == 64
     lens = benchmark.skewed_lengths(np.random.default_rng(0))
     assert len(lens) == 64 and min(lens) >= 16 and max(lens) <= 24576 and 2500 < np.mean(lens) < 6500
+
+
+def test_page_deals_cover_every_page_once() -> None:
+    # The benchmark's permuted pages and decode_bench --page-order-ab's in-order pages: the same ids, each request
+    # gets as many pages as its length needs, no page shared; in order, each request's run is ascending and contiguous.
+    need = benchmark.pages_needed([1, 16, 17, 33, 64], 16)
+    assert need == [1, 1, 2, 3, 4]
+    for pages in (benchmark.permuted_pages(need, np.random.default_rng(1)), benchmark.in_order_pages(need)):
+        assert [len(p) for p in pages] == need
+        assert sorted(x for p in pages for x in p) == list(range(sum(need)))
+    assert benchmark.in_order_pages(need) == [[0], [1], [2, 3], [4, 5, 6], [7, 8, 9, 10]]
+    assert benchmark.permuted_pages(need, np.random.default_rng(1)) != benchmark.in_order_pages(need)
