@@ -28,6 +28,7 @@ import peers  # noqa: E402
 
 from kvgen import nvrtc  # noqa: E402
 from kvgen.benchmark import (  # noqa: E402
+    STATIC_SCALES,
     copy_bandwidth,
     decode_bytes,
     decode_cache,
@@ -36,6 +37,7 @@ from kvgen.benchmark import (  # noqa: E402
     pages_needed,
     rotations,
     skewed_lengths,
+    static_scale_tensor,
 )
 from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import ConfigFile, load_config, make_variant  # noqa: E402
@@ -45,13 +47,14 @@ HQ, H, D = 32, 8, 128
 
 
 def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str = "",
-                   attention: dict[str, int] | None = None):
+                   attention: dict[str, int] | None = None, static_scales: bool = False):
     """The bench config's variants, with attention.loader set to `loader` and the `attention` fields updated (an
     A/B of the K/V loaders, the pipeline depth, the CTAs per SM), the kernels compiled with extra preprocessor
-    `defines` (decode.cuh's compile-time knobs)."""
+    `defines` (decode.cuh's compile-time knobs). static_scales: the FP8 variants with per-tensor device scales
+    (cache.static_scales) instead of per-token ones."""
     cfg = load_config(ROOT / "configs" / "bench_decode.yaml")
     name = f"{loader}{tag}"
-    if loader != "auto" or defines or attention:
+    if loader != "auto" or defines or attention or static_scales:
         fields = dict(attention or {})
         granularity = fields.pop("granularity", None)  # quantization.granularity of the quantized variants
         upd = {"loader": loader, **fields}
@@ -60,6 +63,9 @@ def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str
             out = {"attention": spec.attention.model_copy(update=upd)}
             if granularity is not None and spec.quantization is not None:
                 out["quantization"] = spec.quantization.model_copy(update={"granularity": granularity})
+            if static_scales and spec.cache.dtype.startswith("float8"):
+                out["quantization"] = None
+                out["cache"] = spec.cache.model_copy(update={"static_scales": True})
             return spec.model_copy(update=out)
         specs = [tuned(v.spec) for v in cfg.variants]
         cfg = ConfigFile(path=None, name=f"bench_decode_{name}", variants=[make_variant(s) for s in specs])
@@ -88,14 +94,22 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
     entries = []  # (name, launches, bytes)
     in_order_luts = []  # --page-order-ab: the in-order lookup tables, so XQA can read the same pages too
     first_views = {}  # kvgen build name -> its view of sets[0]: every build must give the default's answer
+    static_views = None  # the per-tensor static-scales build's views (--static-scales), checked against XQA below
     for loader, v in variants.items():
-        views = [c if v is variant else type(c).wrap(v, c.blocks, c.scales, c.lookup_table, c.cache_lengths, num_layers=1)
-                 for c, _, _ in sets]
+        static = v.spec().cache.static_scales
+        # A static-scales build reads the same FP8 blocks with per-tensor scales STATIC_SCALES instead of the
+        # per-token scales: the same bytes of K and V, no scale reads.
+        views = [c if v is variant else type(c).wrap(
+            v, c.blocks, None if static else c.scales, c.lookup_table, c.cache_lengths, num_layers=1,
+            static_scales=static_scale_tensor(H) if static else None) for c, _, _ in sets]
+        if static:
+            static_views = views
         for w in views:
             w.begin_step([1] * len(lengths))
             w.plan_decode()
         name = "kvgen" if len(variants) == 1 else f"kvgen ({loader})"
-        first_views[name] = views[0]
+        if not static:  # a different dequantization: not comparable with the per-token builds
+            first_views[name] = views[0]
         default_launches = [lambda c=c, q=q, o=o: c.decode(0, q, o) for c, (_, q, o) in zip(views, sets)]
         entries.append((name, default_launches, nbytes))
         if plan_ab:  # same caches, the one-group split-K plan (what small batches ran before grouped CTAs)
@@ -150,6 +164,9 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
     if with_peers:
         peer_bytes = decode_bytes(spec, lengths, with_scales=False)  # the peers read no scales
         kv_dtype = sets[0][0].blocks.dtype
+        # With a static-scales build XQA gets the same per-tensor scales, so both compute the same attention.
+        xqa_scales = STATIC_SCALES if static_views is not None else (None, None)
+        xqa = None
         lens_t = torch.tensor(lengths, dtype=torch.int32, device="cuda")
         for pname, make in (
             ("flashinfer decode (cuda cores)", lambda c, q, lens: peers.make_flashinfer_decode(
@@ -157,7 +174,7 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             ("flashinfer decode (tensor cores)", lambda c, q, lens: peers.make_flashinfer_decode(
                 q, c.blocks[:, :, 0], c.lookup_table[: len(lens)], lens, c.page_size, HQ, H, D, True, kv_dtype)),
             ("flashinfer xqa", lambda c, q, lens: peers.make_flashinfer_xqa_decode(
-                q, c.blocks[:, :, 0], c.lookup_table[: len(lens)], lens)),
+                q, c.blocks[:, :, 0], c.lookup_table[: len(lens)], lens, k_scale=xqa_scales[0], v_scale=xqa_scales[1])),
             ("vllm unified_attention", lambda c, q, lens: peers.make_vllm_unified_attention(
                 q, c.blocks[:, :, 0], c.lookup_table[: len(lens)], lens, kv_cache_dtype="fp8" if fp8 else "auto",
                 k_scale=1.0, v_scale=1.0)),
@@ -171,6 +188,8 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
                         for (c, q, _), lut in zip(sets, in_order_luts)], peer_bytes))
                 if pname.endswith("(tensor cores)") and not fp8:
                     check = fns[0]
+                if pname == "flashinfer xqa":
+                    xqa = fns[0]
             except Exception as e:  # noqa: BLE001 - a failing peer is reported, the run goes on
                 msg = str(e)  # the cause of a JIT build failure is at the end of ninja's output
                 print(f"  {pname} failed on {label}: {type(e).__name__}: {msg[:200]} ... {msg[-1200:] if len(msg) > 200 else ''}")
@@ -183,6 +202,13 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
         check()
         torch.cuda.synchronize()
         print(f"  {label}: max |kvgen - flashinfer| = {(o.float() - check.out.float()).abs().max().item():.3e}")
+    if static_views is not None and xqa is not None and hasattr(xqa, "out"):  # same data and scales as XQA
+        q, o = sets[0][1], sets[0][2]
+        static_views[0].decode(0, q, o)
+        xqa()
+        torch.cuda.synchronize()
+        err = ((o.float() - xqa.out.float()).norm() / xqa.out.float().norm()).item()
+        print(f"  {label}: kvgen static scales against XQA (same scales): relative L2 difference {err:.3e}")
     del sets
     torch.cuda.empty_cache()
     return [(label, name, t * 1e6, b / t / 1e12, b / t / copy_bw) for (name, _, b), t in zip(entries, times)]
@@ -229,6 +255,9 @@ def main() -> None:
                          "granularity of the FP8 variants), e.g. stages=2,ctas_per_sm=5")
     ap.add_argument("--page-order-ab", action="store_true",
                     help="also time kvgen on the same blocks with each request's pages in ascending order (not permuted)")
+    ap.add_argument("--static-scales", action="store_true",
+                    help="also time the FP8 variants built with per-tensor static scales (cache.static_scales) on the same "
+                         "blocks, and give XQA the same scales")
     ap.add_argument("--shapes", nargs="*", default=None, metavar="BxC",
                     help="only these batch x context shapes, e.g. 16x1024 128x4096, and the skewed batch if 'skewed' is listed")
     args = ap.parse_args()
@@ -239,6 +268,8 @@ def main() -> None:
     for i, text in enumerate(args.tune):
         fields = {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
         mods[text] = load_generated(args.loaders[0], tag=f"-t{i}", attention=fields)
+    if args.static_scales:
+        mods["static scales"] = load_generated(args.loaders[0], tag="-ss", static_scales=True)
     mod = mods[args.loaders[0]]
     copy_bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name()
@@ -256,6 +287,8 @@ def main() -> None:
         if not fnmatch.fnmatch(variant.NAME, args.variant):
             continue
         by_loader = {loader: list(m.VARIANTS.values())[i] for loader, m in mods.items()}  # same grid order
+        # --static-scales leaves the bf16 variants as they are: no second build of those
+        by_loader = {k: v for k, v in by_loader.items() if k != "static scales" or v.spec().cache.static_scales}
         spec = variant.spec()
         tag = spec.cache.dtype + (" (scale per token+head)" if spec.quantization else "")
         cases = [(f"{b} x {c}", [c] * b) for b, c in shapes]

@@ -24,7 +24,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 import peers  # noqa: E402
 
 from kvgen import derive, nvrtc  # noqa: E402
-from kvgen.benchmark import copy_bandwidth, eager_host_costs, graph_times, permuted_pages, rotations  # noqa: E402
+from kvgen.benchmark import (  # noqa: E402
+    STATIC_SCALES,
+    copy_bandwidth,
+    eager_host_costs,
+    graph_times,
+    permuted_pages,
+    rotations,
+)
 from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import load_config  # noqa: E402
 
@@ -38,7 +45,8 @@ def load_generated(out: Path, package: str = "kvgen_bench_store"):
 
 
 def adopt_all(variant, caches: list) -> list:
-    return [type(c).wrap(variant, c.blocks, c.scales, c.lookup_table, c.cache_lengths, num_layers=1) for c in caches]
+    return [type(c).wrap(variant, c.blocks, c.scales, c.lookup_table, c.cache_lengths, num_layers=1,
+                         static_scales=c.static_scales) for c in caches]
 
 
 # --try knobs -> kvgen.derive constants
@@ -116,6 +124,8 @@ def make_set(variant, batch: int, per_req: int, cached: int, rng: np.random.Gene
     cache = variant.cache(max_batch=batch, num_pages=batch * pages_per + 1, max_pages_per_request=pages_per, num_layers=1)
     cache.set_pages(permuted_pages([pages_per] * batch, rng))
     cache.set_cache_lengths([cached] * batch)
+    if cache.static_scales is not None:
+        cache.set_static_scales(0, *STATIC_SCALES)
     cache.begin_step([per_req] * batch)
     T = batch * per_req
     k = torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16)
@@ -154,11 +164,16 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     for variant in mod.VARIANTS.values():
         spec = variant.spec()
-        fp8 = spec.quantization is not None
+        quant = spec.quantization is not None  # per-group scales computed in the kernel
+        fp8 = spec.cache.dtype.startswith("float8")  # per-group or static (per-tensor) scales
+        kind = (f" g{spec.quantization.granularity} {spec.quantization.scale_dtype} scales" if quant
+                else " static (per-tensor) scales" if spec.cache.static_scales else "")
+        # vLLM's per-tensor k_scale / v_scale: the static-scales variant's own values (the same conversion), else 1
+        vllm_scales = STATIC_SCALES if spec.cache.static_scales else (1.0, 1.0)
         for batch, per_req, cached in ((64, 1, 5), (8, 1024, 512)):
             T = batch * per_req
             cache_bytes = 1 if fp8 else 2
-            scale_bytes = T * H * (D // spec.quantization.granularity) * 2 * 4 if fp8 else 0
+            scale_bytes = T * H * (D // spec.quantization.granularity) * 2 * 4 if quant else 0
             kv_bytes = T * H * D * 2 * (2 + cache_bytes) + scale_bytes  # bf16 read + cache write (+ scales)
             n = rotations(kv_bytes, cap=256 if T < 1024 else 64)
             sets = [make_set(variant, batch, per_req, cached, rng) for _ in range(n)]
@@ -190,7 +205,8 @@ def main() -> None:
             try:
                 vl = [peers.make_vllm_reshape_and_cache(k, v, c.blocks[:, 0, 0], c.blocks[:, 1, 0],
                                                         slot_mapping(c, batch, per_req, cached), "fp8" if fp8 else "auto",
-                                                        torch.ones(1, device="cuda"), torch.ones(1, device="cuda"))
+                                                        torch.full((1,), vllm_scales[0], device="cuda"),
+                                                        torch.full((1,), vllm_scales[1], device="cuda"))
                       for c, k, v in sets]
                 ops["vllm triton" + (" (per-tensor scale)" if fp8 else "")] = (vl, T * H * D * 2 * (2 + cache_bytes))
                 if T <= 64:
@@ -214,7 +230,7 @@ def main() -> None:
                 host_floor.append(costs[-1])
             results = {name: (t, nbytes) for (name, (_, nbytes)), t in zip(ops.items(), times)}
             for peer, (t, nbytes) in results.items():
-                rows.append((spec.cache.dtype + (f" g{spec.quantization.granularity} {spec.quantization.scale_dtype} scales" if fp8 else ""),
+                rows.append((spec.cache.dtype + kind,
                              spec.cache.page_size, T, peer, t * 1e6, nbytes / t / 1e12, nbytes / t / copy_bw,
                              eager.get(peer.split(" (")[0], float("nan")) * 1e6, n))
             del sets

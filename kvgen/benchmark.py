@@ -160,6 +160,19 @@ def in_order_pages(need: list[int]) -> list[list[int]]:
     return _deal_pages(np.arange(sum(need)), need)
 
 
+STATIC_SCALES = (0.75, 1.25)
+"""Per-tensor (k_scale, v_scale) of the benchmark's static-scales FP8 caches (decode_bench.py --static-scales)."""
+
+
+def static_scale_tensor(num_kv_heads: int, num_layers: int = 1) -> Any:
+    """A [2, L, H] float32 device tensor holding STATIC_SCALES (KVCache static_scales)."""
+    torch = _torch()
+    t = torch.empty((2, num_layers, num_kv_heads), dtype=torch.float32, device="cuda")
+    t[0].fill_(STATIC_SCALES[0])
+    t[1].fill_(STATIC_SCALES[1])
+    return t
+
+
 def decode_cache(variant: Any, lengths: list[int], rng: np.random.Generator) -> Any:
     """A one-layer cache of `variant` with random contents on randomly permuted pages, cache_length = len - 1,
     a decode step begun and planned."""
@@ -173,6 +186,8 @@ def decode_cache(variant: Any, lengths: list[int], rng: np.random.Generator) -> 
         cache.blocks.copy_(torch.randn(cache.blocks.shape, device="cuda", dtype=torch.bfloat16).to(cache.blocks.dtype))
         if cache.scales is not None:
             cache.scales.uniform_(0.5, 1.5)
+        if cache.static_scales is not None:
+            cache.set_static_scales(0, *STATIC_SCALES)
     else:
         cache.blocks.normal_()
     cache.set_pages(permuted_pages(need, rng))

@@ -43,6 +43,10 @@ class CacheParams(_Strict):
     input_dtype: IODType | None = Field(
         None, description="dtype of new K/V handed to store and returned by load (default: bf16, or f32 for f32 caches)"
     )
+    static_scales: bool = Field(
+        False, description="FP8 caches without per-row scales: one float32 scale per (K|V, layer, KV head) held on the "
+        "device (vLLM's and FlashInfer's k_scale / v_scale, per tensor or per head; KVCache.set_static_scales). store "
+        "writes x / scale (saturating), load returns value * scale, decode folds them into the logits and the output")
 
     @property
     def kv_dim(self) -> int:
@@ -190,6 +194,16 @@ def _cross_field_problems(v: VariantSpec) -> list[Problem]:
         elif q.granularity % 16:
             bad("quantization.granularity", "must be a multiple of 16 so no 16-byte FP8 vector spans two scale groups",
                 q.granularity, "use 32, 64 or 128")
+
+    if c.static_scales:
+        if not dt.is_fp8:
+            bad("cache.static_scales", "static scales are only defined for FP8 caches", c.dtype,
+                "use dtype float8_e4m3fn (or float8_e5m2), or remove static_scales")
+        if q is not None:
+            bad("cache.static_scales", "a cache has either per-row scales (quantization) or static scales, not both",
+                "quantization and static_scales", "remove quantization (per tensor / per head) or static_scales (per row)")
+        if r is not None:
+            bad("cache.static_scales", "the rope-aware layout has its own scales", True, "remove static_scales")
 
     # -- rope-aware MLA layout ----------------------------------------------------------------------------
     if r is not None:

@@ -271,6 +271,7 @@ def render_context(variant: Variant, arch: str) -> dict[str, object]:
         "quantized": q is not None,
         "granularity": q.granularity if q else 1,
         "fp8_max": dt.fp8_max,
+        "static_scales": c.static_scales,
         "rope": spec.rope_layout is not None,
         "rope_padded_depth": spec.rope_layout.padded_depth if spec.rope_layout else 0,
         "rope_dim": spec.rope_layout.rope_dim if spec.rope_layout else 0,

@@ -42,8 +42,18 @@ class ConfigFile:
     variants: list[Variant]
 
 
+# Fields added after NAME_SCHEMA 1, left out of the digest while they hold their default: a variant that does not
+# use them keeps its name (and the class name users import) across kvgen versions.
+_LATER_FIELDS = {"cache": {"static_scales": False}}
+
+
 def canonical_json(spec: VariantSpec) -> str:
-    return json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    data = spec.model_dump(mode="json")
+    for section, fields in _LATER_FIELDS.items():
+        for name, default in fields.items():
+            if data[section].get(name) == default:
+                del data[section][name]
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 def variant_digest(spec: VariantSpec) -> str:
@@ -60,6 +70,8 @@ def variant_name(spec: VariantSpec, digest: str) -> str:
         parts.append(f"p{c.page_size}")
     if spec.quantization:
         parts.append(f"q{DTYPES[spec.quantization.scale_dtype].short}g{spec.quantization.granularity}")
+    if c.static_scales:
+        parts.append("ss")  # static (per tensor / per head) scales
     if spec.rope_layout:
         parts.append(f"rope{spec.rope_layout.rope_dim}")
     parts.append(f"s{spec.tma.swizzle.lower()}")

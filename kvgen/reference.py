@@ -127,6 +127,13 @@ def quantize(x: np.ndarray, cache_dtype: str, granularity: int | None, scale_dty
     return q, stored
 
 
+def quantize_static(x: np.ndarray, cache_dtype: str, scale: np.ndarray) -> np.ndarray:
+    """Rows [..., H, D] of float32 -> FP8 values of x / scale[h] for static (per tensor / per head) scales [H]: one
+    float32 reciprocal per head, then float32 multiplies and a saturating cast, as the store kernel rounds."""
+    inv = (np.float32(1.0) / np.asarray(scale, np.float32)).astype(np.float32)
+    return to_cache_dtype(np.asarray(x, np.float32) * inv[:, None], cache_dtype)
+
+
 def dequantize(q: np.ndarray, scales: np.ndarray | None, granularity: int | None, scale_dtype: str | None) -> np.ndarray:
     qf = np.asarray(q).astype(np.float32)
     if scales is None or granularity is None:
@@ -145,6 +152,7 @@ class CacheState:
     lut: np.ndarray  # [B, cols] (paged) or [B] (continuous)
     cache_lengths: np.ndarray  # uint32 [B]
     paged: bool = True
+    static_scales: np.ndarray | None = None  # float32 [KVD, L, H] (cache.static_scales), else None
 
     @property
     def geometry(self) -> Geometry:
@@ -178,6 +186,9 @@ def store(state: CacheState, layer: int, new: list[np.ndarray], row_offsets: np.
                 continue
             blk, tok = loc
             for kv, x in enumerate(new):
+                if state.static_scales is not None:
+                    state.blocks[blk, kv, layer, tok] = quantize_static(x[t], cache_dtype, state.static_scales[kv, layer])
+                    continue
                 q, s = quantize(x[t], cache_dtype, granularity, scale_dtype)
                 state.blocks[blk, kv, layer, tok] = q
                 if s is not None:
@@ -200,6 +211,8 @@ def load(state: CacheState, layer: int, row_offsets: np.ndarray, start_pos: np.n
             for kv in range(kvd):
                 s = state.scales[blk, kv, layer, tok] if state.scales is not None else None
                 out[kv][t] = dequantize(state.blocks[blk, kv, layer, tok], s, granularity, scale_dtype)
+                if state.static_scales is not None:
+                    out[kv][t] *= state.static_scales[kv, layer][:, None]
     return out
 
 

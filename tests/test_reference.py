@@ -243,6 +243,34 @@ def test_store_quantized_roundtrip_within_bound() -> None:
         assert np.all(np.abs(back - orig) <= np.repeat(scale, g, -1) * 16 + 1e-7)  # <= half ulp at 448 (32/2)
 
 
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_store_static_scales_per_head(dtype: str) -> None:
+    """Static scales: each (K|V, layer, head) row is stored as x * (1 / scale) (one float32 reciprocal, then float32
+    multiplies), saturating without NaN, and loads back as value * scale."""
+    p, h, d = 16, 2, 32
+    st = _state(nb=4, p=p, h=h, d=d, pages=[[0, 2]], lengths=[0], dtype=dtype)
+    st.static_scales = np.array([[[0.5, 0.01]] * 2, [[2.0, 0.25]] * 2], np.float32)  # [KVD, L, H]
+    rng = np.random.default_rng(3)
+    k = rng.standard_normal((20, h, d)).astype(np.float32) * 4
+    v = rng.standard_normal((20, h, d)).astype(np.float32)
+    k[0, 1, 0] = np.inf  # saturates, never NaN
+    assert ref.store(st, 1, [k, v], np.array([0, 20], np.uint32), dtype) == 0
+    info = DTYPES[dtype]
+    for kv, x in enumerate((k, v)):
+        inv = (np.float32(1) / st.static_scales[kv, 1]).astype(np.float32)
+        want = np.clip(x * inv[None, :, None], -info.fp8_max, info.fp8_max).astype(info.numpy)
+        got = np.concatenate([st.blocks[0, kv, 1], st.blocks[2, kv, 1, :4]])
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+    assert not np.isnan(st.blocks.astype(np.float32)).any()
+    kk, vv = ref.load(st, 1, np.array([0, 20], np.uint32), np.array([0], np.uint32))
+    np.testing.assert_array_equal(kk, st.blocks[[0] * 16 + [2] * 4, 0, 1, list(range(16)) + list(range(4))]
+                                  .astype(np.float32) * st.static_scales[0, 1][None, :, None])
+    finite = np.isfinite(k) & (np.abs(k) * (np.float32(1) / st.static_scales[0, 1])[None, :, None] < info.fp8_max)
+    rtol = 2.0 ** -4 if dtype == "float8_e4m3fn" else 2.0 ** -3  # half an ulp of a 3- / 2-bit mantissa
+    scale = np.broadcast_to(st.static_scales[0, 1][None, :, None], k.shape)
+    assert np.all(np.abs(kk - k)[finite] <= rtol * np.abs(k[finite]) + scale[finite] * 2.0 ** -6)
+
+
 def test_copy_pages_copies_blocks_and_scales() -> None:
     st = _state(nb=6, p=16, h=1, d=32, pages=[[0, 1]], lengths=[0], dtype="float8_e4m3fn", groups=1)
     rng = np.random.default_rng(2)

@@ -12,6 +12,7 @@ class CacheArgs(ctypes.Structure):
         ("cache_lengths", ctypes.c_uint64),
         ("lookup_table", ctypes.c_uint64),
         ("error_word", ctypes.c_uint64),
+        ("static_scales", ctypes.c_uint64),
         ("batch_size", ctypes.c_uint32),
         ("lut_row_stride", ctypes.c_uint32),
         ("num_blocks", ctypes.c_uint32),
@@ -23,7 +24,7 @@ class CacheArgs(ctypes.Structure):
     ]
 
 
-assert ctypes.sizeof(CacheArgs) == 72, "must match static_assert(sizeof(CacheArgs) == 72) in common.cuh"
+assert ctypes.sizeof(CacheArgs) == 80, "must match static_assert(sizeof(CacheArgs) == 80) in common.cuh"
 
 ERR_UNASSIGNED_PAGE = 1 << 0
 ERR_PAGE_OUT_OF_RANGE = 1 << 1

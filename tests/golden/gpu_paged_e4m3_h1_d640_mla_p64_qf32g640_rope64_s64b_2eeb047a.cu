@@ -18,6 +18,7 @@ struct Traits {
   static constexpr bool quantization_enabled = true;
   static constexpr int quantization_granularity = 640;
   static constexpr float fp8_max = 448.0f;
+  static constexpr bool static_scales = false;  // per (K|V, layer, head) device scales
 };
 using Cache = kvgen::PagedKVCache<Traits>;
 static_assert(Cache::head_size % (16 / sizeof(Traits::dtype)) == 0, "rows are whole 16-byte vectors");

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU visible", allow_module_level=True)
 
-from test_gpu_kernels import state_of  # noqa: E402  (same folder: raw cache -> NumPy reference state)
+from test_gpu_kernels import randomize_static_scales, state_of  # noqa: E402  (same folder: reference state)
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = load_config(ROOT / "configs" / "gpu_decode.yaml")
@@ -59,6 +59,7 @@ def setup_cache(v, lengths: list[int], rng: np.random.Generator):
     T = sum(lengths)
     k = (torch.randn(T, H, D, device="cuda") * 2).to(io)
     vv = torch.randn(T, H, D, device="cuda").to(io)
+    randomize_static_scales(cache, rng)
     cache.set_cache_lengths([0] * B)
     cache.begin_step(lengths)
     for layer in range(2):
@@ -195,6 +196,35 @@ def assert_graph_replay_matches_eager(cache, q, out) -> None:
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager), "graph replay differs from the eager launch"
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "_ss_" in n and "p64" in n])
+def test_static_scales_change_under_a_captured_graph(gen, name: str) -> None:
+    """Static scales are device values: a decode captured once reads the scales current at each replay (no
+    recapture), and each replay matches float64 on the cache dequantized with those scales."""
+    rng = np.random.default_rng(13)
+    v = gen.VARIANTS[name]
+    spec = v.spec()
+    lengths = [1, 63, 64, 65, 700, 1500]
+    cache, _, _ = setup_cache(v, lengths, rng)
+    att, H = spec.attention, spec.cache.num_kv_heads
+    q = torch.randn(len(lengths), att.num_q_heads, spec.cache.head_size, device="cuda").to(getattr(torch, spec.cache.io_dtype))
+    out = torch.empty(len(lengths), att.num_q_heads, spec.cache.head_size, device="cuda", dtype=getattr(torch, att.output_dtype))
+    cache.plan_decode()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        cache.decode(1, q, out)
+    for i in range(3):
+        if i:  # new per-head values, outside the graph
+            cache.set_static_scales(1, rng.uniform(0.005, 0.2, H), rng.uniform(0.005, 0.2, H))
+        out.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        ko, vo = cached_rows(cache, spec, lengths, layer=1)
+        want, _ = reference(q.double().cpu(), ko, vo, lengths, att.num_q_heads // H, spec.cache.head_size ** -0.5)
+        check(out, want, f"{name} replay {i}", True)
 
 
 def test_decode_large_batch_skewed_and_graph(gen) -> None:

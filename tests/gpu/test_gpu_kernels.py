@@ -95,15 +95,27 @@ def make_cache(mod, name: str, rng: np.random.Generator, cached: list[int], new:
         poison(cache)
         cache.set_slots(list(rng.permutation(len(new) + 1)[: len(new)]))
     cache.set_cache_lengths(cached)
+    randomize_static_scales(cache, rng)
     return v, spec, cache
+
+
+def randomize_static_scales(cache, rng: np.random.Generator) -> None:
+    """Static-scales variants: a different scale per (K|V, layer, head), small enough that the random test rows
+    (|x| up to ~15) saturate e4m3 in some heads: x / 0.01 = 1500 > 448."""
+    if cache.static_scales is None:
+        return
+    for layer in range(cache.num_layers):
+        cache.set_static_scales(layer, rng.uniform(0.01, 0.08, cache.num_heads), rng.uniform(0.01, 0.08, cache.num_heads))
 
 
 def state_of(cache, spec) -> ref.CacheState:
     scales = None
     if cache.scales is not None:
         scales = to_np(cache.scales, "float32" if spec.quantization.scale_dtype == "float32" else "uint8").copy()
+    static = to_np(cache.static_scales, "float32").copy() if cache.static_scales is not None else None
     return ref.CacheState(blocks=to_np(cache.blocks, spec.cache.dtype).copy(), scales=scales,
-                          lut=cache.host_lut.copy(), cache_lengths=cache.host_lengths.copy(), paged=cache.paged)
+                          lut=cache.host_lut.copy(), cache_lengths=cache.host_lengths.copy(), paged=cache.paged,
+                          static_scales=static)
 
 
 def random_rows(rng: np.random.Generator, shape: tuple[int, ...], io: str, scale: float = 3.0) -> np.ndarray:
@@ -567,3 +579,50 @@ def test_host_trait_members(generated, kind: str) -> None:
     with pytest.raises(RuntimeError, match="past the allocation"):
         cache.raise_if_error()
     cache.raise_if_error()  # the word was cleared
+
+
+STATIC = [n for n in NAMES if "_ss_" in n]
+
+
+def test_static_scales_grid_is_covered() -> None:
+    assert {n.split("_")[2] for n in STATIC} == {"e4m3", "e5m2"} and any("_cont_" in n for n in STATIC)
+
+
+def test_static_scales_wrap_and_validation(generated) -> None:
+    """A static-scales cache adopted with vLLM-style per-tensor scales (a [1] device tensor per layer, expanded over
+    the heads) stores x / scale; bad scales, and scales for a variant without them, are refused by name."""
+    rng = np.random.default_rng(11)
+    name = next(n for n in STATIC if n.startswith("gpu_paged_e4m3"))
+    v, spec, owner = make_cache(generated, name, rng, [3, 20], [5, 9])
+    H = spec.cache.num_kv_heads
+    k_scale, v_scale = torch.tensor([0.05], device="cuda"), torch.tensor([0.02], device="cuda")  # vLLM's layer._k_scale
+    static = torch.stack([k_scale.expand(2, H), v_scale.expand(2, H)]).contiguous()  # [KVD, L, H]
+    cache = type(owner).wrap(v, owner.blocks, None, owner.lookup_table, owner.cache_lengths, num_layers=2,
+                             static_scales=static)
+    before = state_of(cache, spec)
+    np.testing.assert_array_equal(before.static_scales[0], np.float32(0.05))
+    io = spec.cache.io_dtype
+    kv_in = [random_rows(rng, (14, H, spec.cache.head_size), io) for _ in range(2)]
+    cache.begin_step([5, 9])
+    cache.store(1, *[from_np(x, io) for x in kv_in])
+    assert ref.store(before, 1, [x.astype(np.float32) for x in kv_in], np.cumsum([0, 5, 9]), spec.cache.dtype) == 0
+    np.testing.assert_array_equal(state_of(owner, spec).blocks.view(np.uint8), before.blocks.view(np.uint8))
+    cache.set_static_scales(0, k_scale, [0.5] * H)  # a device tensor and a per-head list
+    np.testing.assert_array_equal(to_np(static, "float32")[:, 0], np.array([[0.05] * H, [0.5] * H], np.float32))
+    for bad, rule in ((0.0, "finite and positive"), (float("nan"), "finite and positive"), (-1.0, "finite and positive"),
+                      (1e39, "finite and positive"), ([1.0] * (H + 1), "1 value or"), ("x", "a number")):
+        with pytest.raises(LaunchError, match=rule):
+            cache.set_static_scales(0, bad, 1.0)
+    with pytest.raises(LaunchError, match="layer"):
+        cache.set_static_scales(2, 1.0, 1.0)
+    with pytest.raises(LaunchError, match="needs its scales tensor"):
+        type(owner).wrap(v, owner.blocks, None, owner.lookup_table, owner.cache_lengths, num_layers=2)
+    with pytest.raises(LaunchError, match="static_scales"):
+        type(owner).wrap(v, owner.blocks, None, owner.lookup_table, owner.cache_lengths, num_layers=2,
+                         static_scales=static[:, :, :1].contiguous())
+    plain = generated.VARIANTS[next(n for n in NAMES if "_bf16_" in n and n.startswith("gpu_paged"))]
+    pc = plain.cache(max_batch=1, num_pages=4, max_pages_per_request=2)
+    with pytest.raises(LaunchError, match="has no static scales"):
+        pc.set_static_scales(0, 1.0, 1.0)
+    with pytest.raises(LaunchError, match="has no static scales"):
+        type(pc).wrap(plain, pc.blocks, None, pc.lookup_table, pc.cache_lengths, num_layers=1, static_scales=static)

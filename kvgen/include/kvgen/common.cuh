@@ -44,6 +44,7 @@ struct CacheArgs {
   const uint32_t* cache_lengths;   // [batch] tokens already cached
   const uint32_t* lookup_table;    // [batch, lut_row_stride] page ids (paged) / [batch] slot ids (continuous)
   uint32_t* error_word;            // see ErrorBits; may be nullptr
+  const float* static_scales;      // [KVD, L, H] float32 (Traits::static_scales), else nullptr
   uint32_t batch_size;
   uint32_t lut_row_stride;         // columns of the lookup table (1 for continuous)
   uint32_t num_blocks;             // pages including the null page / number of slots
@@ -53,7 +54,7 @@ struct CacheArgs {
   uint32_t tokens_per_slot;        // continuous caches only: the slot length S; 0 for paged
   uint32_t reserved;
 };
-static_assert(sizeof(CacheArgs) == 72, "CacheArgs layout must match kvgen/runtime/abi.py");
+static_assert(sizeof(CacheArgs) == 80, "CacheArgs layout must match kvgen/runtime/abi.py");
 
 // Programmatic dependent launch (sm_90+; no-ops before sm_90 and when the grid was launched plainly). The host
 // launches store, load, copy_pages and decode with the PDL attribute (KVCache.programmatic_launch), so a grid

@@ -350,6 +350,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // Context of this request: the step's token was stored at cache_length(b), so it holds cache_length + 1.
   KVGEN_TRACE(0);
   const uint32_t kv_len = b < a.batch_size ? kc.cache_length(b) + 1 : 0;
+  // Static scales (Cache::static_scales; 1 otherwise, folded away): K's joins the logit scale, V's the merge weights.
+  const float k_static = kc.static_scale(h), v_static = vc.static_scale(h);
   uint32_t* row_ring = reinterpret_cast<uint32_t*>(smem + STAGES * STAGE_BYTES);  // [STAGES][BN], see the loader
   // TMA: the ring holds each tile's page rows from the trait's populate (one row per page of the tile). Thread
   // p < NP keeps row p of the populate of the tile at position `pos`: one register per thread lives across the
@@ -615,6 +617,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   }
 
   constexpr float kLog2e = 1.4426950408889634f;
+  softmax_scale *= k_static;  // logits of the dequantized K: (q . k) * k_scale * softmax_scale
   const float scale_log2 = softmax_scale * kLog2e;
   float o[DN_OUT][4];
 #pragma unroll
@@ -960,7 +963,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     float l = lw * e;
 #pragma unroll
     for (int sh = 16; sh > 0; sh >>= 1) l += __shfl_xor_sync(0xffffffffu, l, sh);
-    if (has) sm_ml[(lane * GROUP + row) * 2] = l > 0.f ? e / l : 0.f;
+    if (has) sm_ml[(lane * GROUP + row) * 2] = l > 0.f ? e / l * v_static : 0.f;  // V's static scale, once per slice
     if (lane == 0) sm_ml[row * 2 + 1] = l > 0.f ? (mref + log2f(l)) * 0.6931471805599453f : -INFINITY;
   }
   KVGEN_TRACE(7);

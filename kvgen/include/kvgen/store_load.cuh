@@ -113,6 +113,7 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
     constexpr int kInWords = S::elems_per_item * int(sizeof(In)) / 4, kVecWords = VEC * int(sizeof(In)) / 4;
     static_assert(VEC * sizeof(In) % 4 == 0, "input vectors are whole words");
     uint32_t raw[IPT][kInWords];
+    float static_scale[IPT];  // Cache::static_scales: the item's (K|V, layer, head) scale, loaded with the inputs
 #pragma unroll
     for (int u = 0; u < IPT; ++u) {
       const uint32_t it = base + u * blockDim.x + threadIdx.x;
@@ -128,6 +129,7 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
 #pragma unroll
         for (int i = 0; i < kVecWords; ++i) raw[u][j * kVecWords + i] = w.v[i];
       }
+      static_scale[u] = kv == 0 ? k_cache.static_scale(h) : v_cache.static_scale(h);
     }
     uint32_t rows[IPT];
 #pragma unroll
@@ -166,6 +168,8 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
         // One IEEE division per group, then IEEE multiplies: kvgen.reference.quantize does the same two
         // roundings, so results match bit for bit without a division per element.
         inv = 1.f / to_f32(scale);
+      } else if constexpr (Cache::static_scales) {
+        inv = 1.f / static_scale[u];  // as kvgen.reference.quantize_static: one IEEE reciprocal, then multiplies
       }
       const uint32_t row = rows[u];
       if (!active || row == kNoRow) continue;
