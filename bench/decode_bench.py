@@ -104,6 +104,7 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             static_scales=static_scale_tensor(H) if static else None) for c, _, _ in sets]
         if static:
             static_views = views
+        nbytes = decode_bytes(v.spec(), lengths)  # this build's bytes (a static-scales build reads no scales)
         for w in views:
             w.begin_step([1] * len(lengths))
             w.plan_decode()

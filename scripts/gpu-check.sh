@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 summary=()
 for step in "${@:-all}"; do
   if [[ $step == tests || $step == all ]]; then
-    python3 -m pytest -m gpu tests/gpu -q -rf -s -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -n 40
+    python3 -m pytest -m gpu tests/gpu -q -rf -s -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/gpu-tests.log" | tail -n 40
     summary+=("gpu tests: $(tail -n 1 "$OUT/gpu-tests.log")")
   fi
   if [[ $step == sanitize || $step == all ]]; then

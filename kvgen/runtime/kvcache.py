@@ -247,7 +247,8 @@ class KVCache:
             if flat.size not in (1, self.num_heads):
                 raise LaunchError(kn, name, f"must hold 1 value or {self.num_heads} (one per KV head)", flat.size,
                                   "pass a float (per tensor) or a list of per-head floats")
-            f32 = np.broadcast_to(flat, (self.num_heads,)).astype(np.float32)
+            with np.errstate(over="ignore"):  # past float32's range becomes inf, refused below
+                f32 = np.broadcast_to(flat, (self.num_heads,)).astype(np.float32)
             if not (np.all(np.isfinite(f32)) and np.all(f32 > 0)):
                 raise LaunchError(kn, name, "must be finite and positive as float32", value, "pass calibrated scales > 0")
             rows.append(f32)
@@ -699,7 +700,8 @@ class KVCache:
         cache_length(b) + 1 cached tokens (store the step's token first). q, out: [batch, Hq, D].
         softmax_scale: default head_size ** -0.5. window / soft_cap / sinks: only for variants generated with
         them; None turns each off (full context, no cap, no sink), so one variant serves both kinds of layer.
-        early_cache_reads (with programmatic_launch): read the page table, the cache lengths and the first tiles of
+        early_cache_reads (with programmatic_launch): read the page table, the cache lengths, the static scales (if
+        any) and the first tiles of
         cached K/V before the kernel before this one on the stream has finished (the launch and the first DRAM
         round trips overlap its tail). Only for a caller that guarantees that kernel writes none of them: it may
         write Q, the step's own token (position cache_length(b), as kvgen's store does) and anything else. Q, that

@@ -342,9 +342,10 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   const Cache kc = Cache::view(a, 0, layer), vc = Cache::view(a, 1, layer);
 
   // Programmatic dependent launch (common.cuh pdl_wait): by default nothing global is touched before the kernel
-  // before this one on the stream has finished. With early reads the page table, the lengths and the first tiles'
-  // K/V rows (when all of them precede cache_length(b)) are read first, and only Q, the step's own token and every
-  // write wait: the caller promises that the kernel before (kvgen's store is such a kernel) writes none of those.
+  // before this one on the stream has finished. With early reads the page table, the lengths, the static scales and
+  // the first tiles' K/V rows (when all of them precede cache_length(b)) are read first, and only Q, the step's own
+  // token and every write wait: the caller promises that the kernel before (kvgen's store is such a kernel) writes
+  // none of those.
   const bool early_reads = (flags & kDecodeEarlyReads) != 0;
   if (!early_reads) pdl_wait();
   // Context of this request: the step's token was stored at cache_length(b), so it holds cache_length + 1.
