@@ -47,14 +47,14 @@ HQ, H, D = 32, 8, 128
 
 
 def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str = "",
-                   attention: dict[str, int] | None = None, static_scales: bool = False):
+                   attention: dict[str, int] | None = None, scales: str | None = None):
     """The bench config's variants, with attention.loader set to `loader` and the `attention` fields updated (an
     A/B of the K/V loaders, the pipeline depth, the CTAs per SM), the kernels compiled with extra preprocessor
-    `defines` (decode.cuh's compile-time knobs). static_scales: the FP8 variants with per-tensor device scales
-    (cache.static_scales) instead of per-token ones."""
+    `defines` (decode.cuh's compile-time knobs). scales: the FP8 variants with "static" per-tensor device scales
+    (cache.static_scales) or "e8m0" per-token power-of-two scales instead of float32 per-token ones."""
     cfg = load_config(ROOT / "configs" / "bench_decode.yaml")
     name = f"{loader}{tag}"
-    if loader != "auto" or defines or attention or static_scales:
+    if loader != "auto" or defines or attention or scales:
         fields = dict(attention or {})
         granularity = fields.pop("granularity", None)  # quantization.granularity of the quantized variants
         upd = {"loader": loader, **fields}
@@ -63,9 +63,11 @@ def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str
             out = {"attention": spec.attention.model_copy(update=upd)}
             if granularity is not None and spec.quantization is not None:
                 out["quantization"] = spec.quantization.model_copy(update={"granularity": granularity})
-            if static_scales and spec.cache.dtype.startswith("float8"):
+            if scales == "static" and spec.cache.dtype.startswith("float8"):
                 out["quantization"] = None
                 out["cache"] = spec.cache.model_copy(update={"static_scales": True})
+            if scales == "e8m0" and spec.quantization is not None:
+                out["quantization"] = spec.quantization.model_copy(update={"scale_dtype": "float8_e8m0fnu"})
             return spec.model_copy(update=out)
         specs = [tuned(v.spec) for v in cfg.variants]
         cfg = ConfigFile(path=None, name=f"bench_decode_{name}", variants=[make_variant(s) for s in specs])
@@ -96,12 +98,16 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
     first_views = {}  # kvgen build name -> its view of sets[0]: every build must give the default's answer
     static_views = None  # the per-tensor static-scales build's views (--static-scales), checked against XQA below
     for loader, v in variants.items():
-        static = v.spec().cache.static_scales
+        vspec = v.spec()
+        static = vspec.cache.static_scales
+        e8m0 = vspec.quantization is not None and vspec.quantization.scale_dtype == "float8_e8m0fnu"
         # A static-scales build reads the same FP8 blocks with per-tensor scales STATIC_SCALES instead of the
-        # per-token scales: the same bytes of K and V, no scale reads.
+        # per-token scales: the same bytes of K and V, no scale reads. An e8m0 build reads them with random
+        # power-of-two scales per token and head (a byte each, not 4).
         views = [c if v is variant else type(c).wrap(
-            v, c.blocks, None if static else c.scales, c.lookup_table, c.cache_lengths, num_layers=1,
-            static_scales=static_scale_tensor(H) if static else None) for c, _, _ in sets]
+            v, c.blocks, None if static else e8m0_scales(c.scales) if e8m0 else c.scales, c.lookup_table,
+            c.cache_lengths, num_layers=1, static_scales=static_scale_tensor(H) if static else None)
+            for c, _, _ in sets]
         if static:
             static_views = views
         nbytes = decode_bytes(v.spec(), lengths)  # this build's bytes (a static-scales build reads no scales)
@@ -109,7 +115,7 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             w.begin_step([1] * len(lengths))
             w.plan_decode()
         name = "kvgen" if len(variants) == 1 else f"kvgen ({loader})"
-        if not static:  # a different dequantization: not comparable with the per-token builds
+        if not static and not e8m0:  # a different dequantization: not comparable with the per-token builds
             first_views[name] = views[0]
         default_launches = [lambda c=c, q=q, o=o: c.decode(0, q, o) for c, (_, q, o) in zip(views, sets)]
         entries.append((name, default_launches, nbytes))
@@ -215,6 +221,11 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
     return [(label, name, t * 1e6, b / t / 1e12, b / t / copy_bw) for (name, _, b), t in zip(entries, times)]
 
 
+def e8m0_scales(f32_scales: torch.Tensor) -> torch.Tensor:
+    """uint8 e8m0 scales of the same shape: 2^-1, 2^0 or 2^1 at random (exponent bytes 126-128)."""
+    return torch.randint(126, 129, f32_scales.shape, dtype=torch.uint8, device=f32_scales.device)
+
+
 def check_builds_agree(views: dict, q: torch.Tensor, label: str, tol: float = 2e-2) -> None:
     """Every kvgen build (other loader, other header knob) on the same cache and query gives the first build's
     output: a knob that computes garbage is reported as a MISMATCH (gpu-check.sh's `ab` probe refuses it)
@@ -256,6 +267,8 @@ def main() -> None:
                          "granularity of the FP8 variants), e.g. stages=2,ctas_per_sm=5")
     ap.add_argument("--page-order-ab", action="store_true",
                     help="also time kvgen on the same blocks with each request's pages in ascending order (not permuted)")
+    ap.add_argument("--e8m0-scales", action="store_true",
+                    help="also time the FP8 variants built with e8m0 (power-of-two) per-token scales, on the same blocks")
     ap.add_argument("--static-scales", action="store_true",
                     help="also time the FP8 variants built with per-tensor static scales (cache.static_scales) on the same "
                          "blocks, and give XQA the same scales")
@@ -270,7 +283,9 @@ def main() -> None:
         fields = {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
         mods[text] = load_generated(args.loaders[0], tag=f"-t{i}", attention=fields)
     if args.static_scales:
-        mods["static scales"] = load_generated(args.loaders[0], tag="-ss", static_scales=True)
+        mods["static scales"] = load_generated(args.loaders[0], tag="-ss", scales="static")
+    if args.e8m0_scales:
+        mods["e8m0 scales"] = load_generated(args.loaders[0], tag="-e8", scales="e8m0")
     mod = mods[args.loaders[0]]
     copy_bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name()
@@ -290,6 +305,7 @@ def main() -> None:
         by_loader = {loader: list(m.VARIANTS.values())[i] for loader, m in mods.items()}  # same grid order
         # --static-scales leaves the bf16 variants as they are: no second build of those
         by_loader = {k: v for k, v in by_loader.items() if k != "static scales" or v.spec().cache.static_scales}
+        by_loader = {k: v for k, v in by_loader.items() if k != "e8m0 scales" or v.spec().quantization is not None}
         spec = variant.spec()
         tag = spec.cache.dtype + (" (scale per token+head)" if spec.quantization else "")
         cases = [(f"{b} x {c}", [c] * b) for b, c in shapes]

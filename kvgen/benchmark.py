@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .dtypes import DTYPES
+
 Launch = Callable[[], None]
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = tuple((b, c) for b in (16, 64, 128) for c in (1024, 4096, 16384))
 
@@ -204,7 +206,8 @@ def decode_bytes(spec: Any, lengths: list[int], with_scales: bool = True) -> int
     tokens = sum(lengths)
     kv = tokens * c.num_kv_heads * c.head_size * 2 * es
     groups = (c.head_size + spec.quantization.granularity - 1) // spec.quantization.granularity if spec.quantization else 0
-    sc = tokens * c.num_kv_heads * 2 * groups * 4 if with_scales else 0
+    scale_bytes = DTYPES[spec.quantization.scale_dtype].nbytes if spec.quantization else 0
+    sc = tokens * c.num_kv_heads * 2 * groups * scale_bytes if with_scales else 0
     return kv + sc + 2 * len(lengths) * a.num_q_heads * c.head_size * 2
 
 

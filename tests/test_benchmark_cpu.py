@@ -53,6 +53,8 @@ def test_decode_bytes_counts_kv_scales_q_and_o() -> None:
     assert benchmark.decode_bytes(bf16, lens) == 128 * 8 * 128 * 2 * 2 + qo
     assert benchmark.decode_bytes(fp8, lens) == 128 * 8 * 128 * 2 + 128 * 8 * 2 * 1 * 4 + qo
     assert benchmark.decode_bytes(fp8, lens, with_scales=False) == 128 * 8 * 128 * 2 + qo
+    e8m0 = fp8.model_copy(update={"quantization": fp8.quantization.model_copy(update={"scale_dtype": "float8_e8m0fnu"})})
+    assert benchmark.decode_bytes(e8m0, lens) == 128 * 8 * 128 * 2 + 128 * 8 * 2 * 1 * 1 + qo  # a byte per scale
 
 
 def test_report_files(tmp_path: Path) -> None:

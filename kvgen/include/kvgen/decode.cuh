@@ -284,6 +284,11 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   static_assert(D % 16 == 0 && (BN * CPR) % kDecodeThreads == 0, "tile copy splits evenly");
   constexpr int TILE_BYTES = BN * ROW_BYTES;
   constexpr int SCALE_BYTES = QUANT ? 2 * BN * G * 4 : 0;
+  // e8m0 (power-of-two) per-token scales: a quarter of float32's bytes. cp.async moves 4 bytes at least, so each
+  // token's slot holds the aligned word of the cache's scales that contains this head's byte (the neighbours'
+  // bytes ride along in the same sector), and the byte is picked at use. Needs H * G % 4 == 0 (config rule).
+  constexpr bool E8M0 = QUANT && is_same_v<typename Cache::scale_dtype, e8m0_t>;
+  static_assert(!E8M0 || (G == 1 && H % 4 == 0), "e8m0 decode scales: one per token and head, rows of whole words");
   constexpr int STAGE_BYTES = 2 * TILE_BYTES + SCALE_BYTES;
   // TMA's swizzle follows the shared address bits, so its tiles (and every block in them) start on a multiple of
   // 1024 bytes; cp.async tiles on a multiple of a row (the XOR of a fragment address stays inside a block row).
@@ -340,6 +345,16 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   const uint32_t vsplit = split * ngrp + grp, nvsplits = gridDim.x * ngrp;  // this group's virtual split
   const uint32_t gq = lane / 4, tq = lane % 4;  // MMA fragment row group and column pair
   const Cache kc = Cache::view(a, 0, layer), vc = Cache::view(a, 1, layer);
+  // A token's scale: its float32, or (E8M0) the word holding its byte, copied to a 4-byte shared slot.
+  auto scale_src = [](const typename Cache::scale_dtype* scales, int64_t so) -> const void* {
+    if constexpr (E8M0) return reinterpret_cast<const uint8_t*>(scales) + (so & ~int64_t(3));
+    else return scales + so;
+  };
+  const uint32_t e8m0_shift = 8u * (h & 3u);  // this head's byte in the word (H % 4 == 0: rows start on words)
+  auto scale_at = [&](const float* slots, int i) -> float {
+    if constexpr (E8M0) return to_f32(e8m0_t{uint8_t(reinterpret_cast<const uint32_t*>(slots)[i] >> e8m0_shift)});
+    else return slots[i];
+  };
 
   // Programmatic dependent launch (common.cuh pdl_wait): by default nothing global is touched before the kernel
   // before this one on the stream has finished. With early reads the page table, the lengths, the static scales and
@@ -494,8 +509,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         const int r = i / G, g = i % G;
         const bool valid = base + r < last && (!WINDOW || base + r >= first);  // same rule as the K/V pages
         const int64_t so = valid ? int64_t(pages[r / EFF] + r % EFF) * (H * G) + int64_t(h) * G + g : 0;
-        cp_async4(kss + i, kc.scales + so, valid);
-        cp_async4(vss + i, vc.scales + so, valid);
+        cp_async4(kss + i, scale_src(kc.scales, so), valid);
+        cp_async4(vss + i, scale_src(vc.scales, so), valid);
       }
     }
 #endif
@@ -521,8 +536,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         const int r = i / G, g = i % G;
         const bool valid = rows[r] != kNoRow;
         const int64_t so = valid ? int64_t(rows[r]) * (H * G) + int64_t(h) * G + g : 0;
-        cp_async4(kss + i, kc.scales + so, valid);
-        cp_async4(vss + i, vc.scales + so, valid);
+        cp_async4(kss + i, scale_src(kc.scales, so), valid);
+        cp_async4(vss + i, scale_src(vc.scales, so), valid);
       }
     }
   };
@@ -745,7 +760,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 #pragma unroll
       for (int e = 0; e < E_S; ++e) {
         float x = s[nt][e];
-        if constexpr (Ty::kFp8Direct && QUANT) x *= kss[warp * 16 + token_of(nt, e)];
+        if constexpr (Ty::kFp8Direct && QUANT) x *= scale_at(kss, warp * 16 + token_of(nt, e));
         // soft_cap 0 = no cap at run time (a cap-capable variant called without one): a uniform branch.
         if constexpr (SOFTCAP) x = soft_cap > 0.f ? soft_cap * tanhf(x * softmax_scale / soft_cap) * kLog2e : x * scale_log2;
         else x *= scale_log2;
@@ -787,7 +802,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 #pragma unroll
         for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
-          for (int e = 0; e < E_S; ++e) p[nt][e] *= vss[warp * 16 + token_of(nt, e)];
+          for (int e = 0; e < E_S; ++e) p[nt][e] *= scale_at(vss, warp * 16 + token_of(nt, e));
       }
       if constexpr (PVT) {
         // P^T's B fragment (tokens 2tq, 2tq + 1 and + 8 of head gq) is the transpose of S^T's 8 x 8 halves.
