@@ -32,6 +32,7 @@ from kvgen.benchmark import (  # noqa: E402
     copy_bandwidth,
     decode_bytes,
     decode_cache,
+    fill_random_scales,
     graph_times,
     in_order_pages,
     pages_needed,
@@ -222,8 +223,8 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
 
 
 def e8m0_scales(f32_scales: torch.Tensor) -> torch.Tensor:
-    """uint8 e8m0 scales of the same shape: 2^-1, 2^0 or 2^1 at random (exponent bytes 126-128)."""
-    return torch.randint(126, 129, f32_scales.shape, dtype=torch.uint8, device=f32_scales.device)
+    """uint8 e8m0 scales of the same shape, random powers of two (kvgen.benchmark.fill_random_scales)."""
+    return fill_random_scales(torch.empty(f32_scales.shape, dtype=torch.uint8, device=f32_scales.device))
 
 
 def check_builds_agree(views: dict, q: torch.Tensor, label: str, tol: float = 2e-2) -> None:

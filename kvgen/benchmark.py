@@ -175,6 +175,16 @@ def static_scale_tensor(num_kv_heads: int, num_layers: int = 1) -> Any:
     return t
 
 
+def fill_random_scales(scales: Any) -> Any:
+    """Per-row scales of a benchmark cache: float32 in [0.5, 1.5), or e8m0 bytes (uint8) 2^-1, 2^0 or 2^1."""
+    torch = _torch()
+    if scales.dtype == torch.uint8:
+        scales.copy_(torch.randint(126, 129, scales.shape, dtype=torch.uint8, device=scales.device))
+    else:
+        scales.uniform_(0.5, 1.5)
+    return scales
+
+
 def decode_cache(variant: Any, lengths: list[int], rng: np.random.Generator) -> Any:
     """A one-layer cache of `variant` with random contents on randomly permuted pages, cache_length = len - 1,
     a decode step begun and planned."""
@@ -187,7 +197,7 @@ def decode_cache(variant: Any, lengths: list[int], rng: np.random.Generator) -> 
     if spec.cache.dtype.startswith("float8"):
         cache.blocks.copy_(torch.randn(cache.blocks.shape, device="cuda", dtype=torch.bfloat16).to(cache.blocks.dtype))
         if cache.scales is not None:
-            cache.scales.uniform_(0.5, 1.5)
+            fill_random_scales(cache.scales)
         if cache.static_scales is not None:
             cache.set_static_scales(0, *STATIC_SCALES)
     else:

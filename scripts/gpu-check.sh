@@ -49,7 +49,7 @@ for step in "${@:-all}"; do
     summary+=("ncu: $OUT/ncu.log")
   fi
   if [[ $step == cli ]]; then  # kvgen bench end to end on one shape
-    python3 -m kvgen.cli bench configs/bench_decode.yaml --out "$OUT/kvgen-bench" --shape 16x1024 --no-skewed --early-reads 2>&1 | tail -n 12
+    python3 -m kvgen.cli bench "${CLI_CONFIG:-configs/bench_decode.yaml}" --out "$OUT/kvgen-bench" --shape 16x1024 --no-skewed --early-reads 2>&1 | tail -n 12
     summary+=("kvgen bench: exit ${PIPESTATUS[0]}")
   fi
   if [[ $step == sweep ]]; then  # decode tuning: stages x chunk (bench/decode_sweep.py)
