@@ -184,15 +184,37 @@ def store(state: CacheState, layer: int, new: list[np.ndarray], row_offsets: np.
             if loc is None:
                 refused += 1
                 continue
-            blk, tok = loc
-            for kv, x in enumerate(new):
-                if state.static_scales is not None:
-                    state.blocks[blk, kv, layer, tok] = quantize_static(x[t], cache_dtype, state.static_scales[kv, layer])
-                    continue
-                q, s = quantize(x[t], cache_dtype, granularity, scale_dtype)
-                state.blocks[blk, kv, layer, tok] = q
-                if s is not None:
-                    state.scales[blk, kv, layer, tok] = s
+            _write_row(state, layer, *loc, [x[t] for x in new], cache_dtype, granularity, scale_dtype)
+    return refused
+
+
+def _write_row(state: CacheState, layer: int, blk: int, tok: int, rows: list[np.ndarray], cache_dtype: str,
+               granularity: int | None, scale_dtype: str | None) -> None:
+    """One token's K (and V) rows [H, D], converted (quantized) as the store kernel does, into (blk, tok)."""
+    for kv, x in enumerate(rows):
+        if state.static_scales is not None:
+            state.blocks[blk, kv, layer, tok] = quantize_static(x, cache_dtype, state.static_scales[kv, layer])
+            continue
+        q, s = quantize(x, cache_dtype, granularity, scale_dtype)
+        state.blocks[blk, kv, layer, tok] = q
+        if s is not None:
+            state.scales[blk, kv, layer, tok] = s
+
+
+def store_slots(state: CacheState, layer: int, new: list[np.ndarray], slots: np.ndarray, cache_dtype: str,
+                granularity: int | None = None, scale_dtype: str | None = None) -> int:
+    """vLLM's slot mapping: row t -> slot page * P + offset (negative: skipped). Slots on the null page or past the
+    allocation are refused. Returns how many were refused."""
+    g = state.geometry
+    refused = 0
+    for t, slot in enumerate(np.asarray(slots, np.int64)):
+        if slot < 0:
+            continue
+        blk, tok = divmod(int(slot), g.page_size)
+        if blk >= g.null_page:
+            refused += 1
+            continue
+        _write_row(state, layer, blk, tok, [x[t] for x in new], cache_dtype, granularity, scale_dtype)
     return refused
 
 

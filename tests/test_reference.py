@@ -271,6 +271,18 @@ def test_store_static_scales_per_head(dtype: str) -> None:
     assert np.all(np.abs(kk - k)[finite] <= rtol * np.abs(k[finite]) + scale[finite] * 2.0 ** -6)
 
 
+def test_store_slots_writes_where_the_slots_say() -> None:
+    p, h, d = 16, 2, 32
+    st = _state(nb=4, p=p, h=h, d=d, pages=[[0]], lengths=[0])
+    rng = np.random.default_rng(4)
+    k = rng.standard_normal((5, h, d)).astype(ml_dtypes.bfloat16).astype(np.float32)
+    slots = np.array([2 * p + 3, -1, 7, 3 * p, 4 * p + 1])  # page 2, padding, page 0, the null page, past the end
+    assert ref.store_slots(st, 1, [k, -k], slots, "bfloat16") == 2
+    np.testing.assert_array_equal(st.blocks[2, 0, 1, 3].astype(np.float32), k[0])
+    np.testing.assert_array_equal(st.blocks[0, 1, 1, 7].astype(np.float32), -k[2])
+    assert np.count_nonzero(st.blocks.astype(np.float32)) == 2 * 2 * h * d  # nothing else written
+
+
 def test_copy_pages_copies_blocks_and_scales() -> None:
     st = _state(nb=6, p=16, h=1, d=32, pages=[[0, 1]], lengths=[0], dtype="float8_e4m3fn", groups=1)
     rng = np.random.default_rng(2)

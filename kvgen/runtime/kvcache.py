@@ -60,16 +60,20 @@ rows each."""
 
 class _RaggedArgs(ctypes.Structure):
     """The scalar arguments of a store / load launch after CacheArgs, in one buffer: one struct.pack_into writes
-    all seven per call (seven ctypes .value writes cost about twice as much on the eager path)."""
+    all of them per call (seven ctypes .value writes cost about twice as much on the eager path). `slots` (store's
+    last parameter, its slot mapping) is not a load parameter."""
 
     _fields_ = [("a", ctypes.c_uint64), ("b", ctypes.c_uint64), ("c", ctypes.c_uint64), ("d", ctypes.c_uint64),
-                ("total", ctypes.c_uint32), ("layer", ctypes.c_uint32), ("tpb", ctypes.c_uint32)]
-    layout = struct.Struct("<4Q3I")  # the same bytes as _fields_ (tests/test_driver_abi.py)
+                ("total", ctypes.c_uint32), ("layer", ctypes.c_uint32), ("tpb", ctypes.c_uint32),
+                ("slots", ctypes.c_uint64)]
+    layout = struct.Struct("<4Q3I4xQ")  # the same bytes as _fields_ (tests/test_driver_abi.py)
 
-    def addresses(self) -> tuple[int, ...]:
-        """Each field's address, in order: driver.pack takes ints as addresses of packed bytes."""
+    def addresses(self, kernel: str) -> tuple[int, ...]:
+        """Each parameter's address, in order (driver.pack takes ints as addresses of packed bytes): all fields for
+        store, all but `slots` for load."""
         base = ctypes.addressof(self)
-        return tuple(base + getattr(_RaggedArgs, name).offset for name, _ in self._fields_)
+        names = [name for name, _ in self._fields_]
+        return tuple(base + getattr(_RaggedArgs, name).offset for name in (names if kernel == "store" else names[:-1]))
 
 
 class _Launch:
@@ -579,11 +583,11 @@ class KVCache:
         return self._tpb
 
     def _launch_ragged(self, kernel: str, layer: int, total: int, k: int, v: int, offsets: int, extra: int,
-                       stream: Any) -> None:
+                       stream: Any, slots: int = 0) -> None:
         """store / load launch: one block per tokens_per_block new tokens (they share the argument layout)."""
-        launch = self._launches.get(kernel) or self._launch(kernel, kernel, (self.args, *self._ragged.addresses()))
+        launch = self._launches.get(kernel) or self._launch(kernel, kernel, (self.args, *self._ragged.addresses(kernel)))
         tpb = self.store_tokens_per_block(total) if kernel == "store" else self._tpb
-        _RaggedArgs.layout.pack_into(self._ragged, 0, k, v, offsets, extra, total, layer, tpb)
+        _RaggedArgs.layout.pack_into(self._ragged, 0, k, v, offsets, extra, total, layer, tpb, slots)
         launch.fire_as(self._programmatic)(((total + tpb - 1) // tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
 
     def store(self, layer: int, k: Any, v: Any | None = None, row_offsets: Any = None, stream: Any = None) -> None:
@@ -594,6 +598,26 @@ class KVCache:
             return
         token_map = self._token_map_ptr if row_offsets is None and self._step_has_map else 0
         self._launch_ragged("store", layer, total, kt.ptr, vptr, ro.ptr, token_map, stream)
+
+    def store_slots(self, layer: int, k: Any, v: Any | None, slot_mapping: Any, stream: Any = None) -> None:
+        """vLLM's reshape_and_cache_flash contract: row t of K/V [T', H, D] goes to slot_mapping[t] = page *
+        page_size + offset, for t < T = len(slot_mapping) (int64 device tensor [T]; T' >= T, so graph-padded inputs
+        work; a negative slot is a padding token and is skipped). Needs no begin_step and changes no lengths. Slots on
+        the null page (the last one) or past the allocation are refused on the device and reported by errors(): a
+        vLLM block tensor adopted with wrap() needs one block more than vLLM's allocator hands out."""
+        kn = "store_slots"
+        if not self.paged or self.spec.rope_layout is not None:
+            raise LaunchError(kn, "variant", "slot mappings address pages of a paged (non rope-layout) cache",
+                              self.variant.NAME, "use store() with the step's page table")
+        self._check_layer(kn, layer)
+        kt, vptr = self._kv_rows(kn, ("k", "v"), k, v)
+        st = check_tensor(kn, "slot_mapping", slot_mapping, dtype="int64", device=self.device, align=8)
+        if len(st.shape) != 1 or st.shape[0] > kt.shape[0]:
+            raise LaunchError(kn, "slot_mapping", f"must be 1-D with at most k's {kt.shape[0]} rows", list(st.shape),
+                              "pass one slot per stored row (int64, -1 for padding rows)")
+        total = st.shape[0]
+        if total:
+            self._launch_ragged("store", layer, total, kt.ptr, vptr, self._row_offsets_dt.ptr, 0, stream, st.ptr)
 
     def load(self, layer: int, k_out: Any, v_out: Any | None, start_pos: Any, row_offsets: Any = None,
              stream: Any = None) -> None:

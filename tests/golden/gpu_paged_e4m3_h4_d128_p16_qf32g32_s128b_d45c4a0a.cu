@@ -39,8 +39,8 @@ using IO = kvgen_variant::Traits::io_dtype;
 extern "C" __global__ void __launch_bounds__(kvgen::kThreads, 6)
 kvgen_gpu_paged_e4m3_h4_d128_p16_qf32g32_s128b_d45c4a0a_store(const CacheArgs args, const IO* __restrict__ k_new, const IO* __restrict__ v_new,
     const uint32_t* __restrict__ row_offsets, const uint2* __restrict__ token_map, uint32_t total_tokens, uint32_t layer,
-    uint32_t tokens_per_block) {
-  kvgen::store_ragged<Cache, IO, 8, 2, 2, 1>(args, k_new, v_new, row_offsets, token_map, total_tokens, layer, tokens_per_block);
+    uint32_t tokens_per_block, const kvgen::int64_t* __restrict__ slot_mapping) {
+  kvgen::store_ragged<Cache, IO, 8, 2, 2, 1>(args, k_new, v_new, row_offsets, token_map, total_tokens, layer, tokens_per_block, slot_mapping);
 }
 
 extern "C" __global__ void __launch_bounds__(kvgen::kThreads, 4)

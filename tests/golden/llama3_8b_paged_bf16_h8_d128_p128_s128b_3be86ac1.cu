@@ -38,8 +38,8 @@ using IO = kvgen_variant::Traits::io_dtype;
 extern "C" __global__ void __launch_bounds__(kvgen::kThreads, 6)
 kvgen_llama3_8b_paged_bf16_h8_d128_p128_s128b_3be86ac1_store(const CacheArgs args, const IO* __restrict__ k_new, const IO* __restrict__ v_new,
     const uint32_t* __restrict__ row_offsets, const uint2* __restrict__ token_map, uint32_t total_tokens, uint32_t layer,
-    uint32_t tokens_per_block) {
-  kvgen::store_ragged<Cache, IO, 8, 1, 1, 2>(args, k_new, v_new, row_offsets, token_map, total_tokens, layer, tokens_per_block);
+    uint32_t tokens_per_block, const kvgen::int64_t* __restrict__ slot_mapping) {
+  kvgen::store_ragged<Cache, IO, 8, 1, 1, 2>(args, k_new, v_new, row_offsets, token_map, total_tokens, layer, tokens_per_block, slot_mapping);
 }
 
 extern "C" __global__ void __launch_bounds__(kvgen::kThreads, 4)

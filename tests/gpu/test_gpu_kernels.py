@@ -630,3 +630,53 @@ def test_static_scales_wrap_and_validation(generated) -> None:
         pc.set_static_scales(0, 1.0, 1.0)
     with pytest.raises(LaunchError, match="has no static scales"):
         type(pc).wrap(plain, pc.blocks, None, pc.lookup_table, pc.cache_lengths, num_layers=2, static_scales=static)
+
+
+SLOT_CASES = [n for n in NAMES if n.startswith("gpu_paged") and ("_p16_" in n or "_p128_" in n)
+              and any(t in n for t in ("_bf16_", "_f32_", "qf32g32", "qe8m0g64", "_ss_"))]
+
+
+@pytest.mark.parametrize("name", SLOT_CASES)
+def test_store_slots_matches_reference(generated, name: str) -> None:
+    """vLLM's slot-mapping contract (store_slots): row t lands at slot_mapping[t]; -1 rows are skipped; the K/V
+    inputs have more rows than slots (CUDA-graph padding); every other byte, canaries included, is unchanged. A slot
+    on the null page or past the allocation is refused and reported, and writes nothing."""
+    rng = np.random.default_rng(21)
+    v, spec, cache = make_cache(generated, name, rng, [0, 0], [40, 30])
+    p, io = spec.cache.page_size, spec.cache.io_dtype
+    H, D = spec.cache.num_kv_heads, spec.cache.head_size
+    pages = sorted({int(x) for x in cache.host_lut.ravel() if x != cache.null_page})
+    free = np.array([pg * p + o for pg in pages for o in range(p)])
+    slots = rng.choice(free, size=50, replace=False)
+    slots[[3, 17, 40]] = -1  # padding tokens
+    kv_in = [random_rows(rng, (56, H, D), io) for _ in range(2)]  # 6 rows of graph padding past the slots
+    before = state_of(cache, spec)
+    cache.store_slots(1, *[from_np(x, io) for x in kv_in], torch.from_numpy(slots).cuda())
+    g, sd = q_args(spec)
+    assert ref.store_slots(before, 1, [x.astype(np.float32) for x in kv_in], slots, spec.cache.dtype, g, sd) == 0
+    after = state_of(cache, spec)
+    np.testing.assert_array_equal(after.blocks.view(np.uint8), before.blocks.view(np.uint8))
+    if before.scales is not None:
+        np.testing.assert_array_equal(after.scales.view(np.uint8), before.scales.view(np.uint8))
+    assert cache.errors() == []
+    bad = np.array([cache.null_page * p + 1, cache.num_blocks * p + 5, 2**40], np.int64)
+    cache.store_slots(0, *[from_np(x[:3], io) for x in kv_in], torch.from_numpy(bad).cuda())
+    np.testing.assert_array_equal(state_of(cache, spec).blocks.view(np.uint8), after.blocks.view(np.uint8))
+    errs = " ".join(cache.errors())
+    assert "null page" in errs and "past the allocation" in errs
+
+
+def test_store_slots_refuses_bad_arguments(generated) -> None:
+    name = next(n for n in SLOT_CASES if "_bf16_" in n)
+    _, spec, cache = make_cache(generated, name, np.random.default_rng(2), [0], [4])
+    k = torch.zeros(4, spec.cache.num_kv_heads, spec.cache.head_size, dtype=torch.bfloat16, device="cuda")
+    for slots, rule in ((torch.zeros(4, dtype=torch.int32, device="cuda"), "dtype must be int64"),
+                        (torch.zeros(5, dtype=torch.int64, device="cuda"), "at most k's 4 rows"),
+                        (torch.zeros(2, 2, dtype=torch.int64, device="cuda"), "must be 1-D"),
+                        (torch.zeros(4, dtype=torch.int64), "CUDA")):
+        with pytest.raises(LaunchError, match=rule):
+            cache.store_slots(0, k, k, slots)
+    cont = next(n for n in NAMES if n.startswith("gpu_cont"))
+    _, _, ccache = make_cache(generated, cont, np.random.default_rng(2), [0], [4])
+    with pytest.raises(LaunchError, match="paged"):
+        ccache.store_slots(0, k, k, torch.zeros(4, dtype=torch.int64, device="cuda"))

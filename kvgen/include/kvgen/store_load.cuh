@@ -22,6 +22,23 @@ template <class Cache, class In, int VEC, int TPG, int VPT> struct RowSplit {
 constexpr int kThreads = 256;
 constexpr int kMaxTokensPerBlock = 64;
 
+// A vLLM slot (page * page_size + offset) -> its cache row, kNoRow for a padding slot (< 0, skipped silently) or a
+// refused one (past the allocation, the null page: flagged in the error word, as the token map's checks).
+template <class Cache> __device__ __forceinline__ uint32_t slot_row(const Cache& c, const CacheArgs& a, int64_t s) {
+  uint32_t row = kNoRow;
+  if (s < 0) return kNoRow;
+  if constexpr (Cache::page_size_ > 0) {
+    if (s >= int64_t(a.num_blocks) * Cache::page_size_) {
+      report(a, kErrPageOutOfRange);
+      return kNoRow;
+    }
+    if (!c.slot_ok(uint32_t(s / Cache::page_size_), uint32_t(s % Cache::page_size_), row)) return kNoRow;
+  } else {
+    report(a, kErrUnassignedPage);  // continuous caches have no slot mapping (the host refuses it first)
+  }
+  return row;
+}
+
 // One new token -> its cache row (kNoRow when refused; the refusal is flagged in the error word). With a token
 // map (KVCache.begin_step resolves every new token to (page or slot, offset) once per step) that is one 8-byte
 // load, re-checked by slot_ok; without one, a binary search over the CSR row offsets, then the lookup table.
@@ -74,14 +91,16 @@ template <int W> __device__ __forceinline__ void store_words(uint32_t* dst, cons
   for (int i = 0; i < W; i += kChunk) store_vec<kChunk>(dst + i, *reinterpret_cast<const Vec<uint32_t, kChunk>*>(w + i));
 }
 
-// store: new K/V [T, H, D] (In) -> cache rows cache_length(b) + t, converting (and quantizing) on the way.
+// store: new K/V [T, H, D] (In) -> cache rows cache_length(b) + t, converting (and quantizing) on the way; or, with
+// a slot mapping (vLLM's reshape_and_cache contract), row t -> slot_mapping[t] = page * page_size + offset (int64,
+// negative: a padding token, skipped), re-checked like the token map.
 // Each thread owns IPT items per pass (kvgen/derive.py picks it); the token-map and input loads of a pass are all
 // issued before any is used, so their HBM round trips overlap (without a token map: inputs, then the CSR search).
 template <class Cache, class In, int VEC, int TPG, int VPT, int IPT>
 __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __restrict__ k_new, const In* __restrict__ v_new,
                                              const uint32_t* __restrict__ row_offsets, const uint2* __restrict__ token_map,
-                                             uint32_t total_tokens,
-                                             uint32_t layer, uint32_t tokens_per_block) {
+                                             uint32_t total_tokens, uint32_t layer, uint32_t tokens_per_block,
+                                             const int64_t* __restrict__ slot_mapping) {
   using S = RowSplit<Cache, In, VEC, TPG, VPT>;
   using T = typename Cache::dtype;
   using Sc = typename Cache::scale_dtype;
@@ -101,12 +120,14 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
     // Issue every load of the pass before using any: the token-map entries first, then the inputs. Converting
     // an input before the token map was even requested made the two HBM round trips serial (SASS showed the
     // bf16 -> f32 unpacking waiting on the input load ahead of the map load).
+    // A slot-mapping entry is 8 bytes like a token-map one: the same load, read as (low, high) words of the int64.
+    const uint2* map = token_map != nullptr ? token_map : reinterpret_cast<const uint2*>(slot_mapping);
     uint2 slot[IPT];
-    if (token_map != nullptr) {
+    if (map != nullptr) {
 #pragma unroll
       for (int u = 0; u < IPT; ++u) {
         const uint32_t it = base + u * blockDim.x + threadIdx.x;
-        slot[u] = it < n_items ? token_map[tok0 + it / S::items_per_token] : make_uint2(0u, 0u);
+        slot[u] = it < n_items ? map[tok0 + it / S::items_per_token] : make_uint2(0u, 0u);
       }
     }
     // Inputs as 32-bit words (see word_elem_to_f32): VPT vectors of VEC elements per item.
@@ -139,6 +160,8 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
       if (it >= n_items) continue;
       if (token_map != nullptr) {
         if (!k_cache.slot_ok(slot[u].x, slot[u].y, rows[u])) rows[u] = kNoRow;
+      } else if (slot_mapping != nullptr) {
+        rows[u] = slot_row(k_cache, a, int64_t((uint64_t(slot[u].y) << 32) | slot[u].x));
       } else {
         uint32_t req, pos;
         rows[u] = resolve_one(k_cache, a, row_offsets, nullptr, tok0 + it / S::items_per_token, total_tokens,
