@@ -121,6 +121,9 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
     // an input before the token map was even requested made the two HBM round trips serial (SASS showed the
     // bf16 -> f32 unpacking waiting on the input load ahead of the map load).
     // A slot-mapping entry is 8 bytes like a token-map one: the same load, read as (low, high) words of the int64.
+#ifdef KVGEN_STORE_NO_SLOTS  // A/B knob (bench/store_bench.py --defines): the store without the slot-mapping path
+    slot_mapping = nullptr;
+#endif
     const uint2* map = token_map != nullptr ? token_map : reinterpret_cast<const uint2*>(slot_mapping);
     uint2 slot[IPT];
     if (map != nullptr) {
