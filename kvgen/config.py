@@ -148,6 +148,8 @@ class VariantSpec(_Strict):
             out.append(k)
             if k == "decode":
                 out.append("decode_combine")  # merges the split-K partials
+            if k == "store" and self.cache.kind == "paged" and self.rope_layout is None:
+                out.append("store_slots")  # the store with vLLM's slot mapping (KVCache.store_slots)
         return out
 
 

@@ -60,20 +60,16 @@ rows each."""
 
 class _RaggedArgs(ctypes.Structure):
     """The scalar arguments of a store / load launch after CacheArgs, in one buffer: one struct.pack_into writes
-    all of them per call (seven ctypes .value writes cost about twice as much on the eager path). `slots` (store's
-    last parameter, its slot mapping) is not a load parameter."""
+    all seven per call (seven ctypes .value writes cost about twice as much on the eager path)."""
 
     _fields_ = [("a", ctypes.c_uint64), ("b", ctypes.c_uint64), ("c", ctypes.c_uint64), ("d", ctypes.c_uint64),
-                ("total", ctypes.c_uint32), ("layer", ctypes.c_uint32), ("tpb", ctypes.c_uint32),
-                ("slots", ctypes.c_uint64)]
-    layout = struct.Struct("<4Q3I4xQ")  # the same bytes as _fields_ (tests/test_driver_abi.py)
+                ("total", ctypes.c_uint32), ("layer", ctypes.c_uint32), ("tpb", ctypes.c_uint32)]
+    layout = struct.Struct("<4Q3I")  # the same bytes as _fields_ (tests/test_driver_abi.py)
 
-    def addresses(self, kernel: str) -> tuple[int, ...]:
-        """Each parameter's address, in order (driver.pack takes ints as addresses of packed bytes): all fields for
-        store, all but `slots` for load."""
+    def addresses(self) -> tuple[int, ...]:
+        """Each field's address, in order: driver.pack takes ints as addresses of packed bytes."""
         base = ctypes.addressof(self)
-        names = [name for name, _ in self._fields_]
-        return tuple(base + getattr(_RaggedArgs, name).offset for name in (names if kernel == "store" else names[:-1]))
+        return tuple(base + getattr(_RaggedArgs, name).offset for name, _ in self._fields_)
 
 
 class _Launch:
@@ -583,11 +579,11 @@ class KVCache:
         return self._tpb
 
     def _launch_ragged(self, kernel: str, layer: int, total: int, k: int, v: int, offsets: int, extra: int,
-                       stream: Any, slots: int = 0) -> None:
-        """store / load launch: one block per tokens_per_block new tokens (they share the argument layout)."""
-        launch = self._launches.get(kernel) or self._launch(kernel, kernel, (self.args, *self._ragged.addresses(kernel)))
-        tpb = self.store_tokens_per_block(total) if kernel == "store" else self._tpb
-        _RaggedArgs.layout.pack_into(self._ragged, 0, k, v, offsets, extra, total, layer, tpb, slots)
+                       stream: Any) -> None:
+        """store / store_slots / load launch: one block per tokens_per_block new tokens (one argument layout)."""
+        launch = self._launches.get(kernel) or self._launch(kernel, kernel, (self.args, *self._ragged.addresses()))
+        tpb = self.store_tokens_per_block(total) if kernel != "load" else self._tpb
+        _RaggedArgs.layout.pack_into(self._ragged, 0, k, v, offsets, extra, total, layer, tpb)
         launch.fire_as(self._programmatic)(((total + tpb - 1) // tpb, 1, 1), (THREADS, 1, 1), self._stream(stream))
 
     def store(self, layer: int, k: Any, v: Any | None = None, row_offsets: Any = None, stream: Any = None) -> None:
@@ -617,7 +613,7 @@ class KVCache:
                               "pass one slot per stored row (int64, -1 for padding rows)")
         total = st.shape[0]
         if total:
-            self._launch_ragged("store", layer, total, kt.ptr, vptr, self._row_offsets_dt.ptr, 0, stream, st.ptr)
+            self._launch_ragged("store_slots", layer, total, kt.ptr, vptr, self._row_offsets_dt.ptr, st.ptr, stream)
 
     def load(self, layer: int, k_out: Any, v_out: Any | None, start_pos: Any, row_offsets: Any = None,
              stream: Any = None) -> None:

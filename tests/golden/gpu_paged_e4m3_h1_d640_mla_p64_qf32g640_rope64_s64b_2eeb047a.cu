@@ -40,7 +40,7 @@ using IO = kvgen_variant::Traits::io_dtype;
 extern "C" __global__ void __launch_bounds__(kvgen::kThreads, 6)
 kvgen_gpu_paged_e4m3_h1_d640_mla_p64_qf32g640_rope64_s64b_2eeb047a_store(const CacheArgs args, const IO* __restrict__ k_new, const IO* __restrict__ v_new,
     const uint32_t* __restrict__ row_offsets, const uint2* __restrict__ token_map, uint32_t total_tokens, uint32_t layer,
-    uint32_t tokens_per_block, const kvgen::int64_t* __restrict__ slot_mapping) {
+    uint32_t tokens_per_block) {
   kvgen::store_rope_mla<Cache, IO, 512, 64>(args, k_new, row_offsets, token_map, total_tokens, layer, tokens_per_block);
 }
 

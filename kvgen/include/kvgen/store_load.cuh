@@ -91,16 +91,16 @@ template <int W> __device__ __forceinline__ void store_words(uint32_t* dst, cons
   for (int i = 0; i < W; i += kChunk) store_vec<kChunk>(dst + i, *reinterpret_cast<const Vec<uint32_t, kChunk>*>(w + i));
 }
 
-// store: new K/V [T, H, D] (In) -> cache rows cache_length(b) + t, converting (and quantizing) on the way; or, with
-// a slot mapping (vLLM's reshape_and_cache contract), row t -> slot_mapping[t] = page * page_size + offset (int64,
-// negative: a padding token, skipped), re-checked like the token map.
+// store: new K/V [T, H, D] (In) -> cache rows cache_length(b) + t, converting (and quantizing) on the way. With
+// SLOTS (the store_slots kernel, vLLM's reshape_and_cache contract) `map` is a slot mapping instead of a token map:
+// row t -> slot_mapping[t] = page * page_size + offset (int64, negative: a padding token, skipped), re-checked like
+// the token map. A separate instantiation, so the plain store's code is not touched by it.
 // Each thread owns IPT items per pass (kvgen/derive.py picks it); the token-map and input loads of a pass are all
 // issued before any is used, so their HBM round trips overlap (without a token map: inputs, then the CSR search).
-template <class Cache, class In, int VEC, int TPG, int VPT, int IPT>
+template <class Cache, class In, int VEC, int TPG, int VPT, int IPT, bool SLOTS = false>
 __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __restrict__ k_new, const In* __restrict__ v_new,
-                                             const uint32_t* __restrict__ row_offsets, const uint2* __restrict__ token_map,
-                                             uint32_t total_tokens, uint32_t layer, uint32_t tokens_per_block,
-                                             const int64_t* __restrict__ slot_mapping) {
+                                             const uint32_t* __restrict__ row_offsets, const uint2* __restrict__ map,
+                                             uint32_t total_tokens, uint32_t layer, uint32_t tokens_per_block) {
   using S = RowSplit<Cache, In, VEC, TPG, VPT>;
   using T = typename Cache::dtype;
   using Sc = typename Cache::scale_dtype;
@@ -120,11 +120,7 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
     // Issue every load of the pass before using any: the token-map entries first, then the inputs. Converting
     // an input before the token map was even requested made the two HBM round trips serial (SASS showed the
     // bf16 -> f32 unpacking waiting on the input load ahead of the map load).
-    // A slot-mapping entry is 8 bytes like a token-map one: the same load, read as (low, high) words of the int64.
-#ifdef KVGEN_STORE_NO_SLOTS  // A/B knob (bench/store_bench.py --defines): the store without the slot-mapping path
-    slot_mapping = nullptr;
-#endif
-    const uint2* map = token_map != nullptr ? token_map : reinterpret_cast<const uint2*>(slot_mapping);
+    // A slot-mapping entry (SLOTS) is 8 bytes like a token-map one: the same load, read as the int64's two words.
     uint2 slot[IPT];
     if (map != nullptr) {
 #pragma unroll
@@ -161,10 +157,10 @@ __device__ __forceinline__ void store_ragged(const CacheArgs& a, const In* __res
       const uint32_t it = base + u * blockDim.x + threadIdx.x;
       rows[u] = kNoRow;
       if (it >= n_items) continue;
-      if (token_map != nullptr) {
-        if (!k_cache.slot_ok(slot[u].x, slot[u].y, rows[u])) rows[u] = kNoRow;
-      } else if (slot_mapping != nullptr) {
+      if constexpr (SLOTS) {
         rows[u] = slot_row(k_cache, a, int64_t((uint64_t(slot[u].y) << 32) | slot[u].x));
+      } else if (map != nullptr) {
+        if (!k_cache.slot_ok(slot[u].x, slot[u].y, rows[u])) rows[u] = kNoRow;
       } else {
         uint32_t req, pos;
         rows[u] = resolve_one(k_cache, a, row_offsets, nullptr, tok0 + it / S::items_per_token, total_tokens,
