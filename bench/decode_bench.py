@@ -80,7 +80,7 @@ def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str
 
 def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float, label: str, with_peers: bool,
               pdl_ab: bool = False, plan_ab: bool = False, fixed_splits: tuple[int, ...] = (),
-              page_order_ab: bool = False) -> list[tuple]:
+              page_order_ab: bool = False, with_store: bool = False) -> list[tuple]:
     """kvgen (one row per loader in `variants`, all reading the same caches) and the peers on one shape, all
     timed together (kvgen.benchmark.graph_times: graphs replayed round-robin)."""
     variant = next(iter(variants.values()))
@@ -98,6 +98,7 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
     in_order_luts = []  # --page-order-ab: the in-order lookup tables, so XQA can read the same pages too
     first_views = {}  # kvgen build name -> its view of sets[0]: every build must give the default's answer
     static_views = None  # the per-tensor static-scales build's views (--static-scales), checked against XQA below
+    build_views = {}  # kvgen build name -> its views of the sets (--with-store)
     for loader, v in variants.items():
         vspec = v.spec()
         static = vspec.cache.static_scales
@@ -116,6 +117,7 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             w.begin_step([1] * len(lengths))
             w.plan_decode()
         name = "kvgen" if len(variants) == 1 else f"kvgen ({loader})"
+        build_views[name] = views
         if not static and not e8m0:  # a different dequantization: not comparable with the per-token builds
             first_views[name] = views[0]
         default_launches = [lambda c=c, q=q, o=o: c.decode(0, q, o) for c, (_, q, o) in zip(views, sets)]
@@ -201,6 +203,8 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             except Exception as e:  # noqa: BLE001 - a failing peer is reported, the run goes on
                 msg = str(e)  # the cause of a JIT build failure is at the end of ninja's output
                 print(f"  {pname} failed on {label}: {type(e).__name__}: {msg[:200]} ... {msg[-1200:] if len(msg) > 200 else ''}")
+    if with_store:
+        entries += layer_step_entries(build_views, sets, lengths, spec, with_peers, static_views is not None)
     times = graph_times([e[1] for e in entries])
     if len(first_views) > 1:
         check_builds_agree(first_views, sets[0][1], label)
@@ -220,6 +224,52 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
     del sets
     torch.cuda.empty_cache()
     return [(label, name, t * 1e6, b / t / 1e12, b / t / copy_bw) for (name, _, b), t in zip(entries, times)]
+
+
+def layer_step_entries(build_views: dict, sets: list, lengths: list[int], spec, with_peers: bool,
+                       static_build: bool) -> list[tuple]:
+    """--with-store: one layer of a decode step as an engine runs it, the step's K/V token stored, then attention over
+    the context that ends with it. kvgen: store then decode, PDL-chained (plain, and with early cache reads, which
+    are safe after kvgen's store); peers: vLLM's reshape_and_cache_flash (on its slot mapping) or FlashInfer's
+    append, then XQA. The bytes are the decode's plus the store's (bf16 K/V read, cache rows written)."""
+    B, es = len(lengths), 1 if spec.cache.dtype.startswith("float8") else 2
+    new_kv = [tuple(torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)) for _ in sets]
+    out = []
+    for name, views in build_views.items():
+        vspec = views[0].spec
+        step_bytes = decode_bytes(vspec, lengths) + B * H * D * 2 * (2 + es)
+        for tag, early in (("", False), (" (early reads)", True)):
+            out.append((f"{name} store + decode{tag}", [
+                lambda c=c, q=q, o=o, kv=kv, early=early: (c.store(0, *kv), c.decode(0, q, o, early_cache_reads=early))
+                for c, (_, q, o), kv in zip(views, sets, new_kv)], step_bytes))
+    if not with_peers:
+        return out
+    fp8 = es == 1
+    scales = STATIC_SCALES if static_build else (1.0, 1.0)  # vLLM and XQA: per-tensor scales
+    peer_bytes = decode_bytes(spec, lengths, with_scales=False) + B * H * D * 2 * (2 + es)
+    lens_t = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    xqa = [peers.make_flashinfer_xqa_decode(q, c.blocks[:, :, 0], c.lookup_table[:B], lens_t, k_scale=scales[0],
+                                            v_scale=scales[1]) for c, q, _ in sets]
+    p = spec.cache.page_size
+    slots = [torch.tensor([int(c.host_lut[b, (n - 1) // p]) * p + (n - 1) % p for b, n in enumerate(lengths)],
+                          dtype=torch.int64, device="cuda") for c, _, _ in sets]
+    try:
+        vl = [peers.make_vllm_reshape_and_cache(k, v, c.blocks[:, 0, 0], c.blocks[:, 1, 0], sl, "fp8" if fp8 else "auto",
+                                                torch.full((1,), scales[0], device="cuda"),
+                                                torch.full((1,), scales[1], device="cuda"))
+              for (c, _, _), (k, v), sl in zip(sets, new_kv, slots)]
+        out.append(("vllm reshape_and_cache_flash + flashinfer xqa",
+                    [lambda a=a, b=b: (a(), b()) for a, b in zip(vl, xqa)], peer_bytes))
+    except Exception as e:  # noqa: BLE001 - a failing peer is reported, the run goes on
+        print(f"  vllm store unavailable: {type(e).__name__}: {str(e)[:200]}")
+    try:
+        cast = (lambda x: x.to(sets[0][0].blocks.dtype)) if fp8 else (lambda x: x)  # FlashInfer appends cache-dtype rows
+        fi = [peers.make_flashinfer_append(cast(k), cast(v), c.blocks[:, :, 0], c.lookup_table[:B], c.cache_lengths[:B],
+                                           [1] * B) for (c, _, _), (k, v) in zip(sets, new_kv)]
+        out.append(("flashinfer append + xqa", [lambda a=a, b=b: (a(), b()) for a, b in zip(fi, xqa)], peer_bytes))
+    except Exception as e:  # noqa: BLE001
+        print(f"  flashinfer append unavailable: {type(e).__name__}: {str(e)[:200]}")
+    return out
 
 
 def e8m0_scales(f32_scales: torch.Tensor) -> torch.Tensor:
@@ -268,6 +318,9 @@ def main() -> None:
                          "granularity of the FP8 variants), e.g. stages=2,ctas_per_sm=5")
     ap.add_argument("--page-order-ab", action="store_true",
                     help="also time kvgen on the same blocks with each request's pages in ascending order (not permuted)")
+    ap.add_argument("--with-store", action="store_true",
+                    help="also time one layer of a decode step: the step's K/V stored, then decode (kvgen: store + "
+                         "decode, with and without early reads; peers: vLLM's or FlashInfer's store, then XQA)")
     ap.add_argument("--e8m0-scales", action="store_true",
                     help="also time the FP8 variants built with e8m0 (power-of-two) per-token scales, on the same blocks")
     ap.add_argument("--static-scales", action="store_true",
@@ -316,7 +369,7 @@ def main() -> None:
         for label, lengths in cases:
             try:
                 for r in run_shape(by_loader, lengths, rng, copy_bw, label, not args.no_peers, args.pdl_ab, args.plan_ab,
-                                   tuple(args.splits), args.page_order_ab):
+                                   tuple(args.splits), args.page_order_ab, args.with_store):
                     results.append((tag, spec.cache.page_size, *r))
                     print(row_line(results[-1], copy_bw), flush=True)
             except Exception:  # noqa: BLE001
