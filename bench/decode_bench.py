@@ -267,8 +267,13 @@ def layer_step_entries(build_views: dict, sets: list, lengths: list[int], spec, 
         fi = [peers.make_flashinfer_append(cast(k), cast(v), c.blocks[:, :, 0], c.lookup_table[:B], c.cache_lengths[:B],
                                            [1] * B) for (c, _, _), (k, v) in zip(sets, new_kv)]
         out.append(("flashinfer append + xqa", [lambda a=a, b=b: (a(), b()) for a, b in zip(fi, xqa)], peer_bytes))
+        # FlashInfer's tensor-core decode: the fastest bf16 peer at 16-token pages in the decode-only tables
+        tc = [peers.make_flashinfer_decode(q, c.blocks[:, :, 0], c.lookup_table[:B], lens_t, p, HQ, H, D, True,
+                                           c.blocks.dtype, k_scale=scales[0], v_scale=scales[1]) for c, q, _ in sets]
+        out.append(("flashinfer append + decode (tensor cores)", [lambda a=a, b=b: (a(), b()) for a, b in zip(fi, tc)],
+                    peer_bytes))
     except Exception as e:  # noqa: BLE001
-        print(f"  flashinfer append unavailable: {type(e).__name__}: {str(e)[:200]}")
+        print(f"  flashinfer append / decode unavailable: {type(e).__name__}: {str(e)[:200]}")
     return out
 
 
