@@ -222,10 +222,11 @@ class KVCache:
 
     def set_static_scales(self, layer: int, k_scale: Any, v_scale: Any = None) -> None:
         """Set one layer's static FP8 scales (vLLM's and FlashInfer's k_scale / v_scale): a number (per tensor) or
-        num_kv_heads numbers (per head) each, finite and positive. Stored values are x / scale, so set them before
-        storing the layer's tokens. This is a host-to-device copy on the current stream, not for use inside graph
-        capture; a captured graph reads the scales tensor (`static_scales`) when it replays, so new values need no
-        recapture."""
+        num_kv_heads numbers (per head) each, finite and positive with a finite reciprocal in float32 (the store
+        multiplies by 1 / scale). An MLA cache (K only) takes k_scale alone. Stored values are x / scale, so set them
+        before storing the layer's tokens. This is a host-to-device copy on PyTorch's current stream (launches on
+        another stream must be ordered after it), not for use inside graph capture; a captured graph reads the
+        scales tensor (`static_scales`) when it replays, so new values need no recapture."""
         kn = "set_static_scales"
         if self.static_scales is None:
             raise LaunchError(kn, "variant", "this variant has no static scales", self.variant.NAME,
@@ -235,10 +236,18 @@ class KVCache:
         if not isinstance(self.static_scales, torch.Tensor):
             raise LaunchError(kn, "static_scales", "set_static_scales writes PyTorch tensors", type(self.static_scales).__name__,
                               "write the [KVD, L, H] float32 values into your tensor directly")
+        if self.kv_dim == 1 and v_scale is not None:
+            raise LaunchError(kn, "v_scale", "an MLA cache holds K only", v_scale, "pass k_scale alone")
         rows = []
         for name, value in (("k_scale", k_scale), ("v_scale", v_scale))[: self.kv_dim]:
+            if value is None:
+                raise LaunchError(kn, name, "is required for a cache with K and V", None, f"pass {name}")
             if isinstance(value, torch.Tensor):  # vLLM keeps k_scale / v_scale as device tensors of shape [1]
                 value = value.detach().float().cpu().numpy()
+            items = np.asarray(value, dtype=object).reshape(-1)
+            if any(isinstance(x, (bool, np.bool_, str, bytes)) for x in items):  # np.asarray takes True and "0.5"
+                raise LaunchError(kn, name, "must be a number or a sequence of numbers", value,
+                                  "pass a float (per tensor) or a list of per-head floats")
             try:
                 flat = np.asarray(value, dtype=np.float64).reshape(-1)
             except (TypeError, ValueError):
@@ -247,10 +256,13 @@ class KVCache:
             if flat.size not in (1, self.num_heads):
                 raise LaunchError(kn, name, f"must hold 1 value or {self.num_heads} (one per KV head)", flat.size,
                                   "pass a float (per tensor) or a list of per-head floats")
-            with np.errstate(over="ignore"):  # past float32's range becomes inf, refused below
+            with np.errstate(over="ignore", divide="ignore"):  # past float32's range: inf, refused below
                 f32 = np.broadcast_to(flat, (self.num_heads,)).astype(np.float32)
-            if not (np.all(np.isfinite(f32)) and np.all(f32 > 0)):
-                raise LaunchError(kn, name, "must be finite and positive as float32", value, "pass calibrated scales > 0")
+                inv = np.float32(1) / f32
+            # Below about 2.9e-39 the reciprocal overflows and the store would write 0 * inf = NaN.
+            if not (np.all(np.isfinite(f32)) and np.all(f32 > 0) and np.all(np.isfinite(inv))):
+                raise LaunchError(kn, name, "must be finite and positive as float32, with a finite reciprocal", value,
+                                  "pass calibrated scales in [3e-38, 3e38]")
             rows.append(f32)
         self.static_scales[: len(rows), layer].copy_(torch.from_numpy(np.stack(rows)))
 
@@ -316,7 +328,8 @@ class KVCache:
         """Adopt tensors the caller already owns (same layout as allocate); nothing is copied on the device.
         The host mirror of the page table and lengths (capacity checks, the step's token map) is read back once.
         static_scales: float32 [KVD, L, H] for variants with cache.static_scales (e.g. each layer's vLLM k_scale
-        and v_scale, expanded over the heads)."""
+        and v_scale, expanded over the heads). Its values are not read here: they must be what set_static_scales
+        accepts (finite, positive, with a finite reciprocal), or the store writes NaN."""
         cache = cls(variant, blocks, scales, lookup_table, cache_lengths, num_layers=num_layers, device=0,
                     tokens_per_slot=tokens_per_slot, max_tokens=max_tokens, static_scales=static_scales)
         cache.host_lut = to_host(lookup_table).view(np.uint32).reshape(cache.host_lut.shape).copy()
@@ -600,11 +613,16 @@ class KVCache:
         page_size + offset, for t < T = len(slot_mapping) (int64 device tensor [T]; T' >= T, so graph-padded inputs
         work; a negative slot is a padding token and is skipped). Needs no begin_step and changes no lengths. Slots on
         the null page (the last one) or past the allocation are refused on the device and reported by errors(): a
-        vLLM block tensor adopted with wrap() needs one block more than vLLM's allocator hands out."""
+        vLLM block tensor adopted with wrap() needs one block more than vLLM's allocator hands out. A decode with
+        early_cache_reads may follow it directly only when it wrote nothing but each request's position
+        cache_length(b) (a decode step's token), as store() does."""
         kn = "store_slots"
         if not self.paged or self.spec.rope_layout is not None:
             raise LaunchError(kn, "variant", "slot mappings address pages of a paged (non rope-layout) cache",
                               self.variant.NAME, "use store() with the step's page table")
+        if "store" not in self.spec.effective_kernels:
+            raise LaunchError(kn, "kernels", "store_slots is emitted with the store kernel", self.spec.kernels,
+                              "add store to the config's kernels and rebuild")
         self._check_layer(kn, layer)
         kt, vptr = self._kv_rows(kn, ("k", "v"), k, v)
         st = check_tensor(kn, "slot_mapping", slot_mapping, dtype="int64", device=self.device, align=8)
