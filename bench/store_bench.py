@@ -173,7 +173,8 @@ def main() -> None:
         for batch, per_req, cached in ((64, 1, 5), (8, 1024, 512)):
             T = batch * per_req
             cache_bytes = 1 if fp8 else 2
-            scale_bytes = T * H * (D // spec.quantization.granularity) * 2 * 4 if quant else 0
+            scale_bytes = T * H * (D // spec.quantization.granularity) * 2 * (
+                4 if spec.quantization.scale_dtype == "float32" else 1) if quant else 0
             kv_bytes = T * H * D * 2 * (2 + cache_bytes) + scale_bytes  # bf16 read + cache write (+ scales)
             n = rotations(kv_bytes, cap=256 if T < 1024 else 64)
             sets = [make_set(variant, batch, per_req, cached, rng) for _ in range(n)]

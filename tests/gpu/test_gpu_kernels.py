@@ -23,6 +23,8 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU visible", allow_module_level=True)
 
+from kvgen.runtime.kvcache import KVCache  # noqa: E402  (the runtime is only imported where a GPU is)
+
 ROOT = Path(__file__).resolve().parents[2]
 GRID = load_config(ROOT / "configs" / "gpu_grid.yaml")
 NAMES = [v.name for v in GRID.variants]
@@ -684,3 +686,39 @@ def test_store_slots_refuses_bad_arguments(generated) -> None:
     _, _, ccache = make_cache(generated, cont, np.random.default_rng(2), [0], [4])
     with pytest.raises(LaunchError, match="paged"):
         ccache.store_slots(0, k, k, torch.zeros(4, dtype=torch.int64, device="cuda"))
+
+
+def test_adopt_a_vllm_layer_cache(generated) -> None:
+    """A vLLM layer's FP8 cache ([num_blocks, 2, block_size, H, D], NHD; one block more than vLLM uses, for kvgen's
+    null page) and its per-tensor k_scale / v_scale, adopted without a copy: kv_cache.unsqueeze(2) is kvgen's
+    [n, KVD, L = 1, P, H, D]. store_slots on vLLM's slot mapping writes what the reference's slot store does, in
+    the vLLM tensor itself, and load reads it back dequantized."""
+    name = next(n for n in STATIC if n.startswith("gpu_paged_e4m3") and "_p16_" in n)
+    v = generated.VARIANTS[name]
+    spec = v.spec()
+    P, H, D = spec.cache.page_size, spec.cache.num_kv_heads, spec.cache.head_size
+    nb = 9
+    kv_cache = torch.full((nb, 2, P, H, D), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)  # canaries
+    k_scale, v_scale = torch.tensor([0.04], device="cuda"), torch.tensor([0.03], device="cuda")
+    static = torch.stack([k_scale.expand(1, H), v_scale.expand(1, H)]).contiguous()  # [KVD, L = 1, H]
+    lut = torch.full((1, ref.padded_lut_cols(2)), nb - 1, dtype=torch.int32, device="cuda")
+    cache = KVCache.wrap(v, kv_cache.unsqueeze(2), None, lut, torch.zeros(1, dtype=torch.int32, device="cuda"),
+                         num_layers=1, static_scales=static)
+    rng = np.random.default_rng(8)
+    kv_in = [random_rows(rng, (20, H, D), spec.cache.io_dtype) for _ in range(2)]
+    slots = np.array([3 * P + t if t < P else 7 * P + t - P for t in range(20)], np.int64)  # request pages [3, 7]
+    before = state_of(cache, spec)
+    cache.store_slots(0, *[from_np(x, spec.cache.io_dtype) for x in kv_in], torch.from_numpy(slots).cuda())
+    assert ref.store_slots(before, 0, [x.astype(np.float32) for x in kv_in], slots, spec.cache.dtype) == 0
+    got = to_np(kv_cache, spec.cache.dtype)  # the vLLM tensor, [nb, 2, P, H, D]
+    np.testing.assert_array_equal(got.view(np.uint8), before.blocks[:, :, 0].view(np.uint8))
+    cache.set_pages([[3, 7]])
+    cache.set_cache_lengths([0])
+    outs = [torch.empty(20, H, D, dtype=getattr(torch, spec.cache.io_dtype), device="cuda") for _ in range(2)]
+    cache.load(0, outs[0], outs[1], torch.zeros(1, dtype=torch.int32, device="cuda"),
+               row_offsets=torch.tensor([0, 20], dtype=torch.int32, device="cuda"))
+    expect = ref.load(state_of(cache, spec), 0, np.array([0, 20]), np.zeros(1, np.int64))  # through the new page table
+    for o, e in zip(outs, expect):
+        np.testing.assert_array_equal(to_np(o, spec.cache.io_dtype).astype(np.float32),
+                                      e.astype(DTYPES[spec.cache.io_dtype].numpy).astype(np.float32))
+    assert cache.errors() == []
