@@ -274,13 +274,12 @@ def _decode_problems(v: VariantSpec) -> list[Problem]:
     if c.is_mla or v.rope_layout is not None:
         P.append(Problem("cache.is_mla", "MLA decode is not generated yet (MHA/GQA caches only)", c.is_mla,
                          "remove decode from kernels for MLA caches"))
-    if q is not None and q.scale_dtype == "float8_e8m0fnu":
-        if q.granularity != c.head_size:
-            P.append(Problem("quantization.granularity", "decode attention reads e8m0 scales per token (one per head row)",
-                             q.granularity, f"set granularity: {c.head_size}, or use scale_dtype: float32"))
-        elif c.num_kv_heads % 4:
-            P.append(Problem("cache.num_kv_heads", "decode with e8m0 scales reads each token's scales as 4-byte words",
-                             c.num_kv_heads, "use a multiple of 4 KV heads, or scale_dtype: float32"))
+    if q is not None and q.scale_dtype == "float8_e8m0fnu" and c.head_size % q.granularity == 0:
+        groups = c.head_size // q.granularity
+        if (c.num_kv_heads * groups) % 4:
+            P.append(Problem("cache.num_kv_heads", "decode with e8m0 scales reads each token's scales row "
+                             "(num_kv_heads x head_size / granularity bytes) as 4-byte words", c.num_kv_heads,
+                             "use num_kv_heads x groups a multiple of 4 (e.g. 4 or 8 KV heads), or scale_dtype: float32"))
 
     if c.io_dtype == "float32":
         P.append(Problem("cache.input_dtype", "decode queries are 16-bit", c.io_dtype, "use bfloat16 or float16"))

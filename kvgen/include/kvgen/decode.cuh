@@ -284,11 +284,12 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   static_assert(D % 16 == 0 && (BN * CPR) % kDecodeThreads == 0, "tile copy splits evenly");
   constexpr int TILE_BYTES = BN * ROW_BYTES;
   constexpr int SCALE_BYTES = QUANT ? 2 * BN * G * 4 : 0;
-  // e8m0 (power-of-two) per-token scales: a quarter of float32's bytes. cp.async moves 4 bytes at least, so each
-  // token's slot holds the aligned word of the cache's scales that contains this head's byte (the neighbours'
-  // bytes ride along in the same sector), and the byte is picked at use. Needs H * G % 4 == 0 (config rule).
+  // e8m0 (power-of-two) scales: a quarter of float32's bytes. cp.async moves 4 bytes at least, so each (token,
+  // group) slot holds the aligned word of the cache's scales that contains its byte (the neighbours' bytes ride
+  // along in the same sector), and the byte is picked at use. Needs H * G % 4 == 0 (config rule), so every scales
+  // row starts on a word and a byte's place in its word is (h * G + g) % 4.
   constexpr bool E8M0 = QUANT && is_same_v<typename Cache::scale_dtype, e8m0_t>;
-  static_assert(!E8M0 || (G == 1 && H % 4 == 0), "e8m0 decode scales: one per token and head, rows of whole words");
+  static_assert(!E8M0 || (H * G) % 4 == 0, "e8m0 decode scales: rows of whole words");
   constexpr int STAGE_BYTES = 2 * TILE_BYTES + SCALE_BYTES;
   // TMA's swizzle follows the shared address bits, so its tiles (and every block in them) start on a multiple of
   // 1024 bytes; cp.async tiles on a multiple of a row (the XOR of a fragment address stays inside a block row).
@@ -350,10 +351,14 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     if constexpr (E8M0) return reinterpret_cast<const uint8_t*>(scales) + (so & ~int64_t(3));
     else return scales + so;
   };
-  const uint32_t e8m0_shift = 8u * (h & 3u);  // this head's byte in the word (H % 4 == 0: rows start on words)
-  auto scale_at = [&](const float* slots, int i) -> float {
-    if constexpr (E8M0) return to_f32(e8m0_t{uint8_t(reinterpret_cast<const uint32_t*>(slots)[i] >> e8m0_shift)});
-    else return slots[i];
+  const uint32_t e8m0_head_byte = h * uint32_t(G);  // this head's first scale byte in a row (rows start on words)
+  auto scale_at = [&](const float* slots, int i) -> float {  // slot i = token i / G, group i % G
+    if constexpr (E8M0) {
+      const uint32_t shift = 8u * ((e8m0_head_byte + uint32_t(i % G)) & 3u);
+      return to_f32(e8m0_t{uint8_t(reinterpret_cast<const uint32_t*>(slots)[i] >> shift)});
+    } else {
+      return slots[i];
+    }
   };
 
   // Programmatic dependent launch (common.cuh pdl_wait): by default nothing global is touched before the kernel
@@ -699,7 +704,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         for (int nt = 0; nt < 2; ++nt) {
           kv[nt] = lds128(Sw::k_load(smem_s + uint32_t(ks_o + nt * 8 * RP) + k_lane, j));
           if constexpr (!Ty::kFp8Direct && QUANT)  // read once per load: q_frag's asm clobbers memory in the k-steps
-            ksc[nt] = kss[(warp * 16 + nt * 8 + gq) * G + 16 * Sw::k_chunk(int(tq), j) / GRAN];
+            ksc[nt] = scale_at(kss, (warp * 16 + nt * 8 + gq) * G + 16 * Sw::k_chunk(int(tq), j) / GRAN);
         }
 #pragma unroll
         for (int kk = 4 * j; kk < 4 * j + 4; ++kk) {
@@ -867,8 +872,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
             fp8x4_to_f16x2x2<T>(hi, even1, odd1);
           } else {  // per-group scales of those tokens for this chunk
             const int g = 16 * (c + hc) / GRAN;
-            const float s0 = QUANT ? vss[r0 * G + g] : 1.f, s1 = QUANT ? vss[(r0 + 1) * G + g] : 1.f;
-            const float s8 = QUANT ? vss[(r0 + 8) * G + g] : 1.f, s9 = QUANT ? vss[(r0 + 9) * G + g] : 1.f;
+            const float s0 = QUANT ? scale_at(vss, r0 * G + g) : 1.f, s1 = QUANT ? scale_at(vss, (r0 + 1) * G + g) : 1.f;
+            const float s8 = QUANT ? scale_at(vss, (r0 + 8) * G + g) : 1.f, s9 = QUANT ? scale_at(vss, (r0 + 9) * G + g) : 1.f;
             auto deq = [&](uint32_t raw, float sa, float sb) {
               const float2 x = fp8x2_to_float2<T>(static_cast<unsigned short>(raw));
               return pack2<false>(x.x * sa, x.y * sb);
