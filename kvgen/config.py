@@ -18,6 +18,8 @@ KernelName = Literal["store", "load", "copy_pages", "tma_tile_load", "gather4_ti
 Swizzle = Literal["NONE", "32B", "64B", "128B"]
 
 TMA_ARCHS = frozenset({"sm_90a", "sm_100a"})
+# Kernels emitted with another one rather than named in `kernels` (kernels_for_arch), and the one they come with.
+DERIVED_KERNELS = {"decode_combine": "decode", "store_slots": "store"}
 GATHER4_ARCHS = frozenset({"sm_100a"})
 SWIZZLE_BYTES = {"NONE": 16, "32B": 32, "64B": 64, "128B": 128}  # MAX: bytes() = 2^v * 16
 MAX_TILE_SMEM_BYTES = 200 * 1024  # the tile-load kernel stages one BN x BK tile; H100 allows 227 KB

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..config import DERIVED_KERNELS
 from ..derive import (
     DECODE_TILE,
     THREADS,
@@ -244,26 +245,17 @@ class KVCache:
                 raise LaunchError(kn, name, "is required for a cache with K and V", None, f"pass {name}")
             if isinstance(value, torch.Tensor):  # vLLM keeps k_scale / v_scale as device tensors of shape [1]
                 value = value.detach().float().cpu().numpy()
-            items = np.asarray(value, dtype=object).reshape(-1)
-            if any(isinstance(x, (bool, np.bool_, str, bytes)) for x in items):  # np.asarray takes True and "0.5"
-                raise LaunchError(kn, name, "must be a number or a sequence of numbers", value,
+            items = np.asarray(value, dtype=object).reshape(-1)  # elements as given: True and "0.5" stay themselves
+            if items.size not in (1, self.num_heads):
+                raise LaunchError(kn, name, f"must hold 1 value or {self.num_heads} (one per KV head)", items.size,
                                   "pass a float (per tensor) or a list of per-head floats")
-            try:
-                flat = np.asarray(value, dtype=np.float64).reshape(-1)
-            except (TypeError, ValueError):
-                raise LaunchError(kn, name, "must be a number or a sequence of numbers", value,
-                                  "pass a float (per tensor) or a list of per-head floats") from None
-            if flat.size not in (1, self.num_heads):
-                raise LaunchError(kn, name, f"must hold 1 value or {self.num_heads} (one per KV head)", flat.size,
-                                  "pass a float (per tensor) or a list of per-head floats")
-            with np.errstate(over="ignore", divide="ignore"):  # past float32's range: inf, refused below
-                f32 = np.broadcast_to(flat, (self.num_heads,)).astype(np.float32)
+            fix = "pass calibrated scales in [3e-38, 3e38]"
+            f32 = np.array([check_positive_float32(kn, name, x, fix) for x in items], np.float32)
+            with np.errstate(over="ignore"):
                 inv = np.float32(1) / f32
-            # Below about 2.9e-39 the reciprocal overflows and the store would write 0 * inf = NaN.
-            if not (np.all(np.isfinite(f32)) and np.all(f32 > 0) and np.all(np.isfinite(inv))):
-                raise LaunchError(kn, name, "must be finite and positive as float32, with a finite reciprocal", value,
-                                  "pass calibrated scales in [3e-38, 3e38]")
-            rows.append(f32)
+            if not np.all(np.isfinite(inv)):  # below about 2.9e-39 the store would write 0 * inf = NaN
+                raise LaunchError(kn, name, "must have a finite reciprocal in float32 (the store multiplies by it)", value, fix)
+            rows.append(np.broadcast_to(f32, (self.num_heads,)))
         self.static_scales[: len(rows), layer].copy_(torch.from_numpy(np.stack(rows)))
 
     @property
@@ -519,8 +511,9 @@ class KVCache:
                               f"add {arch} to archs and rebuild (have: {', '.join(self.variant.CUBINS)})")
         symbols = self.variant.KERNELS[arch]
         if name not in symbols:
+            parent = DERIVED_KERNELS.get(name, name)  # store_slots comes with store, decode_combine with decode
             raise LaunchError(self.variant.NAME, "kernel", f"kernel {name!r} was not emitted for {arch}", name,
-                              "add it to the config's kernels and rebuild")
+                              f"add {parent} to the config's kernels and rebuild")
         return driver.load_module(self.variant.CUBINS[arch], self.device).kernel(symbols[name], smem)
 
     def _launch(self, key: str, name: str, fields: tuple[Any, ...], smem: int = 0) -> _Launch:
@@ -620,9 +613,6 @@ class KVCache:
         if not self.paged or self.spec.rope_layout is not None:
             raise LaunchError(kn, "variant", "slot mappings address pages of a paged (non rope-layout) cache",
                               self.variant.NAME, "use store() with the step's page table")
-        if "store" not in self.spec.effective_kernels:
-            raise LaunchError(kn, "kernels", "store_slots is emitted with the store kernel", self.spec.kernels,
-                              "add store to the config's kernels and rebuild")
         self._check_layer(kn, layer)
         kt, vptr = self._kv_rows(kn, ("k", "v"), k, v)
         st = check_tensor(kn, "slot_mapping", slot_mapping, dtype="int64", device=self.device, align=8)
@@ -631,7 +621,7 @@ class KVCache:
                               "pass one slot per stored row (int64, -1 for padding rows)")
         total = st.shape[0]
         if total:
-            self._launch_ragged("store_slots", layer, total, kt.ptr, vptr, self._row_offsets_dt.ptr, st.ptr, stream)
+            self._launch_ragged("store_slots", layer, total, kt.ptr, vptr, 0, st.ptr, stream)  # no CSR offsets
 
     def load(self, layer: int, k_out: Any, v_out: Any | None, start_pos: Any, row_offsets: Any = None,
              stream: Any = None) -> None:

@@ -7,6 +7,8 @@ import ctypes
 import math
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from ..errors import LaunchError
 
 _TORCH_NAMES = {
@@ -112,9 +114,9 @@ def check_tensor(kernel: str, name: str, x: Any, *, dtype: str | tuple[str, ...]
 def check_positive_float32(kernel: str, name: str, value: Any, fix: str) -> float:
     """A scalar launch argument the kernel receives as a float32 that must be finite and > 0: the check runs on the
     float32 it becomes (1e308 turns into inf, 1e-50 into 0). Accepts what float() converts (NumPy and 0-d tensor
-    scalars included) except bool and text."""
+    scalars included) except bool (NumPy's too) and text."""
     try:
-        if isinstance(value, (bool, str, bytes)):
+        if isinstance(value, (bool, np.bool_, str, bytes)):
             raise TypeError
         as_f32 = ctypes.c_float(float(value)).value
     except (TypeError, ValueError, OverflowError):

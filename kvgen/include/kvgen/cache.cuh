@@ -40,10 +40,16 @@ template <class Traits> struct CacheCommon {
   // device, vLLM's and FlashInfer's k_scale / v_scale. Stored values are x / scale; load returns value * scale.
   static constexpr bool static_scales = Traits::static_scales;
 
-  // This view's per-head scales ([H] floats of CacheArgs::static_scales [KVD, L, H]), or nullptr.
+  // This view's per-head scales ([H] floats of CacheArgs::static_scales [KVD, L, H]), or nullptr; set by view().
+  const float* head_scales;
   __device__ __forceinline__ static const float* head_scales_of(const CacheArgs& a, int kv_idx, int layer) {
     if constexpr (static_scales) return a.static_scales + (int64_t(kv_idx) * a.num_layers + layer) * num_heads;
     else return nullptr;
+  }
+  // Static scale of head h (1 without static scales).
+  __device__ __forceinline__ float static_scale(uint32_t h) const {
+    if constexpr (static_scales) return head_scales[h];
+    else return 1.f;
   }
 };
 
@@ -60,10 +66,9 @@ template <class Traits> struct PagedKVCache : CacheCommon<Traits> {
   static constexpr int page_size_ = Traits::page_size;
   static_assert(page_size_ > 0 && (page_size_ & (page_size_ - 1)) == 0, "page size is a power of two");
 
-  dtype* blocks;              // base of this (kv, layer) view: page 0, token 0, head 0
-  scale_dtype* scales;        // same for scales, or nullptr
-  const float* head_scales;   // static scales of this view, [H] (Traits::static_scales), or nullptr
-  const CacheArgs* args;      // collection-wide run-time values
+  dtype* blocks;          // base of this (kv, layer) view: page 0, token 0, head 0
+  scale_dtype* scales;    // same for scales, or nullptr
+  const CacheArgs* args;  // collection-wide run-time values
 
   __device__ __forceinline__ static PagedKVCache view(const CacheArgs& a, int kv_idx, int layer) {
     PagedKVCache c;
@@ -117,11 +122,6 @@ template <class Traits> struct PagedKVCache : CacheCommon<Traits> {
     return scales + scale_offset(b, h, t, d);
   }
   __device__ __forceinline__ scale_dtype* scales_raw_ptr() const { return scales; }
-  // Static scale of head h (1 without static scales).
-  __device__ __forceinline__ float static_scale(uint32_t h) const {
-    if constexpr (Base::static_scales) return head_scales[h];
-    else return 1.f;
-  }
 
   // -- load / store ---------------------------------------------------------------------------------------
   template <int W> __device__ __forceinline__ Vec<dtype, W> load_quantized(uint32_t b, uint32_t h, uint32_t t, uint32_t d) const {
@@ -140,7 +140,7 @@ template <class Traits> struct PagedKVCache : CacheCommon<Traits> {
   template <int W, class Out> __device__ __forceinline__ Vec<Out, W> load(uint32_t b, uint32_t h, uint32_t t, uint32_t d) const {
     const Vec<dtype, W> q = load_quantized<W>(b, h, t, d);
     Vec<Out, W> r;
-    float s = static_scale(h);
+    float s = Base::static_scale(h);
     if constexpr (Base::quantization_enabled) {
       static_assert(quantization_granularity % W == 0, "a loaded vector may not cross a scale group");
       s = to_f32(load_scale<1>(b, h, t, d).v[0]);
@@ -216,7 +216,6 @@ template <class Traits> struct ContinuousKVCache : CacheCommon<Traits> {
 
   dtype* blocks;
   scale_dtype* scales;
-  const float* head_scales;  // as PagedKVCache
   const CacheArgs* args;
 
   __device__ __forceinline__ static ContinuousKVCache view(const CacheArgs& a, int kv_idx, int layer) {
@@ -248,17 +247,13 @@ template <class Traits> struct ContinuousKVCache : CacheCommon<Traits> {
   }
   __device__ __forceinline__ scale_dtype* scales_block_paged_ptr(uint32_t, uint32_t, uint32_t, uint32_t) const { return nullptr; }
   __device__ __forceinline__ scale_dtype* scales_raw_ptr() const { return nullptr; }
-  __device__ __forceinline__ float static_scale(uint32_t h) const {
-    if constexpr (Base::static_scales) return head_scales[h];
-    else return 1.f;
-  }
   template <int W> __device__ __forceinline__ Vec<dtype, W> load_quantized(uint32_t b, uint32_t h, uint32_t t, uint32_t d) const {
     return load_vec<W>(blocks + elem_offset(b, h, t, d));
   }
   template <int W, class Out> __device__ __forceinline__ Vec<Out, W> load(uint32_t b, uint32_t h, uint32_t t, uint32_t d) const {
     const Vec<dtype, W> q = load_quantized<W>(b, h, t, d);
     Vec<Out, W> r;
-    const float s = static_scale(h);
+    const float s = Base::static_scale(h);
 #pragma unroll
     for (int i = 0; i < W; ++i) r.v[i] = from_f32<Out>(to_f32(q.v[i]) * s);
     return r;

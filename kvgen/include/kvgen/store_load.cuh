@@ -25,17 +25,14 @@ constexpr int kMaxTokensPerBlock = 64;
 // A vLLM slot (page * page_size + offset) -> its cache row, kNoRow for a padding slot (< 0, skipped silently) or a
 // refused one (past the allocation, the null page: flagged in the error word, as the token map's checks).
 template <class Cache> __device__ __forceinline__ uint32_t slot_row(const Cache& c, const CacheArgs& a, int64_t s) {
+  static_assert(Cache::page_size_ > 0, "slot mappings address pages (store_slots is emitted for paged caches only)");
   uint32_t row = kNoRow;
   if (s < 0) return kNoRow;
-  if constexpr (Cache::page_size_ > 0) {
-    if (s >= int64_t(a.num_blocks) * Cache::page_size_) {
-      report(a, kErrPageOutOfRange);
-      return kNoRow;
-    }
-    if (!c.slot_ok(uint32_t(s / Cache::page_size_), uint32_t(s % Cache::page_size_), row)) return kNoRow;
-  } else {
-    report(a, kErrUnassignedPage);  // continuous caches have no slot mapping (the host refuses it first)
+  if (s >= int64_t(a.num_blocks) * Cache::page_size_) {
+    report(a, kErrPageOutOfRange);
+    return kNoRow;
   }
+  if (!c.slot_ok(uint32_t(s / Cache::page_size_), uint32_t(s % Cache::page_size_), row)) return kNoRow;
   return row;
 }
 
