@@ -19,7 +19,7 @@ Swizzle = Literal["NONE", "32B", "64B", "128B"]
 
 TMA_ARCHS = frozenset({"sm_90a", "sm_100a"})
 # Kernels emitted with another one rather than named in `kernels` (kernels_for_arch), and the one they come with.
-DERIVED_KERNELS = {"decode_combine": "decode", "store_slots": "store"}
+DERIVED_KERNELS = {"decode_combine": "decode", "store_slots": "store", "adopt_block_table": "decode"}
 GATHER4_ARCHS = frozenset({"sm_100a"})
 SWIZZLE_BYTES = {"NONE": 16, "32B": 32, "64B": 64, "128B": 128}  # MAX: bytes() = 2^v * 16
 MAX_TILE_SMEM_BYTES = 200 * 1024  # the tile-load kernel stages one BN x BK tile; H100 allows 227 KB
@@ -150,6 +150,8 @@ class VariantSpec(_Strict):
             out.append(k)
             if k == "decode":
                 out.append("decode_combine")  # merges the split-K partials
+                if self.cache.kind == "paged":
+                    out.append("adopt_block_table")  # step tables from an engine's block table (KVCache.adopt_block_table)
             if k == "store" and self.cache.kind == "paged" and self.rope_layout is None:
                 out.append("store_slots")  # the store with vLLM's slot mapping (KVCache.store_slots)
         return out

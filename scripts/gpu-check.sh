@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (offline): installs the carried wheels, runs the GPU tests, compute-sanitizer on a
-# subset and the benchmarks, and prints a short summary. Usage: scripts/gpu-check.sh [tests|sanitize|bench|decode|ab|abtree|floor|sweep|trace|profile|ncu|cli|all]...
+# subset and the benchmarks, and prints a short summary. Usage: scripts/gpu-check.sh [tests|sanitize|bench|decode|ab|abtree|floor|sweep|trace|prep|profile|ncu|cli|all]...
 # Wheels come from scripts/fetch_gpu_wheels.sh (run on a machine with internet) into .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,6 +69,10 @@ for step in "${@:-all}"; do
       (cd "$tree" && python3 bench/decode_bench.py --no-peers --out "$OUT/abtree-$name.md" ${ABTREE_ARGS:-} 2>&1 | tail -n 3)
     done
     summary+=("abtree: $OUT/abtree-base.md vs $OUT/abtree-new.md")
+  fi
+  if [[ $step == prep ]]; then  # step preparation from an engine's block table, per-layer tensors (bench/step_prep_bench.py)
+    python3 bench/step_prep_bench.py --out "$OUT/step_prep_bench.md" 2>&1 | tee "$OUT/step-prep.log" | tail -n 20
+    summary+=("step prep: $OUT/step_prep_bench.md")
   fi
   if [[ $step == profile ]]; then
     python3 bench/host_profile.py 2>&1 | tee "$OUT/host-profile.log"

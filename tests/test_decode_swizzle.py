@@ -169,17 +169,20 @@ def test_a_wrong_row_xor_fails_the_mirror() -> None:
 def test_decode_tile_boxes_are_one_page_by_one_block(monkeypatch, dtype: str, head_size: int, page_size: int) -> None:
     """runtime/tma.py decode_tile: the arguments it hands cuTensorMapEncodeTiled (encode stubbed): the layer's
     [rows, H, D] view, box [min(64, P), 1, one TileLayout block] with the swizzle of that width, raw elements."""
+    from functools import partial
     from types import SimpleNamespace
 
     from kvgen.derive import tma_geometry
     from kvgen.runtime import tma
+    from kvgen.runtime.kvcache import KVCache
 
     spec = _decode_spec(dtype, head_size=head_size, loader="tma")
     nb = 1 if dtype.startswith("float8") else 2
     heads, layers, rows = spec.cache.num_kv_heads, 2, 40 * page_size
     cache = SimpleNamespace(spec=spec, tma_geometry=tma_geometry(spec), kv_dim=2, num_layers=layers, num_heads=heads,
                             head_size=head_size, blocks_ptr=1 << 20, page_rows=rows, num_kv_rows=lambda: rows,
-                            page_size=page_size)
+                            page_size=page_size, per_layer=False, dtype=dtype)
+    cache.slice_address = partial(KVCache.slice_address, cache)  # the real address math, on this stand-in
     seen = []
 
     def fake_encode(kind, address, data_type, dims, strides, box, swizzle="NONE"):

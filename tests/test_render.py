@@ -115,3 +115,14 @@ def test_strict_undefined() -> None:
         environment().from_string("{{ nope }}").render()
     with pytest.raises(jinja2.UndefinedError):
         environment().from_string("{{ tma.bn }}").render()
+
+
+def test_block_table_adoption_comes_with_paged_decode() -> None:
+    """adopt_block_table (an engine's block table -> the step's tables) is emitted next to decode for paged caches
+    only: a continuous cache has slots, and a store-only variant has no decode to plan."""
+    grid = load_config(ROOT / "configs" / "gpu_decode.yaml").variants
+    for v in grid:
+        kernels = v.spec.kernels_for_arch("sm_90a")
+        assert ("adopt_block_table" in kernels) == (v.spec.cache.kind == "paged"), v.name
+    store_only = load_config(ROOT / "configs" / "llama3_8b_bf16.yaml").variants[0]
+    assert "adopt_block_table" not in store_only.spec.kernels_for_arch("sm_90a")

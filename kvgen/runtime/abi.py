@@ -20,7 +20,7 @@ class CacheArgs(ctypes.Structure):
         ("max_seq_length", ctypes.c_uint32),
         ("max_cache_length", ctypes.c_uint32),
         ("tokens_per_slot", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
+        ("null_page", ctypes.c_uint32),
     ]
 
 

@@ -100,8 +100,7 @@ def _view_geometry(cache: KVCache, kv: int, layer: int) -> tuple[int, int, int, 
         _fail("tma", "layer", f"must be in [0, {cache.num_layers})", layer, "pass a layer of this cache")
     nb = DTYPES[cache.spec.cache.dtype].nbytes
     row = cache.num_heads * cache.head_size
-    base = cache.blocks_ptr + (kv * cache.num_layers + layer) * cache.page_rows * row * nb
-    return base, nb, cache.num_kv_rows(), row
+    return cache.slice_address(kv, layer), nb, cache.num_kv_rows(), row
 
 
 def _tma_dtype(cache: KVCache) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,14 @@ from kvgen.errors import LaunchError
 from kvgen.grid import load_config
 from kvgen.runtime.abi import DECODE_EARLY_READS
 from kvgen.runtime.decode_plan import DecodePlan
+from kvgen.runtime.kvcache import KVCache
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU visible", allow_module_level=True)
 
-from test_gpu_kernels import randomize_static_scales, state_of  # noqa: E402  (same folder: reference state)
+from test_gpu_kernels import randomize_static_scales, state_of, to_np  # noqa: E402  (same folder: reference state)
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = load_config(ROOT / "configs" / "gpu_decode.yaml")
@@ -499,3 +501,224 @@ def test_fixed_split_count(gen, prefix: str) -> None:
         if splits in (3, 7):
             check_splits_holding_rows(plan, lengths.index(2053), 2053)
     assert cache.decode_workspace(0).pairs >= room * len(lengths) > first_pairs
+
+
+# ---- vLLM's per-layer caches and block tables (KVCache.wrap_layers + adopt_block_table) -------------------------
+# bf16 at 16- and 64-token pages, FP8 with per-token scales (per-layer scales tensors) and with static scales (per-
+# layer static tensors), each with both loaders: the first variant of each kind (later ones add window or sinks).
+VLLM_LAYERS = list({n.rsplit("_", 1)[0]: n for n in reversed(NAMES) if re.match(
+    r"gdec_paged_(bf16_h2_d128_p(16|64)|e4m3_h2_d128_p16_(qf32g128|ss))_s128b_ld(cpa|tma)_", n)}.values())
+
+
+def vllm_layer_caches(v, lengths: list[int], rng: np.random.Generator, layers: int = 3, spare: int = 3):
+    """vLLM's side of a decode step: per-layer caches [num_blocks, 2, P, H, D] full of canary bytes (block 0 is
+    vLLM's null block), a block table of randomly permuted blocks (rows and columns past the requests hold 0, as
+    vLLM pads them), seq_lens counting the step's token. Returns the cache adopted by kvgen, the block table as
+    a NumPy array and the per-layer tensors."""
+    spec = v.spec()
+    c = spec.cache
+    P, H, D = c.page_size, c.num_kv_heads, c.head_size
+    need = [-(-n // P) for n in lengths]
+    nb = 1 + sum(need) + spare
+    ids = rng.permutation(np.arange(1, nb))
+    table = np.zeros((len(lengths) + 2, max(need) + 3), np.int32)
+    at = 0
+    for b, k in enumerate(need):
+        table[b, :k] = ids[at:at + k]
+        at += k
+    fp8 = c.dtype.startswith("float8")
+    tensors = []
+    for _ in range(layers):
+        t = torch.empty((nb, 2, P, H, D), dtype=getattr(torch, c.dtype), device="cuda")
+        t.view(torch.uint8).fill_(0x7F) if fp8 else t.fill_(float("inf"))  # NaN / inf canaries
+        tensors.append(t)
+    scales = None
+    if spec.quantization is not None:
+        g = D // spec.quantization.granularity
+        scales = [torch.ones((nb, 2, 1, P, H, g), device="cuda") for _ in range(layers)]  # as allocate makes them
+    static = [torch.ones((2, 1, H), device="cuda") for _ in range(layers)] if c.static_scales else None
+    lut = torch.empty((len(lengths), ref.padded_lut_cols(max(need) + 1)), dtype=torch.int32, device="cuda")
+    lens = torch.empty(len(lengths), dtype=torch.int32, device="cuda")
+    cache = KVCache.wrap_layers(v, [t.unsqueeze(2) for t in tensors], scales, lut, lens, static_scales=static,
+                                null_page=0)
+    randomize_static_scales(cache, rng)
+    return cache, table, tensors
+
+
+def slots_of(table: np.ndarray, lengths: list[int], page: int) -> np.ndarray:
+    """vLLM's slot mapping of every token of every request (block_table[b, t // P] * P + t % P)."""
+    return np.concatenate([table[b, np.arange(n) // page].astype(np.int64) * page + np.arange(n) % page
+                           for b, n in enumerate(lengths)])
+
+
+def per_layer_rows(cache, spec, table: np.ndarray, lengths: list[int], layer: int):
+    """The reference's dequantized K and V of one layer: the per-layer tensors stacked into kvgen's one-tensor
+    layout ([nb, 2, L, P, H, D]) and read by the NumPy oracle through the block table."""
+    qz = spec.quantization
+    stack = torch.cat([t for t in cache._layer_blocks], dim=2)
+    scales = None
+    if cache.scales is not None:
+        scales = to_np(torch.cat(cache.scales, dim=2), "float32").copy()
+    static = to_np(torch.cat(cache.static_scales, dim=1), "float32").copy() if cache.static_scales is not None else None
+    lut = np.zeros((len(lengths), cache.lut_cols), np.uint32)
+    lut[:, : table.shape[1]] = table[: len(lengths)]
+    state = ref.CacheState(blocks=to_np(stack, spec.cache.dtype).copy(), scales=scales, lut=lut,
+                           cache_lengths=np.zeros(len(lengths), np.uint32), paged=True, static_scales=static)
+    ko, vo = ref.load(state, layer, np.cumsum([0, *lengths]), np.zeros(len(lengths), np.int64),
+                      qz.granularity if qz else None, qz.scale_dtype if qz else None)
+    return torch.from_numpy(ko).double(), torch.from_numpy(vo).double()
+
+
+def fill_layers(cache, spec, table, lengths, rng) -> None:
+    """Every token of every request stored into every layer through vLLM's slot mapping (random rows per layer)."""
+    io = getattr(torch, spec.cache.io_dtype)
+    H, D, T = spec.cache.num_kv_heads, spec.cache.head_size, sum(lengths)
+    slots = torch.from_numpy(slots_of(table, lengths, spec.cache.page_size)).cuda()
+    for layer in range(cache.num_layers):
+        k = (torch.randn(T, H, D, device="cuda") * 2).to(io)
+        cache.store_slots(layer, k, torch.randn(T, H, D, device="cuda").to(io), slots)
+
+
+@pytest.mark.parametrize("name", VLLM_LAYERS)
+def test_vllm_per_layer_caches_decode_from_the_block_table(gen, name: str) -> None:
+    """wrap_layers over vLLM-shaped per-layer caches (null block 0) and adopt_block_table on vLLM's block_table /
+    seq_lens: store_slots writes each layer's own tensor, decode of every layer matches float64 on that layer's
+    dequantized rows, vLLM's null block and the spare blocks keep their canaries, and the step's tables are what
+    the block table says (null padding past each request's pages)."""
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    v = gen.VARIANTS[name]
+    spec = v.spec()
+    P = spec.cache.page_size
+    lengths = [1, P - 1, P, P + 1, 3 * P + 5, 700]
+    cache, table, tensors = vllm_layer_caches(v, lengths, rng)
+    fill_layers(cache, spec, table, lengths, rng)
+    cache.adopt_block_table(torch.from_numpy(table).cuda(), torch.tensor(lengths + [0, 0], dtype=torch.int32, device="cuda"),
+                            lengths)
+    torch.cuda.synchronize()
+    lut = cache.lookup_table.cpu().numpy()
+    for b, n in enumerate(lengths):
+        k = -(-n // P)
+        assert (lut[b, :k] == table[b, :k]).all() and (lut[b, k:] == 0).all(), f"lookup-table row {b}"
+    assert cache.cache_lengths.cpu().tolist() == [n - 1 for n in lengths]
+    assert cache._row_offsets.cpu().tolist()[: len(lengths) + 1] == list(range(len(lengths) + 1))
+    att = spec.attention
+    q = torch.randn(len(lengths), att.num_q_heads, spec.cache.head_size, device="cuda").to(getattr(torch, spec.cache.io_dtype))
+    cache.plan_decode()
+    outs = []
+    for layer in range(cache.num_layers):
+        out = torch.full(q.shape, float("nan"), device="cuda", dtype=getattr(torch, att.output_dtype))
+        cache.decode(layer, q, out)
+        outs.append(out)
+    torch.cuda.synchronize()
+    for layer, out in enumerate(outs):
+        ko, vo = per_layer_rows(cache, spec, table, lengths, layer)
+        want, _ = reference(q.double().cpu(), ko, vo, lengths, att.num_q_heads // spec.cache.num_kv_heads,
+                            spec.cache.head_size ** -0.5)
+        check(out, want, f"{name} layer {layer}", spec.cache.dtype.startswith("float8"))
+    used = set(table[: len(lengths)].ravel().tolist()) - {0}
+    for t in tensors:
+        raw = t.view(torch.uint8).cpu()
+        canary = raw[0].clone().fill_(raw[0].view(-1)[0])
+        for blk in set(range(t.shape[0])) - used:  # vLLM's null block 0 and the spare blocks
+            assert torch.equal(raw[blk], canary), f"block {blk} was written"
+    assert cache.errors() == []
+
+
+@pytest.mark.parametrize("name", [n for n in VLLM_LAYERS if "bf16" in n and "p16" in n])
+def test_vllm_step_tables_and_decode_replay_in_one_graph(gen, name: str) -> None:
+    """adopt_block_table, store_slots and decode of every layer captured once (a fixed split count); each replay
+    follows the engine's device tensors: a new block table, a longer context and new rows, and matches float64."""
+    rng = np.random.default_rng(31)
+    v = gen.VARIANTS[name]
+    spec = v.spec()
+    P, att = spec.cache.page_size, spec.attention
+    lengths = [P + 1, 300, 5, 2 * P]
+    cache, table, tensors = vllm_layer_caches(v, [n + 2 for n in lengths], rng)  # room for two more tokens
+    io = getattr(torch, spec.cache.io_dtype)
+    B, H, D = len(lengths), spec.cache.num_kv_heads, spec.cache.head_size
+    bt = torch.from_numpy(table).cuda()
+    seq = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    slot = torch.empty(B, dtype=torch.int64, device="cuda")
+    k_new, v_new = torch.empty(B, H, D, dtype=io, device="cuda"), torch.empty(B, H, D, dtype=io, device="cuda")
+    q = torch.empty(B, att.num_q_heads, D, dtype=io, device="cuda")
+    outs = [torch.empty(B, att.num_q_heads, D, dtype=getattr(torch, att.output_dtype), device="cuda")
+            for _ in range(cache.num_layers)]
+    fill_layers(cache, spec, table, [n - 1 for n in lengths], rng)  # the history before the step's token
+    cache.adopt_block_table(bt, seq, lengths)
+    cache.plan_decode(splits=2)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.cuda.graph(g, stream=s):
+        cache.adopt_block_table(bt, seq, lengths)
+        for layer in range(cache.num_layers):
+            cache.store_slots(layer, k_new, v_new, slot)
+            cache.decode(layer, q, outs[layer])
+    for step in range(2):
+        now = [n + step for n in lengths]
+        if step:  # the engine's next step: request 0's pages moved to spare blocks (old ones poisoned), one more token
+            pages = table[0, : -(-now[0] // P)].copy()
+            spare = sorted(set(range(1, tensors[0].shape[0])) - set(table.ravel().tolist()))[: len(pages)]
+            for t in tensors:
+                t[spare] = t[pages]
+                t.view(torch.uint8)[pages] = t.view(torch.uint8)[0]  # the canaries of vLLM's null block
+            table[0, : len(pages)] = spare
+            bt.copy_(torch.from_numpy(table))
+        seq.copy_(torch.tensor(now, dtype=torch.int32))
+        slot.copy_(torch.from_numpy(slots_of(table, now, P)[np.cumsum(now) - 1]))
+        k_new.copy_((torch.randn(B, H, D, device="cuda") * 2).to(io))
+        v_new.copy_(torch.randn(B, H, D, device="cuda").to(io))
+        q.copy_(torch.randn(B, att.num_q_heads, D, device="cuda").to(io))
+        for o in outs:
+            o.fill_(float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        for layer, out in enumerate(outs):
+            ko, vo = per_layer_rows(cache, spec, table, now, layer)
+            want, _ = reference(q.double().cpu(), ko, vo, now, att.num_q_heads // H, D ** -0.5)
+            check(out, want, f"{name} replay {step} layer {layer}", False)
+    assert cache.errors() == []
+
+
+def test_adopt_block_table_checks_ids_lengths_and_serves_store(gen) -> None:
+    """Host checks name the bad argument; on the device, an id past the allocation and vLLM's null block inside a
+    request's pages become the null page and are reported, and nothing is written there. After a good table,
+    store() (the step's CSR offsets, no host page table) writes each request's token at position cache_length."""
+    v = gen.VARIANTS[VLLM_LAYERS[-1]]  # bf16, cp.async
+    spec = v.spec()
+    P, H, D = spec.cache.page_size, spec.cache.num_kv_heads, spec.cache.head_size
+    rng = np.random.default_rng(5)
+    lengths = [P + 3, 2, 2 * P]
+    cache, table, tensors = vllm_layer_caches(v, lengths, rng, layers=2)
+    bt, seq = torch.from_numpy(table).cuda(), torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    with pytest.raises(LaunchError, match="seq_lens_host\\[1\\]"):
+        cache.adopt_block_table(bt, seq, [P + 3, 0, 2 * P])  # below the step's new token
+    with pytest.raises(LaunchError, match="needs .* pages"):
+        cache.adopt_block_table(bt, seq, [P + 3, 2, 40 * P])
+    with pytest.raises(LaunchError, match="block_table"):
+        cache.adopt_block_table(bt.long(), seq, lengths)
+    with pytest.raises(LaunchError, match="new_tokens"):
+        cache.adopt_block_table(bt, seq, lengths, new_tokens=0)
+    bad = table.copy()
+    bad[0, 1] = tensors[0].shape[0] + 5  # past the allocation
+    bad[2, 0] = 0  # vLLM's null block inside request 2's pages
+    cache.adopt_block_table(torch.from_numpy(bad).cuda(), seq, lengths)
+    lut = cache.lookup_table.cpu().numpy()
+    assert lut[0, 1] == 0 and lut[2, 0] == 0 and lut[0, 0] == table[0, 0]
+    assert len(cache.errors()) == 2
+    cache.error_word.zero_()
+    with pytest.raises(LaunchError, match="lookup_table"):
+        cache.begin_step([1, 1, 1])
+    cache.adopt_block_table(bt, seq, lengths)
+    io = getattr(torch, spec.cache.io_dtype)
+    k, vv = (torch.randn(3, H, D, device="cuda") * 2).to(io), torch.randn(3, H, D, device="cuda").to(io)
+    before = [t.clone() for t in tensors]
+    cache.store(1, k, vv)
+    torch.cuda.synchronize()
+    assert cache.errors() == []
+    for b, n in enumerate(lengths):  # the step's token: position n - 1 = cache_length(b)
+        page, off = table[b, (n - 1) // P], (n - 1) % P
+        assert torch.equal(tensors[1][page, 0, off], k[b]) and torch.equal(tensors[1][page, 1, off], vv[b])
+        before[1][page, :, off] = tensors[1][page, :, off]
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(tensors, before)), \
+        "store wrote something besides the step's tokens of layer 1"

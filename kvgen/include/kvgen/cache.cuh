@@ -196,7 +196,7 @@ template <class Traits> struct PagedKVCache : CacheCommon<Traits> {
   // stale or corrupt map can never write the null page, past the allocation, or into another layer's rows.
   __device__ __forceinline__ bool slot_ok(uint32_t page, uint32_t off, uint32_t& row) const {
     if (page >= args->num_blocks) { report(*args, kErrPageOutOfRange); return false; }
-    if (page == args->num_blocks - 1 || off >= uint32_t(page_size_)) { report(*args, kErrUnassignedPage); return false; }
+    if (page == args->null_page || off >= uint32_t(page_size_)) { report(*args, kErrUnassignedPage); return false; }
     row = page * stride() + off;
     return true;
   }

@@ -52,7 +52,7 @@ struct CacheArgs {
   uint32_t max_seq_length;         // longest count of new tokens in this step (max_prompt_length)
   uint32_t max_cache_length;       // longest cache_length + new tokens (max_context_length)
   uint32_t tokens_per_slot;        // continuous caches only: the slot length S; 0 for paged
-  uint32_t reserved;
+  uint32_t null_page;              // paged: the page no request owns (kvgen allocates it last; vLLM's null block is 0)
 };
 static_assert(sizeof(CacheArgs) == 80, "CacheArgs layout must match kvgen/runtime/abi.py");
 

@@ -259,8 +259,8 @@ __device__ __forceinline__ void copy_pages(const CacheArgs& a, const uint32_t* _
   const uint32_t pair = blockIdx.y;
   if (pair >= n_pairs) return;
   const uint32_t src = src_ids[pair], dst = dst_ids[pair];
-  // Never write the null page (the last page) nor past the allocation; reading the null page is allowed.
-  if (src >= a.num_blocks || dst + 1 >= a.num_blocks) {
+  // Never write the null page nor past the allocation; reading the null page is allowed.
+  if (src >= a.num_blocks || dst >= a.num_blocks || dst == a.null_page) {
     if (blockIdx.x == 0 && threadIdx.x == 0) report(a, kErrPageOutOfRange);
     return;
   }
