@@ -35,6 +35,7 @@ class Geometry:
     page_size: int  # P; for a continuous cache, the slot length S
     num_blocks: int  # including the null page (paged) / number of slots (continuous)
     paged: bool = True
+    null_block: int | None = None  # the page no request owns; None: the last (vLLM's null block is 0)
 
     @property
     def stride(self) -> int:
@@ -42,7 +43,7 @@ class Geometry:
 
     @property
     def null_page(self) -> int:
-        return self.num_blocks - 1
+        return self.num_blocks - 1 if self.null_block is None else self.null_block
 
 
 def row_idx(g: Geometry, lut: np.ndarray, b: int, t: int) -> int:
@@ -153,11 +154,12 @@ class CacheState:
     cache_lengths: np.ndarray  # uint32 [B]
     paged: bool = True
     static_scales: np.ndarray | None = None  # float32 [KVD, L, H] (cache.static_scales), else None
+    null_page: int | None = None  # None: the last page (KVCache's null_page)
 
     @property
     def geometry(self) -> Geometry:
         nb, kvd, L, P = self.blocks.shape[:4]
-        return Geometry(kv_dim=kvd, num_layers=L, page_size=P, num_blocks=nb, paged=self.paged)
+        return Geometry(kv_dim=kvd, num_layers=L, page_size=P, num_blocks=nb, paged=self.paged, null_block=self.null_page)
 
     def _locate(self, b: int, pos: int) -> tuple[int, int] | None:
         """(block, token-in-block) of a position, or None when unassigned (null page / past the LUT)."""
@@ -169,7 +171,7 @@ class CacheState:
         if col >= self.lut.shape[1]:
             return None
         page = int(self.lut[b, col])
-        if page >= g.null_page:
+        if page >= g.num_blocks or page == g.null_page:
             return None
         return page, pos % g.page_size
 
@@ -211,7 +213,7 @@ def store_slots(state: CacheState, layer: int, new: list[np.ndarray], slots: np.
         if slot < 0:
             continue
         blk, tok = divmod(int(slot), g.page_size)
-        if blk >= g.null_page:
+        if blk >= g.num_blocks or blk == g.null_page:
             refused += 1
             continue
         _write_row(state, layer, blk, tok, [x[t] for x in new], cache_dtype, granularity, scale_dtype)

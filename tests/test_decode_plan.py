@@ -304,3 +304,25 @@ def test_programmatic_launch_is_refused_before_sm90_naming_the_field() -> None:
     cache._arch, cache._pdl_capable = "sm_90a", True
     cache.programmatic_launch = True
     assert cache.programmatic_launch is True and cache._programmatic is True
+
+
+def _choose_chunk_one_by_one(lens: np.ndarray, heads: int, slots: int, overhead: int = 96, tile: int = 64) -> int:
+    """The planner's rule written as the plain loop over candidate chunks it replaced (1.7 ms at 16k contexts)."""
+    longest = int(lens.max())
+    best_chunk, best_cost = 0, None
+    for t in range(1, -(-longest // tile) + 1):
+        chunk = t * tile
+        waves = -(-heads * int(np.sum(-(-lens // chunk))) // slots)
+        cost = waves * (min(chunk, longest) + overhead)
+        if best_cost is None or cost < best_cost or (cost == best_cost and chunk > best_chunk):
+            best_chunk, best_cost = chunk, cost
+    return best_chunk
+
+
+def test_choose_chunk_vectorized_keeps_the_rule() -> None:
+    """All candidate chunks evaluated at once pick what the candidate-by-candidate loop picks (ties: the longest)."""
+    rng = np.random.default_rng(4)
+    for _ in range(400):
+        lens = rng.integers(1, int(rng.integers(2, 40000)), int(rng.integers(1, 300)))
+        heads, slots = int(rng.choice([1, 2, 8])), int(rng.choice([132, 264, 528, 792]))
+        assert choose_chunk(lens, heads, slots) == _choose_chunk_one_by_one(lens, heads, slots)

@@ -79,16 +79,13 @@ def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = 96
     lens = np.asarray(lengths, dtype=np.int64)
     if lens.size == 0:
         return tile
-    max_tiles = max(1, int(-(-int(lens.max()) // tile)))
-    best_chunk, best_cost = tile * max_tiles, None
-    for t in range(1, max_tiles + 1):
-        chunk = t * tile
-        ctas = heads * int(np.sum(-(-lens // chunk)))
-        waves = -(-ctas // max(1, slots))
-        cost = waves * (min(chunk, int(lens.max())) + overhead)
-        if best_cost is None or cost < best_cost or (cost == best_cost and chunk > best_chunk):
-            best_chunk, best_cost = chunk, cost
-    return best_chunk
+    longest = int(lens.max())
+    # Every candidate chunk (1 to max_tiles tiles) at once: a Python loop over them cost 1.7 ms per step at 16k
+    # contexts (256 candidates); the [candidates, batch] matrix of CTA counts takes a few tens of µs.
+    chunks = tile * np.arange(1, max(1, -(-longest // tile)) + 1, dtype=np.int64)
+    ctas = heads * (-(-lens[None, :] // chunks[:, None])).sum(axis=1)
+    cost = -(-ctas // max(1, slots)) * (np.minimum(chunks, longest) + overhead)
+    return int(chunks[cost == cost.min()].max())  # the longest chunk among the cheapest (fewer CTAs to merge)
 
 
 def grouped_groups(pairs: int, sms: int, max_groups: int) -> int:

@@ -581,7 +581,7 @@ class KVCache:
     def adopt_block_table(self, block_table: Any, seq_lens: Any, seq_lens_host: Any, new_tokens: int = 1,
                           stream: Any = None) -> None:
         """Plan a step from an engine's tables instead of set_pages / set_cache_lengths / begin_step: vLLM's
-        attention metadata has block_table (int32 [>= n, cols] on the device, rows in order, entries past a
+        attention metadata has block_table (int32 [>= n, cols] on the device, contiguous, entries past a
         request's pages ignored), seq_lens (int32 [>= n] on the device, counting the step's new_tokens) and the same
         lengths on the host (seq_lens_cpu; n = its length). One kernel writes the lookup table, cache_lengths
         (seq_lens - new_tokens) and the step's CSR row offsets from the device tensors, so it can sit in a captured
@@ -603,10 +603,10 @@ class KVCache:
         n = len(lens)
         if n > self.max_batch:
             raise LaunchError(kn, "seq_lens_host", f"at most max_batch={self.max_batch} requests", n, "allocate more")
-        bt = check_tensor(kn, "block_table", block_table, dtype=("int32",), device=self.device, contiguous=False, align=4)
-        if len(bt.shape) != 2 or bt.shape[0] < n or (bt.shape[1] > 1 and bt.strides[1] != 1):
-            raise LaunchError(kn, "block_table", f"must be int32 [>= {n}, cols] with contiguous rows",
-                              (list(bt.shape), list(bt.strides)), "pass the engine's block_table (or .contiguous())")
+        bt = check_tensor(kn, "block_table", block_table, dtype=("int32",), device=self.device, align=4)
+        if len(bt.shape) != 2 or bt.shape[0] < n:
+            raise LaunchError(kn, "block_table", f"must be int32 [>= {n}, cols]", list(bt.shape),
+                              "pass the engine's block_table (vLLM: block_table_tensor)")
         sl = check_tensor(kn, "seq_lens", seq_lens, dtype=("int32",), shape=(None,), device=self.device, align=4)
         if sl.shape[0] < n:
             raise LaunchError(kn, "seq_lens", f"needs one length per request ({n})", sl.shape[0], "pass the step's seq_lens")
@@ -621,7 +621,7 @@ class KVCache:
                               "allocate the lookup table with kvgen.reference.padded_lut_cols(max pages per request)")
         a = self._adopt_args
         launch = self._launch("adopt", kn, (self.args, *a.values()))
-        a["table"].value, a["row_stride"].value, a["cols"].value = bt.ptr, bt.strides[0], bt.shape[1]
+        a["table"].value, a["row_stride"].value, a["cols"].value = bt.ptr, bt.shape[1], bt.shape[1]
         a["lens"].value, a["n"].value, a["new"].value = sl.ptr, n, new_tokens
         a["offsets"].value = self._row_offsets.data_ptr()
         launch.fire_as(self._programmatic)((self.max_batch, 1, 1), (128, 1, 1), self._stream(stream))

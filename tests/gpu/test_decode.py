@@ -563,7 +563,8 @@ def per_layer_rows(cache, spec, table: np.ndarray, lengths: list[int], layer: in
     lut = np.zeros((len(lengths), cache.lut_cols), np.uint32)
     lut[:, : table.shape[1]] = table[: len(lengths)]
     state = ref.CacheState(blocks=to_np(stack, spec.cache.dtype).copy(), scales=scales, lut=lut,
-                           cache_lengths=np.zeros(len(lengths), np.uint32), paged=True, static_scales=static)
+                           cache_lengths=np.zeros(len(lengths), np.uint32), paged=True, static_scales=static,
+                           null_page=cache.null_page)
     ko, vo = ref.load(state, layer, np.cumsum([0, *lengths]), np.zeros(len(lengths), np.int64),
                       qz.granularity if qz else None, qz.scale_dtype if qz else None)
     return torch.from_numpy(ko).double(), torch.from_numpy(vo).double()

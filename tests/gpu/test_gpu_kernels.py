@@ -118,7 +118,7 @@ def state_of(cache, spec) -> ref.CacheState:
     static = to_np(cache.static_scales, "float32").copy() if cache.static_scales is not None else None
     return ref.CacheState(blocks=to_np(cache.blocks, spec.cache.dtype).copy(), scales=scales,
                           lut=cache.host_lut.copy(), cache_lengths=cache.host_lengths.copy(), paged=cache.paged,
-                          static_scales=static)
+                          static_scales=static, null_page=cache.null_page if cache.paged else None)
 
 
 def random_rows(rng: np.random.Generator, shape: tuple[int, ...], io: str, scale: float = 3.0) -> np.ndarray:
