@@ -2,8 +2,8 @@
 int32 and seq_lens [reqs] int32 on the device, seq_lens_cpu on the host), and what per-layer cache tensors cost.
 
 - kvgen: KVCache.adopt_block_table (one kernel writes the lookup table, the cache lengths and the step's CSR
-  offsets) + plan_decode (host arithmetic). Device time of the kernel in a CUDA graph (median of 50 replays), and
-  eager host time of both calls (device time: 64 launches per graph, median of 50 replays, per launch).
+  offsets) + plan_decode (host arithmetic). Device time of the kernel in CUDA graphs (64 launches per graph, median
+  of 50 replays, per launch), and eager host time of both calls.
 - FlashInfer's paged decode, as vLLM's FLASHINFER backend drives it: BatchDecodeWithPagedKVCacheWrapper.plan per
   step (CUDA-graph mode, tensor cores), given host indptr / last_page_len and device indices. Eager host time only;
   building the CSR indices from the block table (a device kernel in vLLM) is not counted.
