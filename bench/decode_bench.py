@@ -102,12 +102,11 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
     for loader, v in variants.items():
         vspec = v.spec()
         static = vspec.cache.static_scales
-        e8m0 = vspec.quantization is not None and vspec.quantization.scale_dtype == "float8_e8m0fnu"
         # A static-scales build reads the same FP8 blocks with per-tensor scales STATIC_SCALES instead of the
-        # per-token scales: the same bytes of K and V, no scale reads. An e8m0 build reads them with random
-        # power-of-two scales per token and head (a byte each, not 4).
+        # per-token scales: the same bytes of K and V, no scale reads. An e8m0 or per-group build reads them with
+        # random scales of its own format (build_scales; e8m0: a byte each, not 4).
         views = [c if v is variant else type(c).wrap(
-            v, c.blocks, None if static else e8m0_scales(c.scales) if e8m0 else c.scales, c.lookup_table,
+            v, c.blocks, build_scales(v, c.scales), c.lookup_table,
             c.cache_lengths, num_layers=1, static_scales=static_scale_tensor(H) if static else None)
             for c, _, _ in sets]
         if static:
@@ -118,7 +117,7 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             w.plan_decode()
         name = "kvgen" if len(variants) == 1 else f"kvgen ({loader})"
         build_views[name] = views
-        if not static and not e8m0:  # a different dequantization: not comparable with the per-token builds
+        if not static and views[0].scales is sets[0][0].scales:  # other scales: other values, not comparable
             first_views[name] = views[0]
         default_launches = [lambda c=c, q=q, o=o: c.decode(0, q, o) for c, (_, q, o) in zip(views, sets)]
         entries.append((name, default_launches, nbytes))
@@ -277,9 +276,18 @@ def layer_step_entries(build_views: dict, sets: list, lengths: list[int], spec, 
     return out
 
 
-def e8m0_scales(f32_scales: torch.Tensor) -> torch.Tensor:
-    """uint8 e8m0 scales of the same shape, random powers of two (kvgen.benchmark.fill_random_scales)."""
-    return fill_random_scales(torch.empty(f32_scales.shape, dtype=torch.uint8, device=f32_scales.device))
+def build_scales(variant, default_scales: torch.Tensor) -> torch.Tensor:
+    """The scales a build reads next to the default build's FP8 blocks: the default's own where the format is the
+    same; else random ones of the build's dtype (e8m0: powers of two) and groups per row
+    (kvgen.benchmark.fill_random_scales)."""
+    qz = variant.spec().quantization
+    if qz is None:  # 16-bit, or static scales: no scales tensor
+        return default_scales
+    groups = -(-D // qz.granularity)
+    dtype = torch.uint8 if qz.scale_dtype == "float8_e8m0fnu" else torch.float32
+    if default_scales.dtype == dtype and default_scales.shape[-1] == groups:
+        return default_scales
+    return fill_random_scales(torch.empty((*default_scales.shape[:-1], groups), dtype=dtype, device=default_scales.device))
 
 
 def check_builds_agree(views: dict, q: torch.Tensor, label: str, tol: float = 2e-2) -> None:
@@ -328,6 +336,8 @@ def main() -> None:
                          "decode, with and without early reads; peers: vLLM's or FlashInfer's store, then XQA)")
     ap.add_argument("--e8m0-scales", action="store_true",
                     help="also time the FP8 variants built with e8m0 (power-of-two) per-token scales, on the same blocks")
+    ap.add_argument("--group-scales", nargs="*", type=int, default=[], metavar="G",
+                    help="also time the FP8 variants built with per-group scales of G elements, float32 and e8m0")
     ap.add_argument("--static-scales", action="store_true",
                     help="also time the FP8 variants built with per-tensor static scales (cache.static_scales) on the same "
                          "blocks, and give XQA the same scales")
@@ -345,6 +355,9 @@ def main() -> None:
         mods["static scales"] = load_generated(args.loaders[0], tag="-ss", scales="static")
     if args.e8m0_scales:
         mods["e8m0 scales"] = load_generated(args.loaders[0], tag="-e8", scales="e8m0")
+    for g in args.group_scales:  # per-group scales (dequantized to bf16 in registers), float32 and e8m0
+        mods[f"f32 g{g}"] = load_generated(args.loaders[0], tag=f"-g{g}", attention={"granularity": g})
+        mods[f"e8m0 g{g}"] = load_generated(args.loaders[0], tag=f"-e8g{g}", attention={"granularity": g}, scales="e8m0")
     mod = mods[args.loaders[0]]
     copy_bw = copy_bandwidth()
     gpu = torch.cuda.get_device_name()
