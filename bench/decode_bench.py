@@ -106,7 +106,7 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
         # per-token scales: the same bytes of K and V, no scale reads. An e8m0 or per-group build reads them with
         # random scales of its own format (build_scales; e8m0: a byte each, not 4).
         views = [c if v is variant else type(c).wrap(
-            v, c.blocks, build_scales(v, c.scales), c.lookup_table,
+            v, c.blocks, None if static else build_scales(v, c.scales), c.lookup_table,
             c.cache_lengths, num_layers=1, static_scales=static_scale_tensor(H) if static else None)
             for c, _, _ in sets]
         if static:
@@ -281,7 +281,7 @@ def build_scales(variant, default_scales: torch.Tensor) -> torch.Tensor:
     same; else random ones of the build's dtype (e8m0: powers of two) and groups per row
     (kvgen.benchmark.fill_random_scales)."""
     qz = variant.spec().quantization
-    if qz is None:  # 16-bit, or static scales: no scales tensor
+    if qz is None:  # 16-bit: no scales
         return default_scales
     groups = -(-D // qz.granularity)
     dtype = torch.uint8 if qz.scale_dtype == "float8_e8m0fnu" else torch.float32
