@@ -689,10 +689,11 @@ def test_store_slots_refuses_bad_arguments(generated) -> None:
 
 
 def test_adopt_a_vllm_layer_cache(generated) -> None:
-    """A vLLM layer's FP8 cache ([num_blocks, 2, block_size, H, D], NHD; one block more than vLLM uses, for kvgen's
-    null page) and its per-tensor k_scale / v_scale, adopted without a copy: kv_cache.unsqueeze(2) is kvgen's
+    """A vLLM layer's FP8 cache ([num_blocks, 2, block_size, H, D], NHD; vLLM's null block 0 as kvgen's null page)
+    and its per-tensor k_scale / v_scale, adopted without a copy: kv_cache.unsqueeze(2) is kvgen's
     [n, KVD, L = 1, P, H, D]. store_slots on vLLM's slot mapping writes what the reference's slot store does, in
-    the vLLM tensor itself, and load reads it back dequantized."""
+    the vLLM tensor itself (the last block included: it is an ordinary block here), refuses block 0, and load reads
+    it back dequantized."""
     name = next(n for n in STATIC if n.startswith("gpu_paged_e4m3") and "_p16_" in n)
     v = generated.VARIANTS[name]
     spec = v.spec()
@@ -701,18 +702,23 @@ def test_adopt_a_vllm_layer_cache(generated) -> None:
     kv_cache = torch.full((nb, 2, P, H, D), 0x7F, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)  # canaries
     k_scale, v_scale = torch.tensor([0.04], device="cuda"), torch.tensor([0.03], device="cuda")
     static = torch.stack([k_scale.expand(1, H), v_scale.expand(1, H)]).contiguous()  # [KVD, L = 1, H]
-    lut = torch.full((1, ref.padded_lut_cols(2)), nb - 1, dtype=torch.int32, device="cuda")
+    lut = torch.zeros((1, ref.padded_lut_cols(2)), dtype=torch.int32, device="cuda")
     cache = KVCache.wrap(v, kv_cache.unsqueeze(2), None, lut, torch.zeros(1, dtype=torch.int32, device="cuda"),
-                         num_layers=1, static_scales=static)
+                         num_layers=1, static_scales=static, null_page=0)
     rng = np.random.default_rng(8)
     kv_in = [random_rows(rng, (20, H, D), spec.cache.io_dtype) for _ in range(2)]
-    slots = np.array([3 * P + t if t < P else 7 * P + t - P for t in range(20)], np.int64)  # request pages [3, 7]
+    slots = np.array([3 * P + t if t < P else 8 * P + t - P for t in range(20)], np.int64)  # request pages [3, 8]
+    slots = np.r_[slots, 5, -1]  # a slot on vLLM's null block (refused, reported) and a padding slot
+    rows = [from_np(np.concatenate([x, x[:2]]), spec.cache.io_dtype) for x in kv_in]
     before = state_of(cache, spec)
-    cache.store_slots(0, *[from_np(x, spec.cache.io_dtype) for x in kv_in], torch.from_numpy(slots).cuda())
-    assert ref.store_slots(before, 0, [x.astype(np.float32) for x in kv_in], slots, spec.cache.dtype) == 0
+    cache.store_slots(0, *rows, torch.from_numpy(slots).cuda())
+    assert ref.store_slots(before, 0, [np.concatenate([x, x[:2]]).astype(np.float32) for x in kv_in], slots,
+                           spec.cache.dtype) == 1
     got = to_np(kv_cache, spec.cache.dtype)  # the vLLM tensor, [nb, 2, P, H, D]
     np.testing.assert_array_equal(got.view(np.uint8), before.blocks[:, :, 0].view(np.uint8))
-    cache.set_pages([[3, 7]])
+    assert len(cache.errors()) == 1
+    cache.error_word.zero_()
+    cache.set_pages([[3, 8]])
     cache.set_cache_lengths([0])
     outs = [torch.empty(20, H, D, dtype=getattr(torch, spec.cache.io_dtype), device="cuda") for _ in range(2)]
     cache.load(0, outs[0], outs[1], torch.zeros(1, dtype=torch.int32, device="cuda"),
