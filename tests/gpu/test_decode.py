@@ -724,23 +724,3 @@ def test_adopt_block_table_checks_ids_lengths_and_serves_store(gen) -> None:
     assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(tensors, before)), \
         "store wrote something besides the step's tokens of layer 1"
 
-
-def test_copy_pages_of_per_layer_caches_copies_every_layer(gen) -> None:
-    """copy_pages on a wrap_layers cache copies the page (and its scales) in every layer's tensor, and refuses a
-    copy onto the null page (vLLM's block 0) without writing it."""
-    v = gen.VARIANTS[next(n for n in VLLM_LAYERS if "qf32g128" in n)]  # FP8 with per-layer scales tensors
-    spec = v.spec()
-    rng = np.random.default_rng(9)
-    lengths = [spec.cache.page_size + 3, 5]
-    cache, table, tensors = vllm_layer_caches(v, lengths, rng, layers=3)
-    fill_layers(cache, spec, table, lengths, rng)
-    src, spare = int(table[0, 1]), int(sorted(set(range(1, tensors[0].shape[0])) - set(table.ravel().tolist()))[0])
-    null_before = [t.view(torch.uint8)[0].clone() for t in tensors]
-    ids = lambda *x: torch.tensor(x, dtype=torch.int32, device="cuda")  # noqa: E731
-    cache.copy_pages(ids(src, src), ids(spare, 0))
-    torch.cuda.synchronize()
-    for t, s, nb in zip(tensors, cache.scales, null_before):
-        assert torch.equal(t.view(torch.uint8)[spare], t.view(torch.uint8)[src])
-        assert torch.equal(s[spare], s[src])
-        assert torch.equal(t.view(torch.uint8)[0], nb), "the null page was written"
-    assert len(cache.errors()) == 1  # the copy onto block 0

@@ -728,3 +728,27 @@ def test_adopt_a_vllm_layer_cache(generated) -> None:
         np.testing.assert_array_equal(to_np(o, spec.cache.io_dtype).astype(np.float32),
                                       e.astype(DTYPES[spec.cache.io_dtype].numpy).astype(np.float32))
     assert cache.errors() == []
+
+
+def test_copy_pages_of_per_layer_caches_copies_every_layer(generated) -> None:
+    """copy_pages on a wrap_layers cache (one tensor per layer, vLLM's block 0 as the null page) copies the page and
+    its scales in every layer's tensors, touches no other page, and refuses a copy onto the null page."""
+    name = next(n for n in NAMES if n.startswith("gpu_paged_e4m3") and "_qf32" in n)
+    v = generated.VARIANTS[name]
+    spec = v.spec()
+    c = spec.cache
+    nb, L, G = 6, 3, -(-c.head_size // spec.quantization.granularity)
+    blocks = [torch.randint(0, 126, (nb, 2, 1, c.page_size, c.num_kv_heads, c.head_size), dtype=torch.uint8,
+                            device="cuda").view(getattr(torch, c.dtype)) for _ in range(L)]
+    scales = [torch.rand((nb, 2, 1, c.page_size, c.num_kv_heads, G), device="cuda") + 0.5 for _ in range(L)]
+    lut = torch.zeros((2, ref.padded_lut_cols(2)), dtype=torch.int32, device="cuda")
+    cache = KVCache.wrap_layers(v, blocks, scales, lut, torch.zeros(2, dtype=torch.int32, device="cuda"), null_page=0)
+    before = [(b.view(torch.uint8).clone(), s.clone()) for b, s in zip(blocks, scales)]
+    ids = lambda *x: torch.tensor(x, dtype=torch.int32, device="cuda")  # noqa: E731
+    cache.copy_pages(ids(2, 2), ids(4, 0))  # 2 -> 4 in every layer; 2 -> 0 (the null page) refused
+    torch.cuda.synchronize()
+    for b, s, (b0, s0) in zip(blocks, scales, before):
+        want_b, want_s = b0.clone(), s0.clone()
+        want_b[4], want_s[4] = b0[2], s0[2]
+        assert torch.equal(b.view(torch.uint8), want_b) and torch.equal(s, want_s)
+    assert len(cache.errors()) == 1
