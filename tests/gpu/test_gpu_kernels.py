@@ -752,3 +752,35 @@ def test_copy_pages_of_per_layer_caches_copies_every_layer(generated) -> None:
         want_b[4], want_s[4] = b0[2], s0[2]
         assert torch.equal(b.view(torch.uint8), want_b) and torch.equal(s, want_s)
     assert len(cache.errors()) == 1
+
+
+def test_tma_tiles_of_per_layer_caches_read_that_layer(generated) -> None:
+    """create_tma_tile / tile_load on a wrap_layers cache read the layer's own tensor: each layer's tiles equal the
+    tiles of the same tensor adopted alone as a one-layer cache (the address math of slice_address)."""
+    name = next(n for n in NAMES if n.startswith("gpu_paged_e4m3") and "_qf32" in n)
+    v = generated.VARIANTS[name]
+    spec = v.spec()
+    c, geo = spec.cache, tma_geometry(spec)
+    nb, L, G = 7, 3, -(-c.head_size // spec.quantization.granularity)
+    blocks = [torch.randint(0, 126, (nb, 2, 1, c.page_size, c.num_kv_heads, c.head_size), dtype=torch.uint8,
+                            device="cuda").view(getattr(torch, c.dtype)) for _ in range(L)]
+    scales = [torch.ones((nb, 2, 1, c.page_size, c.num_kv_heads, G), device="cuda") for _ in range(L)]
+    pages, lens = [[3, 1, 5], [6, 2]], [2 * c.page_size + 5, c.page_size + 1]
+    tables = lambda: (torch.zeros((2, ref.padded_lut_cols(3)), dtype=torch.int32, device="cuda"),  # noqa: E731
+                      torch.zeros(2, dtype=torch.int32, device="cuda"))
+    multi = KVCache.wrap_layers(v, blocks, scales, *tables(), null_page=0)
+    singles = [KVCache.wrap(v, b, s, *tables(), num_layers=1, null_page=0) for b, s in zip(blocks, scales)]
+    max_tiles = max(-(-n // geo.bn) for n in lens) + 1
+    for cache in (multi, *singles):
+        cache.set_pages(pages)
+        cache.set_cache_lengths(lens)
+        cache.begin_step([0, 0])
+    for layer in range(L):
+        for kv in range(2):
+            got, want = (torch.full((2, max_tiles, c.num_kv_heads, geo.bn, geo.bk), 0xA5,
+                                    dtype=torch.uint8, device="cuda").view(blocks[0].dtype) for _ in range(2))
+            multi.tile_load(multi.create_tma_tile(kv, layer), layer, kv, got)
+            singles[layer].tile_load(singles[layer].create_tma_tile(kv, 0), 0, kv, want)
+            torch.cuda.synchronize()
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), f"layer {layer} kv {kv}"
+    assert multi.errors() == []
