@@ -181,7 +181,8 @@ def test_decode_tile_boxes_are_one_page_by_one_block(monkeypatch, dtype: str, he
     heads, layers, rows = spec.cache.num_kv_heads, 2, 40 * page_size
     cache = SimpleNamespace(spec=spec, tma_geometry=tma_geometry(spec), kv_dim=2, num_layers=layers, num_heads=heads,
                             head_size=head_size, blocks_ptr=1 << 20, page_rows=rows, num_kv_rows=lambda: rows,
-                            page_size=page_size, per_layer=False, dtype=dtype)
+                            page_size=page_size, per_layer=False, dtype=dtype,
+                            args=SimpleNamespace(kv_offset=layers * rows))  # K and V of a page together
     cache.slice_address = partial(KVCache.slice_address, cache)  # the real address math, on this stand-in
     seen = []
 

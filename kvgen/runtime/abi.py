@@ -21,10 +21,12 @@ class CacheArgs(ctypes.Structure):
         ("max_cache_length", ctypes.c_uint32),
         ("tokens_per_slot", ctypes.c_uint32),
         ("null_page", ctypes.c_uint32),
+        ("page_stride", ctypes.c_uint32),
+        ("kv_offset", ctypes.c_uint32),
     ]
 
 
-assert ctypes.sizeof(CacheArgs) == 80, "must match static_assert(sizeof(CacheArgs) == 80) in common.cuh"
+assert ctypes.sizeof(CacheArgs) == 88, "must match static_assert(sizeof(CacheArgs) == 88) in common.cuh"
 
 ERR_UNASSIGNED_PAGE = 1 << 0
 ERR_PAGE_OUT_OF_RANGE = 1 << 1

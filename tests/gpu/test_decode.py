@@ -510,11 +510,14 @@ VLLM_LAYERS = list({n.rsplit("_", 1)[0]: n for n in reversed(NAMES) if re.match(
     r"gdec_paged_(bf16_h2_d128_p(16|64)|e4m3_h2_d128_p16_(qf32g128|ss))_s128b_ld(cpa|tma)_", n)}.values())
 
 
-def vllm_layer_caches(v, lengths: list[int], rng: np.random.Generator, layers: int = 3, spare: int = 3):
-    """vLLM's side of a decode step: per-layer caches [num_blocks, 2, P, H, D] full of canary bytes (block 0 is
-    vLLM's null block), a block table of randomly permuted blocks (rows and columns past the requests hold 0, as
-    vLLM pads them), seq_lens counting the step's token. Returns the cache adopted by kvgen, the block table as
-    a NumPy array and the per-layer tensors."""
+def vllm_layer_caches(v, lengths: list[int], rng: np.random.Generator, layers: int = 3, spare: int = 3,
+                      kv_layout: str = "pages"):
+    """vLLM's side of a decode step: per-layer caches full of canary bytes (block 0 is vLLM's null block), in the
+    FlashInfer / Triton backends' [num_blocks, 2, P, H, D] (kv_layout "pages") or the FlashAttention backend's
+    [2, num_blocks, P, H, D] ("planes"); a block table of randomly permuted blocks (rows and columns past the
+    requests hold 0, as vLLM pads them). Returns the cache adopted by kvgen, the block table as a NumPy array and
+    each layer's tensor as a [num_blocks, 2, P, H, D] view (a transposed view of a planes tensor)."""
+    planes = kv_layout == "planes"
     spec = v.spec()
     c = spec.cache
     P, H, D = c.page_size, c.num_kv_heads, c.head_size
@@ -529,20 +532,21 @@ def vllm_layer_caches(v, lengths: list[int], rng: np.random.Generator, layers: i
     fp8 = c.dtype.startswith("float8")
     tensors = []
     for _ in range(layers):
-        t = torch.empty((nb, 2, P, H, D), dtype=getattr(torch, c.dtype), device="cuda")
+        t = torch.empty((2, nb, P, H, D) if planes else (nb, 2, P, H, D), dtype=getattr(torch, c.dtype), device="cuda")
         t.view(torch.uint8).fill_(0x7F) if fp8 else t.fill_(float("inf"))  # NaN / inf canaries
         tensors.append(t)
     scales = None
     if spec.quantization is not None:
         g = D // spec.quantization.granularity
-        scales = [torch.ones((nb, 2, 1, P, H, g), device="cuda") for _ in range(layers)]  # as allocate makes them
+        scales = [torch.ones((2, nb, 1, P, H, g) if planes else (nb, 2, 1, P, H, g), device="cuda")
+                  for _ in range(layers)]  # as allocate makes them
     static = [torch.ones((2, 1, H), device="cuda") for _ in range(layers)] if c.static_scales else None
     lut = torch.empty((len(lengths), ref.padded_lut_cols(max(need) + 1)), dtype=torch.int32, device="cuda")
     lens = torch.empty(len(lengths), dtype=torch.int32, device="cuda")
     cache = KVCache.wrap_layers(v, [t.unsqueeze(2) for t in tensors], scales, lut, lens, static_scales=static,
-                                null_page=0)
+                                null_page=0, kv_layout=kv_layout)
     randomize_static_scales(cache, rng)
-    return cache, table, tensors
+    return cache, table, [t.transpose(0, 1) if planes else t for t in tensors]
 
 
 def slots_of(table: np.ndarray, lengths: list[int], page: int) -> np.ndarray:
@@ -555,10 +559,11 @@ def per_layer_rows(cache, spec, table: np.ndarray, lengths: list[int], layer: in
     """The reference's dequantized K and V of one layer: the per-layer tensors stacked into kvgen's one-tensor
     layout ([nb, 2, L, P, H, D]) and read by the NumPy oracle through the block table."""
     qz = spec.quantization
-    stack = torch.cat([t for t in cache._layer_blocks], dim=2)
+    first = (lambda t: t.transpose(0, 1)) if cache.kv_layout == "planes" else (lambda t: t)  # noqa: E731
+    stack = torch.cat([first(t) for t in cache._layer_blocks], dim=2)
     scales = None
     if cache.scales is not None:
-        scales = to_np(torch.cat(cache.scales, dim=2), "float32").copy()
+        scales = to_np(torch.cat([first(t) for t in cache.scales], dim=2), "float32").copy()
     static = to_np(torch.cat(cache.static_scales, dim=1), "float32").copy() if cache.static_scales is not None else None
     lut = np.zeros((len(lengths), cache.lut_cols), np.uint32)
     lut[:, : table.shape[1]] = table[: len(lengths)]
@@ -580,8 +585,9 @@ def fill_layers(cache, spec, table, lengths, rng) -> None:
         cache.store_slots(layer, k, torch.randn(T, H, D, device="cuda").to(io), slots)
 
 
+@pytest.mark.parametrize("kv_layout", ["pages", "planes"])
 @pytest.mark.parametrize("name", VLLM_LAYERS)
-def test_vllm_per_layer_caches_decode_from_the_block_table(gen, name: str) -> None:
+def test_vllm_per_layer_caches_decode_from_the_block_table(gen, name: str, kv_layout: str) -> None:
     """wrap_layers over vLLM-shaped per-layer caches (null block 0) and adopt_block_table on vLLM's block_table /
     seq_lens: store_slots writes each layer's own tensor, decode of every layer matches float64 on that layer's
     dequantized rows, vLLM's null block and the spare blocks keep their canaries, and the step's tables are what
@@ -591,7 +597,7 @@ def test_vllm_per_layer_caches_decode_from_the_block_table(gen, name: str) -> No
     spec = v.spec()
     P = spec.cache.page_size
     lengths = [1, P - 1, P, P + 1, 3 * P + 5, 700]
-    cache, table, tensors = vllm_layer_caches(v, lengths, rng)
+    cache, table, tensors = vllm_layer_caches(v, lengths, rng, kv_layout=kv_layout)
     initial = [t.view(torch.uint8).cpu() for t in tensors]  # canaries everywhere
     fill_layers(cache, spec, table, lengths, rng)
     cache.adopt_block_table(torch.from_numpy(table).cuda(), torch.tensor(lengths + [0, 0], dtype=torch.int32, device="cuda"),
@@ -625,8 +631,9 @@ def test_vllm_per_layer_caches_decode_from_the_block_table(gen, name: str) -> No
     assert cache.errors() == []
 
 
+@pytest.mark.parametrize("kv_layout", ["pages", "planes"])
 @pytest.mark.parametrize("name", [n for n in VLLM_LAYERS if "bf16" in n and "p16" in n])
-def test_vllm_step_tables_and_decode_replay_in_one_graph(gen, name: str) -> None:
+def test_vllm_step_tables_and_decode_replay_in_one_graph(gen, name: str, kv_layout: str) -> None:
     """adopt_block_table, store_slots and decode of every layer captured once (a fixed split count); each replay
     follows the engine's device tensors: a new block table, a longer context and new rows, and matches float64."""
     rng = np.random.default_rng(31)
@@ -634,7 +641,7 @@ def test_vllm_step_tables_and_decode_replay_in_one_graph(gen, name: str) -> None
     spec = v.spec()
     P, att = spec.cache.page_size, spec.attention
     lengths = [P + 1, 300, 5, 2 * P]
-    cache, table, tensors = vllm_layer_caches(v, [n + 2 for n in lengths], rng)  # room for two more tokens
+    cache, table, tensors = vllm_layer_caches(v, [n + 2 for n in lengths], rng, kv_layout=kv_layout)  # room for 2 more
     io = getattr(torch, spec.cache.io_dtype)
     B, H, D = len(lengths), spec.cache.num_kv_heads, spec.cache.head_size
     bt = torch.from_numpy(table).cuda()

@@ -730,19 +730,25 @@ def test_adopt_a_vllm_layer_cache(generated) -> None:
     assert cache.errors() == []
 
 
-def test_copy_pages_of_per_layer_caches_copies_every_layer(generated) -> None:
-    """copy_pages on a wrap_layers cache (one tensor per layer, vLLM's block 0 as the null page) copies the page and
-    its scales in every layer's tensors, touches no other page, and refuses a copy onto the null page."""
+@pytest.mark.parametrize("kv_layout", ["pages", "planes"])
+def test_copy_pages_of_per_layer_caches_copies_every_layer(generated, kv_layout: str) -> None:
+    """copy_pages on a wrap_layers cache (one tensor per layer, vLLM's block 0 as the null page; K and V of a page
+    together, or in planes) copies the page and its scales in every layer's tensors, touches no other page, and
+    refuses a copy onto the null page."""
     name = next(n for n in NAMES if n.startswith("gpu_paged_e4m3") and "_qf32" in n)
     v = generated.VARIANTS[name]
     spec = v.spec()
     c = spec.cache
     nb, L, G = 6, 3, -(-c.head_size // spec.quantization.granularity)
-    blocks = [torch.randint(0, 126, (nb, 2, 1, c.page_size, c.num_kv_heads, c.head_size), dtype=torch.uint8,
+    lead = (2, nb) if kv_layout == "planes" else (nb, 2)
+    blocks = [torch.randint(0, 126, (*lead, 1, c.page_size, c.num_kv_heads, c.head_size), dtype=torch.uint8,
                             device="cuda").view(getattr(torch, c.dtype)) for _ in range(L)]
-    scales = [torch.rand((nb, 2, 1, c.page_size, c.num_kv_heads, G), device="cuda") + 0.5 for _ in range(L)]
+    scales = [torch.rand((*lead, 1, c.page_size, c.num_kv_heads, G), device="cuda") + 0.5 for _ in range(L)]
     lut = torch.zeros((2, ref.padded_lut_cols(2)), dtype=torch.int32, device="cuda")
-    cache = KVCache.wrap_layers(v, blocks, scales, lut, torch.zeros(2, dtype=torch.int32, device="cuda"), null_page=0)
+    cache = KVCache.wrap_layers(v, blocks, scales, lut, torch.zeros(2, dtype=torch.int32, device="cuda"), null_page=0,
+                                kv_layout=kv_layout)
+    if kv_layout == "planes":  # compare through [num_blocks, 2, ...] views
+        blocks, scales = [b.transpose(0, 1) for b in blocks], [s.transpose(0, 1) for s in scales]
     before = [(b.view(torch.uint8).clone(), s.clone()) for b, s in zip(blocks, scales)]
     ids = lambda *x: torch.tensor(x, dtype=torch.int32, device="cuda")  # noqa: E731
     cache.copy_pages(ids(2, 2), ids(4, 0))  # 2 -> 4 in every layer; 2 -> 0 (the null page) refused
@@ -754,21 +760,27 @@ def test_copy_pages_of_per_layer_caches_copies_every_layer(generated) -> None:
     assert len(cache.errors()) == 1
 
 
-def test_tma_tiles_of_per_layer_caches_read_that_layer(generated) -> None:
+@pytest.mark.parametrize("kv_layout", ["pages", "planes"])
+def test_tma_tiles_of_per_layer_caches_read_that_layer(generated, kv_layout: str) -> None:
     """create_tma_tile / tile_load on a wrap_layers cache read the layer's own tensor: each layer's tiles equal the
-    tiles of the same tensor adopted alone as a one-layer cache (the address math of slice_address)."""
+    tiles of the same data adopted alone as a one-layer cache with K and V of a page together (the address math of
+    slice_address, for both kv layouts)."""
     name = next(n for n in NAMES if n.startswith("gpu_paged_e4m3") and "_qf32" in n)
     v = generated.VARIANTS[name]
     spec = v.spec()
     c, geo = spec.cache, tma_geometry(spec)
     nb, L, G = 7, 3, -(-c.head_size // spec.quantization.granularity)
-    blocks = [torch.randint(0, 126, (nb, 2, 1, c.page_size, c.num_kv_heads, c.head_size), dtype=torch.uint8,
+    lead = (2, nb) if kv_layout == "planes" else (nb, 2)
+    blocks = [torch.randint(0, 126, (*lead, 1, c.page_size, c.num_kv_heads, c.head_size), dtype=torch.uint8,
                             device="cuda").view(getattr(torch, c.dtype)) for _ in range(L)]
-    scales = [torch.ones((nb, 2, 1, c.page_size, c.num_kv_heads, G), device="cuda") for _ in range(L)]
+    scales = [torch.ones((*lead, 1, c.page_size, c.num_kv_heads, G), device="cuda") for _ in range(L)]
     pages, lens = [[3, 1, 5], [6, 2]], [2 * c.page_size + 5, c.page_size + 1]
     tables = lambda: (torch.zeros((2, ref.padded_lut_cols(3)), dtype=torch.int32, device="cuda"),  # noqa: E731
                       torch.zeros(2, dtype=torch.int32, device="cuda"))
-    multi = KVCache.wrap_layers(v, blocks, scales, *tables(), null_page=0)
+    multi = KVCache.wrap_layers(v, blocks, scales, *tables(), null_page=0, kv_layout=kv_layout)
+    if kv_layout == "planes":  # the singles get the same data with K and V of a page together
+        blocks = [b.transpose(0, 1).contiguous() for b in blocks]
+        scales = [s.transpose(0, 1).contiguous() for s in scales]
     singles = [KVCache.wrap(v, b, s, *tables(), num_layers=1, null_page=0) for b, s in zip(blocks, scales)]
     max_tiles = max(-(-n // geo.bn) for n in lens) + 1
     for cache in (multi, *singles):

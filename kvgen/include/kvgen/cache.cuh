@@ -73,10 +73,10 @@ template <class Traits> struct PagedKVCache : CacheCommon<Traits> {
   __device__ __forceinline__ static PagedKVCache view(const CacheArgs& a, int kv_idx, int layer) {
     PagedKVCache c;
     c.head_scales = Base::head_scales_of(a, kv_idx, layer);
-    const int64_t slice = int64_t(kv_idx) * a.num_layers + layer;
-    c.blocks = reinterpret_cast<dtype*>(a.blocks) + slice * page_size_ * row_elems;
+    const int64_t first_row = int64_t(kv_idx) * a.kv_offset + int64_t(layer) * page_size_;  // row 0 of the view
+    c.blocks = reinterpret_cast<dtype*>(a.blocks) + first_row * row_elems;
     c.scales = a.scales == nullptr ? nullptr
-        : reinterpret_cast<scale_dtype*>(a.scales) + slice * page_size_ * num_heads * num_scale_groups;
+        : reinterpret_cast<scale_dtype*>(a.scales) + first_row * num_heads * num_scale_groups;
     c.args = &a;
     return c;
   }
@@ -92,8 +92,9 @@ template <class Traits> struct PagedKVCache : CacheCommon<Traits> {
   __device__ __forceinline__ bool empty_cache() const { return args->max_cache_length == 0; }
 
   // -- row math -------------------------------------------------------------------------------------------
-  // Rows of H*D elements between consecutive pages of this view (other layers and V sit in between).
-  __device__ __forceinline__ uint32_t stride() const { return uint32_t(Base::kv_dim) * args->num_layers * page_size_; }
+  // Rows of H*D elements between consecutive pages of this view (other layers, and V unless K and V are planes,
+  // sit in between).
+  __device__ __forceinline__ uint32_t stride() const { return args->page_stride; }
   __device__ __forceinline__ uint32_t lut(uint32_t b, uint32_t col) const {
     return args->lookup_table[uint64_t(b) * args->lut_row_stride + col];
   }

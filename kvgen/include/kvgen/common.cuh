@@ -53,8 +53,14 @@ struct CacheArgs {
   uint32_t max_cache_length;       // longest cache_length + new tokens (max_context_length)
   uint32_t tokens_per_slot;        // continuous caches only: the slot length S; 0 for paged
   uint32_t null_page;              // paged: the page no request owns (kvgen allocates it last; vLLM's null block is 0)
+  // Paged: rows of H*D elements between consecutive pages of one (K|V, layer) view, and from the K view to the V
+  // view. KVCache sets them from the tensor layout: K and V of a page together ([num_blocks, KVD, L, P, H, D]:
+  // KVD*L*P and L*P), or K and V planes ([KVD, num_blocks, L, P, H, D], vLLM's FlashAttention layout: L*P and
+  // num_blocks*L*P).
+  uint32_t page_stride;
+  uint32_t kv_offset;
 };
-static_assert(sizeof(CacheArgs) == 80, "CacheArgs layout must match kvgen/runtime/abi.py");
+static_assert(sizeof(CacheArgs) == 88, "CacheArgs layout must match kvgen/runtime/abi.py");
 
 // Programmatic dependent launch (sm_90+; no-ops before sm_90 and when the grid was launched plainly). The host
 // launches store, load, copy_pages and decode with the PDL attribute (KVCache.programmatic_launch), so a grid
