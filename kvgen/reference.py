@@ -1,7 +1,8 @@
 """NumPy reference of the KVCacheT semantics: the oracle of kvgen's CPU and GPU tests.
 
 Layouts follow MAX (see DESIGN.md): blocks `[num_blocks, KVD, L, P, H, D]` (num_blocks includes the null
-page, which is the last one), scales `[num_blocks, KVD, L, P, H, G]`, lookup table `uint32 [B, cols]` with
+page, the last one unless CacheState.null_page says otherwise; K/V-plane and per-layer caches are compared after
+rearranging into this layout), scales `[num_blocks, KVD, L, P, H, G]`, lookup table `uint32 [B, cols]` with
 unassigned entries equal to the null page id. Every function is written for clarity, not speed.
 """
 

@@ -37,5 +37,8 @@ ERROR_NAMES = {
     ERR_BAD_RANGE: "row offsets were not a valid CSR over the token count",
 }
 
+NO_NULL_PAGE = 0xFFFFFFFF
+"""CacheArgs.null_page of a continuous cache: no slot is refused as the null page."""
+
 DECODE_EARLY_READS = 1 << 0
 """decode_partial's flags bit (kDecodeEarlyReads in decode.cuh): KVCache.decode(early_cache_reads=True)."""

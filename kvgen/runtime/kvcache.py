@@ -31,7 +31,7 @@ from ..errors import LaunchError
 from ..reference import padded_lut_cols
 from ..render import generator_stamp
 from . import driver
-from .abi import DECODE_EARLY_READS, ERROR_NAMES, CacheArgs
+from .abi import DECODE_EARLY_READS, ERROR_NAMES, NO_NULL_PAGE, CacheArgs
 from .decode_plan import DecodePlan, DecodeWorkspace, plan_decode, workspace_pairs
 from .tensors import DeviceTensor, check_positive_float32, check_tensor, to_host
 
@@ -149,21 +149,31 @@ class KVCache:
         if self.quantized:
             if scales is None:
                 raise LaunchError("KVCache", "scales", "a quantized variant needs a scales tensor", None,
-                                  "allocate [num_blocks, KVD, L, P, H, G]")
+                                  "allocate the blocks' shape with G = head_size / granularity for D"
+                                  + (" (one per layer)" if self.per_layer else ""))
             sd = "uint8" if self.spec.quantization.scale_dtype == "float8_e8m0fnu" else "float32"
             sshape = (*want[:1], self.num_blocks, *want[1:-1]) if planes else (self.num_blocks, *want[:-1])
-            scale_ptrs = [check_tensor("KVCache", "scales", t, dtype=(sd, self.spec.quantization.scale_dtype),
-                                       shape=(*sshape, self.groups), device=self.device, align=4).ptr
-                          for t in self._per_layer_list("scales", scales)]
+            scale_ptrs = [check_tensor("KVCache", f"scales[{i}]" if self.per_layer else "scales", t,
+                                       dtype=(sd, self.spec.quantization.scale_dtype), shape=(*sshape, self.groups),
+                                       device=self.device, align=4).ptr
+                          for i, t in enumerate(self._per_layer_list("scales", scales))]
         self.static_scales = static_scales
         static_ptrs = self._check_static_scales(static_scales)
         # (blocks, scales, static scales) addresses each layer's launches use; one entry unless per_layer.
         self._layer_ptrs = list(zip(layer_ptrs, scale_ptrs, static_ptrs))
         paged = self.paged
-        self._null_page = (self.num_blocks - 1 if null_page is None else null_page) if paged else 0
+        if not paged and null_page is not None:
+            raise LaunchError("KVCache", "null_page", "a continuous cache has slots and no null page", null_page,
+                              "pass null_page=None")
+        # Continuous caches: no slot is the null page (copy_pages may write every slot).
+        self._null_page = (self.num_blocks - 1 if null_page is None else null_page) if paged else NO_NULL_PAGE
         if paged and (isinstance(null_page, bool) or not 0 <= self._null_page < self.num_blocks):
             raise LaunchError("KVCache", "null_page", f"must be a page id in [0, {self.num_blocks})", null_page,
                               "pass None (the last page, as allocate makes it) or the engine's null block (vLLM: 0)")
+        rows = self.num_blocks * self.kv_dim * self.kernel_layers * self.page_rows
+        if rows >= 2**32:  # the kernels' row indices (and CacheArgs' page_stride / kv_offset) are 32-bit
+            raise LaunchError("KVCache", "num_blocks", f"the tensor's {rows} rows of H*D must stay below 2^32",
+                              self.num_blocks, "use fewer blocks per tensor (or one tensor per layer: wrap_layers)")
         lut = check_tensor("KVCache", "lookup_table", lookup_table, dtype=_U32, device=self.device)
         self.max_batch = lut.shape[0]
         self.lut_cols = lut.shape[1] if self.paged else 1
@@ -267,8 +277,9 @@ class KVCache:
         if static_scales is None:
             raise LaunchError("KVCache", "static_scales", "a variant with static scales needs its scales tensor", None,
                               f"allocate float32 {list(shape)}{' per layer' if self.per_layer else ''} (ones: scale 1)")
-        return [check_tensor("KVCache", "static_scales", t, dtype="float32", shape=shape, device=self.device, align=4).ptr
-                for t in self._per_layer_list("static_scales", static_scales)]
+        return [check_tensor("KVCache", f"static_scales[{i}]" if self.per_layer else "static_scales", t, dtype="float32",
+                             shape=shape, device=self.device, align=4).ptr
+                for i, t in enumerate(self._per_layer_list("static_scales", static_scales))]
 
     def _bind_layer(self, layer: int) -> int:
         """The layer index a kernel gets, after pointing the kernel arguments at that layer's tensors (per-layer
@@ -412,6 +423,9 @@ class KVCache:
         if not isinstance(blocks, (list, tuple)) or not blocks:
             raise LaunchError("KVCache.wrap_layers", "blocks", "must be a non-empty list of per-layer tensors",
                               type(blocks).__name__, "pass [layer_0_cache, layer_1_cache, ...] (or use wrap)")
+        if variant.spec().cache.kind != "paged":
+            raise LaunchError("KVCache.wrap_layers", "variant", "per-layer tensors are for paged caches",
+                              variant.NAME, "use wrap (one tensor for all layers) for a continuous cache")
         return cls.wrap(variant, list(blocks), scales, lookup_table, cache_lengths, num_layers=len(blocks),
                         max_tokens=max_tokens, static_scales=static_scales, null_page=null_page, kv_layout=kv_layout)
 
@@ -479,7 +493,7 @@ class KVCache:
         self._token_map_ptr = token_map.data_ptr()
 
     def view(self, kv: int, layer: int) -> Any:
-        """The [num_blocks, P, H, D] torch view of one (K|V, layer) slice (page stride KVD*L*P*H*D)."""
+        """The [num_blocks, P, H, D] torch view of one (K|V, layer) slice (page stride: `stride` rows)."""
         blocks, layer = (self.blocks_of_layer(layer), 0) if self.per_layer else (self.blocks, layer)
         return blocks[kv, :, layer] if self.kv_layout == "planes" else blocks[:, kv, layer]
 
@@ -604,7 +618,8 @@ class KVCache:
         graph and follow the engine's next tables on replay. The host lengths size the step (batch, longest
         context) for plan_decode and are checked here: a length below new_tokens, or more pages than the block
         table or the lookup table holds, is refused by name. The kernel checks every page id again: an id past the
-        allocation or the null page inside a request is written as the null page and reported by errors(). Then:
+        allocation is written as the null page and reported by errors(); the null page inside a request (vLLM's
+        null block for blocks a sliding window or a prefix-cache hit skipped) is kept, never written. Then:
         store_slots, store (the step's CSR offsets, no token map) and, after plan_decode, decode. No host copy of
         the page table exists afterwards (begin_step, capacity and row_idx refuse until set_pages)."""
         kn = "adopt_block_table"
@@ -634,7 +649,8 @@ class KVCache:
                                   int(lens[b]), "pass lengths that include the tokens being added")
             raise LaunchError(kn, f"seq_lens_host[{b}]", f"needs {need} pages but the block table has {bt.shape[1]} "
                               f"columns and the lookup table {self.lut_cols - 16}", int(lens[b]),
-                              "allocate the lookup table with kvgen.reference.padded_lut_cols(max pages per request)")
+                              "pass the whole block table, and size the lookup table with "
+                              "kvgen.reference.padded_lut_cols(max pages per request)")
         a = self._adopt_args
         launch = self._launch("adopt", kn, (self.args, *a.values()))
         a["table"].value, a["row_stride"].value, a["cols"].value = bt.ptr, bt.shape[1], bt.shape[1]
@@ -765,8 +781,8 @@ class KVCache:
         """vLLM's reshape_and_cache_flash contract: row t of K/V [T', H, D] goes to slot_mapping[t] = page *
         page_size + offset, for t < T = len(slot_mapping) (int64 device tensor [T]; T' >= T, so graph-padded inputs
         work; a negative slot is a padding token and is skipped). Needs no begin_step and changes no lengths. Slots on
-        the null page (the last one) or past the allocation are refused on the device and reported by errors(): a
-        vLLM block tensor adopted with wrap() needs one block more than vLLM's allocator hands out. A decode with
+        the null page (the last page, or the one wrap chose: vLLM's block 0) or past the allocation are refused on the
+        device and reported by errors(). A decode with
         early_cache_reads may follow it directly only when it wrote nothing but each request's position
         cache_length(b) (a decode step's token), as store() does."""
         kn = "store_slots"
@@ -860,6 +876,10 @@ class KVCache:
                                    or not 1 <= splits <= MAX_FIXED_SPLITS):
             raise LaunchError("plan_decode", "splits", f"must be an int in [1, {MAX_FIXED_SPLITS}]", splits,
                               "pass e.g. splits=4, or splits=None to let the planner choose")
+        if self.args.max_seq_length > 1:  # decode attends cache_length(b) + 1 tokens: one new token per request
+            raise LaunchError("plan_decode", "new_lengths", "decode takes one new token per request (the one stored at "
+                              "cache_length)", int(self.args.max_seq_length),
+                              "begin the decode step with begin_step([1] * batch) or adopt_block_table(new_tokens=1)")
         self._window = window
         self.decode_plan = plan_decode(self, splits=splits)
         return self.decode_plan
@@ -910,7 +930,8 @@ class KVCache:
         cached K/V before the kernel before this one on the stream has finished (the launch and the first DRAM
         round trips overlap its tail). Only for a caller that guarantees that kernel writes none of them: it may
         write Q, the step's own token (position cache_length(b), as kvgen's store does) and anything else. Q, that
-        token and every write of this kernel still wait for it."""
+        token and every write of this kernel still wait for it. adopt_block_table writes the page table and the
+        lengths, so a decode right after it (no store launched between) must not read early."""
         kn = "decode"
         att = self.spec.attention
         if att is None:

@@ -708,13 +708,16 @@ def test_adopt_block_table_checks_ids_lengths_and_serves_store(gen) -> None:
     with pytest.raises(LaunchError, match="new_tokens"):
         cache.adopt_block_table(bt, seq, lengths, new_tokens=0)
     bad = table.copy()
-    bad[0, 1] = tensors[0].shape[0] + 5  # past the allocation
-    bad[2, 0] = 0  # vLLM's null block inside request 2's pages
+    bad[0, 1] = tensors[0].shape[0] + 5  # past the allocation: the null page, reported
+    bad[2, 0] = 0  # vLLM's null block inside request 2's pages (a skipped window block): kept, not an error
     cache.adopt_block_table(torch.from_numpy(bad).cuda(), seq, lengths)
     lut = cache.lookup_table.cpu().numpy()
     assert lut[0, 1] == 0 and lut[2, 0] == 0 and lut[0, 0] == table[0, 0]
-    assert len(cache.errors()) == 2
+    assert cache.errors() == ["a page or slot id is past the allocation"]
     cache.error_word.zero_()
+    cache.adopt_block_table(bt, seq, lengths, new_tokens=2)  # a two-token step: store serves it, decode does not
+    with pytest.raises(LaunchError, match="one new token per request"):
+        cache.plan_decode()
     with pytest.raises(LaunchError, match="lookup_table"):
         cache.begin_step([1, 1, 1])
     cache.adopt_block_table(bt, seq, lengths)

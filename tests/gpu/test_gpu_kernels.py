@@ -264,13 +264,18 @@ def test_fp8_saturation_never_nan(generated, name: str) -> None:
 def test_copy_pages_exact(generated, name: str) -> None:
     rng = np.random.default_rng(3)
     v, spec, cache = make_cache(generated, name, rng, [0, 0, 0], [20, 33, 7])
-    if not cache.paged:
-        pytest.skip("copy_pages copies pages (slots of a continuous cache are copied the same way, tested paged)")
     io = spec.cache.io_dtype
     x = [random_rows(rng, (60, *cache._io_shape()[1:]), io) for _ in range(spec.cache.kv_dim)]
     cache.begin_step([20, 33, 7])
     cache.store(0, *[from_np(a, io) for a in x])
     before = state_of(cache, spec)
+    if not cache.paged:  # slots: a continuous cache has no null page, so any slot may be written (here request 0's)
+        src, dst = [int(cache.host_lut[1])], [int(cache.host_lut[0])]
+        cache.copy_pages(torch.tensor(src, dtype=torch.int32, device="cuda"), torch.tensor(dst, dtype=torch.int32, device="cuda"))
+        ref.copy_pages(before, src, dst)
+        np.testing.assert_array_equal(state_of(cache, spec).blocks.view(np.uint8), before.blocks.view(np.uint8))
+        assert cache.errors() == []
+        return
     src = [int(a) for a in cache.host_lut[1, :2]]
     free = sorted(set(range(cache.null_page)) - set(int(a) for a in cache.host_lut.ravel()))
     dst = free[:2]

@@ -13,10 +13,11 @@ namespace kvgen {
 constexpr uint32_t kLutTailColumns = 16;
 
 // One CTA per lookup-table row b < gridDim.x (the cache's max_batch). Rows of requests [num_reqs, max_batch) get
-// no pages and length 0. Every page id is checked: ids past the allocation, or the null page inside a request's
-// pages, are written as the null page and flagged in the error word, so nothing downstream reads or writes outside
-// the cache. A length below new_tokens, or more pages than either table holds, is flagged too (the request then
-// keeps only what fits).
+// no pages and length 0. Every page id is checked: an id past the allocation is written as the null page and
+// flagged in the error word, so nothing downstream reads or writes outside the cache. The null page inside a
+// request's pages is kept without a flag: vLLM puts its null block where a sliding window or a prefix-cache hit
+// skipped blocks, decode does not read pages wholly before the window, and the stores refuse to write it. A length
+// below new_tokens, or more pages than either table holds, is flagged (the request then keeps only what fits).
 template <int PageSize>
 __device__ __forceinline__ void adopt_block_table(const CacheArgs& a, const int32_t* __restrict__ block_table,
                                                   uint32_t bt_row_stride, uint32_t bt_cols,
@@ -48,8 +49,6 @@ __device__ __forceinline__ void adopt_block_table(const CacheArgs& a, const int3
       const int32_t id = src[j];
       if (id < 0 || uint32_t(id) >= a.num_blocks) {
         report(a, kErrPageOutOfRange);
-      } else if (uint32_t(id) == a.null_page) {
-        report(a, kErrUnassignedPage);
       } else {
         page = uint32_t(id);
       }

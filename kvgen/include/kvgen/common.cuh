@@ -39,8 +39,10 @@ enum ErrorBits : uint32_t {
 // Run-time description of a whole cache collection (all layers, K and V). Python packs the same layout
 // (kvgen/runtime/abi.py); keep both in sync, the static_asserts below pin the size.
 struct CacheArgs {
-  void* blocks;                    // [num_blocks, KVD, L, P, H, D] (continuous: [slots, KVD, L, S, H, D])
-  void* scales;                    // [num_blocks, KVD, L, P, H, G] or nullptr when not quantized
+  void* blocks;                    // [num_blocks, KVD, L, P, H, D] or K/V planes [KVD, num_blocks, L, P, H, D]
+                                   // (continuous: [slots, KVD, L, S, H, D]); one layer's tensor (L = 1) per launch
+                                   // for per-layer caches (KVCache.wrap_layers)
+  void* scales;                    // the blocks' layout with G for D, or nullptr when not quantized
   const uint32_t* cache_lengths;   // [batch] tokens already cached
   const uint32_t* lookup_table;    // [batch, lut_row_stride] page ids (paged) / [batch] slot ids (continuous)
   uint32_t* error_word;            // see ErrorBits; may be nullptr
@@ -52,7 +54,8 @@ struct CacheArgs {
   uint32_t max_seq_length;         // longest count of new tokens in this step (max_prompt_length)
   uint32_t max_cache_length;       // longest cache_length + new tokens (max_context_length)
   uint32_t tokens_per_slot;        // continuous caches only: the slot length S; 0 for paged
-  uint32_t null_page;              // paged: the page no request owns (kvgen allocates it last; vLLM's null block is 0)
+  uint32_t null_page;              // paged: the page no request owns (kvgen allocates it last; vLLM's null block is 0);
+                                   // continuous: 0xFFFFFFFF (none)
   // Paged: rows of H*D elements between consecutive pages of one (K|V, layer) view, and from the K view to the V
   // view. KVCache sets them from the tensor layout: K and V of a page together ([num_blocks, KVD, L, P, H, D]:
   // KVD*L*P and L*P), or K and V planes ([KVD, num_blocks, L, P, H, D], vLLM's FlashAttention layout: L*P and
