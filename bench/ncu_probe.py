@@ -68,7 +68,25 @@ def decode_flashinfer_tc(pattern: str, batch: int, ctx: int) -> None:
     torch.cuda.synchronize()
 
 
+def decode_groups(scales: str | None, batch: int, ctx: int) -> None:
+    """FP8 decode with per-64 scales (float32, or e8m0 with scales="e8m0"), 16-token pages: the two builds whose
+    speeds differ by 9-19% although their bytes differ by 5% (bench/RESULTS.md, session 14)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from decode_bench import load_generated
+
+    mod = load_generated("auto", tag=f"-ncu-g64-{scales or 'f32'}", attention={"granularity": 64}, scales=scales)
+    v = next(v for n, v in mod.VARIANTS.items() if "e4m3" in n and "_p16_" in n)
+    cache = decode_cache(v, [ctx] * batch, np.random.default_rng(0))
+    q = torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    for _ in range(4):
+        cache.decode(0, q, out)
+    torch.cuda.synchronize()
+
+
 CASES = {
+    "decode-fp8g64f32-128x4k": lambda: decode_groups(None, 128, 4096),
+    "decode-fp8g64e8m0-128x4k": lambda: decode_groups("e8m0", 128, 4096),
     "store-bf16": lambda: store("*bf16*p128*"),
     "store-fp8": lambda: store("*e4m3*p128*"),
     "decode-bf16-16x1k": lambda: decode("*bf16*p16_*", 16, 1024),

@@ -43,6 +43,7 @@ for step in "${@:-all}"; do
       echo "---- ncu $c"
       sections=()
       for sec in ${NCU_SECTIONS:-SpeedOfLight Occupancy LaunchStats WarpStateStats MemoryWorkloadAnalysis}; do sections+=(--section "$sec"); done
+      [[ -n ${NCU_METRICS:-} ]] && sections=(--metrics "$NCU_METRICS")  # raw metrics instead of sections
       ncu --kernel-name regex:"${NCU_KERNELS:-_(store|decode)\$}" --launch-skip 2 --launch-count 1 "${sections[@]}" \
         python3 bench/ncu_probe.py "$c" 2>&1 | grep -vE '^==PROF==|^\s*$' | tee -a "$OUT/ncu.log" | tail -n "${NCU_TAIL:-90}"
     done
