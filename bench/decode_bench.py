@@ -67,8 +67,9 @@ def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str
             if scales == "static" and spec.cache.dtype.startswith("float8"):
                 out["quantization"] = None
                 out["cache"] = spec.cache.model_copy(update={"static_scales": True})
-            if scales == "e8m0" and spec.quantization is not None:
-                out["quantization"] = spec.quantization.model_copy(update={"scale_dtype": "float8_e8m0fnu"})
+            if scales == "e8m0" and spec.quantization is not None:  # on top of a granularity set above
+                out["quantization"] = out.get("quantization", spec.quantization).model_copy(
+                    update={"scale_dtype": "float8_e8m0fnu"})
             return spec.model_copy(update=out)
         specs = [tuned(v.spec) for v in cfg.variants]
         cfg = ConfigFile(path=None, name=f"bench_decode_{name}", variants=[make_variant(s) for s in specs])
