@@ -801,6 +801,19 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     // PVT: heads 2tq, 2tq + 1 are elements e & 1; the max and sum are taken over the tokens (lanes gq).
     auto slot_of = [&](int e) -> int { return PVT ? (e & 1) : (e >> 1); };
     constexpr int NT_S = PVT ? 1 : 2, E_S = PVT ? 4 : 2 * ROWS_USED, NSLOT = PVT ? 2 : ROWS_USED;
+    // kFp8Grouped: the largest K and V scale of each of the lane's score tokens, read once per tile (PVT: tokens gq
+    // and gq + 8; else 2tq, 2tq + 1 of each n-tile, which are also the V rows r0, r0 + 1, r0 + 8, r0 + 9 below).
+    constexpr int NTOK = PVT ? 2 : 4;
+    auto tok_idx = [](int nt, int e) -> int { return PVT ? (e >> 1) : nt * 2 + (e & 1); };
+    float kmax[NTOK], vmax[NTOK];
+    if constexpr (Ty::kFp8Grouped) {
+#pragma unroll
+      for (int i = 0; i < NTOK; ++i) {
+        const int t = int(warp) * 16 + (PVT ? 8 * i + int(gq) : (i >> 1) * 8 + int(tq) * 2 + (i & 1));
+        kmax[i] = scale_max(kss, t);
+        vmax[i] = scale_max(vss, t);
+      }
+    }
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < NT_S; ++nt)
@@ -808,7 +821,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       for (int e = 0; e < E_S; ++e) {
         float x = s[nt][e];
         if constexpr (Ty::kFp8Direct && QUANT) x *= scale_at(kss, warp * 16 + token_of(nt, e));
-        if constexpr (Ty::kFp8Grouped) x *= scale_max(kss, int(warp) * 16 + token_of(nt, e));
+        if constexpr (Ty::kFp8Grouped) x *= kmax[tok_idx(nt, e)];
         // soft_cap 0 = no cap at run time (a cap-capable variant called without one): a uniform branch.
         if constexpr (SOFTCAP) x = soft_cap > 0.f ? soft_cap * tanhf(x * softmax_scale / soft_cap) * kLog2e : x * scale_log2;
         else x *= scale_log2;
@@ -856,7 +869,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 #pragma unroll
         for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
-          for (int e = 0; e < E_S; ++e) p[nt][e] *= scale_max(vss, int(warp) * 16 + token_of(nt, e));
+          for (int e = 0; e < E_S; ++e) p[nt][e] *= vmax[tok_idx(nt, e)];
       }
       if constexpr (PVT) {
         // P^T's B fragment (tokens 2tq, 2tq + 1 and + 8 of head gq) is the transpose of S^T's 8 x 8 halves.
@@ -905,8 +918,9 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       // kFp8Grouped: f16x2 shares of each group's scale in the largest, of tokens (r0, r0 + 1) and (r0 + 8, r0 + 9).
       uint32_t vshare01[Ty::kFp8Grouped ? G : 1], vshare89[Ty::kFp8Grouped ? G : 1];
       if constexpr (Ty::kFp8Grouped) {
-        const float i0 = inv_or_zero(scale_max(vss, r0)), i1 = inv_or_zero(scale_max(vss, r0 + 1));
-        const float i8 = inv_or_zero(scale_max(vss, r0 + 8)), i9 = inv_or_zero(scale_max(vss, r0 + 9));
+        // Without PVT these rows are the score tokens, whose largest scales vmax holds.
+        const float i0 = inv_or_zero(PVT ? scale_max(vss, r0) : vmax[0]), i1 = inv_or_zero(PVT ? scale_max(vss, r0 + 1) : vmax[1]);
+        const float i8 = inv_or_zero(PVT ? scale_max(vss, r0 + 8) : vmax[2]), i9 = inv_or_zero(PVT ? scale_max(vss, r0 + 9) : vmax[3]);
 #pragma unroll
         for (int g = 0; g < G; ++g) {
           vshare01[g] = pack2<true>(scale_at(vss, r0 * G + g) * i0, scale_at(vss, (r0 + 1) * G + g) * i1);
