@@ -169,13 +169,15 @@ template <class Cache> struct DecodeTypes {
   // FP8 with no scales or one scale per (token, head): raw FP8 -> f16 in one cvt, the K scale multiplies a
   // score column and the V scale a probability column (no per-element work).
   static constexpr bool kFp8Direct = kFp8 && (!Cache::quantization_enabled || Cache::num_scale_groups == 1);
-  // FP8 with 2-4 scale groups per row: the same f16 path, with each token's largest scale on its score and
+  // FP8 with 2-4 float32 scale groups per row: the same f16 path, with each token's largest scale on its score and
   // probability columns and every element multiplied in f16x2 by its group's share of that scale (at most 1, so no
-  // f16 overflow). Dequantizing every element to bf16 instead (FP8 -> float, a multiply, a pack) doubled the warp
-  // instructions of the tile loop (ncu, H200, 128 x 4k: 184 M against 88 M per token) and cost 9-19% of the time.
+  // f16 overflow). Against dequantizing every element to bf16 (FP8 -> float, a multiply, a pack; ncu, H200,
+  // 128 x 4k: twice the warp instructions of per-token scales) it was 1-3.4% faster at g64 on the H200 (session 14,
+  // A/B on the same machine). e8m0 scales stay on the bf16 path: extracting each scale's byte for the largest and
+  // the shares made them 1-5% slower there.
   static constexpr bool kFp8Grouped = kFp8 && Cache::quantization_enabled && Cache::num_scale_groups >= 2 &&
-                                      Cache::num_scale_groups <= 4;
-  // More groups (granularity 16 of a 128-wide head): every element dequantized to bf16 with its own scale.
+                                      Cache::num_scale_groups <= 4 && is_same_v<typename Cache::scale_dtype, float>;
+  // e8m0 groups, or more groups (granularity 16 of a 128-wide head): every element dequantized to bf16 with its scale.
   static constexpr bool kFp8Dequant = kFp8 && !kFp8Direct && !kFp8Grouped;
   static constexpr bool kF16 = is_same_v<T, __half> || kFp8Direct || kFp8Grouped;  // f16 MMA, else bf16
 };
