@@ -43,7 +43,11 @@ def store(pattern: str, batch: int = 8, per_req: int = 1024, cached: int = 512) 
 
 
 def decode(pattern: str, batch: int, ctx: int) -> None:
-    v = variant_of("bench_decode", pattern, "kvgen_ncu_dec_" + pattern.replace("*", ""))
+    run_decode(variant_of("bench_decode", pattern, "kvgen_ncu_dec_" + pattern.replace("*", "")), batch, ctx)
+
+
+def run_decode(v, batch: int, ctx: int) -> None:
+    """Four decodes of `batch` requests of `ctx` tokens through variant v (32 query heads)."""
     cache = decode_cache(v, [ctx] * batch, np.random.default_rng(0))
     q = torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
@@ -75,13 +79,7 @@ def decode_groups(scales: str | None, batch: int, ctx: int) -> None:
     from decode_bench import load_generated
 
     mod = load_generated("auto", tag=f"-ncu-g64-{scales or 'f32'}", attention={"granularity": 64}, scales=scales)
-    v = next(v for n, v in mod.VARIANTS.items() if "e4m3" in n and "_p16_" in n)
-    cache = decode_cache(v, [ctx] * batch, np.random.default_rng(0))
-    q = torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty_like(q)
-    for _ in range(4):
-        cache.decode(0, q, out)
-    torch.cuda.synchronize()
+    run_decode(next(v for n, v in mod.VARIANTS.items() if "e4m3" in n and "_p16_" in n), batch, ctx)
 
 
 CASES = {
