@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvgen.benchmark import copy_bandwidth, graph_times, rotations  # noqa: E402
+from kvgen.benchmark import copy_bandwidth, graph_times, print_report, rotations  # noqa: E402
 
 SOURCE = r"""
 extern "C" __global__ void stream(const uint4* __restrict__ src, unsigned char* __restrict__ dst, unsigned long long n16,
@@ -125,10 +125,7 @@ def main() -> None:
         del srcs, dsts, half
         torch.cuda.empty_cache()
     lines += ["", f"One empty kernel per graph node: {empty_t * 1e6:.2f} µs."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    print_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import peers  # noqa: E402
 from decode_bench import load_generated  # noqa: E402
 
-from kvgen.benchmark import eager_host_costs, graph_times  # noqa: E402
+from kvgen.benchmark import eager_host_costs, graph_times, print_report  # noqa: E402
 from kvgen.reference import padded_lut_cols  # noqa: E402
 from kvgen.runtime.kvcache import KVCache  # noqa: E402
 
@@ -145,10 +145,7 @@ def main() -> None:
               "| layer | per-layer tensors (wrap_layers) | one-layer cache (wrap) |", "|---|---|---|"]
     for layer in range(len(layers)):
         lines.append(f"| {layer} | {times[2 * layer] * 1e6:.1f} | {times[2 * layer + 1] * 1e6:.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    print_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -285,6 +285,15 @@ def markdown_table(rows: list[Row], gpu: str, copy_bw: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def print_report(lines: Sequence[str], out: Path | None) -> str:
+    """A benchmark's markdown report: printed, and written to `out` when given. Returns the text."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out is not None:
+        out.write_text(text)
+    return text
+
+
 def write_csv(rows: list[Row], path: Path) -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f)

@@ -85,3 +85,10 @@ def test_page_deals_cover_every_page_once() -> None:
         assert sorted(x for p in pages for x in p) == list(range(sum(need)))
     assert benchmark.in_order_pages(need) == [[0], [1], [2, 3], [4, 5, 6], [7, 8, 9, 10]]
     assert benchmark.permuted_pages(need, np.random.default_rng(1)) != benchmark.in_order_pages(need)
+
+
+def test_print_report_prints_and_writes(tmp_path, capsys) -> None:
+    out = tmp_path / "report.md"
+    text = benchmark.print_report(["| a |", "|---|"], out)
+    assert text == "| a |\n|---|\n" and out.read_text() == text and "| a |" in capsys.readouterr().out
+    assert benchmark.print_report(["x"], None) == "x\n"
