@@ -29,6 +29,7 @@ import peers  # noqa: E402
 from kvgen import nvrtc  # noqa: E402
 from kvgen.benchmark import (  # noqa: E402
     STATIC_SCALES,
+    bench_build_spec,
     copy_bandwidth,
     decode_bytes,
     decode_cache,
@@ -56,22 +57,7 @@ def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str
     cfg = load_config(ROOT / "configs" / "bench_decode.yaml")
     name = f"{loader}{tag}"
     if loader != "auto" or defines or attention or scales:
-        fields = dict(attention or {})
-        granularity = fields.pop("granularity", None)  # quantization.granularity of the quantized variants
-        upd = {"loader": loader, **fields}
-
-        def tuned(spec):
-            out = {"attention": spec.attention.model_copy(update=upd)}
-            if granularity is not None and spec.quantization is not None:
-                out["quantization"] = spec.quantization.model_copy(update={"granularity": granularity})
-            if scales == "static" and spec.cache.dtype.startswith("float8"):
-                out["quantization"] = None
-                out["cache"] = spec.cache.model_copy(update={"static_scales": True})
-            if scales == "e8m0" and spec.quantization is not None:  # on top of a granularity set above
-                out["quantization"] = out.get("quantization", spec.quantization).model_copy(
-                    update={"scale_dtype": "float8_e8m0fnu"})
-            return spec.model_copy(update=out)
-        specs = [tuned(v.spec) for v in cfg.variants]
+        specs = [bench_build_spec(v.spec, loader, attention, scales) for v in cfg.variants]
         cfg = ConfigFile(path=None, name=f"bench_decode_{name}", variants=[make_variant(s) for s in specs])
     out = Path(f"/tmp/kvgen-bench-decode-{name}")
     with nvrtc.defines(*defines):

@@ -285,6 +285,25 @@ def markdown_table(rows: list[Row], gpu: str, copy_bw: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bench_build_spec(spec: Any, loader: str, attention: dict[str, int] | None = None, scales: str | None = None) -> Any:
+    """A benchmark build of a decode variant: attention.loader and the `attention` fields replaced (an A/B of the
+    loaders, the pipeline depth, the CTAs per SM), "granularity" among them setting quantization.granularity of
+    quantized variants; scales "static" (FP8 variants with per-tensor device scales instead of per-row ones) or
+    "e8m0" (power-of-two scales, at the granularity set here)."""
+    fields = dict(attention or {})
+    granularity = fields.pop("granularity", None)
+    out: dict[str, Any] = {"attention": spec.attention.model_copy(update={"loader": loader, **fields})}
+    quant = spec.quantization
+    if granularity is not None and quant is not None:
+        quant = out["quantization"] = quant.model_copy(update={"granularity": granularity})
+    if scales == "static" and spec.cache.dtype.startswith("float8"):
+        out["quantization"] = None
+        out["cache"] = spec.cache.model_copy(update={"static_scales": True})
+    if scales == "e8m0" and quant is not None:  # on top of the granularity (it was once dropped here)
+        out["quantization"] = quant.model_copy(update={"scale_dtype": "float8_e8m0fnu"})
+    return spec.model_copy(update=out)
+
+
 def print_report(lines: Sequence[str], out: Path | None) -> str:
     """A benchmark's markdown report: printed, and written to `out` when given. Returns the text."""
     text = "\n".join(lines) + "\n"

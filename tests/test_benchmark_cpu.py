@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from kvgen import benchmark
-from kvgen.grid import load_config
+from kvgen.grid import load_config, make_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,3 +92,16 @@ def test_print_report_prints_and_writes(tmp_path, capsys) -> None:
     text = benchmark.print_report(["| a |", "|---|"], out)
     assert text == "| a |\n|---|\n" and out.read_text() == text and "| a |" in capsys.readouterr().out
     assert benchmark.print_report(["x"], None) == "x\n"
+
+
+def test_bench_build_spec_keeps_the_granularity_with_e8m0() -> None:
+    """decode_bench's per-group e8m0 build: e8m0 scales at the granularity asked for (a bug once kept the config's
+    per-token granularity and timed e8m0 per token under the name "e8m0 g64")."""
+    fp8 = next(v.spec for v in load_config(ROOT / "configs" / "bench_decode.yaml").variants if v.spec.quantization)
+    spec = benchmark.bench_build_spec(fp8, "tma", {"granularity": 64, "stages": 3}, scales="e8m0")
+    assert (spec.quantization.granularity, spec.quantization.scale_dtype) == (64, "float8_e8m0fnu")
+    assert (spec.attention.loader, spec.attention.stages) == ("tma", 3)
+    assert "_qe8m0g64_" in make_variant(spec).name  # the validated variant the bench builds
+    static = benchmark.bench_build_spec(fp8, "auto", scales="static")
+    assert static.quantization is None and static.cache.static_scales
+    assert benchmark.bench_build_spec(fp8, "auto", {"granularity": 64}).quantization.scale_dtype == "float32"
