@@ -847,13 +847,13 @@ class KVCache:
         p["a"].value, p["b"].value, s["n"].value = st.ptr, dt.ptr, n
         u["page_bytes"].value, u["scale_bytes"].value = self.page_bytes, self.scale_page_bytes
         chunks = max(1, min(32, (self.page_bytes // 16 + THREADS - 1) // THREADS))
-        # One launch per contiguous run of a page: per layer tensor (wrap_layers) and per K/V plane ("planes").
-        planes = 2 if self.kv_layout == "planes" else 1
-        row_elems = int(self.args.kv_offset) * self.num_heads
-        for blocks, scales, _ in self._layer_ptrs:
-            for plane in range(planes):
-                self.args.blocks = blocks + plane * row_elems * self.head_size * DTYPES[self.dtype].nbytes
-                self.args.scales = scales + plane * row_elems * self.groups * self._scale_bytes if scales else 0
+        # One launch per contiguous run of a page: per layer tensor (wrap_layers) and per K/V plane ("planes"), each
+        # from the start of that layer's K (plane 0) or V (plane 1) view.
+        scale_row_bytes = self.num_heads * self.groups * self._scale_bytes
+        for layer, (_, scales, _) in enumerate(self._layer_ptrs):
+            for plane in range(2 if self.kv_layout == "planes" else 1):
+                self.args.blocks = self.slice_address(plane, layer)
+                self.args.scales = scales + plane * int(self.args.kv_offset) * scale_row_bytes if scales else 0
                 launch.fire_as(self._programmatic)((chunks, n, 1), (THREADS, 1, 1), self._stream(stream))
         self.args.blocks, self.args.scales, self.args.static_scales = self._layer_ptrs[0]
 

@@ -754,12 +754,12 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 #pragma unroll
           for (int nt = 0; nt < 2; ++nt) {
             const uint32_t w = kk % 4 == 0 ? kv[nt].x : kk % 4 == 1 ? kv[nt].y : kk % 4 == 2 ? kv[nt].z : kv[nt].w;
-            if constexpr (Ty::kFp8Direct) {
+            if constexpr (Ty::kFp8Direct || Ty::kFp8Grouped) {
               fp8x4_to_f16x2x2<T>(w, b0[nt], b1[nt]);
-            } else if constexpr (Ty::kFp8Grouped) {
-              fp8x4_to_f16x2x2<T>(w, b0[nt], b1[nt]);
-              b0[nt] = hmul2_bits(b0[nt], kshare[nt][j]);
-              b1[nt] = hmul2_bits(b1[nt], kshare[nt][j]);
+              if constexpr (Ty::kFp8Grouped) {
+                b0[nt] = hmul2_bits(b0[nt], kshare[nt][j]);
+                b1[nt] = hmul2_bits(b1[nt], kshare[nt][j]);
+              }
             } else {
               const float2 x0 = fp8x2_to_float2<T>(static_cast<unsigned short>(w & 0xffffu));
               const float2 x1 = fp8x2_to_float2<T>(static_cast<unsigned short>(w >> 16));
@@ -811,7 +811,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     if constexpr (Ty::kFp8Grouped) {
 #pragma unroll
       for (int i = 0; i < NTOK; ++i) {
-        const int t = int(warp) * 16 + (PVT ? 8 * i + int(gq) : (i >> 1) * 8 + int(tq) * 2 + (i & 1));
+        const int t = int(warp) * 16 + token_of(PVT ? 0 : i >> 1, PVT ? 2 * i : i & 1);  // tok_idx(nt, e) == i
         kmax[i] = scale_max(kss, t);
         vmax[i] = scale_max(vss, t);
       }
@@ -943,15 +943,14 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
           const int dn = 2 * (c + hc);
           // even0 / odd0: dims 16(c + hc) + 2gq and + 1 of tokens r0, r0 + 1; even1 / odd1: of tokens r0 + 8, r0 + 9.
           uint32_t even0, odd0, even1, odd1;
-          if constexpr (Ty::kFp8Direct) {
+          if constexpr (Ty::kFp8Direct || Ty::kFp8Grouped) {
             fp8x4_to_f16x2x2<T>(lo, even0, odd0);
             fp8x4_to_f16x2x2<T>(hi, even1, odd1);
-          } else if constexpr (Ty::kFp8Grouped) {
-            const int g = 16 * (c + hc) / GRAN;  // a constant once the loops unroll
-            fp8x4_to_f16x2x2<T>(lo, even0, odd0);
-            fp8x4_to_f16x2x2<T>(hi, even1, odd1);
-            even0 = hmul2_bits(even0, vshare01[g]), odd0 = hmul2_bits(odd0, vshare01[g]);
-            even1 = hmul2_bits(even1, vshare89[g]), odd1 = hmul2_bits(odd1, vshare89[g]);
+            if constexpr (Ty::kFp8Grouped) {
+              const int g = 16 * (c + hc) / GRAN;  // a constant once the loops unroll
+              even0 = hmul2_bits(even0, vshare01[g]), odd0 = hmul2_bits(odd0, vshare01[g]);
+              even1 = hmul2_bits(even1, vshare89[g]), odd1 = hmul2_bits(odd1, vshare89[g]);
+            }
           } else {  // per-group scales of those tokens for this chunk
             const int g = 16 * (c + hc) / GRAN;
             const float s0 = QUANT ? scale_at(vss, r0 * G + g) : 1.f, s1 = QUANT ? scale_at(vss, (r0 + 1) * G + g) : 1.f;
