@@ -77,13 +77,20 @@ def tma_tile(lay: Layout, base: int, page_rows: int, elem_bytes: int) -> dict[in
     return written
 
 
-def check_v_fragments(lay: Layout, base: int, written: dict[int, tuple[int, int]], warp: int) -> None:
+def slot_row(slot: int, aligned: bool) -> int:
+    """DecodeSwizzle::slot_row: the tile row (within a warp's 16) of MMA token slot `slot`."""
+    return (slot & 8) | ((slot & 1) << 2) | ((slot & 7) >> 1) if aligned else slot
+
+
+def check_v_fragments(lay: Layout, base: int, written: dict[int, tuple[int, int]], warp: int,
+                      aligned: bool = False) -> None:
     """V of both dtypes: ldmatrix.x4.trans of chunk c + lane / 16 for even c (16-bit: n-tiles dn = c, 8 elements
-    a chunk; FP8: chunk pairs), rows warp * 16 + (lane / 8 % 2) * 8 + lane % 8, one lane offset + TileLayout::step."""
+    a chunk; FP8: chunk pairs), rows warp * 16 + slot_row((lane / 8 % 2) * 8 + lane % 8), one lane offset +
+    TileLayout::step."""
     for c in range(0, lay.cpr, 2):
         phases: dict[int, list[int]] = {}
         for lane in range(32):
-            lrow = warp * 16 + (lane // 8 % 2) * 8 + lane % 8
+            lrow = warp * 16 + slot_row((lane // 8 % 2) * 8 + lane % 8, aligned)
             addr = lay.step(base + lay.offset(lrow, lane // 16), c)
             assert written.get(addr) == (lrow, c + lane // 16)
             phases.setdefault(lane // 8, []).append(addr // 16 % 8)
@@ -105,25 +112,34 @@ def check_16bit_fragments(lay: Layout, base: int, written: dict[int, tuple[int, 
         check_v_fragments(lay, base, written, warp)
 
 
-def check_fp8_fragments(lay: Layout, base: int, written: dict[int, tuple[int, int]]) -> None:
+def check_fp8_fragments(lay: Layout, base: int, written: dict[int, tuple[int, int]], aligned: bool = False) -> None:
+    """FP8 K loads and V ldmatrix. aligned: DecodeSwizzle's ALIGNED (per-group scales of 64+ dims), where load j of
+    lane column tq is chunk 4j + tq (a k-step's 4 lanes in one scale group) and token slots read permuted rows."""
     cpr = lay.cpr
 
     def k_chunk(tq: int, j: int) -> int:
+        if aligned:
+            return 4 * j + tq
         return tq if cpr == 4 else 8 * (j // 2) + 2 * tq + j % 2
 
     for warp in range(4):
-        for nt in range(2):  # K: lane (gq, tq) reads chunk k_chunk(tq, j) of row warp * 16 + nt * 8 + gq
+        for nt in range(2):  # K: lane (gq, tq) reads chunk k_chunk(tq, j) of row warp * 16 + slot_row(nt * 8 + gq)
             for j in range(cpr // 4):
                 phases: dict[int, list[int]] = {}
+                groups: dict[int, set[int]] = {}
                 for lane in range(32):
                     gq, tq = lane // 4, lane % 4
-                    row = warp * 16 + nt * 8 + gq
-                    lane_addr = base + nt * 8 * lay.rp + lay.offset(warp * 16 + gq, k_chunk(tq, 0))
-                    addr = lane_addr if cpr == 4 else lay.step(lane_addr, 8 * (j // 2) + j % 2)
+                    row = warp * 16 + slot_row(nt * 8 + gq, aligned)
+                    lane_addr = base + nt * 8 * lay.rp + lay.offset(warp * 16 + slot_row(gq, aligned), k_chunk(tq, 0))
+                    step = 4 * j if aligned else 8 * (j // 2) + j % 2
+                    addr = lane_addr if cpr == 4 else lay.step(lane_addr, step)
                     assert written.get(addr) == (row, k_chunk(tq, j))
                     phases.setdefault(lane // 8, []).append(addr // 16 % 8)
+                    groups.setdefault(gq, set()).add(k_chunk(tq, j) // 4)  # 64-dim group of the k-step's chunk
                 assert all(len(set(u)) == 8 for u in phases.values()), "FP8 K load bank conflict"
-        check_v_fragments(lay, base, written, warp)
+                if aligned:
+                    assert all(len(g) == 1 for g in groups.values()), "a k-step spans two 64-dim scale groups"
+        check_v_fragments(lay, base, written, warp, aligned)
 
 
 @pytest.mark.parametrize("loader", ["cp_async", "tma"])
@@ -148,7 +164,11 @@ def test_tiles_round_trip_without_conflicts(dtype: str, head_size: int, loader: 
                 if geo.tma:
                     for page_rows in (8, 16, 64):
                         assert tma_tile(lay, base, page_rows, elem) == written, "TMA boxes and cp.async disagree"
-                (check_fp8_fragments if elem == 1 else check_16bit_fragments)(lay, base, written)
+                if elem == 2:
+                    check_16bit_fragments(lay, base, written)
+                else:
+                    for aligned in (False, True) if head_size >= 128 else (False,):
+                        check_fp8_fragments(lay, base, written, aligned)
 
 
 def test_a_wrong_row_xor_fails_the_mirror() -> None:
@@ -161,6 +181,15 @@ def test_a_wrong_row_xor_fails_the_mirror() -> None:
     lay = Unswizzled(16)
     with pytest.raises(AssertionError, match="bank conflict"):
         check_16bit_fragments(lay, 0, cp_async_tile(lay, 0))
+
+
+def test_aligned_k_steps_need_the_permuted_token_rows(monkeypatch) -> None:
+    """Group-aligned FP8 K loads with token slots on their own rows: the two rows of a quarter-warp would read the
+    same 4 chunks under XORs that differ in bit 0, a 2-way bank conflict; slot_row is what removes it."""
+    lay = Layout(8)
+    monkeypatch.setattr(__name__ + ".slot_row", lambda slot, aligned: slot)
+    with pytest.raises(AssertionError, match="bank conflict"):
+        check_fp8_fragments(lay, 0, cp_async_tile(lay, 0), aligned=True)
 
 
 @pytest.mark.parametrize("page_size", [16, 64, 256])

@@ -169,15 +169,24 @@ template <class Cache> struct DecodeTypes {
   // FP8 with no scales or one scale per (token, head): raw FP8 -> f16 in one cvt, the K scale multiplies a
   // score column and the V scale a probability column (no per-element work).
   static constexpr bool kFp8Direct = kFp8 && (!Cache::quantization_enabled || Cache::num_scale_groups == 1);
-  // FP8 with 2-4 float32 scale groups per row: the same f16 path, with each token's largest scale on its score and
-  // probability columns and every element multiplied in f16x2 by its group's share of that scale (at most 1, so no
-  // f16 overflow). Against dequantizing every element to bf16 (FP8 -> float, a multiply, a pack; ncu, H200,
-  // 128 x 4k: twice the warp instructions of per-token scales) it was 1-3.4% faster at g64 on the H200 (session 14,
-  // A/B on the same machine). e8m0 scales stay on the bf16 path: extracting each scale's byte for the largest and
-  // the shares made them 1-5% slower there.
-  static constexpr bool kFp8Grouped = kFp8 && Cache::quantization_enabled && Cache::num_scale_groups >= 2 &&
-                                      Cache::num_scale_groups <= 4 && is_same_v<typename Cache::scale_dtype, float>;
-  // e8m0 groups, or more groups (granularity 16 of a 128-wide head): every element dequantized to bf16 with its scale.
+  // FP8 with 2-4 scale groups per row: the same f16 path. An output chunk of P.V lies in one group, so P.V takes
+  // one P fragment per group (P times each token's V scale of that group) and V needs no per-element work.
+  //  - Groups of 64+ dims, rows of 8+ chunks (head size 128 or 256), float32 or e8m0 scales: k-steps aligned to the
+  //    groups (DecodeSwizzle ALIGNED), so each group's Q.K has its own accumulator and K's scales multiply one score
+  //    per token and group, no element (H200, session 15: float32 per-64 scales 4.6-13.6% faster than below,
+  //    within 1-5% of per-token scales, which read half the scale bytes).
+  //  - Smaller float32 groups (granularity 32 of a 128-wide head): each token's largest K scale goes on its score
+  //    column and every K element is multiplied in f16x2 by its group's share of that scale (at most 1, so no f16
+  //    overflow).
+  // The first version dequantized every element to bf16 (FP8 -> float, a multiply, a pack; ncu, H200, 128 x 4k:
+  // twice the warp instructions of per-token scales), which smaller e8m0 groups still do (kFp8Dequant): extracting
+  // each scale's byte for the largest and the shares made them 1-5% slower.
+  static constexpr bool kFp8GroupAligned = kFp8 && Cache::quantization_enabled && Cache::num_scale_groups >= 2 &&
+                                           Cache::num_scale_groups <= 4 && Cache::quantization_granularity % 64 == 0 &&
+                                           Cache::head_size >= 128;
+  static constexpr bool kFp8Grouped = kFp8GroupAligned || (kFp8 && Cache::quantization_enabled && Cache::num_scale_groups >= 2 &&
+                                      Cache::num_scale_groups <= 4 && is_same_v<typename Cache::scale_dtype, float>);
+  // Smaller e8m0 groups, or more groups (granularity 16 of a 128-wide head): every element dequantized to bf16.
   static constexpr bool kFp8Dequant = kFp8 && !kFp8Direct && !kFp8Grouped;
   static constexpr bool kF16 = is_same_v<T, __half> || kFp8Direct || kFp8Grouped;  // f16 MMA, else bf16
 };
@@ -220,20 +229,33 @@ template <int CPR, int BN> struct TileLayout {
 //    kk takes 4 bytes of load kk / 4: those 4 dims stand at MMA k positions 2tq, 2tq + 1 (b0) and 2tq + 8, 2tq + 9
 //    (b1). Q's A fragments are built with the same permutation of k (k_dim), so Q.K is unchanged. Rows of 8+
 //    chunks: rows gq even and odd of a quarter-warp take opposite unit parities.
+//  - ALIGNED (per-group scales of 64+ dims, rows of 8+ chunks): load j of lane tq is chunk 4j + tq instead, so the
+//    four lanes of a k-step read 4 consecutive chunks, one scale group, and each group's Q.K gets its own
+//    accumulator (scaled once per token after the k-steps, no per-element work). A quarter-warp's two token rows
+//    would then read the same 4 chunks with XORs differing in bit 0, a 2-way bank conflict, so the MMA's token slot
+//    i (0-7) reads shared row slot_row(i) = 4 (i % 2) + i / 2 instead: rows whose XORs differ in bit 2.
 //  - V (B of P.V): ldmatrix.trans of 8 tokens x one chunk, read as 16-bit pairs, gives lane (gq, tq) dims 2gq and
 //    2gq + 1 of tokens 2tq and 2tq + 1. One byte permute splits them into the B fragments of two n-tiles: "even"
 //    (column j holds dim 16c + 2j) and "odd" (dim 16c + 2j + 1). Output n-tile dn holds chunk dn / 2, parity dn % 2.
-template <int CPR, int BN> struct DecodeSwizzle {
+//    Its 8 row addresses are the same token slots' rows (slot_row), so P.V pairs every token with its own row.
+template <int CPR, int BN, bool ALIGNED = false> struct DecodeSwizzle {
   static_assert(CPR == 4 || CPR == 8 || CPR == 16, "64-, 128- or 256-byte rows");
+  static_assert(!ALIGNED || CPR >= 8, "group-aligned k-steps need rows of 8+ chunks");
   using L = TileLayout<CPR, BN>;
   static constexpr int NJ = CPR / 4;  // 16-byte K loads per lane and token row
   // K chunk of lane column tq, load j (64-byte rows: the two rows of a line sit in its two halves).
-  __device__ static constexpr int k_chunk(int tq, int j) { return CPR == 4 ? tq : 8 * (j / 2) + 2 * tq + (j % 2); }
+  __device__ static constexpr int k_chunk(int tq, int j) {
+    return ALIGNED ? 4 * j + tq : CPR == 4 ? tq : 8 * (j / 2) + 2 * tq + (j % 2);
+  }
   // First of the 4 dims of k-step kk in lane column tq.
   __device__ static constexpr int k_dim(int tq, int kk) { return 16 * k_chunk(tq, kk / 4) + 4 * (kk % 4); }
-  // K: lane (gq, tq), row = warp * 16 + gq (+ 8 for the second n-tile, an add); load j of k_chunk(tq, j).
+  // Tile row (within a warp's 16) of MMA token slot `slot` (0-15): the identity unless ALIGNED.
+  __device__ static constexpr int slot_row(int slot) { return ALIGNED ? (slot & 8) | ((slot & 1) << 2) | ((slot & 7) >> 1) : slot; }
+  // K: lane (gq, tq), row = warp * 16 + slot_row(gq) (+ 8 for the second n-tile, an add); load j of k_chunk(tq, j).
   __device__ static uint32_t k_lane(int row, int tq) { return uint32_t(L::offset(row, k_chunk(tq, 0))); }
-  __device__ static uint32_t k_load(uint32_t lane_addr, int j) { return CPR == 4 ? lane_addr : L::step(lane_addr, 8 * (j / 2) + (j % 2)); }
+  __device__ static uint32_t k_load(uint32_t lane_addr, int j) {
+    return CPR == 4 ? lane_addr : L::step(lane_addr, ALIGNED ? 4 * j : 8 * (j / 2) + (j % 2));
+  }
   // V: ldmatrix row `row` of the lane, chunk c + half (c even, half = lane / 16): L::step(tile + v_lane, c).
   __device__ static uint32_t v_lane(int row, int half) { return uint32_t(L::offset(row, half)); }
 };
@@ -480,7 +502,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   static_assert(!TMA || EFF % 8 == 0, "every TMA box starts on a swizzle atom");
   // Per-thread constants of the copies, hoisted out of the tile loop: the K address of a row is one 32x32->64
   // multiply-add from kbase, V is K plus the distance between the two views, the shared slots are fixed offsets.
-  using Sw = DecodeSwizzle<SWZ ? CPR : 8, BN>;
+  using Sw = DecodeSwizzle<SWZ ? CPR : 8, BN, Ty::kFp8GroupAligned>;
   const int copy_chunk = int(tid) % CPR, copy_row0 = int(tid) / CPR;
   // Tile offset of this thread's chunk in pass 0, and pass j's distance from it: rows of a thread are copy_row0 +
   // multiples of ROWS_PER_PASS, one swizzle for all when that is a multiple of 8 (a constant distance), else (rows
@@ -505,8 +527,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       f[1] = f[3] = 0u;
     }
   };
-  const uint32_t k_lane = SWZ ? Sw::k_lane(int(warp) * 16 + int(gq), int(tq)) : 0u;
-  const uint32_t v_lane = SWZ ? Sw::v_lane(int(warp) * 16 + int(lane) / 8 % 2 * 8 + int(lane) % 8, int(lane) / 16) : 0u;
+  const uint32_t k_lane = SWZ ? Sw::k_lane(int(warp) * 16 + Sw::slot_row(int(gq)), int(tq)) : 0u;
+  const uint32_t v_lane = SWZ ? Sw::v_lane(int(warp) * 16 + Sw::slot_row(int(lane) / 8 % 2 * 8 + int(lane) % 8), int(lane) / 16) : 0u;
   const unsigned char* kbase = reinterpret_cast<const unsigned char*>(kc.blocks + int64_t(h) * D) + copy_chunk * 16;
   const int64_t v_minus_k = reinterpret_cast<const unsigned char*>(vc.blocks) - reinterpret_cast<const unsigned char*>(kc.blocks);
   constexpr uint32_t kRowBytes = uint32_t(Cache::row_elems) * ES;  // one cache row: all heads
@@ -714,17 +736,37 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     }
 
 #ifndef KVGEN_DECODE_NO_MATH  // diagnosis knob (bench/decode_bench.py --defines): the loads alone, wrong results
+    // Tile row (within the warp's 16) of C element e in n-tile nt: token slot 2tq + (e & 1) of the n-tile, or (PVT,
+    // S^T) slot gq + 8 (e >> 1); DecodeSwizzle::slot_row maps a slot to its row (the identity unless ALIGNED).
+    auto token_of = [&](int nt, int e) -> int {
+      return SWZ ? Sw::slot_row(PVT ? 8 * (e >> 1) + int(gq) : nt * 8 + int(tq) * 2 + (e & 1)) : nt * 8 + int(tq) * 2 + (e & 1);
+    };
+    // PVT: heads 2tq, 2tq + 1 are elements e & 1; the max and sum are taken over the tokens (lanes gq).
+    auto slot_of = [&](int e) -> int { return PVT ? (e & 1) : (e >> 1); };
+    constexpr int NT_S = PVT ? 1 : 2, E_S = PVT ? 4 : 2 * ROWS_USED, NSLOT = PVT ? 2 : ROWS_USED;
+    // The lane's distinct score tokens (PVT: slots gq and gq + 8; else 2tq, 2tq + 1 of each n-tile): element (nt, e)
+    // is token tok_idx(nt, e), whose tile row is tok_row(i). Per-token and per-group scales are read once per token.
+    constexpr int NTOK = PVT ? 2 : 4;
+    auto tok_idx = [](int nt, int e) -> int { return PVT ? (e >> 1) : nt * 2 + (e & 1); };
+    auto tok_row = [&](int i) -> int { return token_of(PVT ? 0 : i >> 1, PVT ? 2 * i : i & 1); };
     // S = Q K^T for 16 rows (two n-tiles of 8 tokens).
     float s[2][4];
     if constexpr (SWZ) {
       // FP8, swizzled (DecodeSwizzle): per 16-byte K load j, the Q fragments of its 4 k-steps come from shared
       // memory (ldmatrix; q_smem holds Q in the permuted k order), and each n-tile's lane reads its token's chunk.
+      // ALIGNED (kFp8GroupAligned): the 4 k-steps of load j lie in scale group 16 k_chunk(0, j) / GRAN, and each group
+      // accumulates its own scores, which its K scale multiplies once per token below.
+      constexpr int SG = Ty::kFp8GroupAligned ? G : 1;
+      float sg[SG][2][4];
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      // kFp8Grouped: f16x2 {r, r}, r = the group's scale over the largest of the lane's K token (row gq of n-tile
-      // nt), for each of the lane's K loads (a chunk's 16 dims share one group: granularity is a multiple of 16).
+      for (int g = 0; g < SG; ++g)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) sg[g][nt][0] = sg[g][nt][1] = sg[g][nt][2] = sg[g][nt][3] = 0.f;
+      // kFp8Grouped, not aligned: f16x2 {r, r}, r = the group's scale over the largest of the lane's K token (row gq
+      // of n-tile nt), for each of the lane's K loads (a chunk's 16 dims share one group: granularity is a multiple
+      // of 16).
       uint32_t kshare[2][Sw::NJ];
-      if constexpr (Ty::kFp8Grouped) {
+      if constexpr (Ty::kFp8Grouped && !Ty::kFp8GroupAligned) {
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
           const int t = int(warp) * 16 + nt * 8 + int(gq);
@@ -738,6 +780,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       }
 #pragma unroll
       for (int j = 0; j < Sw::NJ; ++j) {
+        const int acc = Ty::kFp8GroupAligned ? 16 * Sw::k_chunk(0, j) / GRAN : 0;  // a constant once unrolled
         uint4 kv[2];
         float ksc[2] = {1.f, 1.f};  // kFp8Dequant: a chunk's 16 dims share one scale
 #pragma unroll
@@ -756,7 +799,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
             const uint32_t w = kk % 4 == 0 ? kv[nt].x : kk % 4 == 1 ? kv[nt].y : kk % 4 == 2 ? kv[nt].z : kv[nt].w;
             if constexpr (Ty::kFp8Direct || Ty::kFp8Grouped) {
               fp8x4_to_f16x2x2<T>(w, b0[nt], b1[nt]);
-              if constexpr (Ty::kFp8Grouped) {
+              if constexpr (Ty::kFp8Grouped && !Ty::kFp8GroupAligned) {
                 b0[nt] = hmul2_bits(b0[nt], kshare[nt][j]);
                 b1[nt] = hmul2_bits(b1[nt], kshare[nt][j]);
               }
@@ -771,12 +814,32 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
             // The two n-tiles' B fragments are the A fragment of tokens gq / gq + 8; Q's rows 0-7 (qf[0], qf[2]),
             // read as B, are heads x the same k positions.
             const uint32_t ka[4] = {b0[0], b0[1], b1[0], b1[1]};
-            mma16816<F16>(s[0], ka, qf[0], qf[2]);
+            mma16816<F16>(sg[acc][0], ka, qf[0], qf[2]);
           } else {
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt) mma16816<F16>(s[nt], qf, b0[nt], b1[nt]);
+            for (int nt = 0; nt < 2; ++nt) mma16816<F16>(sg[acc][nt], qf, b0[nt], b1[nt]);
           }
         }
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = sg[0][nt][e];
+      if constexpr (Ty::kFp8GroupAligned) {  // score = sum over groups of the token's K scale x the group's Q.K
+        float ksc_tok[NTOK][G];
+#pragma unroll
+        for (int i = 0; i < NTOK; ++i)
+#pragma unroll
+          for (int g = 0; g < G; ++g) ksc_tok[i][g] = scale_at(kss, (warp * 16 + tok_row(i)) * G + g);
+#pragma unroll
+        for (int nt = 0; nt < NT_S; ++nt)
+#pragma unroll
+          for (int e = 0; e < E_S; ++e) {
+            float x = sg[0][nt][e] * ksc_tok[tok_idx(nt, e)][0];
+#pragma unroll
+            for (int g = 1; g < G; ++g) x = fmaf(sg[g][nt][e], ksc_tok[tok_idx(nt, e)][g], x);
+            s[nt][e] = x;
+          }
       }
     }
     if constexpr (SWZ16) {
@@ -798,23 +861,11 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 
     // Online softmax over this warp's 16 tokens (log2 domain). Rows gq + 8 (fragment elements 2, 3) hold query
     // heads only when GROUP > 8; otherwise they are padding and skipped (their P is zero).
-    // Token of C element e in n-tile nt: column 2tq + (e & 1) of the n-tile, or (PVT, S^T) row gq + 8 (e >> 1).
-    auto token_of = [&](int nt, int e) -> int { return PVT ? 8 * (e >> 1) + int(gq) : nt * 8 + int(tq) * 2 + (e & 1); };
-    // PVT: heads 2tq, 2tq + 1 are elements e & 1; the max and sum are taken over the tokens (lanes gq).
-    auto slot_of = [&](int e) -> int { return PVT ? (e & 1) : (e >> 1); };
-    constexpr int NT_S = PVT ? 1 : 2, E_S = PVT ? 4 : 2 * ROWS_USED, NSLOT = PVT ? 2 : ROWS_USED;
-    // kFp8Grouped: the largest K and V scale of each of the lane's score tokens, read once per tile (PVT: tokens gq
-    // and gq + 8; else 2tq, 2tq + 1 of each n-tile, which are also the V rows r0, r0 + 1, r0 + 8, r0 + 9 below).
-    constexpr int NTOK = PVT ? 2 : 4;
-    auto tok_idx = [](int nt, int e) -> int { return PVT ? (e >> 1) : nt * 2 + (e & 1); };
-    float kmax[NTOK], vmax[NTOK];
-    if constexpr (Ty::kFp8Grouped) {
+    // kFp8Grouped without aligned k-steps: the largest K scale of each of the lane's score tokens, read once per tile.
+    float kmax[NTOK];
+    if constexpr (Ty::kFp8Grouped && !Ty::kFp8GroupAligned) {
 #pragma unroll
-      for (int i = 0; i < NTOK; ++i) {
-        const int t = int(warp) * 16 + token_of(PVT ? 0 : i >> 1, PVT ? 2 * i : i & 1);  // tok_idx(nt, e) == i
-        kmax[i] = scale_max(kss, t);
-        vmax[i] = scale_max(vss, t);
-      }
+      for (int i = 0; i < NTOK; ++i) kmax[i] = scale_max(kss, warp * 16 + tok_row(i));
     }
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -823,7 +874,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       for (int e = 0; e < E_S; ++e) {
         float x = s[nt][e];
         if constexpr (Ty::kFp8Direct && QUANT) x *= scale_at(kss, warp * 16 + token_of(nt, e));
-        if constexpr (Ty::kFp8Grouped) x *= kmax[tok_idx(nt, e)];
+        if constexpr (Ty::kFp8Grouped && !Ty::kFp8GroupAligned) x *= kmax[tok_idx(nt, e)];
         // soft_cap 0 = no cap at run time (a cap-capable variant called without one): a uniform branch.
         if constexpr (SOFTCAP) x = soft_cap > 0.f ? soft_cap * tanhf(x * softmax_scale / soft_cap) * kLog2e : x * scale_log2;
         else x *= scale_log2;
@@ -851,7 +902,10 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       m_run[r] = m_new;
       l_run[r] *= alpha[r];
     }
-    uint32_t pa[4];
+    // P's fragments, one per V scale group with per-group scales (each holds P times the token's V scale of that
+    // group: an output chunk lies in one group, so its MMAs take that group's P and V needs no per-element work).
+    constexpr int PG = Ty::kFp8Grouped ? G : 1;
+    uint32_t pa[PG][4];
     {
       float p[2][4] = {};
 #pragma unroll
@@ -867,22 +921,25 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 #pragma unroll
           for (int e = 0; e < E_S; ++e) p[nt][e] *= scale_at(vss, warp * 16 + token_of(nt, e));
       }
-      if constexpr (Ty::kFp8Grouped) {  // the V token's largest scale (each group's share goes on V itself)
+      float vsc[NTOK][PG];  // kFp8Grouped: each score token's V scale of every group
 #pragma unroll
-        for (int nt = 0; nt < NT_S; ++nt)
+      for (int i = 0; i < NTOK; ++i)
 #pragma unroll
-          for (int e = 0; e < E_S; ++e) p[nt][e] *= vmax[tok_idx(nt, e)];
-      }
-      if constexpr (PVT) {
-        // P^T's B fragment (tokens 2tq, 2tq + 1 and + 8 of head gq) is the transpose of S^T's 8 x 8 halves.
-        pa[0] = movmatrix_trans(pack2<F16>(p[0][0], p[0][1]));
-        pa[2] = movmatrix_trans(pack2<F16>(p[0][2], p[0][3]));
-      } else {
-        // C fragments of the two token n-tiles are the A fragment of the 16-token k-step.
-        pa[0] = pack2<F16>(p[0][0], p[0][1]);
-        pa[1] = pack2<F16>(p[0][2], p[0][3]);
-        pa[2] = pack2<F16>(p[1][0], p[1][1]);
-        pa[3] = pack2<F16>(p[1][2], p[1][3]);
+        for (int g = 0; g < PG; ++g) vsc[i][g] = Ty::kFp8Grouped ? scale_at(vss, (warp * 16 + tok_row(i)) * G + g) : 1.f;
+#pragma unroll
+      for (int g = 0; g < PG; ++g) {
+        auto pv = [&](int nt, int e) -> float { return Ty::kFp8Grouped ? p[nt][e] * vsc[tok_idx(nt, e)][g] : p[nt][e]; };
+        if constexpr (PVT) {
+          // P^T's B fragment (tokens 2tq, 2tq + 1 and + 8 of head gq) is the transpose of S^T's 8 x 8 halves.
+          pa[g][0] = movmatrix_trans(pack2<F16>(pv(0, 0), pv(0, 1)));
+          pa[g][2] = movmatrix_trans(pack2<F16>(pv(0, 2), pv(0, 3)));
+        } else {
+          // C fragments of the two token n-tiles are the A fragment of the 16-token k-step.
+          pa[g][0] = pack2<F16>(pv(0, 0), pv(0, 1));
+          pa[g][1] = pack2<F16>(pv(0, 2), pv(0, 3));
+          pa[g][2] = pack2<F16>(pv(1, 0), pv(1, 1));
+          pa[g][3] = pack2<F16>(pv(1, 2), pv(1, 3));
+        }
       }
     }
     // Rescale the output only when some row's running max moved (after the first tiles it rarely does).
@@ -912,23 +969,11 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       for (int dn = 0; dn < DN; dn += 2) {
         uint32_t vb[4];
         ldsm_x4_trans_s(vb, Lay::step(vrow, dn));
-        mma16816<F16>(o[dn], pa, vb[0], vb[1]);
-        mma16816<F16>(o[dn + 1], pa, vb[2], vb[3]);
+        mma16816<F16>(o[dn], pa[0], vb[0], vb[1]);
+        mma16816<F16>(o[dn + 1], pa[0], vb[2], vb[3]);
       }
     } else {
-      const int r0 = warp * 16 + tq * 2;  // the lane's first token row (per-group V scales)
-      // kFp8Grouped: f16x2 shares of each group's scale in the largest, of tokens (r0, r0 + 1) and (r0 + 8, r0 + 9).
-      uint32_t vshare01[Ty::kFp8Grouped ? G : 1], vshare89[Ty::kFp8Grouped ? G : 1];
-      if constexpr (Ty::kFp8Grouped) {
-        // Without PVT these rows are the score tokens, whose largest scales vmax holds.
-        const float i0 = inv_or_zero(PVT ? scale_max(vss, r0) : vmax[0]), i1 = inv_or_zero(PVT ? scale_max(vss, r0 + 1) : vmax[1]);
-        const float i8 = inv_or_zero(PVT ? scale_max(vss, r0 + 8) : vmax[2]), i9 = inv_or_zero(PVT ? scale_max(vss, r0 + 9) : vmax[3]);
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          vshare01[g] = pack2<true>(scale_at(vss, r0 * G + g) * i0, scale_at(vss, (r0 + 1) * G + g) * i1);
-          vshare89[g] = pack2<true>(scale_at(vss, (r0 + 8) * G + g) * i8, scale_at(vss, (r0 + 9) * G + g) * i9);
-        }
-      }
+      const int r0 = warp * 16 + tq * 2;  // the lane's first token row (kFp8Dequant's per-group V scales)
       // FP8: one ldmatrix.x4.trans gives chunks c and c + 1 of tokens 0-7 and 8-15 (matrix lane / 8:
       // tokens 8 x (m % 2), chunk c + m / 2), four n-tiles (DecodeSwizzle).
       const uint32_t vaddr = smem_s + uint32_t(vs_o) + v_lane;
@@ -946,11 +991,6 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
           if constexpr (Ty::kFp8Direct || Ty::kFp8Grouped) {
             fp8x4_to_f16x2x2<T>(lo, even0, odd0);
             fp8x4_to_f16x2x2<T>(hi, even1, odd1);
-            if constexpr (Ty::kFp8Grouped) {
-              const int g = 16 * (c + hc) / GRAN;  // a constant once the loops unroll
-              even0 = hmul2_bits(even0, vshare01[g]), odd0 = hmul2_bits(odd0, vshare01[g]);
-              even1 = hmul2_bits(even1, vshare89[g]), odd1 = hmul2_bits(odd1, vshare89[g]);
-            }
           } else {  // per-group scales of those tokens for this chunk
             const int g = 16 * (c + hc) / GRAN;
             const float s0 = QUANT ? scale_at(vss, r0 * G + g) : 1.f, s1 = QUANT ? scale_at(vss, (r0 + 1) * G + g) : 1.f;
@@ -962,14 +1002,15 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
             even0 = deq(lo & 0xffffu, s0, s1), odd0 = deq(lo >> 16, s0, s1);
             even1 = deq(hi & 0xffffu, s8, s9), odd1 = deq(hi >> 16, s8, s9);
           }
+          const int pg = Ty::kFp8Grouped ? 16 * (c + hc) / GRAN : 0;  // the chunk's V scale group (a constant)
           if constexpr (PVT) {
-            // O^T[dims][heads] += V^T P^T: A rows gq / gq + 8 are the chunk's even / odd dims, k = tokens 2tq, 2tq + 1
-            // and + 8; B is P^T (pa[0], pa[2], transposed from S^T by movmatrix).
+            // O^T[dims][heads] += V^T P^T: A rows gq / gq + 8 are the chunk's even / odd dims, k = token slots 2tq,
+            // 2tq + 1 and + 8; B is P^T (pa[pg][0], pa[pg][2], transposed from S^T by movmatrix).
             const uint32_t va[4] = {even0, odd0, even1, odd1};
-            mma16816<F16>(o[c + hc], va, pa[0], pa[2]);
+            mma16816<F16>(o[c + hc], va, pa[pg][0], pa[pg][2]);
           } else {  // B fragments of n-tiles dn (even dims) and dn + 1 (odd dims)
-            mma16816<F16>(o[dn], pa, even0, even1);
-            mma16816<F16>(o[dn + 1], pa, odd0, odd1);
+            mma16816<F16>(o[dn], pa[pg], even0, even1);
+            mma16816<F16>(o[dn + 1], pa[pg], odd0, odd1);
           }
         }
       }
