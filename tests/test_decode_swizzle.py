@@ -195,9 +195,12 @@ def test_aligned_k_steps_need_the_permuted_token_rows(monkeypatch) -> None:
 @pytest.mark.parametrize("page_size", [16, 64, 256])
 @pytest.mark.parametrize("head_size", [64, 128, 256])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float8_e5m2"])
-def test_decode_tile_boxes_are_one_page_by_one_block(monkeypatch, dtype: str, head_size: int, page_size: int) -> None:
+@pytest.mark.parametrize("kv_layout", ["pages", "split"])
+def test_decode_tile_boxes_are_one_page_by_one_block(monkeypatch, dtype: str, head_size: int, page_size: int,
+                                                      kv_layout: str) -> None:
     """runtime/tma.py decode_tile: the arguments it hands cuTensorMapEncodeTiled (encode stubbed): the layer's
-    [rows, H, D] view, box [min(64, P), 1, one TileLayout block] with the swizzle of that width, raw elements."""
+    [rows, H, D] view, box [min(64, P), 1, one TileLayout block] with the swizzle of that width, raw elements; with
+    kv_layout "split" (per-layer K and V tensors of their own) V's map starts at that layer's V tensor."""
     from functools import partial
     from types import SimpleNamespace
 
@@ -210,8 +213,11 @@ def test_decode_tile_boxes_are_one_page_by_one_block(monkeypatch, dtype: str, he
     heads, layers, rows = spec.cache.num_kv_heads, 2, 40 * page_size
     cache = SimpleNamespace(spec=spec, tma_geometry=tma_geometry(spec), kv_dim=2, num_layers=layers, num_heads=heads,
                             head_size=head_size, blocks_ptr=1 << 20, page_rows=rows, num_kv_rows=lambda: rows,
-                            page_size=page_size, per_layer=False, dtype=dtype,
-                            args=SimpleNamespace(kv_offset=layers * rows))  # K and V of a page together
+                            page_size=page_size, per_layer=kv_layout == "split", dtype=dtype, kv_layout=kv_layout,
+                            # "pages": K and V of a page together; "split": V is a tensor of its own per layer
+                            args=SimpleNamespace(kv_offset=layers * rows if kv_layout == "pages" else 0),
+                            _layer_ptrs=[(7 << 30 | layer << 24, 0, 0) for layer in range(layers)],
+                            _layer_v_ptrs=[(9 << 30 | layer << 24, 0) for layer in range(layers)])
     cache.slice_address = partial(KVCache.slice_address, cache)  # the real address math, on this stand-in
     seen = []
 
@@ -226,4 +232,9 @@ def test_decode_tile_boxes_are_one_page_by_one_block(monkeypatch, dtype: str, he
     assert (tile.kind, data_type, swizzle) == ("decode_tile", {1: "UINT8", 2: "UINT16"}[nb], f"{block}B")
     assert dims == (rows, heads, head_size) and strides == (heads * head_size * nb, head_size * nb)
     assert box == (min(64, page_size), 1, block // nb)
-    assert address == (1 << 20) + (1 * layers + 1) * rows * heads * head_size * nb  # V of layer 1
+    if kv_layout == "pages":
+        assert address == (1 << 20) + (1 * layers + 1) * rows * heads * head_size * nb  # V of layer 1
+    else:
+        assert address == 9 << 30 | 1 << 24  # layer 1's V tensor
+        tma.decode_tile(cache, 0, 1, 64)
+        assert seen[1][1] == 7 << 30 | 1 << 24  # layer 1's K tensor

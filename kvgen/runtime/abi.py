@@ -23,10 +23,12 @@ class CacheArgs(ctypes.Structure):
         ("null_page", ctypes.c_uint32),
         ("page_stride", ctypes.c_uint32),
         ("kv_offset", ctypes.c_uint32),
+        ("v_blocks", ctypes.c_uint64),
+        ("v_scales", ctypes.c_uint64),
     ]
 
 
-assert ctypes.sizeof(CacheArgs) == 88, "must match static_assert(sizeof(CacheArgs) == 88) in common.cuh"
+assert ctypes.sizeof(CacheArgs) == 104, "must match static_assert(sizeof(CacheArgs) == 104) in common.cuh"
 
 ERR_UNASSIGNED_PAGE = 1 << 0
 ERR_PAGE_OUT_OF_RANGE = 1 << 1

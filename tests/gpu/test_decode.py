@@ -515,10 +515,13 @@ def vllm_layer_caches(v, lengths: list[int], rng: np.random.Generator, layers: i
                       kv_layout: str = "pages"):
     """vLLM's side of a decode step: per-layer caches full of canary bytes (block 0 is vLLM's null block), in the
     FlashInfer / Triton backends' [num_blocks, 2, P, H, D] (kv_layout "pages") or the FlashAttention backend's
-    [2, num_blocks, P, H, D] ("planes"); a block table of randomly permuted blocks (rows and columns past the
+    [2, num_blocks, P, H, D] ("planes"), or SGLang's K and V tensors of their own per layer ("split": the two
+    [num_blocks, P, H, D] halves of such a tensor, handed over as a pair; the cache's kv_offset is then 0, so K + an
+    offset would read K for V); a block table of randomly permuted blocks (rows and columns past the
     requests hold 0, as vLLM pads them). Returns the cache adopted by kvgen, the block table as a NumPy array and
     each layer's tensor as a [num_blocks, 2, P, H, D] view (a transposed view of a planes tensor)."""
-    planes = kv_layout == "planes"
+    planes = kv_layout != "pages"
+    split = kv_layout == "split"
     spec = v.spec()
     c = spec.cache
     P, H, D = c.page_size, c.num_kv_heads, c.head_size
@@ -544,8 +547,10 @@ def vllm_layer_caches(v, lengths: list[int], rng: np.random.Generator, layers: i
     static = [torch.ones((2, 1, H), device="cuda") for _ in range(layers)] if c.static_scales else None
     lut = torch.empty((len(lengths), ref.padded_lut_cols(max(need) + 1)), dtype=torch.int32, device="cuda")
     lens = torch.empty(len(lengths), dtype=torch.int32, device="cuda")
-    cache = KVCache.wrap_layers(v, [t.unsqueeze(2) for t in tensors], scales, lut, lens, static_scales=static,
-                                null_page=0, kv_layout=kv_layout)
+    blocks = [(t[0], t[1]) for t in tensors] if split else [t.unsqueeze(2) for t in tensors]
+    if split and scales is not None:
+        scales = [(s[0, :, 0], s[1, :, 0]) for s in scales]
+    cache = KVCache.wrap_layers(v, blocks, scales, lut, lens, static_scales=static, null_page=0, kv_layout=kv_layout)
     randomize_static_scales(cache, rng)
     return cache, table, [t.transpose(0, 1) if planes else t for t in tensors]
 
@@ -560,11 +565,17 @@ def per_layer_rows(cache, spec, table: np.ndarray, lengths: list[int], layer: in
     """The reference's dequantized K and V of one layer: the per-layer tensors stacked into kvgen's one-tensor
     layout ([nb, 2, L, P, H, D]) and read by the NumPy oracle through the block table."""
     qz = spec.quantization
-    first = (lambda t: t.transpose(0, 1)) if cache.kv_layout == "planes" else (lambda t: t)  # noqa: E731
-    stack = torch.cat([first(t) for t in cache._layer_blocks], dim=2)
+    # [nb, 2, 1, P, H, D] per layer, from the cache's own (K|V, layer) views whatever its kv_layout
+    stack = torch.cat([torch.stack([cache.view(0, i), cache.view(1, i)], dim=1).unsqueeze(2)
+                       for i in range(cache.num_layers)], dim=2)
     scales = None
     if cache.scales is not None:
-        scales = to_np(torch.cat([first(t) for t in cache.scales], dim=2), "float32").copy()
+        def kv_scales(s):  # one layer's scales as [nb, 2, 1, P, H, G]
+            if cache.kv_layout == "split":
+                return torch.stack(s, dim=1).unsqueeze(2)
+            return s.transpose(0, 1) if cache.kv_layout == "planes" else s
+
+        scales = to_np(torch.cat([kv_scales(s) for s in cache.scales], dim=2), "float32").copy()
     static = to_np(torch.cat(cache.static_scales, dim=1), "float32").copy() if cache.static_scales is not None else None
     lut = np.zeros((len(lengths), cache.lut_cols), np.uint32)
     lut[:, : table.shape[1]] = table[: len(lengths)]
@@ -586,7 +597,7 @@ def fill_layers(cache, spec, table, lengths, rng) -> None:
         cache.store_slots(layer, k, torch.randn(T, H, D, device="cuda").to(io), slots)
 
 
-@pytest.mark.parametrize("kv_layout", ["pages", "planes"])
+@pytest.mark.parametrize("kv_layout", ["pages", "planes", "split"])
 @pytest.mark.parametrize("name", VLLM_LAYERS)
 def test_vllm_per_layer_caches_decode_from_the_block_table(gen, name: str, kv_layout: str) -> None:
     """wrap_layers over vLLM-shaped per-layer caches (null block 0) and adopt_block_table on vLLM's block_table /
@@ -632,7 +643,7 @@ def test_vllm_per_layer_caches_decode_from_the_block_table(gen, name: str, kv_la
     assert cache.errors() == []
 
 
-@pytest.mark.parametrize("kv_layout", ["pages", "planes"])
+@pytest.mark.parametrize("kv_layout", ["pages", "planes", "split"])
 @pytest.mark.parametrize("name", [n for n in VLLM_LAYERS if "bf16" in n and "p16" in n])
 def test_vllm_step_tables_and_decode_replay_in_one_graph(gen, name: str, kv_layout: str) -> None:
     """adopt_block_table, store_slots and decode of every layer captured once (a fixed split count); each replay

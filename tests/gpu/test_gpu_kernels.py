@@ -735,24 +735,32 @@ def test_adopt_a_vllm_layer_cache(generated) -> None:
     assert cache.errors() == []
 
 
-@pytest.mark.parametrize("kv_layout", ["pages", "planes"])
+def layer_args(blocks: list, scales: list, kv_layout: str) -> tuple[list, list]:
+    """wrap_layers' arguments from per-layer [nb, 2, 1, ...] ("pages") or [2, nb, 1, ...] tensors: the tensors
+    themselves, or ("split", SGLang's k_buffer / v_buffer) each layer's K and V [nb, P, H, D] views as a pair."""
+    if kv_layout != "split":
+        return blocks, scales
+    return [(b[0, :, 0], b[1, :, 0]) for b in blocks], [(s[0, :, 0], s[1, :, 0]) for s in scales]
+
+
+@pytest.mark.parametrize("kv_layout", ["pages", "planes", "split"])
 def test_copy_pages_of_per_layer_caches_copies_every_layer(generated, kv_layout: str) -> None:
     """copy_pages on a wrap_layers cache (one tensor per layer, vLLM's block 0 as the null page; K and V of a page
-    together, or in planes) copies the page and its scales in every layer's tensors, touches no other page, and
-    refuses a copy onto the null page."""
+    together, in planes, or in tensors of their own) copies the page and its scales in every layer's tensors,
+    touches no other page, and refuses a copy onto the null page."""
     name = next(n for n in NAMES if n.startswith("gpu_paged_e4m3") and "_qf32" in n)
     v = generated.VARIANTS[name]
     spec = v.spec()
     c = spec.cache
     nb, L, G = 6, 3, -(-c.head_size // spec.quantization.granularity)
-    lead = (2, nb) if kv_layout == "planes" else (nb, 2)
+    lead = (nb, 2) if kv_layout == "pages" else (2, nb)
     blocks = [torch.randint(0, 126, (*lead, 1, c.page_size, c.num_kv_heads, c.head_size), dtype=torch.uint8,
                             device="cuda").view(getattr(torch, c.dtype)) for _ in range(L)]
     scales = [torch.rand((*lead, 1, c.page_size, c.num_kv_heads, G), device="cuda") + 0.5 for _ in range(L)]
     lut = torch.zeros((2, ref.padded_lut_cols(2)), dtype=torch.int32, device="cuda")
-    cache = KVCache.wrap_layers(v, blocks, scales, lut, torch.zeros(2, dtype=torch.int32, device="cuda"), null_page=0,
-                                kv_layout=kv_layout)
-    if kv_layout == "planes":  # compare through [num_blocks, 2, ...] views
+    cache = KVCache.wrap_layers(v, *layer_args(blocks, scales, kv_layout), lut, torch.zeros(2, dtype=torch.int32, device="cuda"),
+                                null_page=0, kv_layout=kv_layout)
+    if kv_layout != "pages":  # compare through [num_blocks, 2, ...] views
         blocks, scales = [b.transpose(0, 1) for b in blocks], [s.transpose(0, 1) for s in scales]
     before = [(b.view(torch.uint8).clone(), s.clone()) for b, s in zip(blocks, scales)]
     ids = lambda *x: torch.tensor(x, dtype=torch.int32, device="cuda")  # noqa: E731
@@ -765,7 +773,7 @@ def test_copy_pages_of_per_layer_caches_copies_every_layer(generated, kv_layout:
     assert len(cache.errors()) == 1
 
 
-@pytest.mark.parametrize("kv_layout", ["pages", "planes"])
+@pytest.mark.parametrize("kv_layout", ["pages", "planes", "split"])
 def test_tma_tiles_of_per_layer_caches_read_that_layer(generated, kv_layout: str) -> None:
     """create_tma_tile / tile_load on a wrap_layers cache read the layer's own tensor: each layer's tiles equal the
     tiles of the same data adopted alone as a one-layer cache with K and V of a page together (the address math of
@@ -775,15 +783,15 @@ def test_tma_tiles_of_per_layer_caches_read_that_layer(generated, kv_layout: str
     spec = v.spec()
     c, geo = spec.cache, tma_geometry(spec)
     nb, L, G = 7, 3, -(-c.head_size // spec.quantization.granularity)
-    lead = (2, nb) if kv_layout == "planes" else (nb, 2)
+    lead = (nb, 2) if kv_layout == "pages" else (2, nb)
     blocks = [torch.randint(0, 126, (*lead, 1, c.page_size, c.num_kv_heads, c.head_size), dtype=torch.uint8,
                             device="cuda").view(getattr(torch, c.dtype)) for _ in range(L)]
     scales = [torch.ones((*lead, 1, c.page_size, c.num_kv_heads, G), device="cuda") for _ in range(L)]
     pages, lens = [[3, 1, 5], [6, 2]], [2 * c.page_size + 5, c.page_size + 1]
     tables = lambda: (torch.zeros((2, ref.padded_lut_cols(3)), dtype=torch.int32, device="cuda"),  # noqa: E731
                       torch.zeros(2, dtype=torch.int32, device="cuda"))
-    multi = KVCache.wrap_layers(v, blocks, scales, *tables(), null_page=0, kv_layout=kv_layout)
-    if kv_layout == "planes":  # the singles get the same data with K and V of a page together
+    multi = KVCache.wrap_layers(v, *layer_args(blocks, scales, kv_layout), *tables(), null_page=0, kv_layout=kv_layout)
+    if kv_layout != "pages":  # the singles get the same data with K and V of a page together
         blocks = [b.transpose(0, 1).contiguous() for b in blocks]
         scales = [s.transpose(0, 1).contiguous() for s in scales]
     singles = [KVCache.wrap(v, b, s, *tables(), num_layers=1, null_page=0) for b, s in zip(blocks, scales)]
@@ -801,3 +809,28 @@ def test_tma_tiles_of_per_layer_caches_read_that_layer(generated, kv_layout: str
             torch.cuda.synchronize()
             assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), f"layer {layer} kv {kv}"
     assert multi.errors() == []
+
+
+def test_split_kv_layout_refuses_what_it_cannot_serve(generated) -> None:
+    """kv_layout "split" (SGLang's per-layer K and V tensors): errors name the argument and the rule for a whole-
+    cache tensor, a layer that is not a (K, V) pair, a V of another shape, and missing V scales."""
+    name = next(n for n in NAMES if n.startswith("gpu_paged_e4m3") and "_qf32" in n)
+    v = generated.VARIANTS[name]
+    spec = v.spec()
+    c = spec.cache
+    nb, G = 5, -(-c.head_size // spec.quantization.granularity)
+    kv = lambda: torch.zeros((nb, c.page_size, c.num_kv_heads, c.head_size), dtype=torch.uint8,  # noqa: E731
+                             device="cuda").view(getattr(torch, c.dtype))
+    sc = lambda: torch.ones((nb, c.page_size, c.num_kv_heads, G), device="cuda")  # noqa: E731
+    tables = lambda: (torch.zeros((2, ref.padded_lut_cols(2)), dtype=torch.int32, device="cuda"),  # noqa: E731
+                      torch.zeros(2, dtype=torch.int32, device="cuda"))
+    with pytest.raises(LaunchError, match="per layer"):
+        KVCache.wrap(v, kv(), sc(), *tables(), num_layers=1, kv_layout="split")
+    with pytest.raises(LaunchError, match=r"blocks\[1\].*pair"):
+        KVCache.wrap_layers(v, [(kv(), kv()), kv()], [(sc(), sc())] * 2, *tables(), kv_layout="split")
+    with pytest.raises(LaunchError, match=r"blocks\[1\]\[1\].*shape"):
+        KVCache.wrap_layers(v, [(kv(), kv()), (kv(), kv()[:-1])], [(sc(), sc())] * 2, *tables(), kv_layout="split")
+    with pytest.raises(LaunchError, match=r"scales\[0\].*pair"):
+        KVCache.wrap_layers(v, [(kv(), kv())], [sc()], *tables(), kv_layout="split")
+    cache = KVCache.wrap_layers(v, [(kv(), kv())], [(sc(), sc())], *tables(), null_page=0, kv_layout="split")
+    assert cache.args.kv_offset == 0 and cache.args.v_blocks == cache.view(1, 0).data_ptr()

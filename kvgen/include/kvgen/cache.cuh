@@ -73,10 +73,11 @@ template <class Traits> struct PagedKVCache : CacheCommon<Traits> {
   __device__ __forceinline__ static PagedKVCache view(const CacheArgs& a, int kv_idx, int layer) {
     PagedKVCache c;
     c.head_scales = Base::head_scales_of(a, kv_idx, layer);
-    const int64_t first_row = int64_t(kv_idx) * a.kv_offset + int64_t(layer) * page_size_;  // row 0 of the view
-    c.blocks = reinterpret_cast<dtype*>(a.blocks) + first_row * row_elems;
-    c.scales = a.scales == nullptr ? nullptr
-        : reinterpret_cast<scale_dtype*>(a.scales) + first_row * num_heads * num_scale_groups;
+    const bool own_v = kv_idx != 0 && a.v_blocks != nullptr;  // V in a tensor of its own (CacheArgs::v_blocks)
+    const int64_t first_row = (own_v ? 0 : int64_t(kv_idx) * a.kv_offset) + int64_t(layer) * page_size_;  // row 0 of the view
+    c.blocks = reinterpret_cast<dtype*>(own_v ? a.v_blocks : a.blocks) + first_row * row_elems;
+    void* const scales = own_v ? a.v_scales : a.scales;
+    c.scales = scales == nullptr ? nullptr : reinterpret_cast<scale_dtype*>(scales) + first_row * num_heads * num_scale_groups;
     c.args = &a;
     return c;
   }

@@ -62,8 +62,13 @@ struct CacheArgs {
   // num_blocks*L*P).
   uint32_t page_stride;
   uint32_t kv_offset;
+  // Paged, K and V in tensors of their own (KVCache.wrap_layers with kv_layout "split": SGLang's k_buffer /
+  // v_buffer): the V view's base and its scales' (blocks / scales then hold K only). nullptr: V is kv_offset rows
+  // after K in `blocks`.
+  void* v_blocks;
+  void* v_scales;
 };
-static_assert(sizeof(CacheArgs) == 88, "CacheArgs layout must match kvgen/runtime/abi.py");
+static_assert(sizeof(CacheArgs) == 104, "CacheArgs layout must match kvgen/runtime/abi.py");
 
 // Programmatic dependent launch (sm_90+; no-ops before sm_90 and when the grid was launched plainly). The host
 // launches store, load, copy_pages and decode with the PDL attribute (KVCache.programmatic_launch), so a grid
