@@ -126,7 +126,6 @@ def check_fp8_fragments(lay: Layout, base: int, written: dict[int, tuple[int, in
         for nt in range(2):  # K: lane (gq, tq) reads chunk k_chunk(tq, j) of row warp * 16 + slot_row(nt * 8 + gq)
             for j in range(cpr // 4):
                 phases: dict[int, list[int]] = {}
-                groups: dict[int, set[int]] = {}
                 for lane in range(32):
                     gq, tq = lane // 4, lane % 4
                     row = warp * 16 + slot_row(nt * 8 + gq, aligned)
@@ -135,11 +134,23 @@ def check_fp8_fragments(lay: Layout, base: int, written: dict[int, tuple[int, in
                     addr = lane_addr if cpr == 4 else lay.step(lane_addr, step)
                     assert written.get(addr) == (row, k_chunk(tq, j))
                     phases.setdefault(lane // 8, []).append(addr // 16 % 8)
-                    groups.setdefault(gq, set()).add(k_chunk(tq, j) // 4)  # 64-dim group of the k-step's chunk
                 assert all(len(set(u)) == 8 for u in phases.values()), "FP8 K load bank conflict"
-                if aligned:
-                    assert all(len(g) == 1 for g in groups.values()), "a k-step spans two 64-dim scale groups"
         check_v_fragments(lay, base, written, warp, aligned)
+    check_k_order(k_chunk, cpr, aligned)
+
+
+def check_k_order(k_chunk, cpr: int, aligned: bool) -> None:  # noqa: ANN001 - the mirror's k_chunk(tq, j)
+    """Q's permuted k order (DecodeSwizzle::k_dim: the first of the 4 dims of k-step kk in lane column tq) covers
+    every dim once, and (aligned) each k-step's 16 dims lie in one 64-dim scale group."""
+    def k_dim(tq: int, kk: int) -> int:
+        return 16 * k_chunk(tq, kk // 4) + 4 * (kk % 4)
+
+    dims = [k_dim(tq, kk) + e for kk in range(cpr) for tq in range(4) for e in range(4)]
+    assert sorted(dims) == list(range(16 * cpr)), "Q's k order misses or repeats a dim"
+    if aligned:
+        for kk in range(cpr):
+            groups = {k_dim(tq, kk) // 64 for tq in range(4)}
+            assert len(groups) == 1, f"k-step {kk} spans scale groups {groups}"
 
 
 @pytest.mark.parametrize("loader", ["cp_async", "tma"])
@@ -181,6 +192,13 @@ def test_a_wrong_row_xor_fails_the_mirror() -> None:
     lay = Unswizzled(16)
     with pytest.raises(AssertionError, match="bank conflict"):
         check_16bit_fragments(lay, 0, cp_async_tile(lay, 0))
+
+
+def test_the_default_k_order_mixes_scale_groups() -> None:
+    """The group check can fail: the default FP8 K order (chunks 0, 2, 4, 6 in one k-step) spans two 64-dim
+    groups, which is why per-group scales of 64+ dims take the aligned order."""
+    with pytest.raises(AssertionError, match="spans scale groups"):
+        check_k_order(lambda tq, j: 8 * (j // 2) + 2 * tq + j % 2, 8, aligned=True)
 
 
 def test_aligned_k_steps_need_the_permuted_token_rows(monkeypatch) -> None:

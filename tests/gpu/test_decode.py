@@ -36,9 +36,9 @@ def gen(tmp_path_factory: pytest.TempPathFactory):
     return import_package(out, "kvgen_gpu_decode")
 
 
-def setup_cache(v, lengths: list[int], rng: np.random.Generator):
-    """A cache holding `lengths[b]` random tokens per request on permuted pages, canaries everywhere else.
-    cache_length(b) is lengths[b] - 1: the decode covers cache_length + 1 tokens."""
+def setup_cache(v, lengths: list[int], rng: np.random.Generator, v_mult: float = 1.0):
+    """A cache holding `lengths[b]` random tokens per request on permuted pages, canaries everywhere else; V is
+    standard normal times v_mult. cache_length(b) is lengths[b] - 1: the decode covers cache_length + 1 tokens."""
     spec = v.spec()
     c = spec.cache
     B = len(lengths)
@@ -60,7 +60,7 @@ def setup_cache(v, lengths: list[int], rng: np.random.Generator):
     H, D = c.num_kv_heads, c.head_size
     T = sum(lengths)
     k = (torch.randn(T, H, D, device="cuda") * 2).to(io)
-    vv = torch.randn(T, H, D, device="cuda").to(io)
+    vv = (torch.randn(T, H, D, device="cuda") * v_mult).to(io)
     randomize_static_scales(cache, rng)
     cache.set_cache_lengths([0] * B)
     cache.begin_step(lengths)
@@ -504,6 +504,36 @@ def test_fixed_split_count(gen, prefix: str) -> None:
     assert cache.decode_workspace(0).pairs >= room * len(lengths) > first_pairs
 
 
+# FP8 variants whose V scales enter the f16 P.V MMA with P (per token, per group, e8m0 groups; both loaders).
+V_SCALED = [v.name for v in GRID.variants if re.match(r"gdec_paged_e4m3_h2_d(128|256)_p16_q(f32g(64|128)|e8m0g64)_s128b_ld", v.name)
+            and not (v.spec.attention.sliding_window or v.spec.attention.logits_soft_cap or v.spec.attention.sinks)]
+
+
+@pytest.mark.parametrize("v_mult", [1e-3, 1e3, 3e5])
+@pytest.mark.parametrize("name", V_SCALED)
+def test_fp8_decode_over_the_range_of_v_scales(gen, name: str, v_mult: float) -> None:
+    """V amax about 4e-3 (scales near 1e-5: P x scale alone would be an f16 subnormal, hence decode.cuh's kPUp) and
+    4e3 (scales near 9) decode within the usual error of float64; V amax about 1.2e6 (scales near 2700, past kPUp's
+    exact range) saturates but never yields NaN or inf."""
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    v = gen.VARIANTS[name]
+    spec = v.spec()
+    lengths = [1, 63, 64, 65, 700]
+    cache, k, vv = setup_cache(v, lengths, rng, v_mult=v_mult)
+    att = spec.attention
+    q = torch.randn(len(lengths), att.num_q_heads, spec.cache.head_size, device="cuda").to(getattr(torch, spec.cache.io_dtype))
+    out = torch.full(q.shape, float("nan"), device="cuda", dtype=getattr(torch, att.output_dtype))
+    cache.plan_decode()
+    cache.decode(1, q, out)
+    torch.cuda.synchronize()
+    if v_mult > 1e4:
+        assert torch.isfinite(out).all(), f"{name}: NaN/inf from saturated V scales"
+        return
+    ref, _ = reference(q.double().cpu(), k, vv, lengths, att.num_q_heads // spec.cache.num_kv_heads,
+                       spec.cache.head_size ** -0.5)
+    check(out, ref, f"{name} V x {v_mult:g}", True)
+
+
 # ---- vLLM's per-layer caches and block tables (KVCache.wrap_layers + adopt_block_table) -------------------------
 # bf16 at 16- and 64-token pages, FP8 with per-token scales (per-layer scales tensors) and with static scales (per-
 # layer static tensors), each with both loaders: the first variant of each kind (later ones add window or sinks).
@@ -515,13 +545,12 @@ def vllm_layer_caches(v, lengths: list[int], rng: np.random.Generator, layers: i
                       kv_layout: str = "pages"):
     """vLLM's side of a decode step: per-layer caches full of canary bytes (block 0 is vLLM's null block), in the
     FlashInfer / Triton backends' [num_blocks, 2, P, H, D] (kv_layout "pages") or the FlashAttention backend's
-    [2, num_blocks, P, H, D] ("planes"), or SGLang's K and V tensors of their own per layer ("split": the two
-    [num_blocks, P, H, D] halves of such a tensor, handed over as a pair; the cache's kv_offset is then 0, so K + an
-    offset would read K for V); a block table of randomly permuted blocks (rows and columns past the
-    requests hold 0, as vLLM pads them). Returns the cache adopted by kvgen, the block table as a NumPy array and
-    each layer's tensor as a [num_blocks, 2, P, H, D] view (a transposed view of a planes tensor)."""
+    [2, num_blocks, P, H, D] ("planes"), or SGLang's K and V tensors of their own per layer ("split": plane 1 of
+    such a tensor as K and plane 0 as V, handed over as blocks and v_blocks, so V lies below K and the cache's
+    kv_offset, 0, cannot reach it); a block table of randomly permuted blocks (rows and columns past the requests
+    hold 0, as vLLM pads them). Returns the cache adopted by kvgen, the block table as a NumPy array, and per layer
+    the test's own (K, V) [num_blocks, P, H, D] views and (K scales, V scales) views (None unquantized)."""
     planes = kv_layout != "pages"
-    split = kv_layout == "split"
     spec = v.spec()
     c = spec.cache
     P, H, D = c.page_size, c.num_kv_heads, c.head_size
@@ -534,6 +563,12 @@ def vllm_layer_caches(v, lengths: list[int], rng: np.random.Generator, layers: i
         table[b, :k] = ids[at:at + k]
         at += k
     fp8 = c.dtype.startswith("float8")
+    k_plane = 1 if kv_layout == "split" else 0
+
+    def kv_views(t):  # (K, V) of one layer's tensor, [num_blocks, P, H, D] (+ G for scales) each
+        t = t.squeeze(2) if t.dim() == 6 else t
+        return (t[k_plane], t[1 - k_plane]) if planes else (t[:, 0], t[:, 1])
+
     tensors = []
     for _ in range(layers):
         t = torch.empty((2, nb, P, H, D) if planes else (nb, 2, P, H, D), dtype=getattr(torch, c.dtype), device="cuda")
@@ -547,12 +582,17 @@ def vllm_layer_caches(v, lengths: list[int], rng: np.random.Generator, layers: i
     static = [torch.ones((2, 1, H), device="cuda") for _ in range(layers)] if c.static_scales else None
     lut = torch.empty((len(lengths), ref.padded_lut_cols(max(need) + 1)), dtype=torch.int32, device="cuda")
     lens = torch.empty(len(lengths), dtype=torch.int32, device="cuda")
-    blocks = [(t[0], t[1]) for t in tensors] if split else [t.unsqueeze(2) for t in tensors]
-    if split and scales is not None:
-        scales = [(s[0, :, 0], s[1, :, 0]) for s in scales]
-    cache = KVCache.wrap_layers(v, blocks, scales, lut, lens, static_scales=static, null_page=0, kv_layout=kv_layout)
+    kv = [kv_views(t) for t in tensors]
+    kv_scales = [kv_views(s) for s in scales] if scales is not None else None
+    if kv_layout == "split":
+        cache = KVCache.wrap_layers(v, [k for k, _ in kv], [k for k, _ in kv_scales] if scales else None, lut, lens,
+                                    static_scales=static, null_page=0, v_blocks=[x for _, x in kv],
+                                    v_scales=[x for _, x in kv_scales] if scales else None)
+    else:
+        cache = KVCache.wrap_layers(v, [t.unsqueeze(2) for t in tensors], scales, lut, lens, static_scales=static,
+                                    null_page=0, kv_layout=kv_layout)
     randomize_static_scales(cache, rng)
-    return cache, table, [t.transpose(0, 1) if planes else t for t in tensors]
+    return cache, table, kv, kv_scales
 
 
 def slots_of(table: np.ndarray, lengths: list[int], page: int) -> np.ndarray:
@@ -561,21 +601,15 @@ def slots_of(table: np.ndarray, lengths: list[int], page: int) -> np.ndarray:
                            for b, n in enumerate(lengths)])
 
 
-def per_layer_rows(cache, spec, table: np.ndarray, lengths: list[int], layer: int):
-    """The reference's dequantized K and V of one layer: the per-layer tensors stacked into kvgen's one-tensor
-    layout ([nb, 2, L, P, H, D]) and read by the NumPy oracle through the block table."""
+def per_layer_rows(cache, spec, table: np.ndarray, lengths: list[int], layer: int, kv: list, kv_scales: list | None):
+    """The reference's dequantized K and V of one layer: the test's own per-layer (K, V) views (vllm_layer_caches)
+    stacked into kvgen's one-tensor layout ([nb, 2, L, P, H, D]) and read by the NumPy oracle through the block
+    table."""
     qz = spec.quantization
-    # [nb, 2, 1, P, H, D] per layer, from the cache's own (K|V, layer) views whatever its kv_layout
-    stack = torch.cat([torch.stack([cache.view(0, i), cache.view(1, i)], dim=1).unsqueeze(2)
-                       for i in range(cache.num_layers)], dim=2)
+    stack = torch.cat([torch.stack(pair, dim=1).unsqueeze(2) for pair in kv], dim=2)
     scales = None
-    if cache.scales is not None:
-        def kv_scales(s):  # one layer's scales as [nb, 2, 1, P, H, G]
-            if cache.kv_layout == "split":
-                return torch.stack(s, dim=1).unsqueeze(2)
-            return s.transpose(0, 1) if cache.kv_layout == "planes" else s
-
-        scales = to_np(torch.cat([kv_scales(s) for s in cache.scales], dim=2), "float32").copy()
+    if kv_scales is not None:
+        scales = to_np(torch.cat([torch.stack(pair, dim=1).unsqueeze(2) for pair in kv_scales], dim=2), "float32").copy()
     static = to_np(torch.cat(cache.static_scales, dim=1), "float32").copy() if cache.static_scales is not None else None
     lut = np.zeros((len(lengths), cache.lut_cols), np.uint32)
     lut[:, : table.shape[1]] = table[: len(lengths)]
@@ -609,8 +643,8 @@ def test_vllm_per_layer_caches_decode_from_the_block_table(gen, name: str, kv_la
     spec = v.spec()
     P = spec.cache.page_size
     lengths = [1, P - 1, P, P + 1, 3 * P + 5, 700]
-    cache, table, tensors = vllm_layer_caches(v, lengths, rng, kv_layout=kv_layout)
-    initial = [t.view(torch.uint8).cpu() for t in tensors]  # canaries everywhere
+    cache, table, kv, kv_scales = vllm_layer_caches(v, lengths, rng, kv_layout=kv_layout)
+    initial = [[x.view(torch.uint8).cpu() for x in pair] for pair in kv]  # canaries everywhere
     fill_layers(cache, spec, table, lengths, rng)
     cache.adopt_block_table(torch.from_numpy(table).cuda(), torch.tensor(lengths + [0, 0], dtype=torch.int32, device="cuda"),
                             lengths)
@@ -631,15 +665,16 @@ def test_vllm_per_layer_caches_decode_from_the_block_table(gen, name: str, kv_la
         outs.append(out)
     torch.cuda.synchronize()
     for layer, out in enumerate(outs):
-        ko, vo = per_layer_rows(cache, spec, table, lengths, layer)
+        ko, vo = per_layer_rows(cache, spec, table, lengths, layer, kv, kv_scales)
         want, _ = reference(q.double().cpu(), ko, vo, lengths, att.num_q_heads // spec.cache.num_kv_heads,
                             spec.cache.head_size ** -0.5)
         check(out, want, f"{name} layer {layer}", spec.cache.dtype.startswith("float8"))
     used = set(table[: len(lengths)].ravel().tolist()) - {0}
-    for t, before in zip(tensors, initial):
-        raw = t.view(torch.uint8).cpu()
-        for blk in set(range(t.shape[0])) - used:  # vLLM's null block 0 and the spare blocks
-            assert torch.equal(raw[blk], before[blk]), f"block {blk} was written"
+    for pair, befores in zip(kv, initial):
+        for x, before in zip(pair, befores):
+            raw = x.view(torch.uint8).cpu()
+            for blk in set(range(x.shape[0])) - used:  # vLLM's null block 0 and the spare blocks
+                assert torch.equal(raw[blk], before[blk]), f"block {blk} was written"
     assert cache.errors() == []
 
 
@@ -653,7 +688,7 @@ def test_vllm_step_tables_and_decode_replay_in_one_graph(gen, name: str, kv_layo
     spec = v.spec()
     P, att = spec.cache.page_size, spec.attention
     lengths = [P + 1, 300, 5, 2 * P]
-    cache, table, tensors = vllm_layer_caches(v, [n + 2 for n in lengths], rng, kv_layout=kv_layout)  # room for 2 more
+    cache, table, kv, kv_scales = vllm_layer_caches(v, [n + 2 for n in lengths], rng, kv_layout=kv_layout)  # room for 2 more
     io = getattr(torch, spec.cache.io_dtype)
     B, H, D = len(lengths), spec.cache.num_kv_heads, spec.cache.head_size
     bt = torch.from_numpy(table).cuda()
@@ -678,8 +713,8 @@ def test_vllm_step_tables_and_decode_replay_in_one_graph(gen, name: str, kv_layo
         now = [n + step for n in lengths]
         if step:  # the engine's next step: request 0's pages moved to spare blocks (old ones poisoned), one more token
             pages = table[0, : -(-now[0] // P)].copy()
-            spare = sorted(set(range(1, tensors[0].shape[0])) - set(table.ravel().tolist()))[: len(pages)]
-            for t in tensors:
+            spare = sorted(set(range(1, kv[0][0].shape[0])) - set(table.ravel().tolist()))[: len(pages)]
+            for t in (x for pair in kv for x in pair):
                 t[spare] = t[pages]
                 t.view(torch.uint8)[pages] = t.view(torch.uint8)[0].clone()  # the canaries of vLLM's null block
             table[0, : len(pages)] = spare
@@ -694,7 +729,7 @@ def test_vllm_step_tables_and_decode_replay_in_one_graph(gen, name: str, kv_layo
         g.replay()
         torch.cuda.synchronize()
         for layer, out in enumerate(outs):
-            ko, vo = per_layer_rows(cache, spec, table, now, layer)
+            ko, vo = per_layer_rows(cache, spec, table, now, layer, kv, kv_scales)
             want, _ = reference(q.double().cpu(), ko, vo, now, att.num_q_heads // H, D ** -0.5)
             check(out, want, f"{name} replay {step} layer {layer}", False)
     assert cache.errors() == []
@@ -709,7 +744,7 @@ def test_adopt_block_table_checks_ids_lengths_and_serves_store(gen) -> None:
     P, H, D = spec.cache.page_size, spec.cache.num_kv_heads, spec.cache.head_size
     rng = np.random.default_rng(5)
     lengths = [P + 3, 2, 2 * P]
-    cache, table, tensors = vllm_layer_caches(v, lengths, rng, layers=2)
+    cache, table, kv, _ = vllm_layer_caches(v, lengths, rng, layers=2)
     bt, seq = torch.from_numpy(table).cuda(), torch.tensor(lengths, dtype=torch.int32, device="cuda")
     with pytest.raises(LaunchError, match="seq_lens_host\\[1\\]"):
         cache.adopt_block_table(bt, seq, [P + 3, 0, 2 * P])  # below the step's new token
@@ -720,7 +755,7 @@ def test_adopt_block_table_checks_ids_lengths_and_serves_store(gen) -> None:
     with pytest.raises(LaunchError, match="new_tokens"):
         cache.adopt_block_table(bt, seq, lengths, new_tokens=0)
     bad = table.copy()
-    bad[0, 1] = tensors[0].shape[0] + 5  # past the allocation: the null page, reported
+    bad[0, 1] = kv[0][0].shape[0] + 5  # past the allocation: the null page, reported
     bad[2, 0] = 0  # vLLM's null block inside request 2's pages (a skipped window block): kept, not an error
     cache.adopt_block_table(torch.from_numpy(bad).cuda(), seq, lengths)
     lut = cache.lookup_table.cpu().numpy()
@@ -735,14 +770,14 @@ def test_adopt_block_table_checks_ids_lengths_and_serves_store(gen) -> None:
     cache.adopt_block_table(bt, seq, lengths)
     io = getattr(torch, spec.cache.io_dtype)
     k, vv = (torch.randn(3, H, D, device="cuda") * 2).to(io), torch.randn(3, H, D, device="cuda").to(io)
-    before = [t.clone() for t in tensors]
+    before = [[x.clone() for x in pair] for pair in kv]
     cache.store(1, k, vv)
     torch.cuda.synchronize()
     assert cache.errors() == []
     for b, n in enumerate(lengths):  # the step's token: position n - 1 = cache_length(b)
         page, off = table[b, (n - 1) // P], (n - 1) % P
-        assert torch.equal(tensors[1][page, 0, off], k[b]) and torch.equal(tensors[1][page, 1, off], vv[b])
-        before[1][page, :, off] = tensors[1][page, :, off]
-    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(tensors, before)), \
+        assert torch.equal(kv[1][0][page, off], k[b]) and torch.equal(kv[1][1][page, off], vv[b])
+        before[1][0][page, off], before[1][1][page, off] = kv[1][0][page, off], kv[1][1][page, off]
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for pa, pb in zip(kv, before) for a, b in zip(pa, pb)), \
         "store wrote something besides the step's tokens of layer 1"
 

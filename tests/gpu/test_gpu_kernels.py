@@ -735,12 +735,14 @@ def test_adopt_a_vllm_layer_cache(generated) -> None:
     assert cache.errors() == []
 
 
-def layer_args(blocks: list, scales: list, kv_layout: str) -> tuple[list, list]:
-    """wrap_layers' arguments from per-layer [nb, 2, 1, ...] ("pages") or [2, nb, 1, ...] tensors: the tensors
-    themselves, or ("split", SGLang's k_buffer / v_buffer) each layer's K and V [nb, P, H, D] views as a pair."""
+def wrap_layer_tensors(v, blocks: list, scales: list, tables: tuple, kv_layout: str) -> KVCache:
+    """wrap_layers over per-layer [nb, 2, 1, ...] ("pages") or [2, nb, 1, ...] ("planes", "split") tensors. "split"
+    (SGLang's k_buffer / v_buffer): plane 1 is each layer's K and plane 0 its V, [nb, P, H, D] views handed over as
+    blocks and v_blocks, so V lies below K (a negative K-to-V distance) and kv_offset (0) cannot reach it."""
     if kv_layout != "split":
-        return blocks, scales
-    return [(b[0, :, 0], b[1, :, 0]) for b in blocks], [(s[0, :, 0], s[1, :, 0]) for s in scales]
+        return KVCache.wrap_layers(v, blocks, scales, *tables, null_page=0, kv_layout=kv_layout)
+    return KVCache.wrap_layers(v, [b[1, :, 0] for b in blocks], [s[1, :, 0] for s in scales], *tables, null_page=0,
+                               v_blocks=[b[0, :, 0] for b in blocks], v_scales=[s[0, :, 0] for s in scales])
 
 
 @pytest.mark.parametrize("kv_layout", ["pages", "planes", "split"])
@@ -758,8 +760,7 @@ def test_copy_pages_of_per_layer_caches_copies_every_layer(generated, kv_layout:
                             device="cuda").view(getattr(torch, c.dtype)) for _ in range(L)]
     scales = [torch.rand((*lead, 1, c.page_size, c.num_kv_heads, G), device="cuda") + 0.5 for _ in range(L)]
     lut = torch.zeros((2, ref.padded_lut_cols(2)), dtype=torch.int32, device="cuda")
-    cache = KVCache.wrap_layers(v, *layer_args(blocks, scales, kv_layout), lut, torch.zeros(2, dtype=torch.int32, device="cuda"),
-                                null_page=0, kv_layout=kv_layout)
+    cache = wrap_layer_tensors(v, blocks, scales, (lut, torch.zeros(2, dtype=torch.int32, device="cuda")), kv_layout)
     if kv_layout != "pages":  # compare through [num_blocks, 2, ...] views
         blocks, scales = [b.transpose(0, 1) for b in blocks], [s.transpose(0, 1) for s in scales]
     before = [(b.view(torch.uint8).clone(), s.clone()) for b, s in zip(blocks, scales)]
@@ -790,10 +791,11 @@ def test_tma_tiles_of_per_layer_caches_read_that_layer(generated, kv_layout: str
     pages, lens = [[3, 1, 5], [6, 2]], [2 * c.page_size + 5, c.page_size + 1]
     tables = lambda: (torch.zeros((2, ref.padded_lut_cols(3)), dtype=torch.int32, device="cuda"),  # noqa: E731
                       torch.zeros(2, dtype=torch.int32, device="cuda"))
-    multi = KVCache.wrap_layers(v, *layer_args(blocks, scales, kv_layout), *tables(), null_page=0, kv_layout=kv_layout)
-    if kv_layout != "pages":  # the singles get the same data with K and V of a page together
-        blocks = [b.transpose(0, 1).contiguous() for b in blocks]
-        scales = [s.transpose(0, 1).contiguous() for s in scales]
+    multi = wrap_layer_tensors(v, blocks, scales, tables(), kv_layout)
+    if kv_layout != "pages":  # the singles get the same data with K and V of a page together ("split": K is plane 1)
+        kv_first = (lambda t: t.flip(0)) if kv_layout == "split" else (lambda t: t)  # noqa: E731
+        blocks = [kv_first(b).transpose(0, 1).contiguous() for b in blocks]
+        scales = [kv_first(s).transpose(0, 1).contiguous() for s in scales]
     singles = [KVCache.wrap(v, b, s, *tables(), num_layers=1, null_page=0) for b, s in zip(blocks, scales)]
     max_tiles = max(-(-n // geo.bn) for n in lens) + 1
     for cache in (multi, *singles):
@@ -812,25 +814,43 @@ def test_tma_tiles_of_per_layer_caches_read_that_layer(generated, kv_layout: str
 
 
 def test_split_kv_layout_refuses_what_it_cannot_serve(generated) -> None:
-    """kv_layout "split" (SGLang's per-layer K and V tensors): errors name the argument and the rule for a whole-
-    cache tensor, a layer that is not a (K, V) pair, a V of another shape, and missing V scales."""
+    """K and V tensors of their own (wrap_layers with v_blocks, SGLang's k_buffer / v_buffer): errors name the
+    argument and the rule for a whole-cache tensor, a V list of the wrong length, a V of another shape or dtype,
+    missing or misshapen V scales, a continuous variant and a layout that contradicts v_blocks."""
     name = next(n for n in NAMES if n.startswith("gpu_paged_e4m3") and "_qf32" in n)
     v = generated.VARIANTS[name]
     spec = v.spec()
     c = spec.cache
     nb, G = 5, -(-c.head_size // spec.quantization.granularity)
-    kv = lambda: torch.zeros((nb, c.page_size, c.num_kv_heads, c.head_size), dtype=torch.uint8,  # noqa: E731
-                             device="cuda").view(getattr(torch, c.dtype))
-    sc = lambda: torch.ones((nb, c.page_size, c.num_kv_heads, G), device="cuda")  # noqa: E731
+    kv = lambda n=nb: torch.zeros((n, c.page_size, c.num_kv_heads, c.head_size), dtype=torch.uint8,  # noqa: E731
+                                  device="cuda").view(getattr(torch, c.dtype))
+    sc = lambda g=G: torch.ones((nb, c.page_size, c.num_kv_heads, g), device="cuda")  # noqa: E731
     tables = lambda: (torch.zeros((2, ref.padded_lut_cols(2)), dtype=torch.int32, device="cuda"),  # noqa: E731
                       torch.zeros(2, dtype=torch.int32, device="cuda"))
-    with pytest.raises(LaunchError, match="per layer"):
-        KVCache.wrap(v, kv(), sc(), *tables(), num_layers=1, kv_layout="split")
-    with pytest.raises(LaunchError, match=r"blocks\[1\].*pair"):
-        KVCache.wrap_layers(v, [(kv(), kv()), kv()], [(sc(), sc())] * 2, *tables(), kv_layout="split")
-    with pytest.raises(LaunchError, match=r"blocks\[1\]\[1\].*shape"):
-        KVCache.wrap_layers(v, [(kv(), kv()), (kv(), kv()[:-1])], [(sc(), sc())] * 2, *tables(), kv_layout="split")
-    with pytest.raises(LaunchError, match=r"scales\[0\].*pair"):
-        KVCache.wrap_layers(v, [(kv(), kv())], [sc()], *tables(), kv_layout="split")
-    cache = KVCache.wrap_layers(v, [(kv(), kv())], [(sc(), sc())], *tables(), null_page=0, kv_layout="split")
-    assert cache.args.kv_offset == 0 and cache.args.v_blocks == cache.view(1, 0).data_ptr()
+    with pytest.raises(LaunchError, match="v_blocks.*per-layer lists"):
+        KVCache.wrap(v, kv(), sc(), *tables(), num_layers=1, v_blocks=kv())
+    with pytest.raises(LaunchError, match="v_blocks.*per-layer lists"):
+        KVCache.wrap_layers(v, [kv()], [sc()], *tables(), kv_layout="split")
+    with pytest.raises(LaunchError, match="v_blocks.*per-layer lists"):
+        KVCache.wrap_layers(v, [kv()], [sc()], *tables(), kv_layout="planes", v_blocks=[kv()], v_scales=[sc()])
+    with pytest.raises(LaunchError, match="v_blocks.*one tensor per layer"):
+        KVCache.wrap_layers(v, [kv(), kv()], [sc(), sc()], *tables(), v_blocks=[kv()], v_scales=[sc(), sc()])
+    with pytest.raises(LaunchError, match=r"v_blocks\[1\].*shape"):
+        KVCache.wrap_layers(v, [kv(), kv()], [sc(), sc()], *tables(), v_blocks=[kv(), kv(nb - 1)], v_scales=[sc(), sc()])
+    with pytest.raises(LaunchError, match=r"v_blocks\[0\].*dtype"):
+        KVCache.wrap_layers(v, [kv()], [sc()], *tables(), v_blocks=[torch.zeros_like(kv(), dtype=torch.float16)],
+                            v_scales=[sc()])
+    with pytest.raises(LaunchError, match="v_scales.*V's scales"):
+        KVCache.wrap_layers(v, [kv()], [sc()], *tables(), v_blocks=[kv()])
+    with pytest.raises(LaunchError, match=r"v_scales\[0\].*shape"):
+        KVCache.wrap_layers(v, [kv()], [sc()], *tables(), v_blocks=[kv()], v_scales=[sc(G + 1)])
+    with pytest.raises(LaunchError, match=r"blocks\[0\].*shape must be \[num_blocks, P, H, D\]"):
+        KVCache.wrap_layers(v, [kv().unsqueeze(1)], [sc()], *tables(), v_blocks=[kv()], v_scales=[sc()])
+    cont = generated.VARIANTS[next(n for n in NAMES if n.startswith("gpu_cont_"))]
+    with pytest.raises(LaunchError, match="kv_layout"):
+        KVCache.wrap(cont, kv(), None, torch.zeros(2, dtype=torch.int32, device="cuda"),
+                     torch.zeros(2, dtype=torch.int32, device="cuda"), num_layers=1, kv_layout="split")
+    k_t, v_t, vs = kv(), kv(), sc()
+    cache = KVCache.wrap_layers(v, [k_t], [sc()], *tables(), null_page=0, v_blocks=[v_t], v_scales=[vs])
+    assert cache.kv_layout == "split" and cache.args.kv_offset == 0
+    assert (cache.args.blocks, cache.args.v_blocks, cache.args.v_scales) == (k_t.data_ptr(), v_t.data_ptr(), vs.data_ptr())

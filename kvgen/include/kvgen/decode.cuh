@@ -9,9 +9,10 @@
 // the group with its own online softmax, and all warps of the CTA merge at the end. A CTA of a multi-split plan
 // writes a float32 partial output and its log-sum-exp, and decode_combine (a programmatic dependent launch on
 // sm_90+) merges the splits and attention sinks; a single-split CTA writes the final output itself.
-// MMA: mma.sync m16n8k16, fp32 accumulation, softmax in fp32 with exp2. bf16 for bf16 caches and for FP8 with
-// per-group scales (dequantized into bf16 in registers); f16 for f16 caches and for FP8 with one scale per token
-// or none (raw FP8 -> f16 in one cvt, the scales applied to score and probability columns). Tiles are unpadded
+// MMA: mma.sync m16n8k16, fp32 accumulation, softmax in fp32 with exp2. f16 for f16 caches and for FP8 with no
+// scales, one per token, or 2-4 groups per row (raw FP8 -> f16 in one cvt, the scales applied to score and
+// probability columns; see DecodeTypes); bf16 for bf16 caches and for other FP8 scale groupings (dequantized into
+// bf16 in registers). Tiles are unpadded
 // and XOR-swizzled (TileLayout) under both loaders; FP8 fragments are built by vector and ldmatrix loads
 // (DecodeSwizzle), and for query groups of up to 8 their P.V is computed transposed, heads as the MMA's n (PVT in
 // decode_partial).
@@ -350,6 +351,11 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // (m_run / l_run [hh] = head 2tq + hh), O^T's rescale needs no shuffle, and P^T (the B operand of O^T += V^T P^T)
   // is S^T's fragment transposed by movmatrix.
   constexpr bool PVT = SWZ && GROUP <= 8;
+  // FP8 with per-token or per-group V scales: P x the token's V scale enters the f16 P.V MMA times kPUp = 2^8, and
+  // the merge weights take 2^-8. A V scale of e4m3 amax / 448 is small (amax 0.03 -> 6.7e-5), and P x scale under
+  // f16's normal range (6.1e-5) lost bits as subnormals (relative error 6-8e-3 at a V amax of 3e-3, H200, session
+  // 15). Scales up to 255 (an e4m3 V amax of 114k) stay exact; a larger one saturates (never inf, so never NaN).
+  constexpr float kPUp = (Ty::kFp8Direct && QUANT) || Ty::kFp8Grouped ? 256.f : 1.f;
   constexpr int DN_OUT = PVT ? D / 16 : DN;
   static_assert(Q_OFF + Q_BYTES + ALIGN_SLACK <= SMEM_BYTES,
                 "K/V stages, the row ring and (SWZ) Q fit the shared memory");
@@ -905,6 +911,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     // P's fragments, one per V scale group with per-group scales (each holds P times the token's V scale of that
     // group: an output chunk lies in one group, so its MMAs take that group's P and V needs no per-element work).
     constexpr int PG = Ty::kFp8Grouped ? G : 1;
+    // P x V scale in f16, times kPUp (see there); past f16's largest value it saturates instead of becoming inf.
+    auto p_times = [&](float p, float vs) -> float { return fminf(p * (vs * kPUp), 65504.f); };
     uint32_t pa[PG][4];
     {
       float p[2][4] = {};
@@ -919,7 +927,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 #pragma unroll
         for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
-          for (int e = 0; e < E_S; ++e) p[nt][e] *= scale_at(vss, warp * 16 + token_of(nt, e));
+          for (int e = 0; e < E_S; ++e) p[nt][e] = p_times(p[nt][e], scale_at(vss, warp * 16 + token_of(nt, e)));
       }
       float vsc[NTOK][PG];  // kFp8Grouped: each score token's V scale of every group
 #pragma unroll
@@ -928,7 +936,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         for (int g = 0; g < PG; ++g) vsc[i][g] = Ty::kFp8Grouped ? scale_at(vss, (warp * 16 + tok_row(i)) * G + g) : 1.f;
 #pragma unroll
       for (int g = 0; g < PG; ++g) {
-        auto pv = [&](int nt, int e) -> float { return Ty::kFp8Grouped ? p[nt][e] * vsc[tok_idx(nt, e)][g] : p[nt][e]; };
+        auto pv = [&](int nt, int e) -> float { return Ty::kFp8Grouped ? p_times(p[nt][e], vsc[tok_idx(nt, e)][g]) : p[nt][e]; };
         if constexpr (PVT) {
           // P^T's B fragment (tokens 2tq, 2tq + 1 and + 8 of head gq) is the transpose of S^T's 8 x 8 halves.
           pa[g][0] = movmatrix_trans(pack2<F16>(pv(0, 0), pv(0, 1)));
@@ -1106,7 +1114,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     float l = lw * e;
 #pragma unroll
     for (int sh = 16; sh > 0; sh >>= 1) l += __shfl_xor_sync(0xffffffffu, l, sh);
-    if (has) sm_ml[(lane * GROUP + row) * 2] = l > 0.f ? e / l * v_static : 0.f;  // V's static scale, once per slice
+    // V's static scale, and the tile loop's kPUp undone, once per slice
+    if (has) sm_ml[(lane * GROUP + row) * 2] = l > 0.f ? e / l * (v_static * (1.f / kPUp)) : 0.f;
     if (lane == 0) sm_ml[row * 2 + 1] = l > 0.f ? (mref + log2f(l)) * 0.6931471805599453f : -INFINITY;
   }
   KVGEN_TRACE(7);
