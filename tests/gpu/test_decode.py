@@ -781,3 +781,34 @@ def test_adopt_block_table_checks_ids_lengths_and_serves_store(gen) -> None:
     assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for pa, pb in zip(kv, before) for a, b in zip(pa, pb)), \
         "store wrote something besides the step's tokens of layer 1"
 
+
+
+def test_the_readme_example_config_decodes(tmp_path) -> None:
+    """README's example, configs/llama3_70b_fp8.yaml (MAX's float32 per-64 FP8 format, 128-token pages, 64 query
+    heads on 8 KV heads): built, a history stored, the README's step (set_pages, set_cache_lengths, begin_step,
+    store, plan_decode, decode, create_tma_tile) run, and decode matches float64 on the cached rows."""
+    build(ROOT / "configs" / "llama3_70b_fp8.yaml", out=tmp_path / "llama3_70b_fp8")
+    pkg = import_package(tmp_path / "llama3_70b_fp8", "kvgen_readme_70b")
+    Variant = next(iter(pkg.VARIANTS.values()))
+    spec = Variant.spec()
+    H, D, Hq = spec.cache.num_kv_heads, spec.cache.head_size, spec.attention.num_q_heads
+    io = getattr(torch, spec.cache.io_dtype)
+    cache = Variant.cache(max_batch=2, num_pages=16, max_pages_per_request=4)
+    cache.set_pages([[3, 9], [4]])
+    cache.set_cache_lengths([0, 0])
+    cache.begin_step([200, 17])  # the history first (README starts from cache lengths 200 and 17)
+    cache.store(0, (torch.randn(217, H, D, device="cuda") * 2).to(io), torch.randn(217, H, D, device="cuda").to(io))
+    cache.end_step()
+    cache.set_cache_lengths([200, 17])
+    cache.begin_step([1, 1])
+    cache.store(0, (torch.randn(2, H, D, device="cuda") * 2).to(io), torch.randn(2, H, D, device="cuda").to(io))
+    q = torch.randn(2, Hq, D, device="cuda").to(io)
+    out = torch.full((2, Hq, D), float("nan"), device="cuda", dtype=getattr(torch, spec.attention.output_dtype))
+    cache.plan_decode()
+    cache.decode(0, q, out)
+    tile = cache.create_tma_tile(kv=0, layer=0)
+    torch.cuda.synchronize()
+    ko, vo = cached_rows(cache, spec, [201, 18], layer=0)
+    want, _ = reference(q.double().cpu(), ko, vo, [201, 18], Hq // H, D ** -0.5)
+    check(out, want, "README example (llama3_70b_fp8)", True)
+    assert tile.kind == "create_tma_tile" and cache.errors() == []
