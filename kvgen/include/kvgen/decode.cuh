@@ -170,24 +170,26 @@ template <class Cache> struct DecodeTypes {
   // FP8 with no scales or one scale per (token, head): raw FP8 -> f16 in one cvt, the K scale multiplies a
   // score column and the V scale a probability column (no per-element work).
   static constexpr bool kFp8Direct = kFp8 && (!Cache::quantization_enabled || Cache::num_scale_groups == 1);
-  // FP8 with 2-4 scale groups per row: the same f16 path. An output chunk of P.V lies in one group, so P.V takes
-  // one P fragment per group (P times each token's V scale of that group) and V needs no per-element work.
-  //  - Groups of 64+ dims, rows of 8+ chunks (head size 128 or 256), float32 or e8m0 scales: k-steps aligned to the
-  //    groups (DecodeSwizzle ALIGNED), so each group's Q.K has its own accumulator and K's scales multiply one score
-  //    per token and group, no element (H200, session 15: float32 per-64 scales 4.6-13.6% faster than below,
-  //    within 1-5% of per-token scales, which read half the scale bytes).
-  //  - Smaller float32 groups (granularity 32 of a 128-wide head): each token's largest K scale goes on its score
-  //    column and every K element is multiplied in f16x2 by its group's share of that scale (at most 1, so no f16
-  //    overflow).
+  // FP8 with 2-4 scale groups per row (float32 or e8m0): the same f16 path. An output chunk of P.V lies in one
+  // group, so P.V takes one P fragment per group (P times each token's V scale of that group) and V needs no
+  // per-element work.
+  //  - Groups of 64+ dims, rows of 8+ chunks (head size 128 or 256): k-steps aligned to the groups (DecodeSwizzle
+  //    ALIGNED), so each group's Q.K has its own accumulator and K's scales multiply one score per token and group,
+  //    no element (H200, session 15: float32 per-64 scales 4.6-13.6% faster than below, within 1-5% of per-token
+  //    scales, which read half the scale bytes).
+  //  - Smaller groups (granularity 32 of a 128-wide head, or of a 64-wide one): each token's largest K scale goes
+  //    on its score column and every K element is multiplied in f16x2 by its group's share of that scale (at most 1,
+  //    so no f16 overflow).
   // The first version dequantized every element to bf16 (FP8 -> float, a multiply, a pack; ncu, H200, 128 x 4k:
-  // twice the warp instructions of per-token scales), which smaller e8m0 groups still do (kFp8Dequant): extracting
-  // each scale's byte for the largest and the shares made them 1-5% slower.
+  // twice the warp instructions of per-token scales), which more than 4 groups still do (kFp8Dequant). e8m0
+  // per-32 groups were on it until session 15: the f16 path is 1.8-8.8% faster for them since P.V needs no
+  // per-element work (it was 1-5% slower with f16x2 shares on V too).
   static constexpr bool kFp8GroupAligned = kFp8 && Cache::quantization_enabled && Cache::num_scale_groups >= 2 &&
                                            Cache::num_scale_groups <= 4 && Cache::quantization_granularity % 64 == 0 &&
                                            Cache::head_size >= 128;
-  static constexpr bool kFp8Grouped = kFp8GroupAligned || (kFp8 && Cache::quantization_enabled && Cache::num_scale_groups >= 2 &&
-                                      Cache::num_scale_groups <= 4 && is_same_v<typename Cache::scale_dtype, float>);
-  // Smaller e8m0 groups, or more groups (granularity 16 of a 128-wide head): every element dequantized to bf16.
+  static constexpr bool kFp8Grouped = kFp8 && Cache::quantization_enabled && Cache::num_scale_groups >= 2 &&
+                                      Cache::num_scale_groups <= 4;
+  // More than 4 groups (granularity 16 of a 128-wide head): every element dequantized to bf16.
   static constexpr bool kFp8Dequant = kFp8 && !kFp8Direct && !kFp8Grouped;
   static constexpr bool kF16 = is_same_v<T, __half> || kFp8Direct || kFp8Grouped;  // f16 MMA, else bf16
 };
