@@ -122,15 +122,12 @@ class KVCache:
         self.io_dtype = c.io_dtype
         self.quantized = self.spec.quantization is not None
         self.groups = (c.head_size + self.spec.quantization.granularity - 1) // self.spec.quantization.granularity if self.quantized else 0
-        if kv_layout not in ("pages", "planes", "split") or (kv_layout != "pages" and (not self.paged or self.kv_dim != 2)):
-            raise LaunchError("KVCache", "kv_layout", 'must be "pages", or "planes" / "split" for a paged cache with K and V',
+        kv_layout = self._split_layout(kv_layout, blocks, v_blocks, v_scales)
+        if kv_layout not in ("pages", "planes", "split") or (kv_layout == "planes" and (not self.paged or self.kv_dim != 2)):
+            raise LaunchError("KVCache", "kv_layout", 'must be "pages", or "planes" for a paged cache with K and V',
                               kv_layout, 'pass kv_layout="pages" ([num_blocks, KVD, ...]) or "planes" ([2, num_blocks, ...]), '
-                              "or v_blocks= to wrap_layers (K and V tensors of their own)")
+                              "or v_blocks= (K and V tensors of their own)")
         split = kv_layout == "split"
-        if split != (v_blocks is not None) or (split and not isinstance(blocks, (list, tuple))):
-            raise LaunchError("KVCache", "v_blocks", 'K and V tensors of their own ("split") come as per-layer lists: '
-                              "blocks (K) and v_blocks (V)", type(v_blocks).__name__,
-                              "use KVCache.wrap_layers(variant, k_buffer, k_scales, ..., v_blocks=v_buffer, v_scales=...)")
         self.kv_layout = kv_layout
         # K and V in one tensor per page run ("pages") or in planes of one tensor ("planes", "split"): a page's
         # contiguous run holds one of them in the latter two (copy_pages, page_bytes).
@@ -295,6 +292,33 @@ class KVCache:
                               len(value) if isinstance(value, (list, tuple)) else type(value).__name__,
                               f"pass {self.num_layers} tensors")
         return list(value)
+
+    def _split_layout(self, kv_layout: str, blocks: Any, v_blocks: Any, v_scales: Any) -> str:
+        """The kv_layout that v_blocks / v_scales imply ("split": per-layer K and V tensors of their own), with the
+        conflicts named: v_blocks means "split", and "split" means per-layer lists of K (blocks) and V (v_blocks)."""
+        if v_blocks is None:
+            if kv_layout == "split":
+                raise LaunchError("KVCache", "v_blocks", 'kv_layout "split" needs the V tensors', None,
+                                  "pass v_blocks=[...], one [num_blocks, P, H, D] tensor per layer")
+            if v_scales is not None:
+                raise LaunchError("KVCache", "v_scales", "V scales of their own come with v_blocks", "a value",
+                                  "pass v_blocks too, or put V's scales in scales")
+            return kv_layout
+        if kv_layout not in ("pages", "split"):
+            raise LaunchError("KVCache", "kv_layout", 'v_blocks (K and V tensors of their own) means kv_layout "split"',
+                              kv_layout, 'leave kv_layout out, or drop v_blocks for "planes"')
+        if not self.paged or self.kv_dim != 2:
+            raise LaunchError("KVCache", "v_blocks", "only paged caches with K and V take V tensors of their own",
+                              self.variant.NAME, "drop v_blocks")
+        for name, value in (("blocks", blocks), ("v_blocks", v_blocks)):
+            if not isinstance(value, (list, tuple)):
+                raise LaunchError("KVCache", name, "K and V tensors of their own come as per-layer lists",
+                                  type(value).__name__,
+                                  "use KVCache.wrap_layers(variant, k_buffer, k_scales, ..., v_blocks=v_buffer, v_scales=...)")
+        if v_scales is not None and self.spec.quantization is None:
+            raise LaunchError("KVCache", "v_scales", "this variant has no per-group scales", self.variant.NAME,
+                              "pass v_scales=None")
+        return "split"
 
     def _check_static_scales(self, static_scales: Any | None) -> list[int]:
         """Device addresses of the static scales (cache.static_scales variants), one per entry of _layer_ptrs, else
@@ -465,8 +489,6 @@ class KVCache:
         if variant.spec().cache.kind != "paged":
             raise LaunchError("KVCache.wrap_layers", "variant", "per-layer tensors are for paged caches",
                               variant.NAME, "use wrap (one tensor for all layers) for a continuous cache")
-        if v_blocks is not None and kv_layout == "pages":
-            kv_layout = "split"
         return cls.wrap(variant, list(blocks), scales, lookup_table, cache_lengths, num_layers=len(blocks),
                         max_tokens=max_tokens, static_scales=static_scales, null_page=null_page, kv_layout=kv_layout,
                         v_blocks=v_blocks, v_scales=v_scales)

@@ -180,8 +180,8 @@ def test_decode_matches_float64(gen, name: str, ending: str) -> None:
                              sinks.double().cpu() if sinks is not None else None)
     check(out, ref, name, spec.cache.dtype.startswith("float8"))
     # FP8 tolerances: scores use f16 MMA inputs (per-token scales, and per-group scales of 2-4 groups) or
-    # bf16-rounded dequantized values (more or smaller e8m0 groups), about 2^-9 relative per product; measured LSE
-    # error on the H100 stayed below 6e-3 absolute.
+    # bf16-rounded dequantized values (more than 4 groups), about 2^-9 relative per product; measured LSE error on
+    # the H100 stayed below 6e-3 absolute.
     fp8 = spec.cache.dtype.startswith("float8")
     torch.testing.assert_close(lse.double().cpu(), ref_lse, rtol=2e-3 if fp8 else 1e-3, atol=1e-2 if fp8 else 2e-3)
     assert cache.errors() == []
@@ -505,16 +505,18 @@ def test_fixed_split_count(gen, prefix: str) -> None:
 
 
 # FP8 variants whose V scales enter the f16 P.V MMA with P (per token, per group, e8m0 groups; both loaders).
-V_SCALED = [v.name for v in GRID.variants if re.match(r"gdec_paged_e4m3_h2_d(128|256)_p16_q(f32g(64|128)|e8m0g64)_s128b_ld", v.name)
+# Both FP8 formats (e5m2 scales are 128x smaller), aligned and share-path groups (g32), e8m0 per token and per group.
+V_SCALED = [v.name for v in GRID.variants
+            if re.match(r"gdec_paged_(e4m3|e5m2)_h\d_d(64|128|256)_p(16|64)_q(f32g(32|64|128)|e8m0g(16|32|64|128))_s128b_ld", v.name)
             and not (v.spec.attention.sliding_window or v.spec.attention.logits_soft_cap or v.spec.attention.sinks)]
 
 
 @pytest.mark.parametrize("v_mult", [1e-3, 1e3, 3e5])
 @pytest.mark.parametrize("name", V_SCALED)
 def test_fp8_decode_over_the_range_of_v_scales(gen, name: str, v_mult: float) -> None:
-    """V amax about 4e-3 (scales near 1e-5: P x scale alone would be an f16 subnormal, hence decode.cuh's kPUp) and
-    4e3 (scales near 9) decode within the usual error of float64; V amax about 1.2e6 (scales near 2700, past kPUp's
-    exact range) saturates but never yields NaN or inf."""
+    """V amax about 4e-3 (e4m3 scales near 1e-5, e5m2 near 7e-8: P x scale alone would be an f16 subnormal, hence
+    decode.cuh's kPUp) and 4e3 decode within the usual error of float64; V amax about 1.2e6 (past kPUp's exact
+    range) saturates but never yields NaN or inf."""
     rng = np.random.default_rng(abs(hash(name)) % 2**32)
     v = gen.VARIANTS[name]
     spec = v.spec()

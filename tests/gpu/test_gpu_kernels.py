@@ -815,8 +815,9 @@ def test_tma_tiles_of_per_layer_caches_read_that_layer(generated, kv_layout: str
 
 def test_split_kv_layout_refuses_what_it_cannot_serve(generated) -> None:
     """K and V tensors of their own (wrap_layers with v_blocks, SGLang's k_buffer / v_buffer): errors name the
-    argument and the rule for a whole-cache tensor, a V list of the wrong length, a V of another shape or dtype,
-    missing or misshapen V scales, a continuous variant and a layout that contradicts v_blocks."""
+    argument and the rule for a whole-cache tensor, "split" without V tensors, V scales without them, a layout that
+    contradicts v_blocks, a V list of the wrong length, a V of another shape or dtype, missing or misshapen V
+    scales, and a continuous variant."""
     name = next(n for n in NAMES if n.startswith("gpu_paged_e4m3") and "_qf32" in n)
     v = generated.VARIANTS[name]
     spec = v.spec()
@@ -827,11 +828,13 @@ def test_split_kv_layout_refuses_what_it_cannot_serve(generated) -> None:
     sc = lambda g=G: torch.ones((nb, c.page_size, c.num_kv_heads, g), device="cuda")  # noqa: E731
     tables = lambda: (torch.zeros((2, ref.padded_lut_cols(2)), dtype=torch.int32, device="cuda"),  # noqa: E731
                       torch.zeros(2, dtype=torch.int32, device="cuda"))
-    with pytest.raises(LaunchError, match="v_blocks.*per-layer lists"):
-        KVCache.wrap(v, kv(), sc(), *tables(), num_layers=1, v_blocks=kv())
-    with pytest.raises(LaunchError, match="v_blocks.*per-layer lists"):
+    with pytest.raises(LaunchError, match="'blocks'.*per-layer lists.*Tensor"):
+        KVCache.wrap(v, kv(), sc(), *tables(), num_layers=1, v_blocks=[kv()])
+    with pytest.raises(LaunchError, match="'v_blocks'.*needs the V tensors"):
         KVCache.wrap_layers(v, [kv()], [sc()], *tables(), kv_layout="split")
-    with pytest.raises(LaunchError, match="v_blocks.*per-layer lists"):
+    with pytest.raises(LaunchError, match="'v_scales'.*come with v_blocks"):
+        KVCache.wrap_layers(v, [kv()], [sc()], *tables(), v_scales=[sc()])
+    with pytest.raises(LaunchError, match="'kv_layout'.*means kv_layout \"split\".*planes"):
         KVCache.wrap_layers(v, [kv()], [sc()], *tables(), kv_layout="planes", v_blocks=[kv()], v_scales=[sc()])
     with pytest.raises(LaunchError, match="v_blocks.*one tensor per layer"):
         KVCache.wrap_layers(v, [kv(), kv()], [sc(), sc()], *tables(), v_blocks=[kv()], v_scales=[sc(), sc()])
@@ -847,9 +850,9 @@ def test_split_kv_layout_refuses_what_it_cannot_serve(generated) -> None:
     with pytest.raises(LaunchError, match=r"blocks\[0\].*shape must be \[num_blocks, P, H, D\]"):
         KVCache.wrap_layers(v, [kv().unsqueeze(1)], [sc()], *tables(), v_blocks=[kv()], v_scales=[sc()])
     cont = generated.VARIANTS[next(n for n in NAMES if n.startswith("gpu_cont_"))]
-    with pytest.raises(LaunchError, match="kv_layout"):
-        KVCache.wrap(cont, kv(), None, torch.zeros(2, dtype=torch.int32, device="cuda"),
-                     torch.zeros(2, dtype=torch.int32, device="cuda"), num_layers=1, kv_layout="split")
+    with pytest.raises(LaunchError, match="'v_blocks'.*only paged caches"):
+        KVCache.wrap(cont, [kv()], None, torch.zeros(2, dtype=torch.int32, device="cuda"),
+                     torch.zeros(2, dtype=torch.int32, device="cuda"), num_layers=1, v_blocks=[kv()])
     k_t, v_t, vs = kv(), kv(), sc()
     cache = KVCache.wrap_layers(v, [k_t], [sc()], *tables(), null_page=0, v_blocks=[v_t], v_scales=[vs])
     assert cache.kv_layout == "split" and cache.args.kv_offset == 0

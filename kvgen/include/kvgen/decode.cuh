@@ -353,11 +353,13 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // (m_run / l_run [hh] = head 2tq + hh), O^T's rescale needs no shuffle, and P^T (the B operand of O^T += V^T P^T)
   // is S^T's fragment transposed by movmatrix.
   constexpr bool PVT = SWZ && GROUP <= 8;
-  // FP8 with per-token or per-group V scales: P x the token's V scale enters the f16 P.V MMA times kPUp = 2^8, and
-  // the merge weights take 2^-8. A V scale of e4m3 amax / 448 is small (amax 0.03 -> 6.7e-5), and P x scale under
-  // f16's normal range (6.1e-5) lost bits as subnormals (relative error 6-8e-3 at a V amax of 3e-3, H200, session
-  // 15). Scales up to 255 (an e4m3 V amax of 114k) stay exact; a larger one saturates (never inf, so never NaN).
-  constexpr float kPUp = (Ty::kFp8Direct && QUANT) || Ty::kFp8Grouped ? 256.f : 1.f;
+  // FP8 with per-token or per-group V scales: P x the token's V scale enters the f16 P.V MMA times kPUp, and the
+  // merge weights take 1 / kPUp. A V scale is amax / fp8_max, small (e4m3: amax 0.03 -> 6.7e-5; e5m2's are 128x
+  // smaller), and P x scale under f16's normal range (6.1e-5) lost bits as subnormals (relative error 6-8e-3 at an
+  // e4m3 V amax of 3e-3, H200, session 15). kPUp = 2^8 x fp8_max / 448 (e4m3 2^8, e5m2 2^15) keeps V amax from
+  // about 1e-4 to 114k exact for both formats; a larger finite amax saturates at f16's largest value (never inf),
+  // and a NaN or inf scale still reaches the output.
+  constexpr float kPUp = (Ty::kFp8Direct && QUANT) || Ty::kFp8Grouped ? (is_same_v<T, __nv_fp8_e5m2> ? 32768.f : 256.f) : 1.f;
   constexpr int DN_OUT = PVT ? D / 16 : DN;
   static_assert(Q_OFF + Q_BYTES + ALIGN_SLACK <= SMEM_BYTES,
                 "K/V stages, the row ring and (SWZ) Q fit the shared memory");
@@ -913,8 +915,12 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     // P's fragments, one per V scale group with per-group scales (each holds P times the token's V scale of that
     // group: an output chunk lies in one group, so its MMAs take that group's P and V needs no per-element work).
     constexpr int PG = Ty::kFp8Grouped ? G : 1;
-    // P x V scale in f16, times kPUp (see there); past f16's largest value it saturates instead of becoming inf.
-    auto p_times = [&](float p, float vs) -> float { return fminf(p * (vs * kPUp), 65504.f); };
+    // P x V scale in f16, times kPUp (see there): a finite product past f16's largest value saturates; NaN and inf
+    // (a corrupt scale) pass through.
+    auto p_times = [&](float p, float vs) -> float {
+      const float x = p * (vs * kPUp);
+      return x > 65504.f && x < INFINITY ? 65504.f : x;
+    };
     uint32_t pa[PG][4];
     {
       float p[2][4] = {};
