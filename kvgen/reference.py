@@ -46,6 +46,10 @@ class Geometry:
     def null_page(self) -> int:
         return self.num_blocks - 1 if self.null_block is None else self.null_block
 
+    def refuses(self, page: int) -> bool:
+        """A page no token may be written to: past the allocation, or the null page."""
+        return page >= self.num_blocks or page == self.null_page
+
 
 def row_idx(g: Geometry, lut: np.ndarray, b: int, t: int) -> int:
     if not g.paged:
@@ -172,7 +176,7 @@ class CacheState:
         if col >= self.lut.shape[1]:
             return None
         page = int(self.lut[b, col])
-        if page >= g.num_blocks or page == g.null_page:
+        if g.refuses(page):
             return None
         return page, pos % g.page_size
 
@@ -214,7 +218,7 @@ def store_slots(state: CacheState, layer: int, new: list[np.ndarray], slots: np.
         if slot < 0:
             continue
         blk, tok = divmod(int(slot), g.page_size)
-        if blk >= g.num_blocks or blk == g.null_page:
+        if g.refuses(blk):
             refused += 1
             continue
         _write_row(state, layer, blk, tok, [x[t] for x in new], cache_dtype, granularity, scale_dtype)

@@ -234,7 +234,9 @@ def test_decode_tile_boxes_are_one_page_by_one_block(monkeypatch, dtype: str, he
                             page_size=page_size, per_layer=kv_layout == "split", dtype=dtype, kv_layout=kv_layout,
                             # "pages": K and V of a page together; "split": V is a tensor of its own per layer
                             args=SimpleNamespace(kv_offset=layers * rows if kv_layout == "pages" else 0),
-                            _layer_ptrs=[(7 << 30 | layer << 24, 0, 0) for layer in range(layers)],
+                            # (blocks, scales, static scales) per layer tensor: one whole-cache entry for "pages"
+                            _layer_ptrs=[(1 << 20, 0, 0)] if kv_layout == "pages" else
+                            [(7 << 30 | layer << 24, 0, 0) for layer in range(layers)],
                             _layer_v_ptrs=[(9 << 30 | layer << 24, 0) for layer in range(layers)])
     cache.slice_address = partial(KVCache.slice_address, cache)  # the real address math, on this stand-in
     seen = []

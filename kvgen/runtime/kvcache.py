@@ -140,19 +140,19 @@ class KVCache:
         layer_blocks = self._per_layer_list("blocks", blocks)
         # "split": the K tensors play the blocks' part, V's go to CacheArgs.v_blocks.
         v_blocks = self._per_layer_list("v_blocks", v_blocks) if split else []
-        blk = check_tensor("KVCache", "blocks[0]" if split else "blocks", layer_blocks[0], dtype=self.dtype, device=None)
+        name0 = "blocks[0]" if split else "blocks"
+        blk = check_tensor("KVCache", name0, layer_blocks[0], dtype=self.dtype, device=None)
         planes = kv_layout == "planes"
-        want = (self.kv_dim, self.kernel_layers, self.page_rows, self.num_heads, self.head_size)
-        got = tuple(blk.shape[1:]) if split else (blk.shape[0], *blk.shape[2:]) if planes and len(blk.shape) == 6 else blk.shape[1:]
-        if (len(blk.shape) != 4 or got != want[2:]) if split else (len(blk.shape) != 6 or got != want):
+        blocks_dim = 1 if planes else 0  # where num_blocks stands in the layout
+        want = self._layout_shape(blk.shape[blocks_dim] if len(blk.shape) > blocks_dim else None, self.head_size)
+        if tuple(blk.shape) != want:
             dims = "[num_blocks, P, H, D]" if split else "[KVD, num_blocks, L, P, H, D]" if planes else "[num_blocks, KVD, L, P, H, D]"
-            shape = f"[n, {', '.join(map(str, want[2:]))}]" if split else \
-                f"[{want[0]}, n, {', '.join(map(str, want[1:]))}]" if planes else f"[n, {', '.join(map(str, want))}]"
-            raise LaunchError("KVCache", "blocks[0]" if split else "blocks", f"shape must be {dims} of this variant"
+            shape = ", ".join(map(str, self._layout_shape("n", self.head_size)))
+            raise LaunchError("KVCache", name0, f"shape must be {dims} of this variant"
                               + (" (L = 1 per layer tensor)" if self.per_layer and not split else ""), list(blk.shape),
-                              f"allocate {shape}")
+                              f"allocate [{shape}]")
         self.device = blk.device
-        self.num_blocks = blk.shape[1] if planes else blk.shape[0]
+        self.num_blocks = blk.shape[blocks_dim]
         self.blocks, self.blocks_ptr = layer_blocks[0] if self.per_layer else blocks, blk.ptr
         self._layer_blocks, self._layer_v_blocks = layer_blocks, v_blocks
         layer_ptrs = [blk.ptr] + [check_tensor("KVCache", f"blocks[{i}]", t, dtype=self.dtype, shape=blk.shape,
@@ -167,12 +167,11 @@ class KVCache:
                                   "allocate the blocks' shape with G = head_size / granularity for D"
                                   + (" (one per layer)" if self.per_layer else ""))
             sd = "uint8" if self.spec.quantization.scale_dtype == "float8_e8m0fnu" else "float32"
-            sshape = (self.num_blocks, *want[2:-1]) if split else \
-                (*want[:1], self.num_blocks, *want[1:-1]) if planes else (self.num_blocks, *want[:-1])
+            sshape = self._layout_shape(self.num_blocks, self.groups)
 
             def scale_ptrs_of(what: str, value: Any) -> list[int]:
                 return [check_tensor("KVCache", f"{what}[{i}]" if self.per_layer else what, t,
-                                     dtype=(sd, self.spec.quantization.scale_dtype), shape=(*sshape, self.groups),
+                                     dtype=(sd, self.spec.quantization.scale_dtype), shape=sshape,
                                      device=self.device, align=4).ptr
                         for i, t in enumerate(self._per_layer_list(what, value))]
 
@@ -250,7 +249,7 @@ class KVCache:
         self._ragged = _RaggedArgs()
         self._u64 = {k: ctypes.c_uint64(0) for k in ("page_bytes", "scale_bytes")}
         # adopt_block_table's arguments after CacheArgs, in the kernel's order
-        self._adopt_args = {"table": ctypes.c_uint64(0), "row_stride": ctypes.c_uint32(0), "cols": ctypes.c_uint32(0),
+        self._adopt_args = {"table": ctypes.c_uint64(0), "cols": ctypes.c_uint32(0),
                             "lens": ctypes.c_uint64(0), "n": ctypes.c_uint32(0), "new": ctypes.c_uint32(0),
                             "offsets": ctypes.c_uint64(0)}
         self._dec_vals = {"layer": ctypes.c_uint32(0), "q": ctypes.c_uint64(0), "po": ctypes.c_uint64(0),
@@ -292,6 +291,16 @@ class KVCache:
                               len(value) if isinstance(value, (list, tuple)) else type(value).__name__,
                               f"pass {self.num_layers} tensors")
         return list(value)
+
+    def _layout_shape(self, num_blocks: Any, last: int) -> tuple[Any, ...]:
+        """Shape of one blocks (last = D) or scales (last = G) tensor in this cache's kv_layout: [num_blocks, KVD, L, P,
+        H, last] ("pages"), [KVD, num_blocks, L, P, H, last] ("planes"), [num_blocks, P, H, last] ("split": K or V)."""
+        inner = (self.page_rows, self.num_heads, last)
+        if self.kv_layout == "split":
+            return (num_blocks, *inner)
+        if self.kv_layout == "planes":
+            return (self.kv_dim, num_blocks, self.kernel_layers, *inner)
+        return (num_blocks, self.kv_dim, self.kernel_layers, *inner)
 
     def _split_layout(self, kv_layout: str, blocks: Any, v_blocks: Any, v_scales: Any) -> str:
         """The kv_layout that v_blocks / v_scales imply ("split": per-layer K and V tensors of their own), with the
@@ -346,12 +355,16 @@ class KVCache:
         self.args.v_blocks, self.args.v_scales = self._layer_v_ptrs[layer]
         return 0
 
-    def slice_address(self, kv: int, layer: int) -> int:
-        """Device address of row 0 of the (K|V, layer) view (the base the TMA descriptors encode)."""
-        row_bytes = self.num_heads * self.head_size * DTYPES[self.dtype].nbytes
+    def slice_address(self, kv: int, layer: int, scales: bool = False) -> int:
+        """Device address of row 0 of the (K|V, layer) view (the base the TMA descriptors encode), or with scales=True
+        of its scales (0 for a cache without per-row scales)."""
+        which = 1 if scales else 0  # entry of _layer_ptrs / _layer_v_ptrs
         if self.kv_layout == "split" and kv:
-            return self._layer_v_ptrs[layer][0]
-        base, layer = (self._layer_ptrs[layer][0], 0) if self.per_layer else (self.blocks_ptr, layer)
+            return self._layer_v_ptrs[layer][which]
+        base, layer = (self._layer_ptrs[layer][which], 0) if self.per_layer else (self._layer_ptrs[0][which], layer)
+        if not base:
+            return 0
+        row_bytes = self.num_heads * (self.groups * self._scale_bytes if scales else self.head_size * DTYPES[self.dtype].nbytes)
         return base + (kv * int(self.args.kv_offset) + layer * self.page_rows) * row_bytes
 
     def set_static_scales(self, layer: int, k_scale: Any, v_scale: Any = None) -> None:
@@ -709,7 +722,9 @@ class KVCache:
         if sl.shape[0] < n:
             raise LaunchError(kn, "seq_lens", f"needs one length per request ({n})", sl.shape[0], "pass the step's seq_lens")
         room = min(bt.shape[1], self.lut_cols - 16)
-        for b in np.nonzero((lens < new_tokens) | (-(-lens // self.page_size) > room))[0][:1]:
+        bad = np.nonzero((lens < new_tokens) | (-(-lens // self.page_size) > room))[0]
+        if len(bad):
+            b = int(bad[0])
             need = -(-int(lens[b]) // self.page_size)
             if lens[b] < new_tokens:
                 raise LaunchError(kn, f"seq_lens_host[{b}]", f"must count the step's {new_tokens} new token(s)",
@@ -720,7 +735,7 @@ class KVCache:
                               "kvgen.reference.padded_lut_cols(max pages per request)")
         a = self._adopt_args
         launch = self._launch("adopt", kn, (self.args, *a.values()))
-        a["table"].value, a["row_stride"].value, a["cols"].value = bt.ptr, bt.shape[1], bt.shape[1]
+        a["table"].value, a["cols"].value = bt.ptr, bt.shape[1]  # contiguous (check_tensor): rows of cols entries
         a["lens"].value, a["n"].value, a["new"].value = sl.ptr, n, new_tokens
         a["offsets"].value = self._row_offsets.data_ptr()
         launch.fire_as(self._programmatic)((self.max_batch, 1, 1), (128, 1, 1), self._stream(stream))
@@ -916,14 +931,9 @@ class KVCache:
         chunks = max(1, min(32, (self.page_bytes // 16 + THREADS - 1) // THREADS))
         # One launch per contiguous run of a page: per layer tensor (wrap_layers) and per K/V plane ("planes", or
         # "split": K's and V's own tensors), each from the start of that layer's K (plane 0) or V (plane 1) view.
-        scale_row_bytes = self.num_heads * self.groups * self._scale_bytes
-        for layer, (_, scales, _) in enumerate(self._layer_ptrs):
+        for layer in range(len(self._layer_ptrs)):
             for plane in range(2 if self._kv_planes else 1):
-                self.args.blocks = self.slice_address(plane, layer)
-                if plane and self.kv_layout == "split":
-                    self.args.scales = self._layer_v_ptrs[layer][1]
-                else:
-                    self.args.scales = scales + plane * int(self.args.kv_offset) * scale_row_bytes if scales else 0
+                self.args.blocks, self.args.scales = self.slice_address(plane, layer), self.slice_address(plane, layer, scales=True)
                 launch.fire_as(self._programmatic)((chunks, n, 1), (THREADS, 1, 1), self._stream(stream))
         self.args.blocks, self.args.scales, self.args.static_scales = self._layer_ptrs[0]
 

@@ -20,7 +20,7 @@ constexpr uint32_t kLutTailColumns = 16;
 // below new_tokens, or more pages than either table holds, is flagged (the request then keeps only what fits).
 template <int PageSize>
 __device__ __forceinline__ void adopt_block_table(const CacheArgs& a, const int32_t* __restrict__ block_table,
-                                                  uint32_t bt_row_stride, uint32_t bt_cols,
+                                                  uint32_t bt_cols,
                                                   const int32_t* __restrict__ seq_lens, uint32_t num_reqs,
                                                   uint32_t new_tokens, uint32_t* __restrict__ row_offsets) {
   pdl_wait_then_release();  // the kernel before it may still read this step's tables
@@ -42,7 +42,7 @@ __device__ __forceinline__ void adopt_block_table(const CacheArgs& a, const int3
     }
   }
   uint32_t* lut = const_cast<uint32_t*>(a.lookup_table) + uint64_t(b) * a.lut_row_stride;
-  const int32_t* src = block_table + uint64_t(b) * bt_row_stride;
+  const int32_t* src = block_table + uint64_t(b) * bt_cols;  // [reqs, bt_cols], contiguous
   for (uint32_t j = threadIdx.x; j < a.lut_row_stride; j += blockDim.x) {
     uint32_t page = a.null_page;
     if (j < pages) {

@@ -184,11 +184,9 @@ template <class Cache> struct DecodeTypes {
   // twice the warp instructions of per-token scales), which more than 4 groups still do (kFp8Dequant). e8m0
   // per-32 groups were on it until session 15: the f16 path is 1.8-8.8% faster for them since P.V needs no
   // per-element work (it was 1-5% slower with f16x2 shares on V too).
-  static constexpr bool kFp8GroupAligned = kFp8 && Cache::quantization_enabled && Cache::num_scale_groups >= 2 &&
-                                           Cache::num_scale_groups <= 4 && Cache::quantization_granularity % 64 == 0 &&
-                                           Cache::head_size >= 128;
   static constexpr bool kFp8Grouped = kFp8 && Cache::quantization_enabled && Cache::num_scale_groups >= 2 &&
                                       Cache::num_scale_groups <= 4;
+  static constexpr bool kFp8GroupAligned = kFp8Grouped && Cache::quantization_granularity % 64 == 0 && Cache::head_size >= 128;
   // More than 4 groups (granularity 16 of a 128-wide head): every element dequantized to bf16.
   static constexpr bool kFp8Dequant = kFp8 && !kFp8Direct && !kFp8Grouped;
   static constexpr bool kF16 = is_same_v<T, __half> || kFp8Direct || kFp8Grouped;  // f16 MMA, else bf16
@@ -353,13 +351,16 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // (m_run / l_run [hh] = head 2tq + hh), O^T's rescale needs no shuffle, and P^T (the B operand of O^T += V^T P^T)
   // is S^T's fragment transposed by movmatrix.
   constexpr bool PVT = SWZ && GROUP <= 8;
-  // FP8 with per-token or per-group V scales: P x the token's V scale enters the f16 P.V MMA times kPUp, and the
-  // merge weights take 1 / kPUp. A V scale is amax / fp8_max, small (e4m3: amax 0.03 -> 6.7e-5; e5m2's are 128x
-  // smaller), and P x scale under f16's normal range (6.1e-5) lost bits as subnormals (relative error 6-8e-3 at an
-  // e4m3 V amax of 3e-3, H200, session 15). kPUp = 2^8 x fp8_max / 448 (e4m3 2^8, e5m2 2^15) keeps V amax from
-  // about 1e-4 to 114k exact for both formats; a larger finite amax saturates at f16's largest value (never inf),
-  // and a NaN or inf scale still reaches the output.
-  constexpr float kPUp = (Ty::kFp8Direct && QUANT) || Ty::kFp8Grouped ? (is_same_v<T, __nv_fp8_e5m2> ? 32768.f : 256.f) : 1.f;
+  // Where FP8 row scales go (per token is one group, G = 1): K's per-token and aligned per-group scales multiply
+  // each group's score accumulator once per token (kKScaledScores); V's per-token and per-group scales multiply one P
+  // fragment per group (kVScaledP), times kPUp, with the merge weights taking 1 / kPUp. A V scale is amax / fp8_max,
+  // small (e4m3: amax 0.03 -> 6.7e-5; e5m2's are 128x smaller), and P x scale under f16's normal range (6.1e-5) lost
+  // bits as subnormals (relative error 6-8e-3 at an e4m3 V amax of 3e-3, H200, session 15). kPUp = 2^8 x fp8_max /
+  // 448 (e4m3 2^8, e5m2 2^15) keeps V amax from about 1e-4 to 114k exact for both formats; a larger finite amax
+  // saturates at f16's largest value (never inf), and a NaN or inf scale still reaches the output.
+  constexpr bool kKScaledScores = (Ty::kFp8Direct && QUANT) || Ty::kFp8GroupAligned;
+  constexpr bool kVScaledP = (Ty::kFp8Direct && QUANT) || Ty::kFp8Grouped;
+  constexpr float kPUp = kVScaledP ? (is_same_v<T, __nv_fp8_e5m2> ? 32768.f : 256.f) : 1.f;
   constexpr int DN_OUT = PVT ? D / 16 : DN;
   static_assert(Q_OFF + Q_BYTES + ALIGN_SLACK <= SMEM_BYTES,
                 "K/V stages, the row ring and (SWZ) Q fit the shared memory");
@@ -748,9 +749,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 #ifndef KVGEN_DECODE_NO_MATH  // diagnosis knob (bench/decode_bench.py --defines): the loads alone, wrong results
     // Tile row (within the warp's 16) of C element e in n-tile nt: token slot 2tq + (e & 1) of the n-tile, or (PVT,
     // S^T) slot gq + 8 (e >> 1); DecodeSwizzle::slot_row maps a slot to its row (the identity unless ALIGNED).
-    auto token_of = [&](int nt, int e) -> int {
-      return SWZ ? Sw::slot_row(PVT ? 8 * (e >> 1) + int(gq) : nt * 8 + int(tq) * 2 + (e & 1)) : nt * 8 + int(tq) * 2 + (e & 1);
-    };
+    auto token_of = [&](int nt, int e) -> int { return Sw::slot_row(PVT ? 8 * (e >> 1) + int(gq) : nt * 8 + int(tq) * 2 + (e & 1)); };
     // PVT: heads 2tq, 2tq + 1 are elements e & 1; the max and sum are taken over the tokens (lanes gq).
     auto slot_of = [&](int e) -> int { return PVT ? (e & 1) : (e >> 1); };
     constexpr int NT_S = PVT ? 1 : 2, E_S = PVT ? 4 : 2 * ROWS_USED, NSLOT = PVT ? 2 : ROWS_USED;
@@ -765,8 +764,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       // FP8, swizzled (DecodeSwizzle): per 16-byte K load j, the Q fragments of its 4 k-steps come from shared
       // memory (ldmatrix; q_smem holds Q in the permuted k order), and each n-tile's lane reads its token's chunk.
       // ALIGNED (kFp8GroupAligned): the 4 k-steps of load j lie in scale group 16 k_chunk(0, j) / GRAN, and each group
-      // accumulates its own scores, which its K scale multiplies once per token below.
-      constexpr int SG = Ty::kFp8GroupAligned ? G : 1;
+      // accumulates its own scores; kKScaledScores: each accumulator times its K scale once per token, below.
+      constexpr int SG = kKScaledScores ? G : 1;
       float sg[SG][2][4];
 #pragma unroll
       for (int g = 0; g < SG; ++g)
@@ -835,7 +834,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[nt][e] = sg[0][nt][e];
-      if constexpr (Ty::kFp8GroupAligned) {  // score = sum over groups of the token's K scale x the group's Q.K
+      if constexpr (kKScaledScores) {  // score = sum over groups of the token's K scale x the group's Q.K
         float ksc_tok[NTOK][G];
 #pragma unroll
         for (int i = 0; i < NTOK; ++i)
@@ -883,7 +882,6 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 #pragma unroll
       for (int e = 0; e < E_S; ++e) {
         float x = s[nt][e];
-        if constexpr (Ty::kFp8Direct && QUANT) x *= scale_at(kss, warp * 16 + token_of(nt, e));
         if constexpr (Ty::kFp8Grouped && !Ty::kFp8GroupAligned) x *= kmax[tok_idx(nt, e)];
         // soft_cap 0 = no cap at run time (a cap-capable variant called without one): a uniform branch.
         if constexpr (SOFTCAP) x = soft_cap > 0.f ? soft_cap * tanhf(x * softmax_scale / soft_cap) * kLog2e : x * scale_log2;
@@ -912,9 +910,9 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       m_run[r] = m_new;
       l_run[r] *= alpha[r];
     }
-    // P's fragments, one per V scale group with per-group scales (each holds P times the token's V scale of that
-    // group: an output chunk lies in one group, so its MMAs take that group's P and V needs no per-element work).
-    constexpr int PG = Ty::kFp8Grouped ? G : 1;
+    // P's fragments, one per V scale group (kVScaledP: each holds P times the token's V scale of that group; an
+    // output chunk lies in one group, so its MMAs take that group's P and V needs no per-element work).
+    constexpr int PG = kVScaledP ? G : 1;
     // P x V scale in f16, times kPUp (see there): a finite product past f16's largest value saturates; NaN and inf
     // (a corrupt scale) pass through.
     auto p_times = [&](float p, float vs) -> float {
@@ -931,20 +929,14 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
           p[nt][e] = exp2f(s[nt][e] - mref[slot_of(e)]);
           l_run[slot_of(e)] += p[nt][e];
         }
-      if constexpr (Ty::kFp8Direct && QUANT) {  // fold the per-token V scale into the probabilities
-#pragma unroll
-        for (int nt = 0; nt < NT_S; ++nt)
-#pragma unroll
-          for (int e = 0; e < E_S; ++e) p[nt][e] = p_times(p[nt][e], scale_at(vss, warp * 16 + token_of(nt, e)));
-      }
-      float vsc[NTOK][PG];  // kFp8Grouped: each score token's V scale of every group
+      float vsc[NTOK][PG];  // kVScaledP: each score token's V scale of every group
 #pragma unroll
       for (int i = 0; i < NTOK; ++i)
 #pragma unroll
-        for (int g = 0; g < PG; ++g) vsc[i][g] = Ty::kFp8Grouped ? scale_at(vss, (warp * 16 + tok_row(i)) * G + g) : 1.f;
+        for (int g = 0; g < PG; ++g) vsc[i][g] = kVScaledP ? scale_at(vss, (warp * 16 + tok_row(i)) * G + g) : 1.f;
 #pragma unroll
       for (int g = 0; g < PG; ++g) {
-        auto pv = [&](int nt, int e) -> float { return Ty::kFp8Grouped ? p_times(p[nt][e], vsc[tok_idx(nt, e)][g]) : p[nt][e]; };
+        auto pv = [&](int nt, int e) -> float { return kVScaledP ? p_times(p[nt][e], vsc[tok_idx(nt, e)][g]) : p[nt][e]; };
         if constexpr (PVT) {
           // P^T's B fragment (tokens 2tq, 2tq + 1 and + 8 of head gq) is the transpose of S^T's 8 x 8 halves.
           pa[g][0] = movmatrix_trans(pack2<F16>(pv(0, 0), pv(0, 1)));
@@ -1018,7 +1010,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
             even0 = deq(lo & 0xffffu, s0, s1), odd0 = deq(lo >> 16, s0, s1);
             even1 = deq(hi & 0xffffu, s8, s9), odd1 = deq(hi >> 16, s8, s9);
           }
-          const int pg = Ty::kFp8Grouped ? 16 * (c + hc) / GRAN : 0;  // the chunk's V scale group (a constant)
+          const int pg = kVScaledP ? 16 * (c + hc) / GRAN : 0;  // the chunk's V scale group (a constant)
           if constexpr (PVT) {
             // O^T[dims][heads] += V^T P^T: A rows gq / gq + 8 are the chunk's even / odd dims, k = token slots 2tq,
             // 2tq + 1 and + 8; B is P^T (pa[pg][0], pa[pg][2], transposed from S^T by movmatrix).
