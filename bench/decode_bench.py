@@ -48,14 +48,18 @@ from kvgen.runtime.decode_plan import DecodePlan, plan_decode, split_k_plan  # n
 HQ, H, D = 32, 8, 128
 
 
+DEFAULT_CONFIG = ROOT / "configs" / "bench_decode.yaml"
+CONFIG = DEFAULT_CONFIG  # --config: another grid of the same attention shape (e.g. configs/bench_small_pages.yaml)
+
+
 def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str = "",
                    attention: dict[str, int] | None = None, scales: str | None = None):
     """The bench config's variants, with attention.loader set to `loader` and the `attention` fields updated (an
     A/B of the K/V loaders, the pipeline depth, the CTAs per SM), the kernels compiled with extra preprocessor
     `defines` (decode.cuh's compile-time knobs). scales: the FP8 variants with "static" per-tensor device scales
     (cache.static_scales) or "e8m0" per-token power-of-two scales instead of float32 per-token ones."""
-    cfg = load_config(ROOT / "configs" / "bench_decode.yaml")
-    name = f"{loader}{tag}"
+    cfg = load_config(CONFIG)
+    name = f"{loader}{tag}" + ("" if CONFIG == DEFAULT_CONFIG else f"-{CONFIG.stem}")
     if loader != "auto" or defines or attention or scales:
         specs = [bench_build_spec(v.spec, loader, attention, scales) for v in cfg.variants]
         cfg = ConfigFile(path=None, name=f"bench_decode_{name}", variants=[make_variant(s) for s in specs])
@@ -330,7 +334,11 @@ def main() -> None:
                          "blocks, and give XQA the same scales")
     ap.add_argument("--shapes", nargs="*", default=None, metavar="BxC",
                     help="only these batch x context shapes, e.g. 16x1024 128x4096, and the skewed batch if 'skewed' is listed")
+    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                    help="the variants to time (Hq 32, H 8, D 128 caches), e.g. configs/bench_small_pages.yaml")
     args = ap.parse_args()
+    global CONFIG
+    CONFIG = args.config.resolve()
     rng = np.random.default_rng(0)
     mods = {loader: load_generated(loader) for loader in args.loaders}
     for i, text in enumerate(args.defines):

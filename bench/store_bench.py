@@ -38,8 +38,11 @@ from kvgen.grid import load_config  # noqa: E402
 H, D = 8, 128
 
 
+CONFIG = ROOT / "configs" / "bench_store.yaml"  # --config: another grid of the same shape
+
+
 def load_generated(out: Path, package: str = "kvgen_bench_store"):
-    cfg = load_config(ROOT / "configs" / "bench_store.yaml")
+    cfg = load_config(CONFIG)
     build(cfg, out=out, jobs=4)
     return import_package(out, package)
 
@@ -147,9 +150,13 @@ def main() -> None:
     ap.add_argument("--defines", nargs="*", default=[], metavar="NAME=V[,NAME=V]",
                     help="also time the store compiled with these -D defines, one build each, same data (for a knob added to "
                          "store_load.cuh for an experiment; it has none by default)")
+    ap.add_argument("--config", type=Path, default=CONFIG,
+                    help="the variants to time (H 8, D 128 caches), e.g. configs/bench_small_pages.yaml")
     args = ap.parse_args()
+    global CONFIG
+    CONFIG = args.config.resolve()
     rng = np.random.default_rng(0)
-    mod = load_generated(Path("/tmp/kvgen-bench-store"))
+    mod = load_generated(Path(f"/tmp/kvgen-bench-store-{CONFIG.stem}"))
     extra = {}
     for i, text in enumerate(args.tries):
         knobs = parse_try(text)

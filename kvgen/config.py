@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .dtypes import DTYPES, CacheDType, IODType, ScaleDType
 from .errors import ConfigError, Problem
+from .reference import LUT_TAIL_COLUMNS
 
 Arch = Literal["sm_80", "sm_90a", "sm_100a"]
 KernelName = Literal["store", "load", "copy_pages", "tma_tile_load", "gather4_tile_load", "decode"]
@@ -22,6 +23,8 @@ TMA_ARCHS = frozenset({"sm_90a", "sm_100a"})
 DERIVED_KERNELS = {"decode_combine": "decode", "store_slots": "store", "adopt_block_table": "decode"}
 GATHER4_ARCHS = frozenset({"sm_100a"})
 SWIZZLE_BYTES = {"NONE": 16, "32B": 32, "64B": 64, "128B": 128}  # MAX: bytes() = 2^v * 16
+TMA_SMEM_ALIGN = 128  # bytes: a TMA box's shared-memory destination
+DECODE_TMA_MIN_PAGE = 8  # the TMA decode's boxes (one page each) must start on a swizzle atom of 8 rows
 MAX_TILE_SMEM_BYTES = 200 * 1024  # the tile-load kernel stages one BN x BK tile; H100 allows 227 KB
 
 
@@ -75,7 +78,8 @@ class RopeLayout(_Strict):
 
 class TmaParams(_Strict):
     swizzle: Swizzle = Field("128B", description="TMA swizzle mode of K/V tiles")
-    bn: int = Field(64, ge=1, le=256, description="rows (tokens) per K/V tile")
+    bn: int = Field(64, ge=1, le=256, description="rows (tokens) per K/V tile (default 64; 16 x page_size for pages "
+                    "of 1-2 tokens, whose populate may read 16 lookup-table columns ahead)")
     bk: int | None = Field(None, ge=1, le=1024, description="columns per tile (default: padded depth)")
     base_alignment: int | None = Field(None, ge=1, description="alignment of tile start rows (default: bn)")
 
@@ -113,6 +117,20 @@ class VariantSpec(_Strict):
     archs: list[Arch] = Field(default_factory=lambda: ["sm_90a"], min_length=1)
     kernels: list[KernelName] | None = Field(None, min_length=1, description="kernels to emit (default: all the archs support)")
     sources: list[str] = Field(default_factory=list, description="user kernel sources compiled against the trait")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _small_page_tile_default(cls, data: Any) -> Any:
+        """A tile spans bn / P pages and populate reads that many lookup-table columns ahead, which the table's
+        16-column tail must hold: pages of 1-2 tokens default to bn = 16 x P instead of 64 (an explicit bn is checked)."""
+        if not isinstance(data, dict) or not isinstance(data.get("cache"), dict):
+            return data
+        p = data["cache"].get("page_size")
+        tma = data.get("tma", {})
+        default_bn = TmaParams.model_fields["bn"].default
+        if isinstance(p, int) and p >= 1 and LUT_TAIL_COLUMNS * p < default_bn and isinstance(tma, dict) and "bn" not in tma:
+            data = {**data, "tma": {**tma, "bn": LUT_TAIL_COLUMNS * p}}
+        return data
 
     @model_validator(mode="after")
     def _check_rules(self) -> VariantSpec:
@@ -171,9 +189,9 @@ def _cross_field_problems(v: VariantSpec) -> list[Problem]:
         bad("cache.page_size", "a paged cache needs a page size", None, "set cache.page_size, e.g. 128")
     if c.kind == "continuous" and c.page_size is not None:
         bad("cache.page_size", "a continuous cache has no pages", c.page_size, "remove cache.page_size or use kind: paged")
-    if c.page_size is not None and not (_is_pow2(c.page_size) and 8 <= c.page_size <= 1024):
-        bad("cache.page_size", "must be a power of two in [8, 1024] (row and populate math use shifts)",
-            c.page_size, "use 16, 32, 64, 128 or 256")
+    if c.page_size is not None and not (_is_pow2(c.page_size) and 1 <= c.page_size <= 1024):
+        bad("cache.page_size", "must be a power of two in [1, 1024] (row and populate math use shifts)",
+            c.page_size, "use 1 (SGLang's default), 16, 64, 128 or 256")
     if (c.head_size * dt.nbytes) % 16:
         bad("cache.head_size", f"head_size * {dt.nbytes} B ({c.dtype}) must be a multiple of 16 B for vector and TMA access",
             c.head_size, f"use a multiple of {16 // dt.nbytes}")
@@ -291,6 +309,10 @@ def _decode_problems(v: VariantSpec) -> list[Problem]:
         if not TMA_ARCHS & set(v.archs):
             P.append(Problem("attention.loader", "the TMA loader needs an arch with TMA (sm_90a or sm_100a) in archs",
                              v.archs, "add sm_90a to archs, or use loader: cp_async"))
+        if c.page_size is not None and c.page_size < DECODE_TMA_MIN_PAGE:
+            P.append(Problem("attention.loader", f"the TMA decode copies one page per box, and a box must start on a "
+                             f"swizzle atom ({DECODE_TMA_MIN_PAGE} rows): pages of {DECODE_TMA_MIN_PAGE}+ tokens",
+                             c.page_size, "use loader: cp_async (auto picks it for small pages)"))
     return P
 
 
@@ -322,6 +344,18 @@ def _tma_problems(v: VariantSpec) -> list[Problem]:
     if _is_pow2(t.bn) and t.bn * bk * dt.nbytes > MAX_TILE_SMEM_BYTES:
         P.append(Problem("tma.bn", f"a BN x BK tile ({t.bn} x {bk} x {dt.nbytes} B) must fit in {MAX_TILE_SMEM_BYTES} B of shared memory",
                          t.bn, f"use bn {_largest_pow2_at_most(MAX_TILE_SMEM_BYTES // (bk * dt.nbytes))} or a smaller bk"))
+    if c.page_size and c.page_size < t.bn:
+        # populate reads bn / P lookup-table columns from a tile's first page; MAX's table keeps 16 columns past
+        # the last page for exactly that read-ahead (reference.padded_lut_cols).
+        if t.bn // c.page_size > LUT_TAIL_COLUMNS:
+            P.append(Problem("tma.bn", f"a tile over {c.page_size}-token pages reads bn / page_size lookup-table columns "
+                             f"ahead, and the table's tail holds {LUT_TAIL_COLUMNS}", t.bn,
+                             f"use bn of at most {LUT_TAIL_COLUMNS * c.page_size}, or larger pages"))
+        if (c.page_size * span) % TMA_SMEM_ALIGN:
+            P.append(Problem("tma.swizzle", f"a tile issues one box per {c.page_size}-token page, at multiples of "
+                             f"{c.page_size * span} B in shared memory, and TMA needs {TMA_SMEM_ALIGN}-byte aligned "
+                             "destinations", t.swizzle,
+                             f"use a wider swizzle (128B), or pages of at least {max(1, TMA_SMEM_ALIGN // span)} tokens"))
     if t.base_alignment is not None:
         if not _is_pow2(t.base_alignment):
             P.append(Problem("tma.base_alignment", "must be a power of two", t.base_alignment, f"use {t.bn}"))

@@ -14,10 +14,12 @@ import numpy as np
 
 from .dtypes import DTYPES
 
+LUT_TAIL_COLUMNS = 16  # MAX's lookup-table contract: columns past a request's last page that populate may read
+
 
 def padded_lut_cols(max_pages_per_request: int) -> int:
     """MAX _padded_lut_cols: round up to 8, plus a 16-column tail so vector over-reads stay in bounds."""
-    return ((max_pages_per_request + 7) // 8) * 8 + 16
+    return ((max_pages_per_request + 7) // 8) * 8 + LUT_TAIL_COLUMNS
 
 
 def make_lookup_table(pages: list[list[int]], null_page: int, cols: int) -> np.ndarray:

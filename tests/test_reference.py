@@ -57,6 +57,10 @@ def _populate_cases() -> list[tuple[int, int, int]]:
     for p, bn in itertools.product([16, 32, 64, 128, 256], [64, 128, 256]):
         for align in sorted({bn, p}):
             out.append((p, bn, align))
+    # pages below the swizzle atom, at the largest tile the 16-column tail allows (bn = 16 P, config.py)
+    for p in (1, 2, 4, 8):
+        for align in sorted({16 * p, p}):
+            out.append((p, 16 * p, align))
     return out
 
 
@@ -90,7 +94,7 @@ def test_populate_page_boundaries(p: int, bn: int, align: int) -> None:
             assert rows[0] % g.stride == base % p  # a sub-page tile starts mid-page
 
 
-@pytest.mark.parametrize(("p", "bn"), [(16, 64), (16, 256), (32, 128), (64, 256)])
+@pytest.mark.parametrize(("p", "bn"), [(16, 64), (16, 256), (32, 128), (64, 256), (1, 16), (2, 32), (4, 64), (8, 128)])
 def test_populate_needs_lut_padding(p: int, bn: int) -> None:
     assigned = 10
     g = ref.Geometry(kv_dim=2, num_layers=1, page_size=p, num_blocks=32)

@@ -28,7 +28,7 @@ from ..derive import (
 )
 from ..dtypes import DTYPES
 from ..errors import LaunchError
-from ..reference import padded_lut_cols
+from ..reference import LUT_TAIL_COLUMNS, padded_lut_cols
 from ..render import generator_stamp
 from . import driver
 from .abi import DECODE_EARLY_READS, ERROR_NAMES, NO_NULL_PAGE, CacheArgs
@@ -204,7 +204,7 @@ class KVCache:
         self.max_batch = lut.shape[0]
         self.lut_cols = lut.shape[1] if self.paged else 1
         if self.paged:
-            if len(lut.shape) != 2 or self.lut_cols % 8 or self.lut_cols < 16:
+            if len(lut.shape) != 2 or self.lut_cols % 8 or self.lut_cols < LUT_TAIL_COLUMNS:
                 raise LaunchError("KVCache", "lookup_table", "needs round_up(pages, 8) + 16 columns (populate reads ahead)",
                                   list(lut.shape), "build it with kvgen.reference.padded_lut_cols(max_pages)")
         lens = check_tensor("KVCache", "cache_lengths", cache_lengths, dtype=_U32, shape=(self.max_batch,), device=self.device, align=4)
@@ -591,8 +591,8 @@ class KVCache:
         lut = np.full((self.max_batch, self.lut_cols), self.null_page, np.uint32)
         for b, ids in enumerate(pages):
             ids = np.asarray(ids, dtype=np.int64)
-            if len(ids) > self.lut_cols - 16:
-                raise LaunchError("set_pages", f"pages[{b}]", f"at most {self.lut_cols - 16} pages per request",
+            if len(ids) > self.lut_cols - LUT_TAIL_COLUMNS:
+                raise LaunchError("set_pages", f"pages[{b}]", f"at most {self.lut_cols - LUT_TAIL_COLUMNS} pages per request",
                                   len(ids), "allocate with a larger max_pages_per_request")
             bad = ids[(ids < 0) | (ids >= self.num_blocks) | (ids == self.null_page)]
             if len(bad):
@@ -721,7 +721,7 @@ class KVCache:
         sl = check_tensor(kn, "seq_lens", seq_lens, dtype=("int32",), shape=(None,), device=self.device, align=4)
         if sl.shape[0] < n:
             raise LaunchError(kn, "seq_lens", f"needs one length per request ({n})", sl.shape[0], "pass the step's seq_lens")
-        room = min(bt.shape[1], self.lut_cols - 16)
+        room = min(bt.shape[1], self.lut_cols - LUT_TAIL_COLUMNS)
         bad = np.nonzero((lens < new_tokens) | (-(-lens // self.page_size) > room))[0]
         if len(bad):
             b = int(bad[0])
@@ -730,7 +730,7 @@ class KVCache:
                 raise LaunchError(kn, f"seq_lens_host[{b}]", f"must count the step's {new_tokens} new token(s)",
                                   int(lens[b]), "pass lengths that include the tokens being added")
             raise LaunchError(kn, f"seq_lens_host[{b}]", f"needs {need} pages but the block table has {bt.shape[1]} "
-                              f"columns and the lookup table {self.lut_cols - 16}", int(lens[b]),
+                              f"columns and the lookup table {self.lut_cols - LUT_TAIL_COLUMNS}", int(lens[b]),
                               "pass the whole block table, and size the lookup table with "
                               "kvgen.reference.padded_lut_cols(max pages per request)")
         a = self._adopt_args

@@ -36,6 +36,12 @@ def gen(tmp_path_factory: pytest.TempPathFactory):
     return import_package(out, "kvgen_gpu_decode")
 
 
+def page_edges(p: int) -> list[int]:
+    """Context lengths at a page's edges: 1, P - 1, P, P + 1 (a context holds at least the step's token, so
+    P - 1 becomes 2 for pages of 1 token, where 1 and P already coincide)."""
+    return [1, p - 1 if p > 1 else 2, p, p + 1]
+
+
 def setup_cache(v, lengths: list[int], rng: np.random.Generator, v_mult: float = 1.0):
     """A cache holding `lengths[b]` random tokens per request on permuted pages, canaries everywhere else; V is
     standard normal times v_mult. cache_length(b) is lengths[b] - 1: the decode covers cache_length + 1 tokens."""
@@ -145,7 +151,7 @@ def test_decode_matches_float64(gen, name: str, ending: str) -> None:
     v = gen.VARIANTS[name]
     spec = v.spec()
     p = spec.cache.page_size or 64
-    lengths = [1, p - 1, p, p + 1, 700, 2053, 64, 129]
+    lengths = [*page_edges(p), 700, 2053, 64, 129]
     cache, k, vv = setup_cache(v, lengths, rng)
     att = spec.attention
     group = att.num_q_heads // spec.cache.num_kv_heads
@@ -263,7 +269,7 @@ def test_decode_two_group_ctas_between_one_and_two_pairs_per_sm(gen, name: str) 
     assert max_groups == 4, "FP8 at 2 stages: four one-group CTAs per SM"
     batch = (sms + 1 + 2 * sms) // 2 // 2  # pairs (2 KV heads each) between sms and 2 x sms
     p = spec.cache.page_size
-    lengths = [1, p - 1, p, p + 1] + [int(x) for x in rng.integers(1, 900, batch - 4)]
+    lengths = page_edges(p) + [int(x) for x in rng.integers(1, 900, batch - 4)]
     cache, k, vv = setup_cache(v, lengths, rng)
     plan = cache.plan_decode()
     assert sms < 2 * batch <= 2 * sms and grouped_groups(2 * batch, sms, max_groups) == 2
@@ -420,7 +426,7 @@ def test_store_then_decode_with_early_reads(gen, name: str) -> None:
     spec = v.spec()
     c, att = spec.cache, spec.attention
     p = c.page_size
-    lengths = [1, p - 1, p, p + 1, 700, 2053, 64, 129, 4000]
+    lengths = [*page_edges(p), 700, 2053, 64, 129, 4000]
     cache, _, _ = setup_cache(v, lengths, rng)
     assert cache.programmatic_launch, "sm_90: store and decode launch as programmatic dependents"
     B, H, D, Hq = len(lengths), c.num_kv_heads, c.head_size, att.num_q_heads
@@ -644,7 +650,7 @@ def test_vllm_per_layer_caches_decode_from_the_block_table(gen, name: str, kv_la
     v = gen.VARIANTS[name]
     spec = v.spec()
     P = spec.cache.page_size
-    lengths = [1, P - 1, P, P + 1, 3 * P + 5, 700]
+    lengths = [*page_edges(P), 3 * P + 5, 700]
     cache, table, kv, kv_scales = vllm_layer_caches(v, lengths, rng, kv_layout=kv_layout)
     initial = [[x.view(torch.uint8).cpu() for x in pair] for pair in kv]  # canaries everywhere
     fill_layers(cache, spec, table, lengths, rng)
