@@ -38,7 +38,8 @@ from kvgen.grid import load_config  # noqa: E402
 H, D = 8, 128
 
 
-CONFIG = ROOT / "configs" / "bench_store.yaml"  # --config: another grid of the same shape
+DEFAULT_CONFIG = ROOT / "configs" / "bench_store.yaml"
+CONFIG = DEFAULT_CONFIG  # --config: another grid of the same shape
 
 
 def load_generated(out: Path, package: str = "kvgen_bench_store"):
@@ -150,7 +151,7 @@ def main() -> None:
     ap.add_argument("--defines", nargs="*", default=[], metavar="NAME=V[,NAME=V]",
                     help="also time the store compiled with these -D defines, one build each, same data (for a knob added to "
                          "store_load.cuh for an experiment; it has none by default)")
-    ap.add_argument("--config", type=Path, default=CONFIG,
+    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                     help="the variants to time (H 8, D 128 caches), e.g. configs/bench_small_pages.yaml")
     args = ap.parse_args()
     global CONFIG
