@@ -547,6 +547,10 @@ def test_fp8_decode_over_the_range_of_v_scales(gen, name: str, v_mult: float) ->
 # layer static tensors), each with both loaders: the first variant of each kind (later ones add window or sinks).
 VLLM_LAYERS = list({n.rsplit("_", 1)[0]: n for n in reversed(NAMES) if re.match(
     r"gdec_paged_(bf16_h2_d128_p(16|64)|e4m3_h2_d128_p16_(qf32g128|ss))_s128b_ld(cpa|tma)_", n)}.values())
+# SGLang's default page of one token ("split": its k_buffer[l] / v_buffer[l] of [slots, H, D] viewed as
+# [slots, 1, H, D], req_to_token as the block table, out_cache_loc as the slot mapping): bf16, and FP8 with MAX's
+# float32 scales per 64 dims.
+SMALL_PAGE_LAYERS = [n for n in NAMES if re.match(r"gdec_paged_(bf16_h2_d128_p1_s128b_ldcpa|e4m3_h2_d128_p1_qf32g64_s128b)_", n)]
 
 
 def vllm_layer_caches(v, lengths: list[int], rng: np.random.Generator, layers: int = 3, spare: int = 3,
@@ -640,7 +644,7 @@ def fill_layers(cache, spec, table, lengths, rng) -> None:
 
 
 @pytest.mark.parametrize("kv_layout", ["pages", "planes", "split"])
-@pytest.mark.parametrize("name", VLLM_LAYERS)
+@pytest.mark.parametrize("name", VLLM_LAYERS + SMALL_PAGE_LAYERS)
 def test_vllm_per_layer_caches_decode_from_the_block_table(gen, name: str, kv_layout: str) -> None:
     """wrap_layers over vLLM-shaped per-layer caches (null block 0) and adopt_block_table on vLLM's block_table /
     seq_lens: store_slots writes each layer's own tensor, decode of every layer matches float64 on that layer's
@@ -687,7 +691,7 @@ def test_vllm_per_layer_caches_decode_from_the_block_table(gen, name: str, kv_la
 
 
 @pytest.mark.parametrize("kv_layout", ["pages", "planes", "split"])
-@pytest.mark.parametrize("name", [n for n in VLLM_LAYERS if "bf16" in n and "p16" in n])
+@pytest.mark.parametrize("name", [n for n in VLLM_LAYERS + SMALL_PAGE_LAYERS if "bf16" in n and ("_p16_" in n or "_p1_" in n)])
 def test_vllm_step_tables_and_decode_replay_in_one_graph(gen, name: str, kv_layout: str) -> None:
     """adopt_block_table, store_slots and decode of every layer captured once (a fixed split count); each replay
     follows the engine's device tensors: a new block table, a longer context and new rows, and matches float64."""
