@@ -45,7 +45,7 @@ from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import ConfigFile, load_config, make_variant  # noqa: E402
 from kvgen.runtime.decode_plan import DecodePlan, plan_decode, split_k_plan  # noqa: E402
 
-HQ, H, D = 32, 8, 128
+HQ, H, D = 32, 8, 128  # the attention shape of --config's variants (set in main; all variants must share it)
 
 
 DEFAULT_CONFIG = ROOT / "configs" / "bench_decode.yaml"
@@ -335,10 +335,15 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", default=None, metavar="BxC",
                     help="only these batch x context shapes, e.g. 16x1024 128x4096, and the skewed batch if 'skewed' is listed")
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                    help="the variants to time (Hq 32, H 8, D 128 caches), e.g. configs/bench_small_pages.yaml")
+                    help="the variants to time, all of one attention shape (Hq, H, D), e.g. configs/bench_small_pages.yaml")
     args = ap.parse_args()
-    global CONFIG
+    global CONFIG, HQ, H, D
     CONFIG = args.config.resolve()
+    shapes_in = {(v.spec.attention.num_q_heads, v.spec.cache.num_kv_heads, v.spec.cache.head_size)
+                 for v in load_config(CONFIG).variants}
+    if len(shapes_in) != 1:
+        raise SystemExit(f"{CONFIG}: the variants must share one (num_q_heads, num_kv_heads, head_size), got {shapes_in}")
+    (HQ, H, D), = shapes_in
     rng = np.random.default_rng(0)
     mods = {loader: load_generated(loader) for loader in args.loaders}
     for i, text in enumerate(args.defines):
