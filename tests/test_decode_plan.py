@@ -263,15 +263,15 @@ class _Workspace:  # stands in for the torch workspace: slicing and view return 
         return self
 
 
-def _fake_cache(lengths: list[int], max_groups: int, tma: bool = False):
+def _fake_cache(lengths: list[int], max_groups: int, tma: bool = False, heads: int = 8):
     """What plan_decode reads of a KVCache, without a GPU: the step's lengths (cache_length + 1 is decoded),
-    8 KV heads, 132 SMs, 4 one-group CTAs per SM."""
+    8 KV heads (or `heads`), 132 SMs, 4 one-group CTAs per SM."""
     from types import SimpleNamespace
 
     return SimpleNamespace(
         args=SimpleNamespace(batch_size=len(lengths)), host_lengths=np.asarray(lengths, np.uint32) - 1,
         spec=SimpleNamespace(attention=SimpleNamespace(sliding_window=False, num_q_heads=32)), _window=None,
-        _decode_geo=SimpleNamespace(max_groups=max_groups, balanced=True, tma=tma), num_heads=8, head_size=128,
+        _decode_geo=SimpleNamespace(max_groups=max_groups, balanced=True, tma=tma), num_heads=heads, head_size=128,
         sm_count=lambda: 132, decode_slots=lambda: 528, decode_workspace=_Workspace)
 
 
@@ -326,3 +326,38 @@ def test_choose_chunk_vectorized_keeps_the_rule() -> None:
         lens = rng.integers(1, int(rng.integers(2, 40000)), int(rng.integers(1, 300)))
         heads, slots = int(rng.choice([1, 2, 8])), int(rng.choice([132, 264, 528, 792]))
         assert choose_chunk(lens, heads, slots) == _choose_chunk_one_by_one(lens, heads, slots)
+
+
+def _lognormal(n: int = 64, mean: int = 4096, cap: int = 24576) -> list[int]:
+    from kvgen.benchmark import skewed_lengths
+
+    return skewed_lengths(np.random.default_rng(0), n, mean, cap)
+
+
+@pytest.mark.parametrize(("lengths", "heads", "max_groups", "groups"), [
+    (_lognormal(), 1, 4, 1),       # 64 pairs of log-normal lengths (one GPU's share of a 70B model): split-K
+    (_lognormal(), 1, 2, 1),       # the same with the 16-bit kernel's 2 groups per SM
+    (_lognormal(16), 8, 4, 1),     # 128 pairs, skewed: split-K
+    ([4096] * 64, 1, 4, 4),        # the same pairs with equal lengths stay grouped
+    ([16384] * 16, 1, 4, 4),
+    ([1024] * 16, 8, 4, 4),        # issue 4's small batch stays grouped at every length
+    ([16384] * 16, 8, 4, 4),
+    ([2048] * 20, 8, 4, 2),        # measured partial-grouping wins stand (1.34x modelled)
+    ([4096] * 20, 8, 4, 2),        # (TMA below, 1.39x)
+])
+def test_skewed_lengths_leave_grouped_ctas_for_balanced_split_k(lengths: list[int], heads: int, max_groups: int,
+                                                                groups: int) -> None:
+    from kvgen.runtime.decode_plan import plan_decode
+
+    tma = lengths == [4096] * 20
+    assert plan_decode(_fake_cache(lengths, max_groups, tma, heads)).groups == groups
+
+
+def test_grouped_and_split_k_makespans_are_modelled_in_the_same_rows() -> None:
+    from kvgen.runtime.decode_plan import GROUPED_OVERHEAD_ROWS, grouped_makespan, split_k_makespan
+
+    # 16 x 1k over 8 KV heads: one 4-group CTA per pair, 256 rows per group; split-K: 4 CTAs of 256 rows per pair.
+    assert grouped_makespan(1024, 1, 4) == 256 + GROUPED_OVERHEAD_ROWS
+    assert split_k_makespan(np.array([1024] * 16), 8, 528) == 256 + 96
+    lens = np.array(_lognormal())
+    assert split_k_makespan(lens, 1, 528) * 2 < grouped_makespan(int(lens.max()), 2, 4)  # 672 against 1840 rows

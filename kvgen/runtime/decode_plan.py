@@ -71,21 +71,47 @@ def workspace_pairs(max_batch: int, heads: int, slots: int) -> int:
     return max(2 * max_batch, -(-4 * slots // heads))
 
 
-def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = 96, tile: int = 64) -> int:
+SPLIT_K_OVERHEAD_ROWS = 96  # choose_chunk's per-CTA cost of the ramp, the merge and the combine, in rows
+GROUPED_OVERHEAD_ROWS = 48  # a grouped CTA's: the ramp and its in-CTA merge, no partials and no combine launch
+# A grouped plan cuts every request into the same splits x groups parts, so its makespan is the longest request's
+# part; with skewed lengths and few (request, KV head) pairs that leaves most SMs idle. Measured on the H200 (session
+# 16, 8 query heads over 1 KV head, 64 requests of log-normal lengths up to 24k): grouped CTAs 68-75 µs against
+# FlashInfer's 39-50. Split-K (balanced chunks over all resident CTAs) replaces a grouped plan whose modelled
+# makespan exceeds split-K's by more than this factor; below it the measured grouped wins stand (up to 1.4x
+# modelled, e.g. 20 x 2k and 2-group TMA CTAs at 20 x 4k: the model's overheads are not that precise).
+GROUPED_IMBALANCE_LIMIT = 1.5
+
+
+def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = SPLIT_K_OVERHEAD_ROWS, tile: int = 64) -> int:
     """Rows per CTA that minimize an estimate of the decode makespan: waves of `slots` resident CTAs, each
     wave as long as its longest CTA (chunk + a fixed per-CTA overhead in row units for the pipeline ramp,
     the merge and the combine). Measured on the H100, the old "total / budget" chunking lost up to a third
     of the time to a partial last wave (16 x 1k: 640 CTAs on 264 slots = 2.4 waves)."""
+    return _best_chunk(lengths, heads, slots, overhead, tile)[0]
+
+
+def split_k_makespan(lengths: np.ndarray, heads: int, slots: int, overhead: int = SPLIT_K_OVERHEAD_ROWS,
+                     tile: int = 64) -> int:
+    """choose_chunk's modelled makespan (row units) at its chunk."""
+    return _best_chunk(lengths, heads, slots, overhead, tile)[1]
+
+
+def grouped_makespan(longest: int, splits: int, groups: int, overhead: int = GROUPED_OVERHEAD_ROWS, tile: int = 64) -> int:
+    """A grouped plan's modelled makespan in the same units: the warp group with the longest request's part."""
+    return -(-longest // (splits * groups * tile)) * tile + overhead
+
+
+def _best_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int, tile: int) -> tuple[int, int]:
     lens = np.asarray(lengths, dtype=np.int64)
     if lens.size == 0:
-        return tile
+        return tile, 0
     longest = int(lens.max())
     # Every candidate chunk (1 to max_tiles tiles) at once: a Python loop over them cost 1.7 ms per step at 16k
     # contexts (256 candidates); the [candidates, batch] matrix of CTA counts takes a few tens of µs.
     chunks = tile * np.arange(1, max(1, -(-longest // tile)) + 1, dtype=np.int64)
     ctas = heads * (-(-lens[None, :] // chunks[:, None])).sum(axis=1)
     cost = -(-ctas // max(1, slots)) * (np.minimum(chunks, longest) + overhead)
-    return int(chunks[cost == cost.min()].max())  # the longest chunk among the cheapest (fewer CTAs to merge)
+    return int(chunks[cost == cost.min()].max()), int(cost.min())  # the longest chunk among the cheapest (fewer CTAs to merge)
 
 
 def grouped_groups(pairs: int, sms: int, max_groups: int) -> int:
@@ -128,7 +154,8 @@ def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
     every warp group the SM holds (DecodeGeometry.max_groups), its context cut among the groups, split further
     only to fill the SMs (grouped_splits); with one split the CTA writes the final output and the combine launch
     is skipped. Up to max_groups / 2 pairs per SM, CTAs of fewer groups (grouped_groups), one split, where that
-    measured faster than split-K (partial_grouping_pays). Otherwise
+    measured faster than split-K (partial_grouping_pays), unless skewed lengths make the grouped plan's modelled
+    makespan GROUPED_IMBALANCE_LIMIT times split-K's. Otherwise
     `choose_chunk` over the resident one-group CTAs of this very kernel (decode_slots).
     splits: a fixed split count (CTAs per pair) instead, grouped when those CTAs fit one per SM, with chunk 0
     where the kernel supports it (16-bit caches): it cuts each request's context into splits x groups equal parts
@@ -145,9 +172,13 @@ def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
         groups = grouped_groups(pairs, sms, geo.max_groups)
         if 0 < groups < geo.max_groups and not partial_grouping_pays(pairs, groups, sms, geo.max_groups, longest, geo.tma):
             groups = 0
+        if groups:
+            splits = grouped_splits(longest, pairs, sms, groups)
+            if grouped_makespan(longest, splits, groups) > GROUPED_IMBALANCE_LIMIT * split_k_makespan(
+                    lens, cache.num_heads, cache.decode_slots()):
+                groups = 0  # skewed lengths: balanced split-K chunks (GROUPED_IMBALANCE_LIMIT)
         if not groups:
             return split_k_plan(cache, lens)
-        splits = grouped_splits(longest, pairs, sms, groups)
     else:  # a fixed split count: grouped CTAs only where they fit one per SM
         groups = geo.max_groups if 0 < pairs * splits <= sms else 1
     # 16-bit: the kernel cuts each request from its length on the device; FP8: the chunk of this step's lengths.
