@@ -123,13 +123,17 @@ class VariantSpec(_Strict):
     def _small_page_tile_default(cls, data: Any) -> Any:
         """A tile spans bn / P pages and populate reads that many lookup-table columns ahead, which the table's
         16-column tail must hold: pages of 1-2 tokens default to bn = 16 x P instead of 64 (an explicit bn is checked)."""
-        if not isinstance(data, dict) or not isinstance(data.get("cache"), dict):
+        if not isinstance(data, dict):
             return data
-        p = data["cache"].get("page_size")
-        tma = data.get("tma", {})
-        default_bn = TmaParams.model_fields["bn"].default
-        if isinstance(p, int) and p >= 1 and LUT_TAIL_COLUMNS * p < default_bn and isinstance(tma, dict) and "bn" not in tma:
-            data = {**data, "tma": {**tma, "bn": LUT_TAIL_COLUMNS * p}}
+        cache, tma = data.get("cache"), data.get("tma", {})
+        p = cache.get("page_size") if isinstance(cache, dict) else getattr(cache, "page_size", None)
+        # A page size the rules refuse (0, 3, ...) keeps the default, so its error stands alone.
+        if type(p) is not int or not _is_pow2(p) or LUT_TAIL_COLUMNS * p >= TmaParams.model_fields["bn"].default:
+            return data
+        if isinstance(tma, dict) and "bn" not in tma:
+            return {**data, "tma": {**tma, "bn": LUT_TAIL_COLUMNS * p}}
+        if isinstance(tma, TmaParams) and "bn" not in tma.model_fields_set:
+            return {**data, "tma": tma.model_copy(update={"bn": LUT_TAIL_COLUMNS * p})}
         return data
 
     @model_validator(mode="after")
@@ -311,8 +315,9 @@ def _decode_problems(v: VariantSpec) -> list[Problem]:
                              v.archs, "add sm_90a to archs, or use loader: cp_async"))
         if c.page_size is not None and c.page_size < DECODE_TMA_MIN_PAGE:
             P.append(Problem("attention.loader", f"the TMA decode copies one page per box, and a box must start on a "
-                             f"swizzle atom ({DECODE_TMA_MIN_PAGE} rows): pages of {DECODE_TMA_MIN_PAGE}+ tokens",
-                             c.page_size, "use loader: cp_async (auto picks it for small pages)"))
+                             f"swizzle atom ({DECODE_TMA_MIN_PAGE} rows): pages of {DECODE_TMA_MIN_PAGE}+ tokens "
+                             f"(cache.page_size is {c.page_size})", a.loader,
+                             "use loader: cp_async (auto picks it for small pages)"))
     return P
 
 
@@ -344,7 +349,7 @@ def _tma_problems(v: VariantSpec) -> list[Problem]:
     if _is_pow2(t.bn) and t.bn * bk * dt.nbytes > MAX_TILE_SMEM_BYTES:
         P.append(Problem("tma.bn", f"a BN x BK tile ({t.bn} x {bk} x {dt.nbytes} B) must fit in {MAX_TILE_SMEM_BYTES} B of shared memory",
                          t.bn, f"use bn {_largest_pow2_at_most(MAX_TILE_SMEM_BYTES // (bk * dt.nbytes))} or a smaller bk"))
-    if c.page_size and c.page_size < t.bn:
+    if c.page_size and _is_pow2(c.page_size) and c.page_size < t.bn:  # (a refused page size is reported alone)
         # populate reads bn / P lookup-table columns from a tile's first page; MAX's table keeps 16 columns past
         # the last page for exactly that read-ahead (reference.padded_lut_cols).
         if t.bn // c.page_size > LUT_TAIL_COLUMNS:
@@ -352,10 +357,12 @@ def _tma_problems(v: VariantSpec) -> list[Problem]:
                              f"ahead, and the table's tail holds {LUT_TAIL_COLUMNS}", t.bn,
                              f"use bn of at most {LUT_TAIL_COLUMNS * c.page_size}, or larger pages"))
         if (c.page_size * span) % TMA_SMEM_ALIGN:
+            wider = "use a wider swizzle (128B), or " if row_bytes >= TMA_SMEM_ALIGN else ""
             P.append(Problem("tma.swizzle", f"a tile issues one box per {c.page_size}-token page, at multiples of "
                              f"{c.page_size * span} B in shared memory, and TMA needs {TMA_SMEM_ALIGN}-byte aligned "
                              "destinations", t.swizzle,
-                             f"use a wider swizzle (128B), or pages of at least {max(1, TMA_SMEM_ALIGN // span)} tokens"))
+                             f"{wider}use pages of at least {max(1, TMA_SMEM_ALIGN // span)} tokens, or leave "
+                             "tma_tile_load out of kernels"))
     if t.base_alignment is not None:
         if not _is_pow2(t.base_alignment):
             P.append(Problem("tma.base_alignment", "must be a power of two", t.base_alignment, f"use {t.bn}"))

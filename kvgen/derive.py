@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .config import SWIZZLE_BYTES, TMA_ARCHS, VariantSpec, padded_depth
+from .config import DECODE_TMA_MIN_PAGE, SWIZZLE_BYTES, TMA_ARCHS, VariantSpec, padded_depth
 from .dtypes import DTYPES
 from .grid import Variant
 
@@ -191,7 +191,8 @@ def decode_loader(spec: VariantSpec, arch: str) -> str:
     want = spec.attention.loader
     if want == "auto":
         want = DECODE_AUTO_LOADER[decode_auto_key(spec)]
-    return "tma" if want == "tma" and arch in TMA_ARCHS else "cp_async"
+    small_page = spec.cache.page_size is not None and spec.cache.page_size < DECODE_TMA_MIN_PAGE  # (config refuses "tma")
+    return "tma" if want == "tma" and arch in TMA_ARCHS and not small_page else "cp_async"
 
 
 # Decode CTAs per SM by default, at most (attention.ctas_per_sm overrides; shared memory may allow fewer): 4 leave

@@ -150,17 +150,3 @@ def test_ci_grid_coverage() -> None:
     assert {s.cache.kind for s in specs} == {"paged", "continuous"}
     assert {s.tma.swizzle for s in specs} >= {"NONE", "32B", "64B", "128B"}
 
-
-@pytest.mark.parametrize(("page", "bn"), [(1, 16), (2, 32), (4, 64), (8, 64), (128, 64)])
-def test_small_pages_get_a_tile_their_lookup_table_tail_covers(page: int, bn: int) -> None:
-    """Pages of 1-2 tokens (SGLang's default is 1) default to bn = 16 P: populate reads bn / P lookup-table columns
-    ahead, and the table's tail holds 16. The decode's automatic loader is cp.async there (TMA is refused)."""
-    from kvgen.derive import decode_loader
-
-    d = base_config()
-    d["cache"]["page_size"] = page
-    d["attention"] = {"num_q_heads": 32}
-    (v,) = expand(d)
-    assert v.spec.tma.bn == bn
-    if page < 8:
-        assert decode_loader(v.spec, "sm_90a") == "cp_async"

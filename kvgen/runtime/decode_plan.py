@@ -74,7 +74,9 @@ def workspace_pairs(max_batch: int, heads: int, slots: int) -> int:
 SPLIT_K_OVERHEAD_ROWS = 96  # choose_chunk's per-CTA cost of the ramp, the merge and the combine, in rows
 GROUPED_OVERHEAD_ROWS = 48  # a grouped CTA's: the ramp and its in-CTA merge, no partials and no combine launch
 # A grouped plan cuts every request into the same splits x groups parts, so its makespan is the longest request's
-# part; with skewed lengths and few (request, KV head) pairs that leaves most SMs idle. Measured on the H200 (session
+# part; with skewed lengths and few (request, KV head) pairs that leaves most SMs idle. (Equal lengths can trip the
+# rule too, where floor(SMs / pairs) splits leave many SMs idle: 8 KV heads at batch 9-10 with 8k+ contexts, 1 KV
+# head at batch 67-90; see bench/NOTES.md session 16 for what was measured there.) Measured on the H200 (session
 # 16, 8 query heads over 1 KV head, 64 requests of log-normal lengths up to 24k): grouped CTAs 68-75 µs against
 # FlashInfer's 39-50. Split-K (balanced chunks over all resident CTAs) replaces a grouped plan whose modelled
 # makespan exceeds split-K's by more than this factor; below it the measured grouped wins stand (up to 1.4x
@@ -144,7 +146,8 @@ def partial_grouping_pays(pairs: int, groups: int, sms: int, max_groups: int, lo
 # Rows of the longest request a grouped CTA gets at least: every warp group one tile, and a CTA 4 tiles. Measured on
 # the H200 (session 16, 16 requests over 1 KV head, 1k contexts): bf16's 2-group CTAs at 8 splits (one tile per
 # group) 11.3 µs, at 4 splits 10.1 (more CTAs only add partials to the combine); FP8's 4-group CTAs were fastest at
-# one tile per group (4 splits 7.8 µs, 2 splits 9.3).
+# one tile per group (4 splits 7.8 µs, 2 splits 9.3), where the two rules agree. Kernels of 2 or 3 groups (16-bit;
+# FP8 at head size 256) get fewer, longer splits than one tile per group would give.
 GROUPED_MIN_CTA_ROWS = 256
 
 

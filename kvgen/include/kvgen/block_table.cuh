@@ -9,9 +9,6 @@
 
 namespace kvgen {
 
-// The MAX lookup-table contract: 16 columns past the last page for vector over-reads (reference.padded_lut_cols).
-constexpr uint32_t kLutTailColumns = 16;
-
 // One CTA per lookup-table row b < gridDim.x (the cache's max_batch). Rows of requests [num_reqs, max_batch) get
 // no pages and length 0. Every page id is checked: an id past the allocation is written as the null page and
 // flagged in the error word, so nothing downstream reads or writes outside the cache. The null page inside a

@@ -171,6 +171,8 @@ template <class Traits> struct PagedKVCache : CacheCommon<Traits> {
     } else {
       static_assert(BaseAlignment >= page_size_ && BaseAlignment % page_size_ == 0,
                     "a multi-page tile must start on a page boundary");
+      static_assert(R::num_pages <= int(kLutTailColumns),
+                    "a tile's pages are read from the lookup table at most kLutTailColumns past its first: BN <= 16 x page_size");
       constexpr int a_pages = BaseAlignment / page_size_;
       constexpr int lb_n = R::num_pages & -R::num_pages;
       constexpr int lb_a = a_pages & -a_pages;

@@ -28,6 +28,11 @@ template <bool C, class A, class B> struct conditional { using type = A; };
 template <class A, class B> struct conditional<false, A, B> { using type = B; };
 template <bool C, class A, class B> using conditional_t = typename conditional<C, A, B>::type;
 
+// The MAX lookup-table contract: every row holds this many columns past a request's last page, so populate's
+// vector reads of the pages of a tile (at most this many past its first) stay inside the row. Mirrors
+// kvgen/reference.py LUT_TAIL_COLUMNS (reference.padded_lut_cols), which the config's tile rules use.
+constexpr uint32_t kLutTailColumns = 16;
+
 // Error bits written (atomicOr) into CacheArgs::error_word when a launch meets data it refuses to touch.
 // The write or read is skipped, so the cache is never corrupted; the host reads the word on demand.
 enum ErrorBits : uint32_t {

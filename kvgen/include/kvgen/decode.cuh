@@ -438,11 +438,15 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   using Rows = decltype(kc.template populate<BN, BN>(0u, 0u));
   constexpr int NP = Rows::num_pages, EFF = Rows::eff_page;
   auto page_row_at = [&](uint32_t pos) -> uint32_t {
-    const Rows r = kc.template populate<BN, BN>(b, pos);
-    uint32_t mine = r.rows[0];
+    if constexpr (TMA) {  // (the cp.async loader looks rows up itself; its pages may be too small for populate)
+      const Rows r = kc.template populate<BN, BN>(b, pos);
+      uint32_t mine = r.rows[0];
 #pragma unroll
-    for (int p = 1; p < NP; ++p) mine = tid == uint32_t(p) ? r.rows[p] : mine;
-    return mine;
+      for (int p = 1; p < NP; ++p) mine = tid == uint32_t(p) ? r.rows[p] : mine;
+      return mine;
+    } else {
+      return kNoRow;
+    }
   };
   // Without a window a split's first row does not depend on the request's length: look up the rows (TMA: page
   // rows) of its first STAGES tiles into the ring now, while the cache_length load is in flight, instead of after

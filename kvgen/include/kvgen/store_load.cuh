@@ -250,8 +250,25 @@ __device__ __forceinline__ void load_ragged(const CacheArgs& a, Out* __restrict_
   }
 }
 
+// n bytes from s to d, thread `first` of a grid-stride loop of `step` threads, in units of U.
+template <class U> __device__ __forceinline__ void copy_units(char* d, const char* s, uint64_t n, uint64_t first,
+                                                             uint64_t step) {
+  for (uint64_t i = first; i < n / sizeof(U); i += step) reinterpret_cast<U*>(d)[i] = reinterpret_cast<const U*>(s)[i];
+}
+
+// n bytes in the widest unit (16, 8, 4 or 1 bytes) that divides n and both addresses. A K/V page is always whole
+// 16-byte vectors; a scales page need not be: P x H x G x 4 bytes per layer and plane is 24 at one token, three
+// heads and one group, so page 1's scales start 8 bytes off a vector (the 16-byte copy faulted, misaligned).
+__device__ __forceinline__ void copy_bytes(char* d, const char* s, uint64_t n, uint64_t first, uint64_t step) {
+  const uint64_t bits = reinterpret_cast<uint64_t>(d) | reinterpret_cast<uint64_t>(s) | n;
+  if (bits % 16 == 0) copy_units<uint4>(d, s, n, first, step);
+  else if (bits % 8 == 0) copy_units<uint2>(d, s, n, first, step);
+  else if (bits % 4 == 0) copy_units<uint32_t>(d, s, n, first, step);
+  else copy_units<char>(d, s, n, first, step);
+}
+
 // copy_pages: whole pages (all layers, K and V) and their scales, src_ids[i] -> dst_ids[i].
-// A page is contiguous in the page-major layout, so this is a 16-byte vector copy per page.
+// A page is contiguous in the page-major layout, so this is a vector copy per page.
 __device__ __forceinline__ void copy_pages(const CacheArgs& a, const uint32_t* __restrict__ src_ids,
                                            const uint32_t* __restrict__ dst_ids, uint32_t n_pairs,
                                            uint64_t page_bytes, uint64_t scale_page_bytes) {
@@ -264,19 +281,12 @@ __device__ __forceinline__ void copy_pages(const CacheArgs& a, const uint32_t* _
     if (blockIdx.x == 0 && threadIdx.x == 0) report(a, kErrPageOutOfRange);
     return;
   }
-  const uint64_t nvec = page_bytes / 16, nsvec = scale_page_bytes / 16;
-  const uint4* s = reinterpret_cast<const uint4*>(static_cast<const char*>(a.blocks) + uint64_t(src) * page_bytes);
-  uint4* d = reinterpret_cast<uint4*>(static_cast<char*>(a.blocks) + uint64_t(dst) * page_bytes);
-  const uint64_t step = uint64_t(gridDim.x) * blockDim.x;
-  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec; i += step) d[i] = s[i];
+  const uint64_t first = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x, step = uint64_t(gridDim.x) * blockDim.x;
+  copy_bytes(static_cast<char*>(a.blocks) + uint64_t(dst) * page_bytes,
+             static_cast<const char*>(a.blocks) + uint64_t(src) * page_bytes, page_bytes, first, step);
   if (a.scales != nullptr) {
-    const char* ss = static_cast<const char*>(a.scales) + uint64_t(src) * scale_page_bytes;
-    char* sd = static_cast<char*>(a.scales) + uint64_t(dst) * scale_page_bytes;
-    for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < nsvec; i += step)
-      reinterpret_cast<uint4*>(sd)[i] = reinterpret_cast<const uint4*>(ss)[i];
-    // Scale pages need not be a multiple of 16 bytes: finish the tail bytewise.
-    for (uint64_t i = nsvec * 16 + uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < scale_page_bytes; i += step)
-      sd[i] = ss[i];
+    copy_bytes(static_cast<char*>(a.scales) + uint64_t(dst) * scale_page_bytes,
+               static_cast<const char*>(a.scales) + uint64_t(src) * scale_page_bytes, scale_page_bytes, first, step);
   }
 }
 
