@@ -233,8 +233,12 @@ def test_plan_groups_follow_the_measured_rule(lengths: list[int], max_groups: in
     (16384, 8, 4, 16),     # one request: split to fill the 132 SMs (16 x 8 = 128 CTAs)
     (100, 8, 4, 1),        # short context: no split would give a warp group a whole tile
     (600, 8, 4, 3),        # ... at most ceil(600 / (4 x 64)) splits
-    (600, 8, 2, 3),        # 2-group CTAs: at most ceil(600 / 256), every CTA 4 tiles (GROUPED_MIN_CTA_ROWS)
+    (600, 8, 2, 5),        # 2-group CTAs over 8 pairs: one tile per group (40 CTAs), not 4 per CTA (24)
+    (600, 32, 2, 3),       # ... over 32 pairs: every CTA 4 tiles (GROUPED_MIN_CTA_ROWS), 96 CTAs
     (1024, 16, 2, 4),      # 16 requests over 1 KV head, bf16: 4 splits (measured 10.1 µs, 8 splits 11.3)
+    (1024, 8, 2, 8),       # 1 request over 8 KV heads, bf16: 8 splits keep 64 CTAs (7.2 µs; 4 splits 7.5)
+    (1024, 8, 3, 6),       # ... FP8 at head size 256 (3 groups): 6 splits, 48 CTAs (8.4 µs; 4 splits 9.2)
+    (1024, 64, 4, 2),      # 64 pairs: the SMs cap it
 ])
 def test_grouped_splits_fill_one_wave_and_never_split_below_a_tile(longest: int, pairs: int, groups: int, splits: int) -> None:
     assert grouped_splits(longest, pairs, 132, groups) == splits

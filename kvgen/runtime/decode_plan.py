@@ -149,12 +149,20 @@ def partial_grouping_pays(pairs: int, groups: int, sms: int, max_groups: int, lo
 # one tile per group (4 splits 7.8 µs, 2 splits 9.3), where the two rules agree. Kernels of 2 or 3 groups (16-bit;
 # FP8 at head size 256) get fewer, longer splits than one tile per group would give.
 GROUPED_MIN_CTA_ROWS = 256
+# ... unless that leaves fewer CTAs than this (half the SMs) where one tile per group would not: a single request
+# over 8 KV heads at 1k (8 pairs) measured bf16 7.2 µs at 8 splits against 7.5 at 4, and FP8 at head size 256
+# (3 groups) 8.4 at 6 splits against 9.2 at 4 (H200, session 16). At 16 pairs and more both rules give 64+ CTAs.
+GROUPED_MIN_CTAS = 64
 
 
 def grouped_splits(longest: int, pairs: int, sms: int, groups: int, tile: int = 64) -> int:
-    """CTAs per (request, KV head) of a grouped plan: one wave of one grouped CTA per SM, and no more splits
-    than give every warp group at least one tile and every CTA GROUPED_MIN_CTA_ROWS of the longest request."""
-    return max(1, min(sms // max(1, pairs), -(-longest // max(groups * tile, GROUPED_MIN_CTA_ROWS))))
+    """CTAs per (request, KV head) of a grouped plan: one wave of one grouped CTA per SM; no more splits than give
+    every warp group a tile of the longest request, nor (GROUPED_MIN_CTA_ROWS) than give every CTA 4 tiles unless
+    that leaves fewer than GROUPED_MIN_CTAS CTAs."""
+    pairs = max(1, pairs)
+    one_tile = -(-longest // (groups * tile))
+    whole_ctas = -(-longest // max(groups * tile, GROUPED_MIN_CTA_ROWS))
+    return max(1, min(sms // pairs, max(whole_ctas, min(one_tile, -(-GROUPED_MIN_CTAS // pairs)))))
 
 
 def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
