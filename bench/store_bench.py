@@ -156,6 +156,9 @@ def main() -> None:
     args = ap.parse_args()
     global CONFIG
     CONFIG = args.config.resolve()
+    shapes = {(v.spec.cache.num_kv_heads, v.spec.cache.head_size) for v in load_config(CONFIG).variants}
+    if shapes != {(H, D)}:
+        raise SystemExit(f"{CONFIG}: the store benchmark's data is {H} KV heads x {D}; the config has {shapes}")
     rng = np.random.default_rng(0)
     mod = load_generated(Path(f"/tmp/kvgen-bench-store-{CONFIG.stem}"))
     extra = {}
