@@ -326,3 +326,20 @@ def test_group_with_inf_quantizes_without_nan(scale_dtype: str) -> None:
     sf = ref.e8m0_to_float(s) if scale_dtype == "float8_e8m0fnu" else s
     assert np.isfinite(sf).all()
     assert not np.isnan(ref.dequantize(q, s, 64, scale_dtype)).any()
+
+
+def test_one_token_pages_row_math_and_roundtrip() -> None:
+    """Pages of one token (SGLang's default): every position is its own page, in the lookup table's order."""
+    g = ref.Geometry(kv_dim=2, num_layers=3, page_size=1, num_blocks=7)
+    lut = np.array([[4, 0, 5, 2]], dtype=np.uint32)
+    assert g.stride == 6 and ref.num_kv_rows(g) == 6 * 6 + 1
+    assert [ref.row_idx(g, lut, 0, t) for t in range(4)] == [24, 0, 30, 12]
+    assert ref.get_tma_row(g, 5) == 30  # enc = page * P + offset = page
+    st = _state(nb=7, p=1, h=3, d=16, pages=[[4, 0, 5], [2, 1]], lengths=[0, 0], layers=3)
+    rng = np.random.default_rng(2)
+    k, v = (rng.standard_normal((5, 3, 16)).astype(ml_dtypes.bfloat16).astype(np.float32) for _ in range(2))
+    assert ref.store(st, 2, [k, v], np.array([0, 3, 5], np.uint32), "bfloat16") == 0
+    np.testing.assert_array_equal(st.blocks[5, 1, 2, 0].astype(np.float32), v[2])  # request 0, position 2: page 5
+    kk, vv = ref.load(st, 2, np.array([0, 3, 5], np.uint32), np.zeros(2, np.uint32))
+    np.testing.assert_array_equal(kk, k)
+    np.testing.assert_array_equal(vv, v)
