@@ -349,20 +349,9 @@ def _tma_problems(v: VariantSpec) -> list[Problem]:
     if _is_pow2(t.bn) and t.bn * bk * dt.nbytes > MAX_TILE_SMEM_BYTES:
         P.append(Problem("tma.bn", f"a BN x BK tile ({t.bn} x {bk} x {dt.nbytes} B) must fit in {MAX_TILE_SMEM_BYTES} B of shared memory",
                          t.bn, f"use bn {_largest_pow2_at_most(MAX_TILE_SMEM_BYTES // (bk * dt.nbytes))} or a smaller bk"))
-    if c.page_size and _is_pow2(c.page_size) and c.page_size < t.bn:  # (a refused page size is reported alone)
-        # populate reads bn / P lookup-table columns from a tile's first page; MAX's table keeps 16 columns past
-        # the last page for exactly that read-ahead (reference.padded_lut_cols).
-        if t.bn // c.page_size > LUT_TAIL_COLUMNS:
-            P.append(Problem("tma.bn", f"a tile over {c.page_size}-token pages reads bn / page_size lookup-table columns "
-                             f"ahead, and the table's tail holds {LUT_TAIL_COLUMNS}", t.bn,
-                             f"use bn of at most {LUT_TAIL_COLUMNS * c.page_size}, or larger pages"))
-        if (c.page_size * span) % TMA_SMEM_ALIGN:
-            wider = "use a wider swizzle (128B), or " if row_bytes >= TMA_SMEM_ALIGN else ""
-            P.append(Problem("tma.swizzle", f"a tile issues one box per {c.page_size}-token page, at multiples of "
-                             f"{c.page_size * span} B in shared memory, and TMA needs {TMA_SMEM_ALIGN}-byte aligned "
-                             "destinations", t.swizzle,
-                             f"{wider}use pages of at least {max(1, TMA_SMEM_ALIGN // span)} tokens, or leave "
-                             "tma_tile_load out of kernels"))
+    if c.page_size and _is_pow2(c.page_size):  # (a refused page size is reported alone)
+        P.extend(Problem(f"tma.{field}", rule, value, fix)
+                 for field, rule, value, fix in small_page_tile_problems(c.page_size, t.bn, span, row_bytes))
     if t.base_alignment is not None:
         if not _is_pow2(t.base_alignment):
             P.append(Problem("tma.base_alignment", "must be a power of two", t.base_alignment, f"use {t.bn}"))
@@ -371,6 +360,27 @@ def _tma_problems(v: VariantSpec) -> list[Problem]:
                              "when a tile spans several pages (page_size < bn), populate needs tiles that start on a page",
                              t.base_alignment, f"use a multiple of page_size ({c.page_size}), e.g. {t.bn}"))
     return P
+
+
+def small_page_tile_problems(page_size: int, bn: int, span: int, row_bytes: int) -> list[tuple[str, str, Any, str]]:
+    """(field, rule, value, fix) of a BN-row TMA tile over pages smaller than it, one box per page: populate reads
+    bn / P lookup-table columns from a tile's first page, which MAX's 16-column tail must hold
+    (reference.padded_lut_cols), and each box lands at P x span bytes, which TMA needs 128-byte aligned. The config
+    checks tma.bn / tma.swizzle with it, runtime/tma.py the run-time overrides of create_tma_tile."""
+    if page_size >= bn:
+        return []
+    out = []
+    if bn // page_size > LUT_TAIL_COLUMNS:
+        out.append(("bn", f"a tile over {page_size}-token pages reads bn / page_size lookup-table columns ahead, and the "
+                    f"table's tail holds {LUT_TAIL_COLUMNS}", bn,
+                    f"use bn of at most {LUT_TAIL_COLUMNS * page_size}, or larger pages"))
+    if (page_size * span) % TMA_SMEM_ALIGN:
+        wider = "use a wider swizzle (128B), or " if row_bytes >= TMA_SMEM_ALIGN else ""
+        out.append(("swizzle", f"a tile issues one box per {page_size}-token page, at multiples of {page_size * span} B "
+                    f"in shared memory, and TMA needs {TMA_SMEM_ALIGN}-byte aligned destinations", f"{span}B" if span > 16 else "NONE",
+                    f"{wider}use pages of at least {max(1, TMA_SMEM_ALIGN // span)} tokens, or leave tma_tile_load out "
+                    "of kernels"))
+    return out
 
 
 def _largest_pow2_at_most(n: int) -> int:

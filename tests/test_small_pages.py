@@ -4,7 +4,6 @@ run-time TMA tile checks and the lookup-table tail shared by Python and the kern
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -71,7 +70,7 @@ def test_small_pages_decode_with_cp_async_even_if_the_table_said_tma(monkeypatch
 def test_run_time_tile_overrides_keep_the_small_page_rules(page: int, bn: int, span: int, error: str | None) -> None:
     from kvgen.runtime.tma import _tile_box_rows
 
-    cache = SimpleNamespace(page_size=page)
+    cache = SimpleNamespace(page_size=page, head_size=128, spec=SimpleNamespace(cache=SimpleNamespace(dtype="bfloat16")))
     if error is None:
         assert _tile_box_rows(cache, "create_tma_tile", 1000, bn, span) == min(page, bn)
     else:
@@ -83,4 +82,4 @@ def test_the_kernels_and_python_agree_on_the_lookup_table_tail() -> None:
     header = (ROOT / "kvgen" / "include" / "kvgen" / "common.cuh").read_text()
     (value,) = re.findall(r"constexpr uint32_t kLutTailColumns = (\d+);", header)
     assert int(value) == LUT_TAIL_COLUMNS
-    assert Path(ROOT / "kvgen" / "include" / "kvgen" / "block_table.cuh").read_text().count("kLutTailColumns =") == 0
+    assert (ROOT / "kvgen" / "include" / "kvgen" / "block_table.cuh").read_text().count("kLutTailColumns =") == 0

@@ -190,13 +190,14 @@ def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
         groups = grouped_groups(pairs, sms, geo.max_groups)
         if 0 < groups < geo.max_groups and not partial_grouping_pays(pairs, groups, sms, geo.max_groups, longest, geo.tma):
             groups = 0
+        chunk = None  # split-K's, once computed
         if groups:
             splits = grouped_splits(longest, pairs, sms, groups)
-            if grouped_makespan(longest, splits, groups) > GROUPED_IMBALANCE_LIMIT * split_k_makespan(
-                    lens, cache.num_heads, cache.decode_slots()):
+            chunk, split_k_rows = _best_chunk(lens, cache.num_heads, cache.decode_slots(), SPLIT_K_OVERHEAD_ROWS, 64)
+            if grouped_makespan(longest, splits, groups) > GROUPED_IMBALANCE_LIMIT * split_k_rows:
                 groups = 0  # skewed lengths: balanced split-K chunks (GROUPED_IMBALANCE_LIMIT)
         if not groups:
-            return split_k_plan(cache, lens)
+            return split_k_plan(cache, lens, chunk)
     else:  # a fixed split count: grouped CTAs only where they fit one per SM
         groups = geo.max_groups if 0 < pairs * splits <= sms else 1
     # 16-bit: the kernel cuts each request from its length on the device; FP8: the chunk of this step's lengths.
@@ -204,9 +205,11 @@ def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
     return DecodePlan(cache, chunk, splits, b, groups, programmatic=launches_programmatically(longest))
 
 
-def split_k_plan(cache: KVCache, lens: np.ndarray) -> DecodePlan:
+def split_k_plan(cache: KVCache, lens: np.ndarray, chunk: int | None = None) -> DecodePlan:
     """The one-group split-K plan of `choose_chunk` for these context lengths (plan_decode's rule above one pair
-    per SM; bench/decode_bench.py --plan-ab times it against the grouped plan at small batch)."""
-    chunk = choose_chunk(lens, cache.num_heads, cache.decode_slots())
+    per SM; bench/decode_bench.py --plan-ab times it against the grouped plan at small batch). chunk: choose_chunk's
+    answer when the caller has it already."""
+    if chunk is None:
+        chunk = choose_chunk(lens, cache.num_heads, cache.decode_slots())
     longest = int(lens.max(initial=1))
     return DecodePlan(cache, chunk, max(1, -(-longest // chunk)), len(lens), programmatic=launches_programmatically(longest))

@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import SWIZZLE_BYTES, TMA_SMEM_ALIGN
+from ..config import SWIZZLE_BYTES, small_page_tile_problems
 from ..derive import decode_block_row_bytes
 from ..dtypes import DTYPES
 from ..errors import LaunchError
-from ..reference import LUT_TAIL_COLUMNS
 from .driver import check, cu
 
 if TYPE_CHECKING:
@@ -114,19 +113,14 @@ def _tma_dtype(cache: KVCache) -> str:
 def _tile_box_rows(cache: KVCache, kind: str, rows: int, bn: int, span: int) -> int:
     """Rows per box of a BN-row tile over the [num_kv_rows, H, D] view: min(BN, P), so a box never crosses a page
     (a paged tile is one box per page); checks that the row index stays below the zero-fill row 2^30, and for
-    pages smaller than the tile the config's rules (config._tma_problems) on run-time overrides of BN and swizzle."""
+    pages smaller than the tile the config's rules (config.small_page_tile_problems) on run-time BN and swizzle."""
     if rows >= 2**30:
         _fail(kind, "num_kv_rows", "must stay below 2^30 (row 2^30 is the zero-fill row)", rows, "use fewer pages per cache")
     p = cache.page_size or 0
-    if p == 0 or p >= bn:
-        return bn
-    if bn // p > LUT_TAIL_COLUMNS:
-        _fail(kind, "BN", f"a tile over {p}-token pages reads BN / page_size lookup-table columns ahead, and the table's "
-              f"tail holds {LUT_TAIL_COLUMNS}", bn, f"use BN of at most {LUT_TAIL_COLUMNS * p}")
-    if (p * span) % TMA_SMEM_ALIGN:
-        _fail(kind, "swizzle", f"one box per {p}-token page lands at multiples of {p * span} B in shared memory; TMA "
-              f"needs {TMA_SMEM_ALIGN}-byte aligned destinations", f"{span}B", f"use the 128B swizzle (rows of 128+ bytes), or pages of {TMA_SMEM_ALIGN // span}+ tokens")
-    return p
+    row_bytes = cache.head_size * DTYPES[cache.spec.cache.dtype].nbytes
+    for field, rule, value, fix in small_page_tile_problems(p, bn, span, row_bytes) if p else ():
+        _fail(kind, field.upper() if field == "bn" else field, rule, value, fix)
+    return bn if (p == 0 or p >= bn) else p
 
 
 def create_tma_tile(cache: KVCache, kv: int, layer: int, swizzle: str | None = None, bn: int | None = None,
