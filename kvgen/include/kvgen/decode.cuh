@@ -360,7 +360,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // saturates at f16's largest value (never inf), and a NaN or inf scale still reaches the output.
   constexpr bool kKScaledScores = (Ty::kFp8Direct && QUANT) || Ty::kFp8GroupAligned;
   constexpr bool kVScaledP = (Ty::kFp8Direct && QUANT) || Ty::kFp8Grouped;
-  constexpr float kPUp = kVScaledP ? (is_same_v<T, __nv_fp8_e5m2> ? 32768.f : 256.f) : 1.f;
+  constexpr float kPUp = kVScaledP ? 256.f * Cache::fp8_max / 448.f : 1.f;
   constexpr int DN_OUT = PVT ? D / 16 : DN;
   static_assert(Q_OFF + Q_BYTES + ALIGN_SLACK <= SMEM_BYTES,
                 "K/V stages, the row ring and (SWZ) Q fit the shared memory");
@@ -437,16 +437,13 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // math, not NP.
   using Rows = decltype(kc.template populate<BN, BN>(0u, 0u));
   constexpr int NP = Rows::num_pages, EFF = Rows::eff_page;
-  auto page_row_at = [&](uint32_t pos) -> uint32_t {
-    if constexpr (TMA) {  // (the cp.async loader looks rows up itself; its pages may be too small for populate)
-      const Rows r = kc.template populate<BN, BN>(b, pos);
-      uint32_t mine = r.rows[0];
+  // Generic, so populate is instantiated only where a TMA branch calls it (cp.async pages may be too small for it).
+  auto page_row_at = [&](auto pos) -> uint32_t {
+    const Rows r = kc.template populate<BN, BN>(b, uint32_t(pos));
+    uint32_t mine = r.rows[0];
 #pragma unroll
-      for (int p = 1; p < NP; ++p) mine = tid == uint32_t(p) ? r.rows[p] : mine;
-      return mine;
-    } else {
-      return kNoRow;
-    }
+    for (int p = 1; p < NP; ++p) mine = tid == uint32_t(p) ? r.rows[p] : mine;
+    return mine;
   };
   // Without a window a split's first row does not depend on the request's length: look up the rows (TMA: page
   // rows) of its first STAGES tiles into the ring now, while the cache_length load is in flight, instead of after
@@ -456,15 +453,15 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // dropped once the length is known (TMA: by `wanted` when the copies are issued).
   constexpr bool kEarlyRows = !WINDOW;
   const bool early_rows = kEarlyRows && (!BALANCED || chunk != 0);
-  if (early_rows && TMA) {
-    if (tid < uint32_t(NP)) {
+  if constexpr (TMA) {
+    if (early_rows && tid < uint32_t(NP)) {
       const uint32_t max_tile =
           Cache::page_size_ > 0 ? (a.lut_row_stride * uint32_t(Cache::page_size_) - 1u) / BN * BN : 0xffffffffu & ~uint32_t(BN - 1);
 #pragma unroll
       for (int s = 0; s < STAGES; ++s) row_ring[s * BN + tid] = page_row_at(min(vsplit * chunk + uint32_t(s) * BN, max_tile));
     }
-  } else if (early_rows) {
-    if (tid < BN) {
+  } else {
+    if (early_rows && tid < BN) {
       const uint32_t max_pos = Cache::page_size_ > 0 ? a.lut_row_stride * uint32_t(Cache::page_size_) - 1u : 0xffffffffu;
 #pragma unroll
       for (int s = 0; s < STAGES; ++s)
@@ -512,7 +509,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     const uint32_t t = tile0 + uint32_t(tile) * BN + tid;
     return t < last ? kc.row_idx(b, t) : kNoRow;
   };
-  auto page_row_of = [&](int tile) -> uint32_t { return page_row_at(tile0 + uint32_t(tile) * BN); };
+  auto page_row_of = [&](auto tile) -> uint32_t { return page_row_at(tile0 + uint32_t(tile) * BN); };
   // A box lands where the TMA swizzle repeats (8 block rows) so its XOR is the layout's row_xor: pages of 8+ rows.
   static_assert(!TMA || EFF % 8 == 0, "every TMA box starts on a swizzle atom");
   // Per-thread constants of the copies, hoisted out of the tile loop: the K address of a row is one 32x32->64
@@ -719,8 +716,11 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     cp_async_commit();
     // This thread's ring entry of tile + STAGES: its token's row (cp.async) or its page's row (TMA).
     constexpr uint32_t kRingWriters = TMA ? NP : BN;
-    const uint32_t next_row = tid < kRingWriters && tile + STAGES < ntiles
-        ? (TMA ? page_row_of(tile + STAGES) : row_of(tile + STAGES)) : kNoRow;
+    uint32_t next_row = kNoRow;
+    if (tid < kRingWriters && tile + STAGES < ntiles) {
+      if constexpr (TMA) next_row = page_row_of(tile + STAGES);
+      else next_row = row_of(tile + STAGES);
+    }
 
     const int ks_o = k_tile_off(stage), vs_o = ks_o + TILE_BYTES;  // smem offsets of this stage's K and V tiles
     const float* kss = reinterpret_cast<const float*>(smem + scale_off(stage));
@@ -799,7 +799,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
           kv[nt] = lds128(Sw::k_load(smem_s + uint32_t(ks_o + nt * 8 * RP) + k_lane, j));
-          if constexpr (Ty::kFp8Dequant && QUANT)  // read once per load: q_frag's asm clobbers memory in the k-steps
+          if constexpr (Ty::kFp8Dequant)  // read once per load: q_frag's asm clobbers memory in the k-steps
             ksc[nt] = scale_at(kss, (warp * 16 + nt * 8 + gq) * G + 16 * Sw::k_chunk(int(tq), j) / GRAN);
         }
 #pragma unroll
@@ -971,7 +971,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       }
     }
 
-    // O += P V: B[k = token][n = dim] from rows warp*16 + {2tq, 2tq+1, 2tq+8, 2tq+9}, column 8*dn + gq (PVT: V
+    // O += P V: B[k = token][n = dim] from rows warp*16 + slot_row({2tq, 2tq+1, 2tq+8, 2tq+9}), column 8*dn + gq (PVT: V
     // is the A operand of O^T instead, see below).
     if constexpr (SWZ16) {
       // 16-bit V: one ldmatrix.x4.trans gives b0/b1 of two n-tiles (matrices: tokens 0-7 / 8-15 x 8 dims), the
@@ -1005,8 +1005,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
             fp8x4_to_f16x2x2<T>(hi, even1, odd1);
           } else {  // per-group scales of those tokens for this chunk
             const int g = 16 * (c + hc) / GRAN;
-            const float s0 = QUANT ? scale_at(vss, r0 * G + g) : 1.f, s1 = QUANT ? scale_at(vss, (r0 + 1) * G + g) : 1.f;
-            const float s8 = QUANT ? scale_at(vss, (r0 + 8) * G + g) : 1.f, s9 = QUANT ? scale_at(vss, (r0 + 9) * G + g) : 1.f;
+            const float s0 = scale_at(vss, r0 * G + g), s1 = scale_at(vss, (r0 + 1) * G + g);  // (kFp8Dequant: quantized)
+            const float s8 = scale_at(vss, (r0 + 8) * G + g), s9 = scale_at(vss, (r0 + 9) * G + g);
             auto deq = [&](uint32_t raw, float sa, float sb) {
               const float2 x = fp8x2_to_float2<T>(static_cast<unsigned short>(raw));
               return pack2<false>(x.x * sa, x.y * sb);

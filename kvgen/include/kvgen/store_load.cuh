@@ -267,8 +267,8 @@ __device__ __forceinline__ void copy_bytes(char* d, const char* s, uint64_t n, u
   else copy_units<char>(d, s, n, first, step);
 }
 
-// copy_pages: whole pages (all layers, K and V) and their scales, src_ids[i] -> dst_ids[i].
-// A page is contiguous in the page-major layout, so this is a vector copy per page.
+// copy_pages: one contiguous run of each page and of its scales, src_ids[i] -> dst_ids[i]: the whole page (all
+// layers, K and V) in the page-major layout; the host launches once per layer tensor and K/V plane otherwise.
 __device__ __forceinline__ void copy_pages(const CacheArgs& a, const uint32_t* __restrict__ src_ids,
                                            const uint32_t* __restrict__ dst_ids, uint32_t n_pairs,
                                            uint64_t page_bytes, uint64_t scale_page_bytes) {
