@@ -318,8 +318,7 @@ def _choose_chunk_one_by_one(lens: np.ndarray, heads: int, slots: int, overhead:
     best_chunk, best_cost = 0, None
     for t in range(1, -(-longest // tile) + 1):
         chunk = t * tile
-        waves = -(-heads * int(np.sum(-(-lens // chunk))) // slots)
-        cost = waves * (min(chunk, longest) + overhead)
+        cost = makespan(lens, heads, slots, chunk, overhead)
         if best_cost is None or cost < best_cost or (cost == best_cost and chunk > best_chunk):
             best_chunk, best_cost = chunk, cost
     return best_chunk

@@ -7,6 +7,8 @@ here too."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from test_decode_plan import _decode_spec
 
@@ -258,3 +260,11 @@ def test_decode_tile_boxes_are_one_page_by_one_block(monkeypatch, dtype: str, he
         assert address == 9 << 30 | 1 << 24  # layer 1's V tensor
         tma.decode_tile(cache, 0, 1, 64)
         assert seen[1][1] == 7 << 30 | 1 << 24  # layer 1's K tensor
+
+
+def test_the_mirrors_follow_decode_cuh() -> None:
+    """slot_row and the K chunk order above are hand-written mirrors of DecodeSwizzle (decode.cuh): this pins the
+    CUDA expressions they mirror, so a change there fails here until the mirror is changed with it."""
+    src = (Path(__file__).resolve().parents[1] / "kvgen" / "include" / "kvgen" / "decode.cuh").read_text()
+    assert "return ALIGNED ? 4 * j + tq : CPR == 4 ? tq : 8 * (j / 2) + 2 * tq + (j % 2);" in src
+    assert "return ALIGNED ? (slot & 8) | ((slot & 1) << 2) | ((slot & 7) >> 1) : slot;" in src

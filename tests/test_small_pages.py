@@ -64,17 +64,18 @@ def test_small_pages_decode_with_cp_async_even_if_the_table_said_tma(monkeypatch
     assert derive.decode_loader(big, "sm_90a") == "tma"
 
 
-@pytest.mark.parametrize(("page", "bn", "span", "error"), [
-    (1, 16, 128, None), (1, 32, 128, "BN"), (4, 64, 32, None), (2, 32, 32, "swizzle"), (1, 16, 64, "swizzle"),
-    (16, 64, 16, None), (128, 64, 16, None)])
-def test_run_time_tile_overrides_keep_the_small_page_rules(page: int, bn: int, span: int, error: str | None) -> None:
+@pytest.mark.parametrize(("page", "bn", "span", "rows"), [
+    (1, 16, 128, 1), (1, 32, 128, "BN"), (4, 64, 32, 4), (2, 32, 32, "swizzle"), (1, 16, 64, "swizzle"),
+    (16, 64, 16, 16), (128, 64, 16, 64)])
+def test_run_time_tile_overrides_keep_the_small_page_rules(page: int, bn: int, span: int, rows: int | str) -> None:
+    """Box rows of a run-time tile (one page per box below the tile), or the argument the refusal names."""
     from kvgen.runtime.tma import _tile_box_rows
 
     cache = SimpleNamespace(page_size=page, head_size=128, spec=SimpleNamespace(cache=SimpleNamespace(dtype="bfloat16")))
-    if error is None:
-        assert _tile_box_rows(cache, "create_tma_tile", 1000, bn, span) == min(page, bn)
+    if isinstance(rows, int):
+        assert _tile_box_rows(cache, "create_tma_tile", 1000, bn, span) == rows
     else:
-        with pytest.raises(LaunchError, match=error):
+        with pytest.raises(LaunchError, match=rows):
             _tile_box_rows(cache, "create_tma_tile", 1000, bn, span)
 
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU visible", allow_module_level=True)
 
-from test_gpu_kernels import randomize_static_scales, state_of, to_np  # noqa: E402  (same folder: reference state)
+from test_gpu_kernels import randomize_static_scales, seed_of, state_of, to_np  # noqa: E402  (same folder: reference state)
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = load_config(ROOT / "configs" / "gpu_decode.yaml")
@@ -147,7 +147,7 @@ CASES = [(n, "plan") for n in NAMES] + [(n, e) for e in ("single_split", "groupe
 
 @pytest.mark.parametrize(("name", "ending"), CASES, ids=[n if e == "plan" else f"{n}-{e}" for n, e in CASES])
 def test_decode_matches_float64(gen, name: str, ending: str) -> None:
-    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    rng = np.random.default_rng(seed_of(name))
     v = gen.VARIANTS[name]
     spec = v.spec()
     p = spec.cache.page_size or 64
@@ -527,7 +527,7 @@ def test_fp8_decode_over_the_range_of_v_scales(gen, name: str, v_mult: float) ->
     """V amax about 4e-3 (e4m3 scales near 1e-5, e5m2 near 7e-8: P x scale alone would be an f16 subnormal, hence
     decode.cuh's kPUp) and 4e3 decode within the usual error of float64; V amax about 1.2e6 (past kPUp's exact
     range) saturates but never yields NaN or inf."""
-    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    rng = np.random.default_rng(seed_of(name))
     v = gen.VARIANTS[name]
     spec = v.spec()
     lengths = [1, 63, 64, 65, 700]
@@ -540,6 +540,7 @@ def test_fp8_decode_over_the_range_of_v_scales(gen, name: str, v_mult: float) ->
     torch.cuda.synchronize()
     if v_mult > 1e4:
         assert torch.isfinite(out).all(), f"{name}: NaN/inf from saturated V scales"
+        assert out.float().abs().amax() > 0, f"{name}: an all-zero output from saturated V scales"
         return
     ref, _ = reference(q.double().cpu(), k, vv, lengths, att.num_q_heads // spec.cache.num_kv_heads,
                        spec.cache.head_size ** -0.5)
@@ -637,14 +638,32 @@ def per_layer_rows(cache, spec, table: np.ndarray, lengths: list[int], layer: in
     return torch.from_numpy(ko).double(), torch.from_numpy(vo).double()
 
 
-def fill_layers(cache, spec, table, lengths, rng) -> None:
-    """Every token of every request stored into every layer through vLLM's slot mapping (random rows per layer)."""
+def fill_layers(cache, spec, table, lengths, rng) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every token of every request stored into every layer through vLLM's slot mapping (random rows per layer).
+    Returns each layer's stored (K, V) rows [sum(lengths), H, D] as float64 on the host, in request order."""
     io = getattr(torch, spec.cache.io_dtype)
     H, D, T = spec.cache.num_kv_heads, spec.cache.head_size, sum(lengths)
     slots = torch.from_numpy(slots_of(table, lengths, spec.cache.page_size)).cuda()
+    stored = []
     for layer in range(cache.num_layers):
         k = (torch.randn(T, H, D, device="cuda") * 2).to(io)
-        cache.store_slots(layer, k, torch.randn(T, H, D, device="cuda").to(io), slots)
+        v = torch.randn(T, H, D, device="cuda").to(io)
+        cache.store_slots(layer, k, v, slots)
+        stored.append((k.double().cpu(), v.double().cpu()))
+    return stored
+
+
+def assert_rows_hold_the_stored(got: torch.Tensor, stored: torch.Tensor, spec, what: str) -> None:
+    """The cache's rows, read back by the oracle, are the rows store_slots was given: exactly for 16-bit caches,
+    within e4m3's half ulp (2^-4 of the row's largest value) with per-row scales. (Static-scale variants saturate
+    on purpose, randomize_static_scales: not compared.)"""
+    if spec.cache.static_scales:
+        return
+    if not spec.cache.dtype.startswith("float8"):
+        assert torch.equal(got, stored), f"{what}: the rows differ from what was stored"
+        return
+    bound = stored.abs().amax(dim=-1, keepdim=True) * 2.0 ** -4 + 1e-6
+    assert ((got - stored).abs() <= bound).all(), f"{what}: the rows are not the stored ones within e4m3's half ulp"
 
 
 @pytest.mark.parametrize("kv_layout", ["pages", "planes", "split"])
@@ -654,14 +673,15 @@ def test_vllm_per_layer_caches_decode_from_the_block_table(gen, name: str, kv_la
     seq_lens: store_slots writes each layer's own tensor, decode of every layer matches float64 on that layer's
     dequantized rows, vLLM's null block and the spare blocks keep their canaries, and the step's tables are what
     the block table says (null padding past each request's pages)."""
-    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    rng = np.random.default_rng(seed_of(name))
     v = gen.VARIANTS[name]
     spec = v.spec()
     P = spec.cache.page_size
     lengths = [*page_edges(P), 3 * P + 5, 700]
     cache, table, kv, kv_scales = vllm_layer_caches(v, lengths, rng, kv_layout=kv_layout)
     initial = [[x.view(torch.uint8).cpu() for x in pair] for pair in kv]  # canaries everywhere
-    fill_layers(cache, spec, table, lengths, rng)
+    initial_scales = [[x.cpu() for x in pair] for pair in kv_scales] if kv_scales is not None else []
+    stored = fill_layers(cache, spec, table, lengths, rng)
     cache.adopt_block_table(torch.from_numpy(table).cuda(), torch.tensor(lengths + [0, 0], dtype=torch.int32, device="cuda"),
                             lengths)
     torch.cuda.synchronize()
@@ -682,6 +702,8 @@ def test_vllm_per_layer_caches_decode_from_the_block_table(gen, name: str, kv_la
     torch.cuda.synchronize()
     for layer, out in enumerate(outs):
         ko, vo = per_layer_rows(cache, spec, table, lengths, layer, kv, kv_scales)
+        assert_rows_hold_the_stored(ko, stored[layer][0], spec, f"K of layer {layer}")
+        assert_rows_hold_the_stored(vo, stored[layer][1], spec, f"V of layer {layer}")
         want, _ = reference(q.double().cpu(), ko, vo, lengths, att.num_q_heads // spec.cache.num_kv_heads,
                             spec.cache.head_size ** -0.5)
         check(out, want, f"{name} layer {layer}", spec.cache.dtype.startswith("float8"))
@@ -691,6 +713,10 @@ def test_vllm_per_layer_caches_decode_from_the_block_table(gen, name: str, kv_la
             raw = x.view(torch.uint8).cpu()
             for blk in set(range(x.shape[0])) - used:  # vLLM's null block 0 and the spare blocks
                 assert torch.equal(raw[blk], before[blk]), f"block {blk} was written"
+    for pair, befores in zip(kv_scales or [], initial_scales):  # their scales too
+        for x, before in zip(pair, befores):
+            for blk in set(range(x.shape[0])) - used:
+                assert torch.equal(x[blk].cpu(), before[blk]), f"scales of block {blk} were written"
     assert cache.errors() == []
 
 
@@ -752,9 +778,10 @@ def test_vllm_step_tables_and_decode_replay_in_one_graph(gen, name: str, kv_layo
 
 
 def test_adopt_block_table_checks_ids_lengths_and_serves_store(gen) -> None:
-    """Host checks name the bad argument; on the device, an id past the allocation and vLLM's null block inside a
-    request's pages become the null page and are reported, and nothing is written there. After a good table,
-    store() (the step's CSR offsets, no host page table) writes each request's token at position cache_length."""
+    """Host checks name the bad argument; on the device, an id past the allocation becomes the null page and is
+    reported, and vLLM's null block inside a request's pages is kept as the null page without an error. A two-token
+    step is refused by plan_decode, and a host step by begin_step. After a good table, store() (the step's CSR
+    offsets, no host page table) writes each request's token at position cache_length and nothing else."""
     v = gen.VARIANTS[VLLM_LAYERS[-1]]  # bf16, cp.async
     spec = v.spec()
     P, H, D = spec.cache.page_size, spec.cache.num_kv_heads, spec.cache.head_size
@@ -796,7 +823,6 @@ def test_adopt_block_table_checks_ids_lengths_and_serves_store(gen) -> None:
         before[1][0][page, off], before[1][1][page, off] = kv[1][0][page, off], kv[1][1][page, off]
     assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for pa, pb in zip(kv, before) for a, b in zip(pa, pb)), \
         "store wrote something besides the step's tokens of layer 1"
-
 
 
 def test_the_readme_example_config_decodes(tmp_path) -> None:
