@@ -155,14 +155,37 @@ GROUPED_MIN_CTA_ROWS = 256
 GROUPED_MIN_CTAS = 64
 
 
+# Splitting a grouped plan buys parallelism at the price of a combine launch and its partials, and buys nothing once
+# the CTAs already stream at DRAM speed. Measured on the H200 (session 17, `bench/decode_splits_*_h200_s17.md`, every
+# split count on the same caches, 16-128 pairs at 512-2048 tokens, bf16 and FP8): 64 pairs at 512-1024 tokens ran
+# fastest unsplit (FP8 64 x 512 over 1 KV head 8.7 µs against the 2 splits' 10.9, 64 x 1k 11.9 against 12.8; bf16
+# 10.8 / 13.5 and 15.7 / 16.5), while 48 pairs at 1k, 64 at 2k and 16-32 at 1k still gained from splitting. The model
+# that separates them, in rows per CTA: a CTA's rows, slowed by the share of DRAM bandwidth when more than
+# SATURATING_CTA_FRACTION x SMs CTAs stream at once, plus COMBINE_CTA_ROWS when there is a combine.
+SATURATING_CTA_FRACTION = 0.75
+COMBINE_CTA_ROWS = 384
+
+
+def grouped_cta_cost(longest: int, pairs: int, splits: int, groups: int, sms: int, tile: int = 64) -> float:
+    """Modelled time of a grouped plan in rows of one CTA (see SATURATING_CTA_FRACTION)."""
+    rows = groups * -(-longest // (splits * groups * tile)) * tile
+    slowdown = max(1.0, pairs * splits / (SATURATING_CTA_FRACTION * sms))
+    return rows * slowdown + (COMBINE_CTA_ROWS if splits > 1 else 0)
+
+
 def grouped_splits(longest: int, pairs: int, sms: int, groups: int, tile: int = 64) -> int:
     """CTAs per (request, KV head) of a grouped plan: one wave of one grouped CTA per SM; no more splits than give
     every warp group a tile of the longest request, nor (GROUPED_MIN_CTA_ROWS) than give every CTA 4 tiles unless
-    that leaves fewer than GROUPED_MIN_CTAS CTAs."""
+    that leaves fewer than GROUPED_MIN_CTAS CTAs; and one split where the combine would cost more than the
+    splits save (grouped_cta_cost)."""
     pairs = max(1, pairs)
     one_tile = -(-longest // (groups * tile))
     whole_ctas = -(-longest // max(groups * tile, GROUPED_MIN_CTA_ROWS))
-    return max(1, min(sms // pairs, max(whole_ctas, min(one_tile, -(-GROUPED_MIN_CTAS // pairs)))))
+    splits = max(1, min(sms // pairs, max(whole_ctas, min(one_tile, -(-GROUPED_MIN_CTAS // pairs)))))
+    if splits > 1 and grouped_cta_cost(longest, pairs, 1, groups, sms, tile) < grouped_cta_cost(
+            longest, pairs, splits, groups, sms, tile):
+        return 1
+    return splits
 
 
 def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:

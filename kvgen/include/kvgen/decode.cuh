@@ -329,6 +329,10 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // row starts on a word and a byte's place in its word is (h * G + g) % 4.
   constexpr bool E8M0 = QUANT && is_same_v<typename Cache::scale_dtype, e8m0_t>;
   static_assert(!E8M0 || (H * G) % 4 == 0, "e8m0 decode scales: rows of whole words");
+  // With up to 4 groups (G divides 4) all G bytes of a (token, head) lie in one word: one copy per token fills slot
+  // t * G, and every group of the token reads it there (scale_at). (A word per slot was G copies of the same word:
+  // H200, session 17, e8m0 per-32 scales at 128 x 16k.) More groups span words and copy one per slot.
+  constexpr int kScaleCopiesPerRow = E8M0 && G <= 4 ? 1 : G;
   constexpr int STAGE_BYTES = 2 * TILE_BYTES + SCALE_BYTES;
   // TMA's swizzle follows the shared address bits, so its tiles (and every block in them) start on a multiple of
   // 1024 bytes; cp.async tiles on a multiple of a row (the XOR of a fragment address stays inside a block row).
@@ -404,7 +408,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   auto scale_at = [&](const float* slots, int i) -> float {  // slot i = token i / G, group i % G
     if constexpr (E8M0) {
       const uint32_t shift = 8u * ((e8m0_head_byte + uint32_t(i % G)) & 3u);
-      return to_f32(e8m0_t{uint8_t(reinterpret_cast<const uint32_t*>(slots)[i] >> shift)});
+      const int slot = kScaleCopiesPerRow == 1 ? i - i % G : i;  // the token's one copy (kScaleCopiesPerRow)
+      return to_f32(e8m0_t{uint8_t(reinterpret_cast<const uint32_t*>(slots)[slot] >> shift)});
     } else {
       return slots[i];
     }
@@ -569,12 +574,13 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     if constexpr (QUANT) {
       float* kss = reinterpret_cast<float*>(smem + scale_off(stage));
       float* vss = kss + BN * G;
-      for (int i = tid; i < BN * G; i += kDecodeThreads) {
-        const int r = i / G, g = i % G;
+      for (int i = tid; i < BN * kScaleCopiesPerRow; i += kDecodeThreads) {
+        const int r = i / kScaleCopiesPerRow, g = i % kScaleCopiesPerRow;
         const bool valid = base + r < last && (!WINDOW || base + r >= first);  // same rule as the K/V pages
         const int64_t so = valid ? int64_t(pages[r / EFF] + r % EFF) * (H * G) + int64_t(h) * G + g : 0;
-        cp_async4(kss + i, scale_src(kc.scales, so), valid);
-        cp_async4(vss + i, scale_src(vc.scales, so), valid);
+        const int slot = kScaleCopiesPerRow == G ? i : r * G;  // = r * G + g
+        cp_async4(kss + slot, scale_src(kc.scales, so), valid);
+        cp_async4(vss + slot, scale_src(vc.scales, so), valid);
       }
     }
 #endif
@@ -596,12 +602,13 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     if constexpr (QUANT) {
       float* kss = reinterpret_cast<float*>(smem + scale_off(stage));
       float* vss = kss + BN * G;
-      for (int i = tid; i < BN * G; i += kDecodeThreads) {
-        const int r = i / G, g = i % G;
+      for (int i = tid; i < BN * kScaleCopiesPerRow; i += kDecodeThreads) {
+        const int r = i / kScaleCopiesPerRow, g = i % kScaleCopiesPerRow;
         const bool valid = rows[r] != kNoRow;
         const int64_t so = valid ? int64_t(rows[r]) * (H * G) + int64_t(h) * G + g : 0;
-        cp_async4(kss + i, scale_src(kc.scales, so), valid);
-        cp_async4(vss + i, scale_src(vc.scales, so), valid);
+        const int slot = kScaleCopiesPerRow == G ? i : r * G;  // = r * G + g
+        cp_async4(kss + slot, scale_src(kc.scales, so), valid);
+        cp_async4(vss + slot, scale_src(vc.scales, so), valid);
       }
     }
   };
@@ -762,6 +769,13 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     constexpr int NTOK = PVT ? 2 : 4;
     auto tok_idx = [](int nt, int e) -> int { return PVT ? (e >> 1) : nt * 2 + (e & 1); };
     auto tok_row = [&](int i) -> int { return token_of(PVT ? 0 : i >> 1, PVT ? 2 * i : i & 1); };
+    // kFp8Grouped without aligned k-steps: the largest K scale of each of the lane's score tokens, read once per tile
+    // (the K shares below divide by it, the scores multiply by it).
+    float kmax[NTOK];
+    if constexpr (Ty::kFp8Grouped && !Ty::kFp8GroupAligned) {
+#pragma unroll
+      for (int i = 0; i < NTOK; ++i) kmax[i] = scale_max(kss, warp * 16 + tok_row(i));
+    }
     // S = Q K^T for 16 rows (two n-tiles of 8 tokens).
     float s[2][4];
     if constexpr (SWZ) {
@@ -783,7 +797,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
           const int t = int(warp) * 16 + nt * 8 + int(gq);
-          const float inv = inv_or_zero(scale_max(kss, t));
+          // PVT: the lane's K token of n-tile nt is its score token nt (tok_row(nt) = 8 nt + gq, unaligned slots)
+          const float inv = inv_or_zero(PVT ? kmax[nt] : scale_max(kss, t));
 #pragma unroll
           for (int j = 0; j < Sw::NJ; ++j) {
             const float r = scale_at(kss, t * G + 16 * Sw::k_chunk(int(tq), j) / GRAN) * inv;
@@ -874,12 +889,6 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 
     // Online softmax over this warp's 16 tokens (log2 domain). Rows gq + 8 (fragment elements 2, 3) hold query
     // heads only when GROUP > 8; otherwise they are padding and skipped (their P is zero).
-    // kFp8Grouped without aligned k-steps: the largest K scale of each of the lane's score tokens, read once per tile.
-    float kmax[NTOK];
-    if constexpr (Ty::kFp8Grouped && !Ty::kFp8GroupAligned) {
-#pragma unroll
-      for (int i = 0; i < NTOK; ++i) kmax[i] = scale_max(kss, warp * 16 + tok_row(i));
-    }
     float tmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < NT_S; ++nt)
