@@ -1173,6 +1173,10 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
 
 // Merge the splits of every (request, query head): out = sum_s w_s o_s / (sum_s w_s + sink), w_s = exp(lse_s).
 // Grid (Hq, batch), D threads. lse_out (optional) gets the merged natural-log LSE (sink included).
+// The splits are merged kCombineBatch at a time with every load of a batch (LSEs and partial outputs) in flight
+// together, and an online rescale between batches: loading the outputs only after the LSEs had given the max (and
+// the empty splits) made two dependent L2 round trips of the combine's critical path, at most plans' split counts.
+constexpr int kCombineBatch = 8;
 template <class OT, int D>
 __device__ __forceinline__ void decode_combine(const float* __restrict__ part_o, const float* __restrict__ part_lse,
                                                uint32_t splits, const float* __restrict__ sinks,
@@ -1183,21 +1187,37 @@ __device__ __forceinline__ void decode_combine(const float* __restrict__ part_o,
   const uint32_t hq = blockIdx.x, b = blockIdx.y;
   const uint64_t row = uint64_t(b) * num_q_heads + hq;
   const float* lse = part_lse + row * splits;
-  float m = -INFINITY;
-  for (uint32_t s = 0; s < splits; ++s) m = fmaxf(m, lse[s]);
-  if (sinks != nullptr) m = fmaxf(m, sinks[hq]);
-  const float mr = m == -INFINITY ? 0.f : m;
-  float denom = sinks != nullptr ? __expf(sinks[hq] - mr) : 0.f;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float acc = 0.f, wsum = denom;
-    for (uint32_t s = 0; s < splits; ++s) {
-      if (lse[s] == -INFINITY) continue;  // empty split: its partial output was never written (0 * NaN = NaN)
-      const float w = __expf(lse[s] - mr);
-      wsum += w;
-      acc += w * part_o[(row * splits + s) * D + d];
+    // Running max m (natural log), and the sum of weights and of weighted outputs relative to it; the sink is a
+    // split with weight exp(sink) and no output.
+    float m = sinks != nullptr ? sinks[hq] : -INFINITY;
+    float wsum = sinks != nullptr ? 1.f : 0.f, acc = 0.f;
+    for (uint32_t s0 = 0; s0 < splits; s0 += kCombineBatch) {
+      float l[kCombineBatch], o[kCombineBatch];
+#pragma unroll
+      for (int j = 0; j < kCombineBatch; ++j) {
+        const bool in = s0 + j < splits;
+        l[j] = in ? lse[s0 + j] : -INFINITY;
+        o[j] = in ? part_o[(row * splits + s0 + j) * D + d] : 0.f;
+      }
+      float mb = m;
+#pragma unroll
+      for (int j = 0; j < kCombineBatch; ++j) mb = fmaxf(mb, l[j]);
+      if (mb == -INFINITY) continue;  // nothing but empty splits so far
+      const float r = __expf(m - mb);  // 0 while m is -inf
+      wsum *= r;
+      acc *= r;
+#pragma unroll
+      for (int j = 0; j < kCombineBatch; ++j) {
+        // an empty split (lse -inf) never wrote its partial output: select, never 0 * (whatever is there)
+        const float w = l[j] == -INFINITY ? 0.f : __expf(l[j] - mb);
+        wsum += w;
+        acc = l[j] == -INFINITY ? acc : fmaf(w, o[j], acc);
+      }
+      m = mb;
     }
     out[row * D + d] = from_f32<OT>(wsum > 0.f ? acc / wsum : 0.f);
-    if (d == 0 && lse_out != nullptr) lse_out[row] = wsum > 0.f ? mr + __logf(wsum) : -INFINITY;
+    if (d == 0 && lse_out != nullptr) lse_out[row] = wsum > 0.f ? m + __logf(wsum) : -INFINITY;
   }
 }
 
