@@ -15,14 +15,13 @@ from kvgen.errors import LaunchError
 from kvgen.grid import load_config
 from kvgen.runtime.abi import DECODE_EARLY_READS
 from kvgen.runtime.decode_plan import DecodePlan
-from kvgen.runtime.kvcache import KVCache
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU visible", allow_module_level=True)
 
-from test_gpu_kernels import randomize_static_scales, seed_of, state_of, to_np  # noqa: E402  (same folder: reference state)
+from test_gpu_kernels import randomize_static_scales, seed_of, state_of, to_np, wrap_layer_tensors  # noqa: E402  (same folder: reference state)
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = load_config(ROOT / "configs" / "gpu_decode.yaml")
@@ -83,8 +82,14 @@ def cached_rows(cache, spec, lengths: list[int], layer: int):
     """The reference's K and V of `layer`: exactly what the cache holds in the first lengths[b] positions,
     dequantized in float32 by the NumPy oracle from the raw cache bytes and scales (no rounding to the 16-bit input
     dtype on the way), as float64 [sum(lengths), H, D]."""
+    return oracle_rows(state_of(cache, spec), spec, lengths, layer)
+
+
+def oracle_rows(state, spec, lengths: list[int], layer: int):
+    """The NumPy oracle's K and V of `layer` from a reference CacheState: each request's first lengths[b] rows,
+    dequantized in float32, as float64 torch tensors [sum(lengths), H, D]."""
     qz = spec.quantization
-    ko, vo = ref.load(state_of(cache, spec), layer, np.cumsum([0, *lengths]), np.zeros(len(lengths), np.int64),
+    ko, vo = ref.load(state, layer, np.cumsum([0, *lengths]), np.zeros(len(lengths), np.int64),
                       qz.granularity if qz else None, qz.scale_dtype if qz else None)
     return torch.from_numpy(ko).double(), torch.from_numpy(vo).double()
 
@@ -601,13 +606,7 @@ def vllm_layer_caches(v, lengths: list[int], rng: np.random.Generator, layers: i
     lens = torch.empty(len(lengths), dtype=torch.int32, device="cuda")
     kv = [kv_views(t) for t in tensors]
     kv_scales = [kv_views(s) for s in scales] if scales is not None else None
-    if kv_layout == "split":
-        cache = KVCache.wrap_layers(v, [k for k, _ in kv], [k for k, _ in kv_scales] if scales else None, lut, lens,
-                                    static_scales=static, null_page=0, v_blocks=[x for _, x in kv],
-                                    v_scales=[x for _, x in kv_scales] if scales else None)
-    else:
-        cache = KVCache.wrap_layers(v, [t.unsqueeze(2) for t in tensors], scales, lut, lens, static_scales=static,
-                                    null_page=0, kv_layout=kv_layout)
+    cache = wrap_layer_tensors(v, [t.unsqueeze(2) for t in tensors], scales, (lut, lens), kv_layout, static_scales=static)
     randomize_static_scales(cache, rng)
     return cache, table, kv, kv_scales
 
@@ -622,7 +621,6 @@ def per_layer_rows(cache, spec, table: np.ndarray, lengths: list[int], layer: in
     """The reference's dequantized K and V of one layer: the test's own per-layer (K, V) views (vllm_layer_caches)
     stacked into kvgen's one-tensor layout ([nb, 2, L, P, H, D]) and read by the NumPy oracle through the block
     table."""
-    qz = spec.quantization
     stack = torch.cat([torch.stack(pair, dim=1).unsqueeze(2) for pair in kv], dim=2)
     scales = None
     if kv_scales is not None:
@@ -633,9 +631,7 @@ def per_layer_rows(cache, spec, table: np.ndarray, lengths: list[int], layer: in
     state = ref.CacheState(blocks=to_np(stack, spec.cache.dtype).copy(), scales=scales, lut=lut,
                            cache_lengths=np.zeros(len(lengths), np.uint32), paged=True, static_scales=static,
                            null_page=cache.null_page)
-    ko, vo = ref.load(state, layer, np.cumsum([0, *lengths]), np.zeros(len(lengths), np.int64),
-                      qz.granularity if qz else None, qz.scale_dtype if qz else None)
-    return torch.from_numpy(ko).double(), torch.from_numpy(vo).double()
+    return oracle_rows(state, spec, lengths, layer)
 
 
 def fill_layers(cache, spec, table, lengths, rng) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -748,14 +748,22 @@ def test_adopt_a_vllm_layer_cache(generated) -> None:
     assert cache.errors() == []
 
 
-def wrap_layer_tensors(v, blocks: list, scales: list, tables: tuple, kv_layout: str) -> KVCache:
+def empty_tables(pages_per_request: int, batch: int = 2) -> tuple:
+    """A zeroed lookup table (with MAX's padding columns) and zeroed cache lengths, for wrap / wrap_layers."""
+    return (torch.zeros((batch, ref.padded_lut_cols(pages_per_request)), dtype=torch.int32, device="cuda"),
+            torch.zeros(batch, dtype=torch.int32, device="cuda"))
+
+
+def wrap_layer_tensors(v, blocks: list, scales: list | None, tables: tuple, kv_layout: str, **kwargs) -> KVCache:
     """wrap_layers over per-layer [nb, 2, 1, ...] ("pages") or [2, nb, 1, ...] ("planes", "split") tensors. "split"
     (SGLang's k_buffer / v_buffer): plane 1 is each layer's K and plane 0 its V, [nb, P, H, D] views handed over as
-    blocks and v_blocks, so V lies below K (a negative K-to-V distance) and kv_offset (0) cannot reach it."""
+    blocks and v_blocks, so V lies below K (a negative K-to-V distance) and kv_offset (0) cannot reach it. kwargs go
+    to wrap_layers (static_scales)."""
     if kv_layout != "split":
-        return KVCache.wrap_layers(v, blocks, scales, *tables, null_page=0, kv_layout=kv_layout)
-    return KVCache.wrap_layers(v, [b[1, :, 0] for b in blocks], [s[1, :, 0] for s in scales], *tables, null_page=0,
-                               v_blocks=[b[0, :, 0] for b in blocks], v_scales=[s[0, :, 0] for s in scales])
+        return KVCache.wrap_layers(v, blocks, scales, *tables, null_page=0, kv_layout=kv_layout, **kwargs)
+    plane = lambda ts, i: None if ts is None else [t[i, :, 0] for t in ts]  # noqa: E731
+    return KVCache.wrap_layers(v, plane(blocks, 1), plane(scales, 1), *tables, null_page=0, v_blocks=plane(blocks, 0),
+                               v_scales=plane(scales, 0), **kwargs)
 
 
 @pytest.mark.parametrize("kv_layout", ["pages", "planes", "split"])
@@ -772,8 +780,7 @@ def test_copy_pages_of_per_layer_caches_copies_every_layer(generated, kv_layout:
     blocks = [torch.randint(0, 126, (*lead, 1, c.page_size, c.num_kv_heads, c.head_size), dtype=torch.uint8,
                             device="cuda").view(getattr(torch, c.dtype)) for _ in range(L)]
     scales = [torch.rand((*lead, 1, c.page_size, c.num_kv_heads, G), device="cuda") + 0.5 for _ in range(L)]
-    lut = torch.zeros((2, ref.padded_lut_cols(2)), dtype=torch.int32, device="cuda")
-    cache = wrap_layer_tensors(v, blocks, scales, (lut, torch.zeros(2, dtype=torch.int32, device="cuda")), kv_layout)
+    cache = wrap_layer_tensors(v, blocks, scales, empty_tables(2), kv_layout)
     if kv_layout != "pages":  # compare through [num_blocks, 2, ...] views
         blocks, scales = [b.transpose(0, 1) for b in blocks], [s.transpose(0, 1) for s in scales]
     before = [(b.view(torch.uint8).clone(), s.clone()) for b, s in zip(blocks, scales)]
@@ -802,14 +809,12 @@ def test_tma_tiles_of_per_layer_caches_read_that_layer(generated, kv_layout: str
                             device="cuda").view(getattr(torch, c.dtype)) for _ in range(L)]
     scales = [torch.ones((*lead, 1, c.page_size, c.num_kv_heads, G), device="cuda") for _ in range(L)]
     pages, lens = [[3, 1, 5], [6, 2]], [2 * c.page_size + 5, c.page_size + 1]
-    tables = lambda: (torch.zeros((2, ref.padded_lut_cols(3)), dtype=torch.int32, device="cuda"),  # noqa: E731
-                      torch.zeros(2, dtype=torch.int32, device="cuda"))
-    multi = wrap_layer_tensors(v, blocks, scales, tables(), kv_layout)
+    multi = wrap_layer_tensors(v, blocks, scales, empty_tables(3), kv_layout)
     if kv_layout != "pages":  # the singles get the same data with K and V of a page together ("split": K is plane 1)
         kv_first = (lambda t: t.flip(0)) if kv_layout == "split" else (lambda t: t)  # noqa: E731
         blocks = [kv_first(b).transpose(0, 1).contiguous() for b in blocks]
         scales = [kv_first(s).transpose(0, 1).contiguous() for s in scales]
-    singles = [KVCache.wrap(v, b, s, *tables(), num_layers=1, null_page=0) for b, s in zip(blocks, scales)]
+    singles = [KVCache.wrap(v, b, s, *empty_tables(3), num_layers=1, null_page=0) for b, s in zip(blocks, scales)]
     max_tiles = max(-(-n // geo.bn) for n in lens) + 1
     for cache in (multi, *singles):
         cache.set_pages(pages)
@@ -841,8 +846,7 @@ def test_split_kv_layout_refuses_what_it_cannot_serve(generated) -> None:
     kv = lambda n=nb: torch.zeros((n, c.page_size, c.num_kv_heads, c.head_size), dtype=torch.uint8,  # noqa: E731
                                   device="cuda").view(getattr(torch, c.dtype))
     sc = lambda g=G: torch.ones((nb, c.page_size, c.num_kv_heads, g), device="cuda")  # noqa: E731
-    tables = lambda: (torch.zeros((2, ref.padded_lut_cols(2)), dtype=torch.int32, device="cuda"),  # noqa: E731
-                      torch.zeros(2, dtype=torch.int32, device="cuda"))
+    tables = lambda: empty_tables(2)  # noqa: E731
     with pytest.raises(LaunchError, match="'blocks'.*per-layer lists.*Tensor"):
         KVCache.wrap(v, kv(), sc(), *tables(), num_layers=1, v_blocks=[kv()])
     with pytest.raises(LaunchError, match="'v_blocks'.*needs the V tensors"):

@@ -28,7 +28,7 @@ template <class Cache> __device__ __forceinline__ uint32_t slot_row(const Cache&
   static_assert(Cache::page_size_ > 0, "slot mappings address pages (store_slots is emitted for paged caches only)");
   uint32_t row = kNoRow;
   if (s < 0) return kNoRow;
-  if (s >= int64_t(a.num_blocks) * Cache::page_size_) {
+  if (s >= int64_t(a.num_blocks) * Cache::page_size_) {  // here, not only in slot_ok: s / P must fit 32 bits
     report(a, kErrPageOutOfRange);
     return kNoRow;
   }
