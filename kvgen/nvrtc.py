@@ -119,7 +119,8 @@ class NvrtcFailure(Exception):
         super().__init__(log)
 
 
-def compile_cubin(source: str, arch: str, name: str = "kernels.cu") -> CompileResult:
+def _nvrtc_compile(source: str, options: list[str], name: str, output: str) -> tuple[bytes, str]:
+    """NVRTC's `output` ("CUBIN" or "PTX") and its log for one source; NvrtcFailure carries the log."""
     from cuda.bindings import nvrtc
 
     def check(res):  # noqa: ANN001, ANN202 - cuda-bindings returns (status, *values)
@@ -128,8 +129,7 @@ def compile_cubin(source: str, arch: str, name: str = "kernels.cu") -> CompileRe
             raise RuntimeError(f"NVRTC call failed: {nvrtc.nvrtcGetErrorString(status)[1].decode()}")
         return res[1] if len(res) == 2 else res[1:]
 
-    opts = [o.encode() for o in nvrtc_options(arch)]
-    t0 = time.perf_counter()
+    opts = [o.encode() for o in options]
     prog = check(nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []))
     try:
         (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
@@ -139,11 +139,29 @@ def compile_cubin(source: str, arch: str, name: str = "kernels.cu") -> CompileRe
         log = buf.rstrip(b"\0").decode(errors="replace")
         if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise NvrtcFailure(log)
-        size = check(nvrtc.nvrtcGetCUBINSize(prog))
-        cubin = b" " * size
-        check(nvrtc.nvrtcGetCUBIN(prog, cubin))
+        size = check(getattr(nvrtc, f"nvrtcGet{output}Size")(prog))
+        out = b" " * size
+        check(getattr(nvrtc, f"nvrtcGet{output}")(prog, out))
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
+    return out, log
+
+
+def compile_cubin(source: str, arch: str, name: str = "kernels.cu") -> CompileResult:
+    t0 = time.perf_counter()
+    cubin, log = _nvrtc_compile(source, nvrtc_options(arch), name, "CUBIN")
     if len(cubin) == 0 or not cubin.startswith(b"\x7fELF"):
         raise NvrtcFailure(f"NVRTC returned an empty or non-ELF cubin for {arch} (was a compute_ arch given?)\n{log}")
     return CompileResult(cubin=cubin, log=log, seconds=time.perf_counter() - t0, resources=parse_resources(log))
+
+
+def compile_ptx(source: str, arch: str, name: str = "kernels.cu") -> bytes:
+    """PTX of one source for the virtual arch of `arch` (sm_80 -> compute_80), NUL-terminated for cuModuleLoadData.
+    The driver compiles it for the GPU at hand, so the code an arch's source selects (`__CUDA_ARCH__` as compiled
+    for, e.g. no TMA and no programmatic launches on sm_80) runs on a newer GPU: how the GPU tests run the sm_80
+    path on an H100 / H200, whose SASS an sm_80 cubin is not."""
+    virtual = "compute_" + arch.removeprefix("sm_")
+    options = [o if not o.startswith("--gpu-architecture=") else f"--gpu-architecture={virtual}"
+               for o in nvrtc_options(arch) if not o.startswith("--ptxas-options")]
+    ptx, _ = _nvrtc_compile(source, options, name, "PTX")
+    return ptx.rstrip(b"\0") + b"\0"

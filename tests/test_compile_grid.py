@@ -11,7 +11,7 @@ import pytest
 
 from kvgen.build import compile_all
 from kvgen.grid import load_config
-from kvgen.nvrtc import compile_cubin
+from kvgen.nvrtc import compile_cubin, compile_ptx
 from kvgen.render import render_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,3 +104,13 @@ def test_decode_variant_compiles_in_under_a_second_and_a_bit() -> None:
     times = [min(compile_cubin(render_source(v, "sm_90a"), "sm_90a").seconds for _ in range(2)) for v in variants]
     print(f"\n[compile] decode variants, no cache (best of 2): {', '.join(f'{t:.3f}' for t in times)} s")
     assert len(times) == 3 and statistics.median(times) < 1.2
+
+
+def test_sm80_source_compiles_to_ptx_without_sm90_instructions() -> None:
+    """compile_ptx (what the GPU tests run the sm_80 path through on an sm_90 GPU): PTX for compute_80, NUL-ended
+    for cuModuleLoadData, with cp.async copies and none of sm_90's griddepcontrol or bulk (TMA) copies."""
+    v = next(v for v in DECODE_GRID.variants if "_ldcpa_" in v.name and "_e4m3_" in v.name)
+    ptx = compile_ptx(render_source(v, "sm_80"), "sm_80")
+    assert ptx.endswith(b"\0") and b".target sm_80" in ptx
+    assert b"cp.async." in ptx and b"griddepcontrol" not in ptx and b"cp.async.bulk" not in ptx
+    assert f"{v.name}_decode".encode() in ptx

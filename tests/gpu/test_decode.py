@@ -11,8 +11,12 @@ import pytest
 from kvgen import reference as ref
 from kvgen.benchmark import permuted_pages
 from kvgen.build import build, import_package
+from kvgen.derive import kernel_symbol
 from kvgen.errors import LaunchError
 from kvgen.grid import load_config
+from kvgen.nvrtc import compile_ptx
+from kvgen.render import render_source
+from kvgen.runtime import driver
 from kvgen.runtime.abi import DECODE_EARLY_READS
 from kvgen.runtime.decode_plan import DecodePlan
 
@@ -152,6 +156,13 @@ CASES = [(n, "plan") for n in NAMES] + [(n, e) for e in ("single_split", "groupe
 
 @pytest.mark.parametrize(("name", "ending"), CASES, ids=[n if e == "plan" else f"{n}-{e}" for n, e in CASES])
 def test_decode_matches_float64(gen, name: str, ending: str) -> None:
+    decode_matches_float64(gen, name, ending)
+
+
+def decode_matches_float64(gen, name: str, ending: str):
+    """Store edge-length and long requests on permuted pages, decode them with `ending`'s plan (see CASES) into
+    NaN-poisoned outputs over a NaN-poisoned workspace, and compare output and LSE with the float64 reference on
+    what the cache holds. Returns the cache."""
     rng = np.random.default_rng(seed_of(name))
     v = gen.VARIANTS[name]
     spec = v.spec()
@@ -200,6 +211,41 @@ def test_decode_matches_float64(gen, name: str, ending: str) -> None:
     fp8 = spec.cache.dtype.startswith("float8")
     torch.testing.assert_close(lse.double().cpu(), ref_lse, rtol=2e-3 if fp8 else 1e-3, atol=1e-2 if fp8 else 2e-3)
     assert cache.errors() == []
+    return cache
+
+
+# The sm_80 (A100) code path, run on this GPU: each variant's sm_80 source compiled to PTX (compute_80), which the
+# driver compiles for the GPU at hand, so what `__CUDA_ARCH__ < 900` selects (cp.async only, no programmatic
+# launches, no griddepcontrol) runs for real; an sm_80 cubin would not load on sm_90. The cache is told its GPU is
+# an sm_80 (geometry and launches as on an A100, with this GPU's SM count and shared memory). bf16 and FP8 (per
+# token, MAX's per-64, e5m2 at head size 64), GQA groups 4-16, window + soft cap + sinks with f16 output.
+SM80_KINDS = {("bfloat16", None, 128, 4, False), ("bfloat16", None, 128, 8, True), ("float8_e4m3fn", 128, 128, 4, False),
+              ("float8_e4m3fn", 64, 128, 4, False), ("float8_e4m3fn", 64, 256, 16, True), ("float8_e5m2", None, 64, 16, False)}
+
+
+def _sm80_kind(v) -> tuple:
+    s = v.spec
+    return (s.cache.dtype, s.quantization.granularity if s.quantization else None, s.cache.head_size,
+            s.attention.num_q_heads // s.cache.num_kv_heads, bool(s.attention.sinks))
+
+
+SM80 = list({_sm80_kind(v): v.name for v in reversed(GRID.variants) if "_ldcpa_" in v.name and v.spec.cache.page_size == 16
+             and not v.spec.cache.static_scales and _sm80_kind(v) in SM80_KINDS}.values())
+
+
+@pytest.mark.parametrize("name", SM80)
+def test_sm80_code_path_stores_and_decodes_on_this_gpu(gen, name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    variant = next(x for x in GRID.variants if x.name == name)
+    v = gen.VARIANTS[name]
+    ptx = tmp_path / "kernels_sm_80.ptx"
+    ptx.write_bytes(compile_ptx(render_source(variant, "sm_80"), "sm_80"))
+    monkeypatch.setattr(driver, "device_arch", lambda device: "sm_80")
+    monkeypatch.setitem(v.CUBINS, "sm_80", ptx)
+    monkeypatch.setitem(v.KERNELS, "sm_80", {k: kernel_symbol(variant, k) for k in variant.spec.kernels_for_arch("sm_80")})
+    cache = decode_matches_float64(gen, name, "plan")
+    assert cache._arch == "sm_80" and not cache._programmatic  # plain launches, as on an A100
+    text = ptx.read_bytes()
+    assert b"griddepcontrol" not in text and b"cp.async." in text and b"cp.async.bulk" not in text
 
 
 def assert_graph_replay_matches_eager(cache, q, out) -> None:
