@@ -114,3 +114,13 @@ def test_sm80_source_compiles_to_ptx_without_sm90_instructions() -> None:
     assert ptx.endswith(b"\0") and b".target sm_80" in ptx
     assert b"cp.async." in ptx and b"griddepcontrol" not in ptx and b"cp.async.bulk" not in ptx
     assert f"{v.name}_decode".encode() in ptx
+
+
+@pytest.mark.parametrize("dtype", ["_e4m3_", "_e5m2_"])
+def test_fp8_decode_builds_for_sm80(dtype: str) -> None:
+    """FP8 decode for an A100: the f16x2 conversions of FP8 pairs exist in hardware from sm_89 only, so sm_80 builds
+    take cuda_fp8.h's emulation (ptxas refused every FP8 decode cubin for sm_80 before, unnoticed until session 17:
+    no grid compiled FP8 decode for sm_80)."""
+    v = next(v for v in DECODE_GRID.variants if "_ldcpa_" in v.name and dtype in v.name)
+    r = compile_cubin(render_source(v, "sm_80"), "sm_80")
+    assert r.cubin.startswith(b"\x7fELF") and f"{v.name}_decode" in r.resources

@@ -155,13 +155,20 @@ template <class T> __device__ __forceinline__ uint32_t fp8x2_to_f16x2(unsigned s
 }
 
 // Four FP8 values (one 32-bit word) -> two f16x2 registers: bytes 0-1 and bytes 2-3. The halves go to cvt as
-// 16-bit operands of the word itself, so no shift extracts the high half (ptxas reads it in place).
+// 16-bit operands of the word itself, so no shift extracts the high half (ptxas reads it in place). The FP8 cvt
+// exists from sm_89; before that (sm_80) cuda_fp8.h's conversion, which emulates it (ptxas refused the FP8 decode
+// of every sm_80 build until the GPU tests ran the sm_80 path, session 17).
 template <class T> __device__ __forceinline__ void fp8x4_to_f16x2x2(uint32_t w, uint32_t& lo, uint32_t& hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
   if constexpr (is_same_v<T, __nv_fp8_e4m3>) {
     asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.rn.f16x2.e4m3x2 %0, l; cvt.rn.f16x2.e4m3x2 %1, h; }" : "=r"(lo), "=r"(hi) : "r"(w));
   } else {
     asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.rn.f16x2.e5m2x2 %0, l; cvt.rn.f16x2.e5m2x2 %1, h; }" : "=r"(lo), "=r"(hi) : "r"(w));
   }
+#else
+  lo = fp8x2_to_f16x2<T>(static_cast<unsigned short>(w & 0xffffu));
+  hi = fp8x2_to_f16x2<T>(static_cast<unsigned short>(w >> 16));
+#endif
 }
 
 template <class Cache> struct DecodeTypes {
