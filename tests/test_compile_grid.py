@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvgen.build import compile_all
+from kvgen.derive import kernel_symbol
 from kvgen.grid import load_config
 from kvgen.nvrtc import compile_cubin, compile_ptx
 from kvgen.render import render_source
@@ -123,4 +124,4 @@ def test_fp8_decode_builds_for_sm80(dtype: str) -> None:
     no grid compiled FP8 decode for sm_80)."""
     v = next(v for v in DECODE_GRID.variants if "_ldcpa_" in v.name and dtype in v.name)
     r = compile_cubin(render_source(v, "sm_80"), "sm_80")
-    assert r.cubin.startswith(b"\x7fELF") and f"{v.name}_decode" in r.resources
+    assert r.cubin.startswith(b"\x7fELF") and kernel_symbol(v, "decode") in r.resources
