@@ -168,6 +168,7 @@ def decode_matches_float64(gen, name: str, ending: str):
     `ending`'s plan (see CASES) into NaN-poisoned outputs over a NaN-poisoned workspace, and compare output and LSE
     with the float64 reference on what the cache holds. Returns the cache."""
     rng = np.random.default_rng(seed_of(name))
+    torch.manual_seed(seed_of(name))  # Q, K and V are torch draws: the same case draws the same data in any run
     v = gen.VARIANTS[name]
     spec = v.spec()
     p = spec.cache.page_size or 64
@@ -210,10 +211,13 @@ def decode_matches_float64(gen, name: str, ending: str):
                              sinks.double().cpu() if sinks is not None else None)
     check(out, ref, name, spec.cache.dtype.startswith("float8"))
     # FP8 tolerances: scores use f16 MMA inputs (per-token scales, and per-group scales of 2-4 groups) or
-    # bf16-rounded dequantized values (more than 4 groups), about 2^-9 relative per product; measured LSE error on
-    # the H100 stayed below 6e-3 absolute.
+    # bf16-rounded dequantized values (more than 4 groups), about 2^-9 relative per product. On these inputs that
+    # is a score (and a one-token LSE) error of about 5.5e-3 at one standard deviation for the bf16 path, whose
+    # largest of 64 LSEs reached 1.1e-2 (H200, session 17, another Q draw); the f16 path's stayed below 6e-3.
     fp8 = spec.cache.dtype.startswith("float8")
-    torch.testing.assert_close(lse.double().cpu(), ref_lse, rtol=2e-3 if fp8 else 1e-3, atol=1e-2 if fp8 else 2e-3)
+    bf16_scores = fp8 and spec.quantization is not None and spec.cache.head_size // spec.quantization.granularity > 4
+    atol = 3e-2 if bf16_scores else 1e-2 if fp8 else 2e-3
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, rtol=2e-3 if fp8 else 1e-3, atol=atol)
     assert cache.errors() == []
     return cache
 
