@@ -238,11 +238,11 @@ def test_plan_groups_follow_the_measured_rule(lengths: list[int], max_groups: in
     (1024, 16, 2, 4),      # 16 requests over 1 KV head, bf16: 4 splits (measured 10.1 µs, 8 splits 11.3)
     (1024, 8, 2, 8),       # 1 request over 8 KV heads, bf16: 8 splits keep 64 CTAs (7.2 µs; 4 splits 7.5)
     (1024, 8, 3, 6),       # ... FP8 at head size 256 (3 groups): 6 splits, 48 CTAs (8.4 µs; 4 splits 9.2)
-    (1025, 64, 4, 1),      # 64 pairs at 1k: unsplit, no combine (measured 11.9 µs against 2 splits' 12.8)
-    (513, 64, 2, 1),       # ... bf16 at 512 tokens (10.8 against 13.5)
-    (2049, 64, 4, 2),      # ... at 2k the splits pay (16.9 against 18.0); the SMs cap them at 2
-    (1025, 48, 4, 2),      # 48 pairs at 1k: 96 CTAs, below DRAM saturation, split (11.4 against 11.5, bf16 14.5 / 14.8)
-    (1025, 32, 2, 4),      # 32 pairs: 4 splits (the minimum CTA rows), well ahead of unsplit (13.3 against 14.0)
+    (1024, 64, 4, 1),      # 64 pairs at 1k: unsplit, no combine (measured 11.9 µs against 2 splits' 12.8)
+    (512, 64, 2, 1),        # ... bf16 at 512 tokens (10.8 against 13.5)
+    (2048, 64, 4, 2),      # ... at 2k the splits pay (16.9 against 18.0); the SMs cap them at 2
+    (1024, 48, 4, 2),      # 48 pairs at 1k: 96 CTAs, below DRAM saturation, split (11.4 against 11.5, bf16 14.5 / 14.8)
+    (1024, 32, 2, 4),      # 32 pairs: 4 splits (the minimum CTA rows), well ahead of unsplit (13.3 against 14.0)
 ])
 def test_grouped_splits_fill_one_wave_and_never_split_below_a_tile(longest: int, pairs: int, groups: int, splits: int) -> None:
     assert grouped_splits(longest, pairs, 132, groups) == splits
