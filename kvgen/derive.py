@@ -142,8 +142,12 @@ def gather4_geometry(spec: VariantSpec) -> Gather4Geometry:
 
 
 DECODE_TILE = 64  # kvgen::kDecodeTile
-DECODE_SMEM_LIMIT = 220 * 1024
-SM90_SMEM_PER_SM = 228 * 1024  # shared memory per SM on sm_90 (the largest carveout)
+# Shared memory per SM (the largest carveout) and the most one CTA may opt into, per arch (CUDA C++ Programming
+# Guide, technical specifications per compute capability: 8.0 164 / 163 KB, 9.0 and 10.0 228 / 227 KB). A decode
+# pipeline keeps 7 KB below the per-CTA maximum (the static shared memory and the driver's reserve come on top).
+SMEM_PER_SM = {"sm_80": 164 * 1024, "sm_90a": 228 * 1024, "sm_100a": 228 * 1024}
+SMEM_PER_CTA = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024, "sm_100a": 227 * 1024}
+DECODE_SMEM_HEADROOM = 7 * 1024
 SMEM_RESERVED_PER_CTA = 1024  # the driver's own shared memory per CTA
 
 
@@ -226,7 +230,10 @@ def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
     group = a.num_q_heads // c.num_kv_heads
     # FP8 kernels keep Q in shared memory (8 rows, or 16 past a group of 8; 16-bit, padded rows).
     q_smem = (8 if group <= 8 else 16) * (2 * c.head_size + 16) if dt.is_fp8 else 0
-    while stages > 2 and stages * (stage + ring) + q_smem + align > DECODE_SMEM_LIMIT:
+    # Geometry per arch: an A100 build sized for an H100's shared memory could not launch (a 3-stage bf16 pipeline at
+    # head size 256 is 193 KB; two 99 KB groups of head size 128 share a CTA), though it ran on the H200.
+    limit = SMEM_PER_CTA[arch] - DECODE_SMEM_HEADROOM
+    while stages > 2 and stages * (stage + ring) + q_smem + align > limit:
         stages -= 1
     merge = 4 * group * ((c.head_size + 8) + 2) * 4  # the epilogue's per-warp slices reuse the pipeline buffers
     smem = max(stages * (stage + ring) + q_smem, merge) + align
@@ -235,7 +242,7 @@ def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
     # kernel went 127 -> 139 registers, 4 -> 3 CTAs per SM, 8% slower at 64 x 4k).
     # TMA kernels also hold their mbarriers in static shared memory: 8 bytes per stage and warp group (at most 8).
     static = 8 * stages * 8 if tma else 0
-    smem_fit = max(1, SM90_SMEM_PER_SM // (smem + static + SMEM_RESERVED_PER_CTA))
+    smem_fit = max(1, SMEM_PER_SM[arch] // (smem + static + SMEM_RESERVED_PER_CTA))
     min_blocks = min(a.ctas_per_sm if a.ctas_per_sm is not None else DECODE_MAX_CTAS, smem_fit)
     return DecodeGeometry(group=group, stages=stages, stage_bytes=stage,
                           smem_bytes=smem, min_blocks=min_blocks, out_c=DTYPES[a.output_dtype].c_type,

@@ -10,7 +10,8 @@ from kvgen.config import VariantSpec, validate_variant
 from kvgen.derive import (
     DECODE_AUTO_LOADER,
     QUANTIZED_VECTORS_PER_LANE,
-    SM90_SMEM_PER_SM,
+    SMEM_PER_CTA,
+    SMEM_PER_SM,
     SMEM_RESERVED_PER_CTA,
     decode_auto_key,
     decode_geometry,
@@ -68,7 +69,31 @@ def test_launch_bounds_minimum_follows_shared_memory(dtype: str, stages: int | N
     # cannot take registers that would cost occupancy (FP8 once went 127 -> 139 registers, 4 -> 3 CTAs/SM).
     geo = decode_geometry(_decode_spec(dtype, stages), "sm_90a")
     assert geo.min_blocks == blocks
-    assert geo.min_blocks * (geo.smem_bytes + SMEM_RESERVED_PER_CTA) <= SM90_SMEM_PER_SM
+    assert geo.min_blocks * (geo.smem_bytes + SMEM_RESERVED_PER_CTA) <= SMEM_PER_SM["sm_90a"]
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a", "sm_100a"])
+@pytest.mark.parametrize(("dtype", "head_size", "num_q_heads"), [("bfloat16", 128, 32), ("bfloat16", 256, 32),
+                                                                 ("float8_e4m3fn", 128, 32), ("float8_e4m3fn", 256, 64),
+                                                                 ("float16", 64, 128)])
+def test_decode_geometry_fits_each_arch(arch: str, dtype: str, head_size: int, num_q_heads: int) -> None:
+    # Every CTA the runtime may launch fits the arch's per-CTA opt-in (a grouped CTA holds max_groups pipelines),
+    # and min_blocks of them fit an SM. An A100 build once used the H100's 228 KB: the 3-stage bf16 pipeline at
+    # head size 256 (193 KB) and two 99 KB groups at head size 128 could not launch there (163 KB per CTA).
+    d = base_config()
+    d["cache"].update(dtype=dtype, page_size=16, head_size=head_size, num_kv_heads=8)
+    d["kernels"] = ["store", "decode"]
+    d["archs"] = ["sm_80", "sm_90a", "sm_100a"]
+    d["attention"] = {"num_q_heads": num_q_heads}
+    if dtype.startswith("float8"):
+        d["quantization"] = {"scale_dtype": "float32", "granularity": head_size}
+    geo = decode_geometry(validate_variant(d), arch)
+    assert geo.max_groups * geo.smem_bytes <= SMEM_PER_CTA[arch]
+    assert geo.min_blocks * (geo.smem_bytes + SMEM_RESERVED_PER_CTA) <= SMEM_PER_SM[arch]
+    if arch == "sm_80" and (dtype, head_size) == ("bfloat16", 256):
+        assert geo.stages == 2  # 3 stages of 64 KB + rings do not fit 156 KB
+    if arch == "sm_80" and (dtype, head_size) == ("bfloat16", 128):
+        assert geo.max_groups == 1  # 99 KB per group: one per SM (two on an H100)
 
 
 @pytest.mark.parametrize(("ctas", "blocks"), [(2, 2), (5, 5), (8, 6)])
@@ -77,7 +102,7 @@ def test_ctas_per_sm_sets_the_minimum_within_shared_memory(ctas: int, blocks: in
     # 36.6 KB per CTA, so 6).
     geo = decode_geometry(_decode_spec("float8_e4m3fn", ctas=ctas), "sm_90a")
     assert geo.min_blocks == blocks
-    assert geo.min_blocks * (geo.smem_bytes + SMEM_RESERVED_PER_CTA) <= SM90_SMEM_PER_SM
+    assert geo.min_blocks * (geo.smem_bytes + SMEM_RESERVED_PER_CTA) <= SMEM_PER_SM["sm_90a"]
 
 
 @pytest.mark.parametrize("loader", ["cp_async", "tma"])
