@@ -14,11 +14,22 @@ from .dtypes import DTYPES, CacheDType, IODType, ScaleDType
 from .errors import ConfigError, Problem
 from .reference import LUT_TAIL_COLUMNS
 
-Arch = Literal["sm_80", "sm_90a", "sm_100a"]
+# sm_80: A100 / A30; sm_86: A10, A40, RTX 30xx; sm_89: L4, L40S, RTX 40xx (FP8 conversions in hardware); sm_90a:
+# H100 / H200 / H20; sm_100a: B200 / GB200. No TMA nor programmatic launches before sm_90.
+Arch = Literal["sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a"]
 KernelName = Literal["store", "load", "copy_pages", "tma_tile_load", "gather4_tile_load", "decode"]
 Swizzle = Literal["NONE", "32B", "64B", "128B"]
 
 TMA_ARCHS = frozenset({"sm_90a", "sm_100a"})
+# Shared memory per SM (the largest carveout) and the most one CTA may opt into, per arch (CUDA C++ Programming
+# Guide, technical specifications per compute capability: 8.0 164 / 163 KB, 8.6 and 8.9 100 / 99 KB, 9.0 and 10.0
+# 228 / 227 KB). A decode pipeline keeps 7 KB below the per-CTA maximum (static shared memory and the driver's
+# reserve come on top).
+SMEM_PER_SM = {"sm_80": 164 * 1024, "sm_86": 100 * 1024, "sm_89": 100 * 1024, "sm_90a": 228 * 1024,
+               "sm_100a": 228 * 1024}
+SMEM_PER_CTA = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90a": 227 * 1024,
+                "sm_100a": 227 * 1024}
+DECODE_SMEM_HEADROOM = 7 * 1024
 # Kernels emitted with another one rather than named in `kernels` (kernels_for_arch), and the one they come with.
 DERIVED_KERNELS = {"decode_combine": "decode", "store_slots": "store", "adopt_block_table": "decode"}
 GATHER4_ARCHS = frozenset({"sm_100a"})
@@ -318,6 +329,15 @@ def _decode_problems(v: VariantSpec) -> list[Problem]:
                              f"swizzle atom ({DECODE_TMA_MIN_PAGE} rows): pages of {DECODE_TMA_MIN_PAGE}+ tokens "
                              f"(cache.page_size is {c.page_size})", a.loader,
                              "use loader: cp_async (auto picks it for small pages)"))
+    if not P:  # a well-formed decode variant: its smallest pipeline (2 stages) must fit each arch's CTA
+        from .derive import decode_geometry  # derive builds on this module
+
+        for arch in v.archs:
+            need, limit = decode_geometry(v, arch).smem_bytes, SMEM_PER_CTA[arch] - DECODE_SMEM_HEADROOM
+            if need > limit:
+                P.append(Problem("archs", f"decode's smallest pipeline (2 stages of 64-row K and V tiles) needs "
+                                 f"{need // 1024} KB of shared memory per CTA; {arch} leaves it {limit // 1024} KB",
+                                 arch, f"drop {arch} from archs for this cache, or use an FP8 dtype (half the bytes)"))
     return P
 
 

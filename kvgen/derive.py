@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .config import DECODE_TMA_MIN_PAGE, SWIZZLE_BYTES, TMA_ARCHS, VariantSpec, padded_depth
+from .config import (
+    DECODE_SMEM_HEADROOM,
+    DECODE_TMA_MIN_PAGE,
+    SMEM_PER_CTA,
+    SMEM_PER_SM,
+    SWIZZLE_BYTES,
+    TMA_ARCHS,
+    VariantSpec,
+    padded_depth,
+)
 from .dtypes import DTYPES
 from .grid import Variant
 
@@ -142,12 +151,6 @@ def gather4_geometry(spec: VariantSpec) -> Gather4Geometry:
 
 
 DECODE_TILE = 64  # kvgen::kDecodeTile
-# Shared memory per SM (the largest carveout) and the most one CTA may opt into, per arch (CUDA C++ Programming
-# Guide, technical specifications per compute capability: 8.0 164 / 163 KB, 9.0 and 10.0 228 / 227 KB). A decode
-# pipeline keeps 7 KB below the per-CTA maximum (the static shared memory and the driver's reserve come on top).
-SMEM_PER_SM = {"sm_80": 164 * 1024, "sm_90a": 228 * 1024, "sm_100a": 228 * 1024}
-SMEM_PER_CTA = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024, "sm_100a": 227 * 1024}
-DECODE_SMEM_HEADROOM = 7 * 1024
 SMEM_RESERVED_PER_CTA = 1024  # the driver's own shared memory per CTA
 
 

@@ -117,11 +117,12 @@ def test_sm80_source_compiles_to_ptx_without_sm90_instructions() -> None:
     assert f"{v.name}_decode".encode() in ptx
 
 
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_89"])
 @pytest.mark.parametrize("dtype", ["_e4m3_", "_e5m2_"])
-def test_fp8_decode_builds_for_sm80(dtype: str) -> None:
-    """FP8 decode for an A100: the f16x2 conversions of FP8 pairs exist in hardware from sm_89 only, so sm_80 builds
-    take cuda_fp8.h's emulation (ptxas refused every FP8 decode cubin for sm_80 before, unnoticed until session 17:
-    no grid compiled FP8 decode for sm_80)."""
+def test_fp8_decode_builds_for_archs_without_tma(dtype: str, arch: str) -> None:
+    """FP8 decode for an A100 (sm_80), an A10 (sm_86) and an L4 / L40S (sm_89). The f16x2 conversions of FP8 pairs
+    exist in hardware from sm_89 only, so sm_80 and sm_86 take cuda_fp8.h's emulation (ptxas refused every FP8 decode
+    cubin for sm_80 before, unnoticed until session 17: no grid compiled FP8 decode for sm_80)."""
     v = next(v for v in DECODE_GRID.variants if "_ldcpa_" in v.name and dtype in v.name)
-    r = compile_cubin(render_source(v, "sm_80"), "sm_80")
+    r = compile_cubin(render_source(v, arch), arch)
     assert r.cubin.startswith(b"\x7fELF") and kernel_symbol(v, "decode") in r.resources

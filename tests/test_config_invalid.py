@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import base_config, subprocess_env
 
-from kvgen.config import MAX_TILE_SMEM_BYTES
+from kvgen.config import MAX_TILE_SMEM_BYTES, validate_variant
 from kvgen.errors import ConfigError
 from kvgen.grid import expand, load_config
 
@@ -96,7 +96,7 @@ CASES: list[tuple[str, Any, str, str]] = [
     ("duplicate_archs", {"archs": ["sm_90a", "sm_90a"]}, "archs", "each arch may appear once"),
     ("duplicate_kernels", {"kernels": ["store", "store"]}, "kernels", "each kernel may appear once"),
     ("empty_archs", {"archs": []}, "archs", "at least 1 item"),
-    ("unknown_arch", {"archs": ["sm_70"]}, "archs", "'sm_80', 'sm_90a' or 'sm_100a'"),
+    ("unknown_arch", {"archs": ["sm_70"]}, "archs", "'sm_80', 'sm_86', 'sm_89', 'sm_90a' or 'sm_100a'"),
     ("unknown_kernel", {"kernels": ["attention"]}, "kernels", "Input should be 'store'"),
     ("f32_cache_bf16_input", {"cache.dtype": "float32", "cache.input_dtype": "bfloat16"}, "cache.input_dtype",
      "float32 cache is fed float32"),
@@ -207,3 +207,21 @@ def test_cli_rejects_invalid_config(tmp_path: Path, case_id: str) -> None:
     assert res.stdout == ""
     assert not out.exists()
     assert not (tmp_path / "generated").exists()
+
+
+def test_decode_that_cannot_fit_an_arch_is_refused_by_name() -> None:
+    """bf16 decode at head size 256 needs 129 KB for its smallest pipeline (2 stages of 64-row K and V tiles): an
+    Ada or Ampere GA10x GPU (99 KB per CTA) is refused with the arch, the sizes and a fix; FP8 (half the bytes) fits."""
+    d = base_config()
+    d["cache"].update(dtype="bfloat16", head_size=256, page_size=16)
+    d["kernels"] = ["store", "decode"]
+    d["attention"] = {"num_q_heads": 32}
+    d["archs"] = ["sm_89", "sm_90a"]
+    with pytest.raises(ConfigError) as e:
+        validate_variant(d)
+    text = str(e.value)
+    assert "archs" in text and "sm_89 leaves it 92 KB" in text and "needs 129 KB" in text and "FP8" in text
+    assert "sm_90a leaves" not in text  # the H100 fits it
+    d["cache"]["dtype"] = "float8_e4m3fn"
+    d["quantization"] = {"scale_dtype": "float32", "granularity": 256}
+    assert validate_variant(d).archs == ["sm_89", "sm_90a"]

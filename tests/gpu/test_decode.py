@@ -222,10 +222,11 @@ def decode_matches_float64(gen, name: str, ending: str):
     return cache
 
 
-# The sm_80 (A100) code path, run on this GPU: each variant's sm_80 source compiled to PTX (compute_80), which the
-# driver compiles for the GPU at hand, so what `__CUDA_ARCH__ < 900` selects (cp.async only, no programmatic
-# launches, no griddepcontrol) runs for real; an sm_80 cubin would not load on sm_90. The cache is told its GPU is
-# an sm_80 (geometry and launches as on an A100, with this GPU's SM count and shared memory). bf16 and FP8 (per
+# The sm_80 (A100) and sm_89 (L4, L40S) code paths, run on this GPU: each variant's source for the arch compiled to
+# PTX (compute_80 / compute_89), which the driver compiles for the GPU at hand, so what `__CUDA_ARCH__ < 900`
+# selects (cp.async only, no programmatic launches, no griddepcontrol; FP8 conversions emulated below sm_89) runs
+# for real; an sm_80 cubin would not load on sm_90. The cache is told its GPU is that arch (pipelines and grouped CTAs
+# sized for its shared memory, plain launches), with this GPU's SM count. bf16 and FP8 (per
 # token, MAX's per-64, e5m2 at head size 64), GQA groups 4-16, window + soft cap + sinks with f16 output.
 SM80_KINDS = {("bfloat16", None, 128, 4, False), ("bfloat16", None, 128, 8, True), ("float8_e4m3fn", 128, 128, 4, False),
               ("float8_e4m3fn", 64, 128, 4, False), ("float8_e4m3fn", 64, 256, 16, True), ("float8_e5m2", None, 64, 16, False)}
@@ -241,17 +242,19 @@ SM80 = list({_sm80_kind(v): v.name for v in reversed(GRID.variants) if "_ldcpa_"
              and not v.spec.cache.static_scales and _sm80_kind(v) in SM80_KINDS}.values())
 
 
+@pytest.mark.parametrize("arch", ["sm_80", "sm_89"])  # A100; L4 / L40S (hardware FP8 conversions, 99 KB per CTA)
 @pytest.mark.parametrize("name", SM80)
-def test_sm80_code_path_stores_and_decodes_on_this_gpu(gen, name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_sm80_code_path_stores_and_decodes_on_this_gpu(gen, name: str, arch: str, monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
     variant = next(x for x in GRID.variants if x.name == name)
     v = gen.VARIANTS[name]
-    ptx = tmp_path / "kernels_sm_80.ptx"
-    ptx.write_bytes(compile_ptx(render_source(variant, "sm_80"), "sm_80"))
-    monkeypatch.setattr(driver, "device_arch", lambda device: "sm_80")
-    monkeypatch.setitem(v.CUBINS, "sm_80", ptx)
-    monkeypatch.setitem(v.KERNELS, "sm_80", {k: kernel_symbol(variant, k) for k in variant.spec.kernels_for_arch("sm_80")})
+    ptx = tmp_path / f"kernels_{arch}.ptx"
+    ptx.write_bytes(compile_ptx(render_source(variant, arch), arch))
+    monkeypatch.setattr(driver, "device_arch", lambda device: arch)
+    monkeypatch.setitem(v.CUBINS, arch, ptx)
+    monkeypatch.setitem(v.KERNELS, arch, {k: kernel_symbol(variant, k) for k in variant.spec.kernels_for_arch(arch)})
     cache = decode_matches_float64(gen, name, "plan")
-    assert cache._arch == "sm_80" and not cache._programmatic  # plain launches, as on an A100
+    assert cache._arch == arch and not cache._programmatic  # plain launches, as on an A100 or an L40S
     text = ptx.read_bytes()
     assert b"griddepcontrol" not in text and b"cp.async." in text and b"cp.async.bulk" not in text
 
