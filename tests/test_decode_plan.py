@@ -390,6 +390,25 @@ def test_skewed_lengths_leave_grouped_ctas_for_balanced_split_k(lengths: list[in
     assert plan_decode(_fake_cache(lengths, max_groups, tma, heads)).groups == groups
 
 
+@pytest.mark.parametrize(("lengths", "heads", "max_groups", "slots", "groups", "splits"), [
+    ([1024] * 64, 1, 2, 264, 2, 1),   # bf16, 64 pairs at 1k: grouped and unsplit (measured 15.7 µs; 2 splits 16.4)
+    ([512] * 64, 1, 2, 264, 2, 1),    # ... at 512 tokens (10.8 against 13.5)
+    ([1024] * 64, 1, 4, 528, 4, 1),   # FP8 (11.9 against 12.8)
+    ([2048] * 64, 1, 2, 264, 2, 2),   # at 2k the splits pay
+    ([512] * 33, 1, 2, 264, 2, 1),    # equal lengths stay grouped, never split-K for the unsplit cut's "skew"
+])
+def test_unsplit_grouped_plans_are_not_mistaken_for_skewed_ones(lengths: list[int], heads: int, max_groups: int,
+                                                                slots: int, groups: int, splits: int) -> None:
+    # The skew test (GROUPED_IMBALANCE_LIMIT) weighs the cut that fills the SMs. Weighing the unsplit cut instead
+    # sent bf16 64 x 1k to split-K (4 splits and a combine): the opposite of what leaving it unsplit is for.
+    from kvgen.runtime.decode_plan import plan_decode
+
+    cache = _fake_cache(lengths, max_groups, heads=heads)
+    cache.decode_slots = lambda: slots
+    plan = plan_decode(cache)
+    assert (plan.groups, plan.splits) == (groups, splits)
+
+
 def test_grouped_and_split_k_makespans_are_modelled_in_the_same_rows() -> None:
     from kvgen.runtime.decode_plan import GROUPED_OVERHEAD_ROWS, grouped_makespan, split_k_makespan
 

@@ -173,15 +173,20 @@ def grouped_cta_cost(longest: int, pairs: int, splits: int, groups: int, sms: in
     return rows * slowdown + (COMBINE_CTA_ROWS if splits > 1 else 0)
 
 
-def grouped_splits(longest: int, pairs: int, sms: int, groups: int, tile: int = 64) -> int:
-    """CTAs per (request, KV head) of a grouped plan: one wave of one grouped CTA per SM; no more splits than give
-    every warp group a tile of the longest request, nor (GROUPED_MIN_CTA_ROWS) than give every CTA 4 tiles unless
-    that leaves fewer than GROUPED_MIN_CTAS CTAs; and one split where the combine would cost more than the
-    splits save (grouped_cta_cost)."""
+def grouped_fill_splits(longest: int, pairs: int, sms: int, groups: int, tile: int = 64) -> int:
+    """CTAs per (request, KV head) that fill the SMs with one wave of grouped CTAs: no more splits than give every
+    warp group a tile of the longest request, nor (GROUPED_MIN_CTA_ROWS) than give every CTA 4 tiles unless that
+    leaves fewer than GROUPED_MIN_CTAS CTAs."""
     pairs = max(1, pairs)
     one_tile = -(-longest // (groups * tile))
     whole_ctas = -(-longest // max(groups * tile, GROUPED_MIN_CTA_ROWS))
-    splits = max(1, min(sms // pairs, max(whole_ctas, min(one_tile, -(-GROUPED_MIN_CTAS // pairs)))))
+    return max(1, min(sms // pairs, max(whole_ctas, min(one_tile, -(-GROUPED_MIN_CTAS // pairs)))))
+
+
+def grouped_splits(longest: int, pairs: int, sms: int, groups: int, tile: int = 64) -> int:
+    """CTAs per (request, KV head) of a grouped plan: grouped_fill_splits, or one where the combine would cost more
+    than the splits save (grouped_cta_cost)."""
+    splits = grouped_fill_splits(longest, pairs, sms, groups, tile)
     if splits > 1 and grouped_cta_cost(longest, pairs, 1, groups, sms, tile) < grouped_cta_cost(
             longest, pairs, splits, groups, sms, tile):
         return 1
@@ -217,7 +222,10 @@ def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
         if groups:
             splits = grouped_splits(longest, pairs, sms, groups)
             chunk, split_k_rows = _best_chunk(lens, cache.num_heads, cache.decode_slots(), SPLIT_K_OVERHEAD_ROWS, 64)
-            if grouped_makespan(longest, splits, groups) > GROUPED_IMBALANCE_LIMIT * split_k_rows:
+            # Skew is judged on the cut that fills the SMs: an unsplit plan, taken for the combine it saves, must
+            # not read as a skewed one (bf16 64 x 1k over 1 KV head went to split-K that way, session 17 review).
+            fill = grouped_fill_splits(longest, pairs, sms, groups)
+            if grouped_makespan(longest, fill, groups) > GROUPED_IMBALANCE_LIMIT * split_k_rows:
                 groups = 0  # skewed lengths: balanced split-K chunks (GROUPED_IMBALANCE_LIMIT)
         if not groups:
             return split_k_plan(cache, lens, chunk)
