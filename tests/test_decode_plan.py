@@ -344,6 +344,23 @@ def test_programmatic_launch_is_refused_before_sm90_naming_the_field() -> None:
     assert cache.programmatic_launch is True and cache._programmatic is True
 
 
+@pytest.mark.parametrize(("arch", "fix"), [("sm_89", "add sm_89 to archs and rebuild"),
+                                           ("sm_120", "kvgen builds for sm_80, sm_86, sm_89, sm_90a, sm_100a")])
+def test_a_gpu_without_a_cubin_is_refused_by_arch(arch: str, fix: str) -> None:
+    # KVCache() checks before it sizes the decode for the arch (its shared-memory tables know kvgen's archs only):
+    # an unlisted GPU raised a bare KeyError there (session 17 review), not the launch error naming the arch.
+    from types import SimpleNamespace
+
+    from kvgen.errors import LaunchError
+    from kvgen.runtime.kvcache import KVCache
+
+    cache = object.__new__(KVCache)
+    cache.variant = SimpleNamespace(NAME="v", CUBINS={"sm_90a": "v.cubin"})
+    with pytest.raises(LaunchError, match=rf"no cubin for this GPU's arch.*{arch}.*{fix}.*have: sm_90a"):
+        cache._require_cubin(arch)
+    cache._require_cubin("sm_90a")
+
+
 def _choose_chunk_one_by_one(lens: np.ndarray, heads: int, slots: int, overhead: int = 96, tile: int = 64) -> int:
     """The planner's rule written as the plain loop over candidate chunks it replaced (1.7 ms at 16k contexts)."""
     longest = int(lens.max())

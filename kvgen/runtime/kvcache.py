@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import DERIVED_KERNELS
+from ..config import DERIVED_KERNELS, SMEM_PER_CTA
 from ..derive import (
     DECODE_TILE,
     THREADS,
@@ -269,6 +269,7 @@ class KVCache:
         # Geometry of the decode kernel for this GPU's arch (shared memory, loader), fixed per variant: computed
         # once, not on every launch.
         arch = driver.device_arch(self.device)
+        self._require_cubin(arch)  # here, before the geometry: it is tabled for kvgen's archs only
         self._decode_geo = decode_geometry(self.spec, arch) if self.spec.attention is not None else None
         self._decode_smem = self._decode_geo.smem_bytes if self._decode_geo is not None else 0
         self._decode_maps: dict[int, tuple[TmaTile, TmaTile]] = {}  # layer -> K, V create_tma_tile descriptors
@@ -762,11 +763,16 @@ class KVCache:
             raise RuntimeError("kvgen kernels refused some accesses: " + "; ".join(errs))
 
     # ---- launches -------------------------------------------------------------------------------------
+    def _require_cubin(self, arch: str) -> None:
+        if arch not in self.variant.CUBINS:
+            fix = (f"add {arch} to archs and rebuild" if arch in SMEM_PER_CTA else
+                   f"kvgen builds for {', '.join(SMEM_PER_CTA)}; use a GPU of one of them")
+            raise LaunchError(self.variant.NAME, "device", "no cubin for this GPU's arch", arch,
+                              f"{fix} (have: {', '.join(self.variant.CUBINS)})")
+
     def _kernel(self, name: str, smem: int = 0) -> driver.Kernel:
         arch = driver.device_arch(self.device)
-        if arch not in self.variant.CUBINS:
-            raise LaunchError(self.variant.NAME, "device", "no cubin for this GPU's arch", arch,
-                              f"add {arch} to archs and rebuild (have: {', '.join(self.variant.CUBINS)})")
+        self._require_cubin(arch)
         symbols = self.variant.KERNELS[arch]
         if name not in symbols:
             parent = DERIVED_KERNELS.get(name, name)  # store_slots comes with store, decode_combine with decode
