@@ -18,6 +18,7 @@ from conftest import ROOT, subprocess_env
 
 from kvgen.build import BuildReport, build
 from kvgen.grid import load_config
+from kvgen.nvrtc import compile_ptx
 
 LLAMA = ROOT / "configs" / "llama3_8b_bf16.yaml"
 ELF = b"\x7fELF"
@@ -234,3 +235,27 @@ def test_schema_and_show_trait(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "kvgen.cli", "show", "llama3_8b", "--trait", "-c",
                         str(ROOT / "configs" / "llama3_8b_bf16.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "struct Traits" in r.stdout and "extern \"C\"" not in r.stdout
+
+
+def test_a_package_for_every_arch_before_sm90(tmp_path: Path) -> None:
+    """An FP8 decode variant built for the A100, A10 and L40S next to the H100: one cubin and one kernel table per
+    arch in the imported package, no TMA kernels before sm_90, and the FP8 conversion in hardware only from sm_89
+    (the sm_80 and sm_86 sources take cuda_fp8.h's emulation)."""
+    cfg = tmp_path / "fp8_archs.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "archs", "archs": ["sm_80", "sm_86", "sm_89", "sm_90a"], "kernels": ["store", "load", "tma_tile_load", "decode"],
+        "cache": {"kind": "paged", "dtype": "float8_e4m3fn", "num_layers": 2, "num_kv_heads": 8, "head_size": 128,
+                  "page_size": 16},
+        "quantization": {"scale_dtype": "float32", "granularity": 128}, "attention": {"num_q_heads": 32}}))
+    report = build(cfg, out=tmp_path / "pkg", jobs=2)
+    (vb,) = report.builds
+    assert [ab.arch for ab in vb.archs] == ["sm_80", "sm_86", "sm_89", "sm_90a"]
+    cls = import_package(tmp_path / "pkg", "kvgen_test_archs_pkg").VARIANTS[vb.variant.name]
+    assert set(cls.CUBINS) == set(cls.KERNELS) == {"sm_80", "sm_86", "sm_89", "sm_90a"}
+    for arch in ("sm_80", "sm_86", "sm_89"):
+        assert "tma_tile_load" not in cls.KERNELS[arch] and "decode" in cls.KERNELS[arch]
+        assert Path(cls.CUBINS[arch]).read_bytes()[:4] == ELF
+    assert "tma_tile_load" in cls.KERNELS["sm_90a"]
+    for arch, hardware in (("sm_86", False), ("sm_89", True)):
+        ptx = compile_ptx(Path(cls.SOURCES[arch]).read_text(), arch)
+        assert (b"cvt.rn.f16x2.e4m3x2" in ptx) is hardware, arch
