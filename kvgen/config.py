@@ -6,7 +6,7 @@ Field-level checks (types, ranges, enumerations) are Pydantic's; the rules that 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -30,6 +30,8 @@ SMEM_PER_SM = {"sm_80": 164 * 1024, "sm_86": 100 * 1024, "sm_89": 100 * 1024, "s
 SMEM_PER_CTA = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90a": 227 * 1024,
                 "sm_100a": 227 * 1024}
 DECODE_SMEM_HEADROOM = 7 * 1024
+ARCHS: tuple[str, ...] = get_args(Arch)
+assert set(SMEM_PER_SM) == set(SMEM_PER_CTA) == set(ARCHS), "a shared-memory budget for every arch"
 # Kernels emitted with another one rather than named in `kernels` (kernels_for_arch), and the one they come with.
 DERIVED_KERNELS = {"decode_combine": "decode", "store_slots": "store", "adopt_block_table": "decode"}
 GATHER4_ARCHS = frozenset({"sm_100a"})

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import DERIVED_KERNELS, SMEM_PER_CTA
+from ..config import ARCHS, DERIVED_KERNELS
 from ..derive import (
     DECODE_TILE,
     THREADS,
@@ -765,14 +765,13 @@ class KVCache:
     # ---- launches -------------------------------------------------------------------------------------
     def _require_cubin(self, arch: str) -> None:
         if arch not in self.variant.CUBINS:
-            fix = (f"add {arch} to archs and rebuild" if arch in SMEM_PER_CTA else
-                   f"kvgen builds for {', '.join(SMEM_PER_CTA)}; use a GPU of one of them")
+            fix = (f"add {arch} to archs and rebuild" if arch in ARCHS else
+                   f"kvgen builds for {', '.join(ARCHS)}; use a GPU of one of them")
             raise LaunchError(self.variant.NAME, "device", "no cubin for this GPU's arch", arch,
                               f"{fix} (have: {', '.join(self.variant.CUBINS)})")
 
     def _kernel(self, name: str, smem: int = 0) -> driver.Kernel:
-        arch = driver.device_arch(self.device)
-        self._require_cubin(arch)
+        arch = self._arch  # the constructor made sure the variant has its cubin (_require_cubin)
         symbols = self.variant.KERNELS[arch]
         if name not in symbols:
             parent = DERIVED_KERNELS.get(name, name)  # store_slots comes with store, decode_combine with decode
