@@ -43,7 +43,7 @@ def read_trace(cache, n_ctas: int) -> np.ndarray:
 def report(label: str, tr: np.ndarray) -> None:
     t0 = tr[:, 0].min()
     rel = (tr[:, :9].astype(np.int64) - int(t0)) / 1000.0  # µs from the first CTA's start
-    start, known, first, loop, end, parked, merged, weighed, synced = (rel[:, i] for i in range(9))
+    start, known, first, loop, end, parked, merged = (rel[:, i] for i in range(7))
     q = lambda x: f"{np.percentile(x, 5):6.2f} / {np.median(x):6.2f} / {np.percentile(x, 95):6.2f} / {x.max():6.2f}"  # noqa: E731
     print(f"== {label}: {len(tr)} CTAs on {len(np.unique(tr[:, 15]))} SMs, kernel span {end.max():.2f} us "
           "(p5 / median / p95 / max, µs)")
@@ -53,7 +53,6 @@ def report(label: str, tr: np.ndarray) -> None:
     print(f"   loop - first tile     {q(loop - first)}")
     print(f"   exit - loop (epilog)  {q(end - loop)}")
     print(f"     of which park+barrier {q(parked - loop)}, first merge {q(merged - parked)}, rest {q(end - merged)}")
-    print(f"     first merge = weights {q(weighed - parked)} + barrier {q(synced - weighed)} + slices {q(merged - synced)}")
     print(f"   CTA lifetime          {q(end - start)}")
     # Slot 14 holds clock64 at the last trace point reached, the exit (point 4) in every CTA that merges.
     cycles = tr[:, 14].astype(np.int64) - tr[:, 13].astype(np.int64)
@@ -76,7 +75,9 @@ def main() -> None:
     out = Path("/tmp/kvgen-trace")
     extra = tuple(d for d in os.environ.get("TRACE_DEFINES", "").split(",") if d)  # more decode.cuh knobs
     with nvrtc.defines("KVGEN_DECODE_TRACE", *extra):
-        build(load_config(ROOT / "configs" / "bench_decode.yaml"), out=out, jobs=1, pattern="*p16*")
+        # TRACE_CONFIG: another benchmark config
+        config = Path(os.environ.get("TRACE_CONFIG", ROOT / "configs" / "bench_decode.yaml"))
+        build(load_config(config), out=out, jobs=1, pattern="*p16*")
     mod = import_package(out, "kvgen_trace")
     rng = np.random.default_rng(0)
     for v in mod.VARIANTS.values():
@@ -87,7 +88,8 @@ def main() -> None:
             # Three caches, the traced one built first: the other two (built and decoded after it) push its
             # blocks out of L2, so the traced decode reads HBM as in the benchmark.
             caches = [decode_cache(v, lens, rng) for _ in range(3)]
-            q = torch.randn(len(lens), 32, 128, device="cuda", dtype=torch.bfloat16)
+            q = torch.randn(len(lens), spec.attention.num_q_heads, spec.cache.head_size, device="cuda",
+                            dtype=torch.bfloat16)
             o = torch.empty_like(q)
             for c in caches:
                 if chunk is not None:

@@ -26,9 +26,9 @@ namespace kvgen {
 #define INFINITY __int_as_float(0x7f800000)
 #endif
 // Per-CTA timeline for bench/decode_trace.py (built with -DKVGEN_DECODE_TRACE only; never in a normal build):
-// globaltimer ns at [start, length known, first tile landed, loop done, exit, warps parked, first output merged,
-// slice weights done, second barrier passed], the SM's clock64 at the first and the latest point (slots 13, 14; their
-// ratio to the globaltimer is the SM clock) and (slot 15) the SM id.
+// globaltimer ns at [start, length known, first tile landed, loop done, exit, warps parked, first output merged],
+// the SM's clock64 at the first and the latest point (slots 13, 14; their ratio to the globaltimer is the SM clock)
+// and (slot 15) the SM id.
 #ifdef KVGEN_DECODE_TRACE
 extern "C" {  // unmangled, so the host finds it with cuModuleGetGlobal
 __device__ unsigned long long kvgen_decode_trace[1 << 16][16];
@@ -400,6 +400,11 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // TMA: one transaction barrier per stage and warp group.
   __shared__ alignas(8) uint64_t full_bar_cta[TMA ? MAX_GROUPS * STAGES : 1];
   uint64_t* const full_bar = full_bar_cta + (TMA ? grp * STAGES : 0);
+  // Each warp's final running max per query row, published before the loop's last barrier so the merge needs no
+  // pass of its own to find the CTA's max (kvgen/derive.py decode_geometry counts these bytes).
+  // (Rows padded by 4 floats: the lanes of a PVT warp read rows 2tq and 2tq + 1 at once, 4-way bank conflicts at a
+  // pitch of 64 bytes.)
+  __shared__ alignas(16) float slice_max[GROUP][4 * MAX_GROUPS + 4];
 
   const uint32_t split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const uint32_t warp = tid / 32, lane = tid % 32;  // warp within the group
@@ -1048,6 +1053,13 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     // barrier; it is next read after the following barrier.
     if (tid < kRingWriters) row_ring[((tile + STAGES) % STAGES) * BN + tid] = next_row;
   }
+  const uint32_t nw = 4 * ngrp, gw = grp * 4 + warp;  // warps of the CTA, this warp's slice
+  // This warp's running max of each of its rows, for every warp's merge scale (below).
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = PVT ? 2 * int(tq) + r : int(gq) + 8 * r;
+    if (row < GROUP && (PVT ? gq == 0 : tq == 0)) slice_max[row][gw] = m_run[r];
+  }
   cp_async_wait<0>();
   __syncthreads();
   KVGEN_TRACE(3);
@@ -1056,11 +1068,11 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   pdl_launch_dependents();
 
   // ---- merge the 4 x ngrp warps (reusing the pipelines' shared memory) ------------------------------------
-  // Each warp parks its unnormalized rows (only the GROUP real ones) and their (max, sum) in its own slice; after
-  // a barrier one warp per row turns the (max, sum) pairs into slice weights, and after a second every thread
-  // combines the slices for its outputs. (The first version added the warps into
-  // one buffer in 4 barrier-separated turns with 8-way bank conflicts: 6 us per CTA, measured with the
-  // per-CTA trace; at 16 x 1k that was a fifth of the kernel.)
+  // Every warp scales its rows to the CTA's max M (from slice_max, published before the barrier above) and parks
+  // them with their scaled sums in its own slice; after one barrier every thread adds up the slices of its
+  // outputs: o = sum_w 2^(m_w - M) o_w / sum_w 2^(m_w - M) l_w. (A pass with one warp per row turning the slices'
+  // (max, sum) pairs into weights, between two barriers, cost 0.5-0.7 us per CTA, H200 session 18 trace; before
+  // that the warps added into one buffer in 4 barrier-separated turns: 6 us per CTA.)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if constexpr (PVT) {  // partial sums of each head over this lane's tokens: add up the 8 token rows
@@ -1075,86 +1087,78 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   // Row pitch in floats: 4 rows of the plain path's 8-byte pairs land in distinct banks (the PVT and swizzled
   // float4 parks meet 2-way conflicts, once per CTA).
   constexpr int OP = D + 8;
-  const uint32_t nw = 4 * ngrp, gw = grp * 4 + warp;  // warps of the CTA, this warp's slice
-  float* sm_o = reinterpret_cast<float*>(smem_cta);  // [nw warps][GROUP][OP]
-  float* sm_ml = sm_o + nw * GROUP * OP;             // [nw warps][GROUP][2]: running max (log2), row sum
-  if constexpr (PVT) {  // lane (gq, tq): heads 2tq (c0, c2) and 2tq + 1 (c1, c3), dims 16m + 2gq and + 1
+  float* sm_o = reinterpret_cast<float*>(smem_cta);  // [nw warps][GROUP][OP]: 2^(m_w - M) x the warp's rows
+  float* sm_l = sm_o + nw * GROUP * OP;              // [GROUP][nw]: 2^(m_w - M) x the warp's row sums
+  float* sm_m = sm_l + GROUP * nw;                   // [GROUP]: M (log2 units; 0 for a row no warp saw)
+  // M of a row, and this warp's scale for it (0 for a warp that saw no rows, m_w = -inf).
+  auto row_scale = [&](int row, float m_w, float& mref) -> float {
+    // Straight-line code, bounded by the template (a runtime bound unrolled 16-fold, and its branches kept the
+    // loads from being in flight together): slices past nw read slice 0 and count as -inf.
+    float4 v[MAX_GROUPS];
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int head = 2 * int(tq) + hh;
-      if (head < GROUP) {
-        float* dst = sm_o + (gw * GROUP + head) * OP + 2 * gq;
+    for (int k = 0; k < MAX_GROUPS; ++k) v[k] = *reinterpret_cast<const float4*>(&slice_max[row][4 * k < int(nw) ? 4 * k : 0]);
+    float mx = -INFINITY;
 #pragma unroll
-        for (int m = 0; m < DN_OUT; ++m) *reinterpret_cast<float2*>(dst + 16 * m) = make_float2(o[m][hh], o[m][2 + hh]);
-        if (gq == 0) {  // the head's (max, sum), equal in every lane gq after the reductions
-          sm_ml[(gw * GROUP + head) * 2] = m_run[hh];
-          sm_ml[(gw * GROUP + head) * 2 + 1] = l_run[hh];
-        }
-      }
-    }
-  }
+    for (int k = 0; k < MAX_GROUPS; ++k)
+      mx = 4 * k < int(nw) ? fmaxf(mx, fmaxf(fmaxf(v[k].x, v[k].y), fmaxf(v[k].z, v[k].w))) : mx;
+    mref = mx == -INFINITY ? 0.f : mx;
+    return exp2f(m_w - mref);
+  };
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int row = gq + 8 * r;
+    const int row = PVT ? 2 * int(tq) + r : int(gq) + 8 * r;  // PVT: head 2tq + r; else MMA row gq + 8r
     if (row < GROUP) {
-      if constexpr (PVT) {
-        // parked above, by head
+      float mref;
+      const float e = row_scale(row, m_run[r], mref);
+      if constexpr (PVT) {  // o[m]: dims 16m + 2gq (c0, c1) and + 1 (c2, c3) of heads 2tq (c0, c2), 2tq + 1 (c1, c3)
+        float* dst = sm_o + (gw * GROUP + row) * OP + 2 * gq;
+#pragma unroll
+        for (int m = 0; m < DN_OUT; ++m) *reinterpret_cast<float2*>(dst + 16 * m) = make_float2(o[m][r] * e, o[m][2 + r] * e);
       } else if constexpr (SWZ) {  // n-tiles 2c (even dims) and 2c + 1 (odd) hold dims 16c + 4tq + 0..3
         float* dst = sm_o + (gw * GROUP + row) * OP + tq * 4;
 #pragma unroll
         for (int c = 0; c < CPR; ++c)
-          *reinterpret_cast<float4*>(dst + c * 16) = make_float4(o[2 * c][2 * r], o[2 * c + 1][2 * r], o[2 * c][2 * r + 1], o[2 * c + 1][2 * r + 1]);
+          *reinterpret_cast<float4*>(dst + c * 16) = make_float4(o[2 * c][2 * r] * e, o[2 * c + 1][2 * r] * e,
+                                                                 o[2 * c][2 * r + 1] * e, o[2 * c + 1][2 * r + 1] * e);
       } else {
         float* dst = sm_o + (gw * GROUP + row) * OP + tq * 2;
 #pragma unroll
         for (int dn = 0; dn < DN; ++dn)
-          *reinterpret_cast<float2*>(dst + dn * 8) = make_float2(o[dn][2 * r], o[dn][2 * r + 1]);
+          *reinterpret_cast<float2*>(dst + dn * 8) = make_float2(o[dn][2 * r] * e, o[dn][2 * r + 1] * e);
       }
-      if (!PVT && tq == 0) {
-        sm_ml[(gw * GROUP + row) * 2] = m_run[r];
-        sm_ml[(gw * GROUP + row) * 2 + 1] = l_run[r];
+      if (PVT ? gq == 0 : tq == 0) {  // the row's sum, equal in those lanes after the reductions above
+        sm_l[row * nw + gw] = l_run[r] * e;
+        if (gw == 0) sm_m[row] = mref;
       }
     }
   }
   __syncthreads();
   KVGEN_TRACE(5);
-  // Each row's slice weights, once per row: one warp per row, lane w reads slice w's (max, sum). The weight
-  // c_w = 2^(m_w - M) / L overwrites the slice's max and the row's natural-log LSE its slice-0 sum; every output
-  // element is then one FMA per slice. (The online merge per element paid nw / 4 dependent rounds of
-  // exponentials and a division for each of the GROUP x D outputs.)
-  for (uint32_t row = threadIdx.x / 32; row < uint32_t(GROUP); row += nw) {  // warp-uniform
-    const bool has = lane < nw;
-    const float mw = has ? sm_ml[(lane * GROUP + row) * 2] : -INFINITY;
-    const float lw = has ? sm_ml[(lane * GROUP + row) * 2 + 1] : 0.f;
-    float mx = mw;
-#pragma unroll
-    for (int sh = 16; sh > 0; sh >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, sh));
-    const float mref = mx == -INFINITY ? 0.f : mx;
-    const float e = exp2f(mw - mref);  // 0 for a slice that saw no rows (m_w = -inf)
-    float l = lw * e;
-#pragma unroll
-    for (int sh = 16; sh > 0; sh >>= 1) l += __shfl_xor_sync(0xffffffffu, l, sh);
-    // V's static scale, and the tile loop's kPUp undone, once per slice
-    if (has) sm_ml[(lane * GROUP + row) * 2] = l > 0.f ? e / l * (v_static * (1.f / kPUp)) : 0.f;
-    if (lane == 0) sm_ml[row * 2 + 1] = l > 0.f ? (mref + log2f(l)) * 0.6931471805599453f : -INFINITY;
-  }
-  KVGEN_TRACE(7);
-  __syncthreads();
-  KVGEN_TRACE(8);
   for (int i = threadIdx.x; i < GROUP * D; i += blockDim.x) {
     const int row = i / D, col = i % D;
-    float o_norm = 0.f;
-    for (uint32_t w0 = 0; w0 < nw; w0 += 4) {  // 4 slices' loads in flight together
-      float cw[4], ow[4];
+    float o_sum = 0.f, l_sum = 0.f;
+    // Every slice's loads in flight together (as row_scale: slices past nw read slice 0 and count as 0).
+    float ow[4 * MAX_GROUPS];
+    float4 lw[MAX_GROUPS];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        cw[j] = sm_ml[((w0 + j) * GROUP + row) * 2];
-        ow[j] = sm_o[((w0 + j) * GROUP + row) * OP + col];
-      }
+    for (int k = 0; k < MAX_GROUPS; ++k) {
+      const int w0 = 4 * k < int(nw) ? 4 * k : 0;
+      lw[k] = *reinterpret_cast<const float4*>(sm_l + row * nw + w0);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) o_norm = fmaf(cw[j], ow[j], o_norm);
+      for (int j = 0; j < 4; ++j) ow[4 * k + j] = sm_o[((w0 + j) * GROUP + row) * OP + col];
     }
-    const float lse = sm_ml[row * 2 + 1];
+#pragma unroll
+    for (int k = 0; k < MAX_GROUPS; ++k) {
+      if (4 * k < int(nw)) {
+        l_sum += (lw[k].x + lw[k].y) + (lw[k].z + lw[k].w);
+        o_sum += (ow[4 * k] + ow[4 * k + 1]) + (ow[4 * k + 2] + ow[4 * k + 3]);
+      }
+    }
+    // V's static scale and the tile loop's kPUp undone with the normalization. The MUFU forms (2 ulp): this runs
+    // once per CTA, where the IEEE division's and log2f's longer code cost more than their arithmetic.
+    // (l_sum is at most the context length, far from __fdividef's 2^126 limit.)
+    const float o_norm = l_sum > 0.f ? __fdividef(o_sum * (v_static * (1.f / kPUp)), l_sum) : 0.f;
+    const float lse = l_sum > 0.f ? (sm_m[row] + __log2f(l_sum)) * 0.6931471805599453f : -INFINITY;
     if (i == int(threadIdx.x)) KVGEN_TRACE(6);  // thread 0's first output merged, not yet stored
     if (final_out) {
       // decode_combine's merge of a single split: w = exp(lse - m) against the sink's exp(sink - m).
