@@ -1092,15 +1092,17 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   float* sm_m = sm_l + GROUP * nw;                   // [GROUP]: M (log2 units; 0 for a row no warp saw)
   // M of a row, and this warp's scale for it (0 for a warp that saw no rows, m_w = -inf).
   auto row_scale = [&](int row, float m_w, float& mref) -> float {
-    // Straight-line code, bounded by the template (a runtime bound unrolled 16-fold, and its branches kept the
-    // loads from being in flight together): slices past nw read slice 0 and count as -inf.
+    // Predicated loads in straight-line code, bounded by the template: a runtime bound unrolled 16-fold, and
+    // branches around each group's loads kept them from being in flight together.
     float4 v[MAX_GROUPS];
 #pragma unroll
-    for (int k = 0; k < MAX_GROUPS; ++k) v[k] = *reinterpret_cast<const float4*>(&slice_max[row][4 * k < int(nw) ? 4 * k : 0]);
+    for (int k = 0; k < MAX_GROUPS; ++k) {
+      v[k] = make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+      if (4 * k < int(nw)) v[k] = *reinterpret_cast<const float4*>(&slice_max[row][4 * k]);
+    }
     float mx = -INFINITY;
 #pragma unroll
-    for (int k = 0; k < MAX_GROUPS; ++k)
-      mx = 4 * k < int(nw) ? fmaxf(mx, fmaxf(fmaxf(v[k].x, v[k].y), fmaxf(v[k].z, v[k].w))) : mx;
+    for (int k = 0; k < MAX_GROUPS; ++k) mx = fmaxf(mx, fmaxf(fmaxf(v[k].x, v[k].y), fmaxf(v[k].z, v[k].w)));
     mref = mx == -INFINITY ? 0.f : mx;
     return exp2f(m_w - mref);
   };
@@ -1136,23 +1138,25 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   KVGEN_TRACE(5);
   for (int i = threadIdx.x; i < GROUP * D; i += blockDim.x) {
     const int row = i / D, col = i % D;
-    float o_sum = 0.f, l_sum = 0.f;
-    // Every slice's loads in flight together (as row_scale: slices past nw read slice 0 and count as 0).
+    // Every slice's loads in flight together (predicated as in row_scale; the absent groups' slices count as 0).
     float ow[4 * MAX_GROUPS];
     float4 lw[MAX_GROUPS];
 #pragma unroll
     for (int k = 0; k < MAX_GROUPS; ++k) {
-      const int w0 = 4 * k < int(nw) ? 4 * k : 0;
-      lw[k] = *reinterpret_cast<const float4*>(sm_l + row * nw + w0);
+      lw[k] = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) ow[4 * k + j] = sm_o[((w0 + j) * GROUP + row) * OP + col];
+      for (int j = 0; j < 4; ++j) ow[4 * k + j] = 0.f;
+      if (4 * k < int(nw)) {
+        lw[k] = *reinterpret_cast<const float4*>(sm_l + row * nw + 4 * k);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) ow[4 * k + j] = sm_o[((4 * k + j) * GROUP + row) * OP + col];
+      }
     }
+    float o_sum = 0.f, l_sum = 0.f;
 #pragma unroll
     for (int k = 0; k < MAX_GROUPS; ++k) {
-      if (4 * k < int(nw)) {
-        l_sum += (lw[k].x + lw[k].y) + (lw[k].z + lw[k].w);
-        o_sum += (ow[4 * k] + ow[4 * k + 1]) + (ow[4 * k + 2] + ow[4 * k + 3]);
-      }
+      l_sum += (lw[k].x + lw[k].y) + (lw[k].z + lw[k].w);
+      o_sum += (ow[4 * k] + ow[4 * k + 1]) + (ow[4 * k + 2] + ow[4 * k + 3]);
     }
     // V's static scale and the tile loop's kPUp undone with the normalization. The MUFU forms (2 ulp): this runs
     // once per CTA, where the IEEE division's and log2f's longer code cost more than their arithmetic.
