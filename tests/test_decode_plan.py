@@ -261,7 +261,7 @@ def test_plan_groups_follow_the_measured_rule(lengths: list[int], max_groups: in
     (100, 8, 4, 1),        # short context: no split would give a warp group a whole tile
     (600, 8, 4, 3),        # ... at most ceil(600 / (4 x 64)) splits
     (600, 8, 2, 5),        # 2-group CTAs over 8 pairs: one tile per group (40 CTAs), not 4 per CTA (24)
-    (600, 32, 2, 3),       # ... over 32 pairs: every CTA 4 tiles (GROUPED_MIN_CTA_ROWS), 96 CTAs
+    (600, 32, 2, 1),       # ... over 32 pairs: 2 splits of about 8 tiles (GROUPED_MIN_CTA_ROWS) save less than the merge
     (1024, 16, 2, 4),      # 16 requests over 1 KV head, bf16: 4 splits (measured 10.1 µs, 8 splits 11.3)
     (1024, 8, 2, 8),       # 1 request over 8 KV heads, bf16: 8 splits keep 64 CTAs (7.2 µs; 4 splits 7.5)
     (1024, 8, 3, 6),       # ... FP8 at head size 256 (3 groups): 6 splits, 48 CTAs (8.4 µs; 4 splits 9.2)
@@ -269,7 +269,11 @@ def test_plan_groups_follow_the_measured_rule(lengths: list[int], max_groups: in
     (512, 64, 2, 1),        # ... bf16 at 512 tokens (10.8 against 13.5)
     (2048, 64, 4, 2),      # ... at 2k the splits pay (16.9 against 18.0); the SMs cap them at 2
     (1024, 48, 4, 2),      # 48 pairs at 1k: 96 CTAs, below DRAM saturation, split (11.4 against 11.5, bf16 14.5 / 14.8)
-    (1024, 32, 2, 4),      # 32 pairs: 4 splits (the minimum CTA rows), well ahead of unsplit (13.3 against 14.0)
+    (1024, 32, 2, 2),      # 32 pairs: 2 splits of 512 rows (session 18: 11.6 µs; 4 splits 13.0, unsplit 13.8)
+    (1025, 32, 4, 2),      # ... a token past 1k adds no split (FP8 9.5 µs; 3 splits 9.8, 4 splits 10.3)
+    (16385, 2, 4, 32),     # 2 requests x 16k over 1 KV head, FP8: 64 CTAs of 512 rows (11.8 µs; 64 splits 14.2)
+    (2049, 16, 4, 4),      # 16 pairs x 2k, FP8: 4 splits (9.0 µs; 8 splits 9.8)
+    (4097, 8, 4, 8),       # 1 request x 4k over 8 KV heads, FP8: 8 splits (9.8 µs; 16 splits 10.2)
 ])
 def test_grouped_splits_fill_one_wave_and_never_split_below_a_tile(longest: int, pairs: int, groups: int, splits: int) -> None:
     assert grouped_splits(longest, pairs, 132, groups) == splits

@@ -143,15 +143,18 @@ def partial_grouping_pays(pairs: int, groups: int, sms: int, max_groups: int, lo
     return tma or longest <= PARTIAL_GROUPING_MAX_CONTEXT or used >= PARTIAL_GROUPING_MIN_SLOT_USE
 
 
-# Rows of the longest request a grouped CTA gets at least: every warp group one tile, and a CTA 4 tiles. Measured on
-# the H200 (session 16, 16 requests over 1 KV head, 1k contexts): bf16's 2-group CTAs at 8 splits (one tile per
-# group) 11.3 µs, at 4 splits 10.1 (more CTAs only add partials to the combine); FP8's 4-group CTAs were fastest at
-# one tile per group (4 splits 7.8 µs, 2 splits 9.3), where the two rules agree. Kernels of 2 or 3 groups (16-bit;
-# FP8 at head size 256) get fewer, longer splits than one tile per group would give.
-GROUPED_MIN_CTA_ROWS = 256
+# Rows of the longest request a grouped CTA gets, about (rounded to the nearest whole number of CTAs, so a context
+# a token past a multiple of it does not add a nearly empty split): every warp group at least one tile. Measured on
+# the H200 (session 18, every split count on the same caches, `bench/decode_splits_*_h200_s18.md`, after the
+# one-barrier epilogue): 2-40 pairs at 768-16k tokens ran fastest at 384-768 rows per CTA, e.g. 2 pairs x 16k FP8 at
+# 32 splits 11.8 µs against 64 splits' 14.2, 16 pairs x 2k at 4 splits 9.0 against 8 splits' 9.8, 32 pairs x 1k at 2
+# splits 9.5 against 4 splits' 10.3. Over those 16 shapes and session 17's 36 (`decode_splits_*_h200_s17.md`) the
+# summed regret against the best split count fell from 84% / 27% (256 rows, rounded up) to 16% / 5%.
+GROUPED_MIN_CTA_ROWS = 512
 # ... unless that leaves fewer CTAs than this (half the SMs) where one tile per group would not: a single request
 # over 8 KV heads at 1k (8 pairs) measured bf16 7.2 µs at 8 splits against 7.5 at 4, and FP8 at head size 256
-# (3 groups) 8.4 at 6 splits against 9.2 at 4 (H200, session 16). At 16 pairs and more both rules give 64+ CTAs.
+# (3 groups) 8.4 at 6 splits against 9.2 at 4 (H200, session 16); 16 pairs over 1 KV head at 1k, bf16, 10.1 µs at 4
+# splits against 11.3 at 8 and 11.3 at 2 (sessions 16-17).
 GROUPED_MIN_CTAS = 64
 
 
@@ -175,11 +178,12 @@ def grouped_cta_cost(longest: int, pairs: int, splits: int, groups: int, sms: in
 
 def grouped_fill_splits(longest: int, pairs: int, sms: int, groups: int, tile: int = 64) -> int:
     """CTAs per (request, KV head) that fill the SMs with one wave of grouped CTAs: no more splits than give every
-    warp group a tile of the longest request, nor (GROUPED_MIN_CTA_ROWS) than give every CTA 4 tiles unless that
-    leaves fewer than GROUPED_MIN_CTAS CTAs."""
+    warp group a tile of the longest request, nor (GROUPED_MIN_CTA_ROWS) than give every CTA about 8 tiles unless
+    that leaves fewer than GROUPED_MIN_CTAS CTAs."""
     pairs = max(1, pairs)
     one_tile = -(-longest // (groups * tile))
-    whole_ctas = -(-longest // max(groups * tile, GROUPED_MIN_CTA_ROWS))
+    per_cta = max(groups * tile, GROUPED_MIN_CTA_ROWS)
+    whole_ctas = max(1, (longest + per_cta // 2) // per_cta)
     return max(1, min(sms // pairs, max(whole_ctas, min(one_tile, -(-GROUPED_MIN_CTAS // pairs)))))
 
 
