@@ -151,6 +151,10 @@ def partial_grouping_pays(pairs: int, groups: int, sms: int, max_groups: int, lo
 # splits 9.5 against 4 splits' 10.3. Over those 16 shapes and session 17's 36 (`decode_splits_*_h200_s17.md`) the
 # summed regret against the best split count fell from 84% / 27% (256 rows, rounded up) to 16% / 5%.
 GROUPED_MIN_CTA_ROWS = 512
+# Skewed batches are judged on a finer cut (GROUPED_IMBALANCE_LIMIT below): the 512-row CTAs were measured on equal
+# lengths only, and at 256 rows a skewed small batch (a 2k request among short ones) kept the grouped plan the GPU
+# tests and sessions 16-17 ran with.
+GROUPED_SKEW_CTA_ROWS = 256
 # ... unless that leaves fewer CTAs than this (half the SMs) where one tile per group would not: a single request
 # over 8 KV heads at 1k (8 pairs) measured bf16 7.2 µs at 8 splits against 7.5 at 4, and FP8 at head size 256
 # (3 groups) 8.4 at 6 splits against 9.2 at 4 (H200, session 16); 16 pairs over 1 KV head at 1k, bf16, 10.1 µs at 4
@@ -176,13 +180,14 @@ def grouped_cta_cost(longest: int, pairs: int, splits: int, groups: int, sms: in
     return rows * slowdown + (COMBINE_CTA_ROWS if splits > 1 else 0)
 
 
-def grouped_fill_splits(longest: int, pairs: int, sms: int, groups: int, tile: int = 64) -> int:
+def grouped_fill_splits(longest: int, pairs: int, sms: int, groups: int, tile: int = 64,
+                        cta_rows: int = GROUPED_MIN_CTA_ROWS) -> int:
     """CTAs per (request, KV head) that fill the SMs with one wave of grouped CTAs: no more splits than give every
-    warp group a tile of the longest request, nor (GROUPED_MIN_CTA_ROWS) than give every CTA about 8 tiles unless
-    that leaves fewer than GROUPED_MIN_CTAS CTAs."""
+    warp group a tile of the longest request, nor than give every CTA about `cta_rows` rows (8 tiles) unless that
+    leaves fewer than GROUPED_MIN_CTAS CTAs."""
     pairs = max(1, pairs)
     one_tile = -(-longest // (groups * tile))
-    per_cta = max(groups * tile, GROUPED_MIN_CTA_ROWS)
+    per_cta = max(groups * tile, cta_rows)
     whole_ctas = max(1, (longest + per_cta // 2) // per_cta)
     return max(1, min(sms // pairs, max(whole_ctas, min(one_tile, -(-GROUPED_MIN_CTAS // pairs)))))
 
@@ -226,9 +231,10 @@ def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
         if groups:
             splits = grouped_splits(longest, pairs, sms, groups)
             chunk, split_k_rows = _best_chunk(lens, cache.num_heads, cache.decode_slots(), SPLIT_K_OVERHEAD_ROWS, 64)
-            # Skew is judged on the cut that fills the SMs: an unsplit plan, taken for the combine it saves, must
-            # not read as a skewed one (bf16 64 x 1k over 1 KV head went to split-K that way, session 17 review).
-            fill = grouped_fill_splits(longest, pairs, sms, groups)
+            # Skew is judged on a cut that fills the SMs with CTAs of GROUPED_SKEW_CTA_ROWS: an unsplit plan, taken
+            # for the combine it saves, must not read as a skewed one (bf16 64 x 1k over 1 KV head went to split-K
+            # that way, session 17 review), nor must the larger CTAs equal lengths measured faster with.
+            fill = grouped_fill_splits(longest, pairs, sms, groups, cta_rows=GROUPED_SKEW_CTA_ROWS)
             if grouped_makespan(longest, fill, groups) > GROUPED_IMBALANCE_LIMIT * split_k_rows:
                 groups = 0  # skewed lengths: balanced split-K chunks (GROUPED_IMBALANCE_LIMIT)
         if not groups:
