@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvgen.build import compile_all
-from kvgen.derive import kernel_symbol
+from kvgen.derive import decode_geometry, kernel_symbol
 from kvgen.grid import load_config
 from kvgen.nvrtc import compile_cubin, compile_ptx
 from kvgen.render import render_source
@@ -94,6 +94,8 @@ def test_decode_grid_compiles_with_few_spilled_words() -> None:
             # ptxas may park a few 64-bit values outside the tile loop (FP8 at the 128-register cap of 4 CTAs
             # per SM); more than that would mean the accumulators spilled.
             assert r["spill_stores"] <= 32 and r["spill_loads"] <= 32, (vb.variant.name, r)
+            # The static shared memory the geometry's CTAs-per-SM fit counted covers what the kernel declares.
+            assert r["smem"] <= decode_geometry(vb.variant.spec, ab.arch).static_bytes, (vb.variant.name, ab.arch, r)
 
 
 def test_decode_variant_compiles_in_under_a_second_and_a_bit() -> None:

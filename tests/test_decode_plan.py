@@ -67,7 +67,7 @@ def test_launch_bounds_minimum_follows_shared_memory(dtype: str, stages: int | N
     # cannot take registers that would cost occupancy (FP8 once went 127 -> 139 registers, 4 -> 3 CTAs/SM).
     geo = decode_geometry(_decode_spec(dtype, stages), "sm_90a")
     assert geo.min_blocks == blocks
-    assert geo.min_blocks * (geo.smem_bytes + SMEM_RESERVED_PER_CTA) <= SMEM_PER_SM["sm_90a"]
+    assert geo.min_blocks * (geo.smem_bytes + geo.static_bytes + SMEM_RESERVED_PER_CTA) <= SMEM_PER_SM["sm_90a"]
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a"])
@@ -91,7 +91,7 @@ def test_decode_geometry_fits_each_arch(arch: str, dtype: str, head_size: int, n
         return
     geo = decode_geometry(validate_variant(d), arch)
     assert geo.max_groups * geo.smem_bytes <= SMEM_PER_CTA[arch]
-    assert geo.min_blocks * (geo.smem_bytes + SMEM_RESERVED_PER_CTA) <= SMEM_PER_SM[arch]
+    assert geo.min_blocks * (geo.smem_bytes + geo.static_bytes + SMEM_RESERVED_PER_CTA) <= SMEM_PER_SM[arch]
     if arch == "sm_80" and (dtype, head_size) == ("bfloat16", 256):
         assert geo.stages == 2  # 3 stages of 64 KB + rings do not fit 156 KB
     if arch == "sm_80" and (dtype, head_size) == ("bfloat16", 128):
@@ -104,7 +104,7 @@ def test_ctas_per_sm_sets_the_minimum_within_shared_memory(ctas: int, blocks: in
     # 36.6 KB per CTA, so 6).
     geo = decode_geometry(_decode_spec("float8_e4m3fn", ctas=ctas), "sm_90a")
     assert geo.min_blocks == blocks
-    assert geo.min_blocks * (geo.smem_bytes + SMEM_RESERVED_PER_CTA) <= SMEM_PER_SM["sm_90a"]
+    assert geo.min_blocks * (geo.smem_bytes + geo.static_bytes + SMEM_RESERVED_PER_CTA) <= SMEM_PER_SM["sm_90a"]
 
 
 @pytest.mark.parametrize("loader", ["cp_async", "tma"])
