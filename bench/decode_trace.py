@@ -89,8 +89,8 @@ def main() -> None:
             # blocks out of L2, so the traced decode reads HBM as in the benchmark.
             caches = [decode_cache(v, lens, rng) for _ in range(3)]
             q = torch.randn(len(lens), spec.attention.num_q_heads, spec.cache.head_size, device="cuda",
-                            dtype=torch.bfloat16)
-            o = torch.empty_like(q)
+                            dtype=getattr(torch, spec.cache.io_dtype))
+            o = torch.empty(q.shape, device="cuda", dtype=getattr(torch, spec.attention.output_dtype))
             for c in caches:
                 if chunk is not None:
                     c.decode_plan = DecodePlan(c, chunk, -(-max(lens) // chunk), len(lens))

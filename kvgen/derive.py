@@ -246,12 +246,16 @@ def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
     smem = -(-smem // align) * align  # every warp group's pipeline (group g starts at g x smem) starts aligned
     # Without a minimum, ptxas may take more registers than shared memory would cost in occupancy (the FP8
     # kernel went 127 -> 139 registers, 4 -> 3 CTAs per SM, 8% slower at 64 x 4k).
-    # Static shared memory: TMA kernels' mbarriers, 8 bytes per stage and warp group (at most 8), and every kernel's
-    # per-warp row maxes for the merge, a float per query row and warp (4 per group, at most max_ctas groups).
-    max_ctas = a.ctas_per_sm if a.ctas_per_sm is not None else DECODE_MAX_CTAS
-    static = (8 * stages * 8 if tma else 0) + 4 * group * (4 * max_ctas + 4)
-    smem_fit = max(1, SMEM_PER_SM[arch] // (smem + static + SMEM_RESERVED_PER_CTA))
-    min_blocks = min(max_ctas, smem_fit)
+    # Static shared memory, which depends on the warp groups a CTA may run (= min_blocks): TMA kernels' mbarriers,
+    # 8 bytes per stage and group, and every kernel's per-warp row maxes for the merge (decode.cuh slice_max: GROUP
+    # rows of 4 x groups + 4 floats), plus 8 bytes of alignment between them.
+    def static_for(groups: int) -> int:
+        return (8 * stages * groups if tma else 0) + 4 * group * (4 * groups + 4) + 8
+
+    min_blocks = a.ctas_per_sm if a.ctas_per_sm is not None else DECODE_MAX_CTAS
+    while min_blocks > 1 and min_blocks * (smem + static_for(min_blocks) + SMEM_RESERVED_PER_CTA) > SMEM_PER_SM[arch]:
+        min_blocks -= 1
+    static = static_for(min_blocks)
     return DecodeGeometry(group=group, stages=stages, stage_bytes=stage,
                           smem_bytes=smem, min_blocks=min_blocks, out_c=DTYPES[a.output_dtype].c_type,
                           window=a.sliding_window, softcap=a.logits_soft_cap, tma=tma, balanced=not dt.is_fp8,

@@ -1160,9 +1160,10 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
     }
     // V's static scale and the tile loop's kPUp undone with the normalization. The MUFU forms (2 ulp): this runs
     // once per CTA, where the IEEE division's and log2f's longer code cost more than their arithmetic.
-    // (l_sum is at most the context length, far from __fdividef's 2^126 limit.)
-    const float o_norm = l_sum > 0.f ? __fdividef(o_sum * (v_static * (1.f / kPUp)), l_sum) : 0.f;
-    const float lse = l_sum > 0.f ? (sm_m[row] + __log2f(l_sum)) * 0.6931471805599453f : -INFINITY;
+    // (l_sum is 1 to the context length when finite, far from __fdividef's 2^126 limit.) `!= 0`, not `> 0`: a NaN
+    // sum (NaN or inf scores) must reach the output, as it did before this merge, not read as an empty CTA.
+    const float o_norm = l_sum != 0.f ? __fdividef(o_sum * (v_static * (1.f / kPUp)), l_sum) : 0.f;
+    const float lse = l_sum != 0.f ? (sm_m[row] + __log2f(l_sum)) * 0.6931471805599453f : -INFINITY;
     if (i == int(threadIdx.x)) KVGEN_TRACE(6);  // thread 0's first output merged, not yet stored
     if (final_out) {
       // decode_combine's merge of a single split: w = exp(lse - m) against the sink's exp(sink - m).
