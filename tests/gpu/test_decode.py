@@ -576,6 +576,40 @@ def test_fixed_split_count(gen, prefix: str) -> None:
     assert cache.decode_workspace(0).pairs >= room * len(lengths) > first_pairs
 
 
+@pytest.mark.parametrize("prefix", ["gdec_paged_bf16_h2_d128_p16", "gdec_paged_e4m3_h2_d128_p16_qf32g128"])
+def test_a_nan_query_reaches_its_own_output_under_every_plan(gen, prefix: str) -> None:
+    """A NaN in one query head (a model that diverged) makes that head's output and LSE NaN, whichever plan runs
+    (grouped and unsplit, one split, split-K with a merge launch), and leaves every other head exact. The merge once
+    read a NaN row sum as an empty CTA and wrote zeros, and the split merge dropped the split (session 18 review)."""
+    rng = np.random.default_rng(13)
+    v = gen.VARIANTS[next(n for n in NAMES if n.startswith(prefix))]
+    fp8 = v.spec().cache.dtype.startswith("float8")
+    lengths = [700, 2053, 64, 129]
+    cache, k, vv = setup_cache(v, lengths, rng)
+    q = torch.randn(len(lengths), 8, 128, device="cuda", dtype=torch.bfloat16)
+    ref, _ = reference(q.double().cpu(), k, vv, lengths, 4, 128 ** -0.5)
+    q[1, 2] = float("nan")  # request 1 (2053 rows: several splits under split-K), query head 2 (KV head 0)
+    nan_row = torch.zeros(len(lengths), 8, dtype=torch.bool)
+    nan_row[1, 2] = True
+    plans = {"planned": lambda: cache.plan_decode(), "3 splits": lambda: cache.plan_decode(splits=3),
+             "one split": lambda: setattr(cache, "decode_plan", DecodePlan(cache, -(-max(lengths) // 64) * 64, 1, len(lengths))),
+             "split-K": lambda: setattr(cache, "decode_plan", DecodePlan(cache, 256, -(-max(lengths) // 256), len(lengths)))}
+    for what, make in plans.items():
+        make()
+        out = torch.full_like(q, 7.0)
+        lse = torch.full((len(lengths), 8), 7.0, device="cuda")
+        cache.decode(1, q, out, lse=lse)
+        torch.cuda.synchronize()
+        assert torch.isnan(out[1, 2]).all() and torch.isnan(lse[1, 2]), f"{prefix} {what}: the NaN query gave {out[1, 2, :4]}, LSE {lse[1, 2]}"
+        others = out.float().cpu()[~nan_row]
+        assert torch.isfinite(others).all() and torch.isfinite(lse.cpu()[~nan_row]).all(), f"{prefix} {what}: NaN spread"
+        got = out.clone()
+        got[1, 2] = 0
+        want = ref.clone()
+        want[1, 2] = 0
+        check(got, want, f"{prefix} {what}, the other heads", fp8)
+
+
 # FP8 variants whose V scales enter the f16 P.V MMA with P (per token, per group, e8m0 groups; both loaders).
 # Both FP8 formats (e5m2 scales are 128x smaller), aligned and share-path groups (g32), e8m0 per token and per group.
 V_SCALED = [v.name for v in GRID.variants

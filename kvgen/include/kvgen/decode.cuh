@@ -1174,8 +1174,8 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         const float mm = fmaxf(lse, sink);
         const float w = lse == -INFINITY ? 0.f : __expf(lse - mm);
         const float wsum = w + __expf(sink - mm);
-        res = wsum > 0.f ? w * o_norm / wsum : 0.f;
-        lse_f = wsum > 0.f ? mm + __logf(wsum) : -INFINITY;
+        res = wsum != 0.f ? w * o_norm / wsum : 0.f;  // NaN (a NaN row sum) passes through, as below
+        lse_f = wsum != 0.f ? mm + __logf(wsum) : -INFINITY;
       }
       fin.out[orow * D + col] = from_f32<OT>(res);
       if (col == 0 && fin.lse != nullptr) fin.lse[orow] = lse_f;
@@ -1217,9 +1217,13 @@ __device__ __forceinline__ void decode_combine(const float* __restrict__ part_o,
         o[j] = in ? part_o[(row * splits + s0 + j) * D + d] : 0.f;
       }
       float mb = m;
+      bool nan_lse = false;  // fmaxf drops NaN: a split whose scores were NaN must still poison the row
 #pragma unroll
-      for (int j = 0; j < kCombineBatch; ++j) mb = fmaxf(mb, l[j]);
-      if (mb == -INFINITY) continue;  // nothing but empty splits so far
+      for (int j = 0; j < kCombineBatch; ++j) {
+        mb = fmaxf(mb, l[j]);
+        nan_lse |= l[j] != l[j];
+      }
+      if (mb == -INFINITY && !nan_lse) continue;  // nothing but empty splits so far
       const float r = __expf(m - mb);  // 0 while m is -inf
       wsum *= r;
       acc *= r;
@@ -1232,8 +1236,9 @@ __device__ __forceinline__ void decode_combine(const float* __restrict__ part_o,
       }
       m = mb;
     }
-    out[row * D + d] = from_f32<OT>(wsum > 0.f ? acc / wsum : 0.f);
-    if (d == 0 && lse_out != nullptr) lse_out[row] = wsum > 0.f ? m + __logf(wsum) : -INFINITY;
+    // `!= 0`: a split whose scores were NaN (NaN LSE, NaN weight) makes the row NaN, as a single-split plan does.
+    out[row * D + d] = from_f32<OT>(wsum != 0.f ? acc / wsum : 0.f);
+    if (d == 0 && lse_out != nullptr) lse_out[row] = wsum != 0.f ? m + __logf(wsum) : -INFINITY;
   }
 }
 
