@@ -181,13 +181,13 @@ def grouped_cta_cost(longest: int, pairs: int, splits: int, groups: int, sms: in
 
 
 def grouped_fill_splits(longest: int, pairs: int, sms: int, groups: int, tile: int = 64,
-                        cta_rows: int = GROUPED_MIN_CTA_ROWS) -> int:
+                        cta_rows: int | None = None) -> int:
     """CTAs per (request, KV head) that fill the SMs with one wave of grouped CTAs: no more splits than give every
-    warp group a tile of the longest request, nor than give every CTA about `cta_rows` rows (8 tiles) unless that
-    leaves fewer than GROUPED_MIN_CTAS CTAs."""
+    warp group a tile of the longest request, nor than give every CTA about `cta_rows` rows (default
+    GROUPED_MIN_CTA_ROWS, 8 tiles) unless that leaves fewer than GROUPED_MIN_CTAS CTAs."""
     pairs = max(1, pairs)
     one_tile = -(-longest // (groups * tile))
-    per_cta = max(groups * tile, cta_rows)
+    per_cta = max(groups * tile, GROUPED_MIN_CTA_ROWS if cta_rows is None else cta_rows)
     whole_ctas = max(1, (longest + per_cta // 2) // per_cta)
     return max(1, min(sms // pairs, max(whole_ctas, min(one_tile, -(-GROUPED_MIN_CTAS // pairs)))))
 
