@@ -561,6 +561,23 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
   const unsigned char* kbase = reinterpret_cast<const unsigned char*>(kc.blocks + int64_t(h) * D) + copy_chunk * 16;
   const int64_t v_minus_k = reinterpret_cast<const unsigned char*>(vc.blocks) - reinterpret_cast<const unsigned char*>(kc.blocks);
   constexpr uint32_t kRowBytes = uint32_t(Cache::row_elems) * ES;  // one cache row: all heads
+  // A tile's K and V scales (QUANT): tile row r's cache row from row_of_tile(r), kNoRow for a row not read (zero
+  // filled). kScaleCopiesPerRow words per row, at slot r * G + g.
+  auto copy_scales = [&](int stage, auto row_of_tile) {
+    if constexpr (QUANT) {
+      float* kss = reinterpret_cast<float*>(smem + scale_off(stage));
+      float* vss = kss + BN * G;
+      for (int i = tid; i < BN * kScaleCopiesPerRow; i += kDecodeThreads) {
+        const int r = i / kScaleCopiesPerRow, g = i % kScaleCopiesPerRow;
+        const uint32_t row = row_of_tile(r);
+        const bool valid = row != kNoRow;
+        const int64_t so = valid ? int64_t(row) * (H * G) + int64_t(h) * G + g : 0;
+        const int slot = kScaleCopiesPerRow == G ? i : r * G;  // = r * G + g
+        cp_async4(kss + slot, scale_src(kc.scales, so), valid);
+        cp_async4(vss + slot, scale_src(vc.scales, so), valid);
+      }
+    }
+  };
   auto load_tile_tma = [&](int tile, int stage) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     const uint32_t* pages = row_ring + (tile % STAGES) * BN;
@@ -583,18 +600,9 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
         }
       }
     }
-    if constexpr (QUANT) {
-      float* kss = reinterpret_cast<float*>(smem + scale_off(stage));
-      float* vss = kss + BN * G;
-      for (int i = tid; i < BN * kScaleCopiesPerRow; i += kDecodeThreads) {
-        const int r = i / kScaleCopiesPerRow, g = i % kScaleCopiesPerRow;
-        const bool valid = base + r < last && (!WINDOW || base + r >= first);  // same rule as the K/V pages
-        const int64_t so = valid ? int64_t(pages[r / EFF] + r % EFF) * (H * G) + int64_t(h) * G + g : 0;
-        const int slot = kScaleCopiesPerRow == G ? i : r * G;  // = r * G + g
-        cp_async4(kss + slot, scale_src(kc.scales, so), valid);
-        cp_async4(vss + slot, scale_src(vc.scales, so), valid);
-      }
-    }
+    copy_scales(stage, [&](int r) -> uint32_t {  // same rule as the K/V pages
+      return base + r < last && (!WINDOW || base + r >= first) ? pages[r / EFF] + r % EFF : kNoRow;
+    });
 #endif
   };
   auto load_tile = [&](int tile, int stage) {
@@ -611,18 +619,7 @@ __device__ __forceinline__ void decode_partial(const CUtensorMap* kmap, const CU
       cp_async16(ks + copy_delta(j), kp, valid);
       cp_async16(ks + TILE_BYTES + copy_delta(j), kp + v_minus_k, valid);
     }
-    if constexpr (QUANT) {
-      float* kss = reinterpret_cast<float*>(smem + scale_off(stage));
-      float* vss = kss + BN * G;
-      for (int i = tid; i < BN * kScaleCopiesPerRow; i += kDecodeThreads) {
-        const int r = i / kScaleCopiesPerRow, g = i % kScaleCopiesPerRow;
-        const bool valid = rows[r] != kNoRow;
-        const int64_t so = valid ? int64_t(rows[r]) * (H * G) + int64_t(h) * G + g : 0;
-        const int slot = kScaleCopiesPerRow == G ? i : r * G;  // = r * G + g
-        cp_async4(kss + slot, scale_src(kc.scales, so), valid);
-        cp_async4(vss + slot, scale_src(vc.scales, so), valid);
-      }
-    }
+    copy_scales(stage, [&](int r) -> uint32_t { return rows[r]; });
   };
 
   {  // prologue: the rows of the first STAGES tiles (independent lookups in flight together), then the copies
