@@ -107,6 +107,10 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             w.begin_step([1] * len(lengths))
             w.plan_decode()
         name = "kvgen" if len(variants) == 1 else f"kvgen ({loader})"
+        pl = views[0].decode_plan
+        ratio = "" if pl.modelled_imbalance is None else f", modelled grouped/split-K {pl.modelled_imbalance:.2f}"
+        print(f"[plan] {label}, {name}: {pl.splits} splits x {pl.groups} groups, chunk {pl.chunk}{ratio}; "
+              f"lengths {sorted(lengths)}", flush=True)
         build_views[name] = views
         if not static and views[0].scales is sets[0][0].scales:  # other scales: other values, not comparable
             first_views[name] = views[0]
@@ -119,6 +123,14 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             first_views[f"{name} split-K plan"] = thin[0]
             entries.append((f"{name} split-K plan", [lambda c=c, q=q, o=o: c.decode(0, q, o)
                                                      for c, (_, q, o) in zip(thin, sets)], nbytes))
+            if views[0].decode_plan.groups == 1 and views[0].decode_plan.modelled_imbalance is not None:
+                # the skew test chose split-K: the grouped plan it turned down, on the same caches
+                unskewed = [w.copy() for w in views]
+                for w in unskewed:
+                    w.decode_plan = plan_decode(w, imbalance_limit=float("inf"))
+                first_views[f"{name} grouped plan"] = unskewed[0]
+                entries.append((f"{name} grouped plan", [lambda c=c, q=q, o=o: c.decode(0, q, o)
+                                                         for c, (_, q, o) in zip(unskewed, sets)], nbytes))
             if views[0].decode_plan.chunk == 0:  # a device-cut plan: the same plan with the host's chunk instead
                 hosted = [w.copy() for w in views]
                 for w, src in zip(hosted, views):
@@ -333,7 +345,9 @@ def main() -> None:
                     help="also time the FP8 variants built with per-tensor static scales (cache.static_scales) on the same "
                          "blocks, and give XQA the same scales")
     ap.add_argument("--shapes", nargs="*", default=None, metavar="BxC",
-                    help="only these batch x context shapes, e.g. 16x1024 128x4096, and the skewed batch if 'skewed' is listed")
+                    help="only these batch x context shapes, e.g. 16x1024 128x4096; 'skewed' adds the issue's skewed batch "
+                         "(64 x log-normal, mean 4096) and 'skewedBxM' a log-normal batch of B requests with mean M")
+    ap.add_argument("--seed", type=int, default=0, help="the random lengths, pages and data (another seed: other skewed batches)")
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                     help="the variants to time, all of one attention shape (Hq, H, D), e.g. configs/bench_small_pages.yaml")
     args = ap.parse_args()
@@ -344,7 +358,7 @@ def main() -> None:
     if len(shapes_in) != 1:
         raise SystemExit(f"{CONFIG}: the variants must share one (num_q_heads, num_kv_heads, head_size), got {shapes_in}")
     (HQ, H, D), = shapes_in
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     mods = {loader: load_generated(loader) for loader in args.loaders}
     for i, text in enumerate(args.defines):
         mods[text] = load_generated(args.loaders[0], tuple(text.split(",")), tag=f"-d{i}")
@@ -365,8 +379,10 @@ def main() -> None:
     if args.quick:
         shapes = [(16, 1024), (64, 4096)]
     with_skewed = not args.shapes or "skewed" in args.shapes
+    skewed_shapes = [tuple(int(x) for x in t[len("skewed"):].lower().split("x")) for t in args.shapes or []
+                     if t.startswith("skewed") and t != "skewed"]
     if args.shapes:
-        shapes = [tuple(int(x) for x in text.lower().split("x")) for text in args.shapes if text != "skewed"]
+        shapes = [tuple(int(x) for x in text.lower().split("x")) for text in args.shapes if not text.startswith("skewed")]
     lines = [f"Decode benchmark, {gpu}, {datetime.date.today()}; copy_ bandwidth {copy_bw / 1e12:.3f} TB/s "
              f"(256 MiB, read+write). Hq={HQ}, H={H}, D={D}.", "",
              "| cache | page | batch x context | kernel | µs | TB/s | % of copy |", "|---|---|---|---|---|---|---|"]
@@ -387,6 +403,9 @@ def main() -> None:
         skew = skewed_lengths(rng)
         if with_skewed:
             cases.append((f"64 x lognormal(mean {int(np.mean(skew))}, max {max(skew)})", skew))
+        for b, mean in skewed_shapes:
+            lengths = skewed_lengths(rng, b, mean)
+            cases.append((f"{b} x lognormal(mean {int(np.mean(lengths))}, max {max(lengths)})", lengths))
         for label, lengths in cases:
             try:
                 for r in run_shape(by_loader, lengths, rng, copy_bw, label, not args.no_peers, args.pdl_ab, args.plan_ab,

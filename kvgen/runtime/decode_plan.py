@@ -41,6 +41,7 @@ class DecodePlan:
     def __init__(self, cache: KVCache, chunk: int, splits: int, batch: int, groups: int = 1, programmatic: bool = True):
         self.chunk, self.splits, self.batch, self.groups = chunk, splits, batch, groups
         self.programmatic = programmatic
+        self.modelled_imbalance: float | None = None  # plan_decode's skew test: grouped over split-K makespan
         hq = cache.spec.attention.num_q_heads
         ws = cache.decode_workspace(batch * splits)
         # Views at the start of the workspace: every plan of this cache uses the same addresses, so a CUDA graph
@@ -202,7 +203,7 @@ def grouped_splits(longest: int, pairs: int, sms: int, groups: int, tile: int = 
     return splits
 
 
-def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
+def plan_decode(cache: KVCache, splits: int | None = None, imbalance_limit: float = GROUPED_IMBALANCE_LIMIT) -> DecodePlan:
     """Split-K plan of one step from the host mirror of the lengths (no sync).
 
     Small batches (at most one (request, KV head) pair per SM) get grouped CTAs: one CTA per pair and SM with
@@ -216,13 +217,16 @@ def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
     where the kernel supports it (16-bit caches): it cuts each request's context into splits x groups equal parts
     from the lengths on the device, so a CUDA graph captured once stays balanced while the contexts grow. FP8
     kernels get the chunk of this step's longest request (a replay keeps the capture's chunk: correct, less
-    balanced)."""
+    balanced). imbalance_limit: GROUPED_IMBALANCE_LIMIT unless a benchmark asks what the other plan would do.
+    The plan records the skew test's modelled ratio (grouped makespan over split-K's) as `modelled_imbalance`
+    where it was computed."""
     b = int(cache.args.batch_size)
     lens = cache.host_lengths[:b].astype(np.int64) + 1  # the step's token is stored before decoding
     if cache.spec.attention.sliding_window and cache._window:
         lens = np.minimum(lens, cache._window)
     longest = int(lens.max(initial=1))
     geo, pairs, sms = cache._decode_geo, b * cache.num_heads, cache.sm_count()
+    imbalance = None
     if splits is None:
         groups = grouped_groups(pairs, sms, geo.max_groups)
         if 0 < groups < geo.max_groups and not partial_grouping_pays(pairs, groups, sms, geo.max_groups, longest, geo.tma):
@@ -235,15 +239,20 @@ def plan_decode(cache: KVCache, splits: int | None = None) -> DecodePlan:
             # for the combine it saves, must not read as a skewed one (bf16 64 x 1k over 1 KV head went to split-K
             # that way, session 17 review), nor must the larger CTAs equal lengths measured faster with.
             fill = grouped_fill_splits(longest, pairs, sms, groups, cta_rows=GROUPED_SKEW_CTA_ROWS)
-            if grouped_makespan(longest, fill, groups) > GROUPED_IMBALANCE_LIMIT * split_k_rows:
+            imbalance = grouped_makespan(longest, fill, groups) / max(1, split_k_rows)
+            if imbalance > imbalance_limit:
                 groups = 0  # skewed lengths: balanced split-K chunks (GROUPED_IMBALANCE_LIMIT)
         if not groups:
-            return split_k_plan(cache, lens, chunk)
+            plan = split_k_plan(cache, lens, chunk)
+            plan.modelled_imbalance = imbalance
+            return plan
     else:  # a fixed split count: grouped CTAs only where they fit one per SM
         groups = geo.max_groups if 0 < pairs * splits <= sms else 1
     # 16-bit: the kernel cuts each request from its length on the device; FP8: the chunk of this step's lengths.
     chunk = 0 if geo.balanced else -(-longest // (splits * groups * 64)) * 64
-    return DecodePlan(cache, chunk, splits, b, groups, programmatic=launches_programmatically(longest))
+    plan = DecodePlan(cache, chunk, splits, b, groups, programmatic=launches_programmatically(longest))
+    plan.modelled_imbalance = imbalance
+    return plan
 
 
 def split_k_plan(cache: KVCache, lens: np.ndarray, chunk: int | None = None) -> DecodePlan:
