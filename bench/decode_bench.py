@@ -109,6 +109,8 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
         name = "kvgen" if len(variants) == 1 else f"kvgen ({loader})"
         pl = views[0].decode_plan
         ratio = "" if pl.modelled_imbalance is None else f", modelled grouped/split-K {pl.modelled_imbalance:.2f}"
+        if pl.modelled_us is not None:
+            ratio += f", modelled µs grouped {pl.modelled_us[0]:.1f} split-K {pl.modelled_us[1]:.1f}"
         print(f"[plan] {label}, {name}: {pl.splits} splits x {pl.groups} groups, chunk {pl.chunk}{ratio}; "
               f"lengths {sorted(lengths)}", flush=True)
         build_views[name] = views
@@ -123,11 +125,11 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
             first_views[f"{name} split-K plan"] = thin[0]
             entries.append((f"{name} split-K plan", [lambda c=c, q=q, o=o: c.decode(0, q, o)
                                                      for c, (_, q, o) in zip(thin, sets)], nbytes))
-            if views[0].decode_plan.groups == 1 and views[0].decode_plan.modelled_imbalance is not None:
+            if views[0].decode_plan.groups == 1 and views[0].decode_plan.modelled_us is not None:
                 # the skew test chose split-K: the grouped plan it turned down, on the same caches
                 unskewed = [w.copy() for w in views]
                 for w in unskewed:
-                    w.decode_plan = plan_decode(w, imbalance_limit=float("inf"))
+                    w.decode_plan = plan_decode(w, skew_test=False)
                 first_views[f"{name} grouped plan"] = unskewed[0]
                 entries.append((f"{name} grouped plan", [lambda c=c, q=q, o=o: c.decode(0, q, o)
                                                          for c, (_, q, o) in zip(unskewed, sets)], nbytes))
@@ -347,6 +349,8 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", default=None, metavar="BxC",
                     help="only these batch x context shapes, e.g. 16x1024 128x4096; 'skewed' adds the issue's skewed batch "
                          "(64 x log-normal, mean 4096) and 'skewedBxM' a log-normal batch of B requests with mean M")
+    ap.add_argument("--lengths", nargs="*", default=[], metavar="L1,L2,...",
+                    help="also time these batches of exact context lengths (one case each), e.g. 1,15,16,17,700,2053,64,129")
     ap.add_argument("--seed", type=int, default=0, help="the random lengths, pages and data (another seed: other skewed batches)")
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                     help="the variants to time, all of one attention shape (Hq, H, D), e.g. configs/bench_small_pages.yaml")
@@ -378,10 +382,10 @@ def main() -> None:
     shapes = [(b, c) for b in (16, 64, 128) for c in (1024, 4096, 16384)]
     if args.quick:
         shapes = [(16, 1024), (64, 4096)]
-    with_skewed = not args.shapes or "skewed" in args.shapes
+    with_skewed = args.shapes is None or "skewed" in args.shapes
     skewed_shapes = [tuple(int(x) for x in t[len("skewed"):].lower().split("x")) for t in args.shapes or []
                      if t.startswith("skewed") and t != "skewed"]
-    if args.shapes:
+    if args.shapes is not None:
         shapes = [tuple(int(x) for x in text.lower().split("x")) for text in args.shapes if not text.startswith("skewed")]
     lines = [f"Decode benchmark, {gpu}, {datetime.date.today()}; copy_ bandwidth {copy_bw / 1e12:.3f} TB/s "
              f"(256 MiB, read+write). Hq={HQ}, H={H}, D={D}.", "",
@@ -403,6 +407,9 @@ def main() -> None:
         skew = skewed_lengths(rng)
         if with_skewed:
             cases.append((f"64 x lognormal(mean {int(np.mean(skew))}, max {max(skew)})", skew))
+        for text in args.lengths:
+            lengths = [int(x) for x in text.split(",")]
+            cases.append((f"{len(lengths)} x [{text}]", lengths))
         for b, mean in skewed_shapes:
             lengths = skewed_lengths(rng, b, mean)
             cases.append((f"{b} x lognormal(mean {int(np.mean(lengths))}, max {max(lengths)})", lengths))

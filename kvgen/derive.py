@@ -177,6 +177,8 @@ class DecodeGeometry:
     # Static shared memory per CTA the kernel may declare (TMA mbarriers, the merge's per-warp row maxes), counted in
     # min_blocks' fit; the compile test checks each cubin against it.
     static_bytes: int
+    # Bytes of K and V one cached token holds per KV head (no scales): what the planner's time model streams.
+    kv_row_bytes: int
 
 
 # attention.loader "auto", per (cache element width, page size): the loader measured faster on the H200, session 11
@@ -259,7 +261,7 @@ def decode_geometry(spec: VariantSpec, arch: str) -> DecodeGeometry:
     return DecodeGeometry(group=group, stages=stages, stage_bytes=stage,
                           smem_bytes=smem, min_blocks=min_blocks, out_c=DTYPES[a.output_dtype].c_type,
                           window=a.sliding_window, softcap=a.logits_soft_cap, tma=tma, balanced=not dt.is_fp8,
-                          max_groups=min_blocks, static_bytes=static)
+                          max_groups=min_blocks, static_bytes=static, kv_row_bytes=2 * row_bytes)
 
 
 def kernel_symbol(variant: Variant, kernel: str) -> str:

@@ -306,13 +306,15 @@ class _Workspace:  # stands in for the torch workspace: slicing and view return 
 
 def _fake_cache(lengths: list[int], max_groups: int, tma: bool = False, heads: int = 8):
     """What plan_decode reads of a KVCache, without a GPU: the step's lengths (cache_length + 1 is decoded),
-    8 KV heads (or `heads`), 132 SMs, 4 one-group CTAs per SM."""
+    8 KV heads (or `heads`), 132 SMs, 4 one-group CTAs per SM; K and V rows of an FP8 cache (head 128) where 4 groups
+    fit an SM, of a bf16 one where fewer do."""
     from types import SimpleNamespace
 
     return SimpleNamespace(
         args=SimpleNamespace(batch_size=len(lengths)), host_lengths=np.asarray(lengths, np.uint32) - 1,
         spec=SimpleNamespace(attention=SimpleNamespace(sliding_window=False, num_q_heads=32)), _window=None,
-        _decode_geo=SimpleNamespace(max_groups=max_groups, balanced=True, tma=tma), num_heads=heads, head_size=128,
+        _decode_geo=SimpleNamespace(max_groups=max_groups, balanced=True, tma=tma,
+                                    kv_row_bytes=256 if max_groups >= 4 else 512), num_heads=heads, head_size=128,
         sm_count=lambda: 132, decode_slots=lambda: 528, decode_workspace=_Workspace)
 
 

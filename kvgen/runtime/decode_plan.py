@@ -41,7 +41,8 @@ class DecodePlan:
     def __init__(self, cache: KVCache, chunk: int, splits: int, batch: int, groups: int = 1, programmatic: bool = True):
         self.chunk, self.splits, self.batch, self.groups = chunk, splits, batch, groups
         self.programmatic = programmatic
-        self.modelled_imbalance: float | None = None  # plan_decode's skew test: grouped over split-K makespan
+        self.modelled_imbalance: float | None = None  # plan_decode's skew gate: grouped over split-K makespan
+        self.modelled_us: tuple[float, float] | None = None  # plan_decode's time model: (grouped, split-K)
         hq = cache.spec.attention.num_q_heads
         ws = cache.decode_workspace(batch * splits)
         # Views at the start of the workspace: every plan of this cache uses the same addresses, so a CUDA graph
@@ -75,14 +76,29 @@ def workspace_pairs(max_batch: int, heads: int, slots: int) -> int:
 SPLIT_K_OVERHEAD_ROWS = 96  # choose_chunk's per-CTA cost of the ramp, the merge and the combine, in rows
 GROUPED_OVERHEAD_ROWS = 48  # a grouped CTA's: the ramp and its in-CTA merge, no partials and no combine launch
 # A grouped plan cuts every request into the same splits x groups parts, so its makespan is the longest request's
-# part; with skewed lengths and few (request, KV head) pairs that leaves most SMs idle. (Equal lengths can trip the
-# rule too, where floor(SMs / pairs) splits leave many SMs idle: 8 KV heads at batch 9-10 with 8k+ contexts, 1 KV
-# head at batch 67-90; see bench/NOTES.md session 16 for what was measured there.) Measured on the H200 (session
-# 16, 8 query heads over 1 KV head, 64 requests of log-normal lengths up to 24k): grouped CTAs 68-75 µs against
-# FlashInfer's 39-50. Split-K (balanced chunks over all resident CTAs) replaces a grouped plan whose modelled
-# makespan exceeds split-K's by more than this factor; below it the measured grouped wins stand (up to 1.4x
-# modelled, e.g. 20 x 2k and 2-group TMA CTAs at 20 x 4k: the model's overheads are not that precise).
-GROUPED_IMBALANCE_LIMIT = 1.5
+# part; with skewed lengths and few (request, KV head) pairs that leaves most SMs idle (session 16, 8 query heads
+# over 1 KV head, 64 requests of log-normal lengths up to 24k: grouped CTAs 68-75 µs against FlashInfer's 39-50).
+# The skew gate: where the grouped plan's makespan in rows (grouped_makespan) exceeds split-K's (split_k_makespan)
+# by more than this factor, the two plans' times are modelled (decode_time_us) and the faster one runs; at or below
+# it the batch counts as balanced and stays grouped, where every measured equal-length shape had it ahead or within
+# noise.
+GROUPED_SKEW_GATE = 1.0
+
+# The time model of both plans (decode_time_us), in µs. Each warp group streams its rows of K and V; all of them
+# share the DRAM bandwidth equally, and the warp groups on one SM share that SM's bandwidth (a "fluid" of streams:
+# as the short ones finish, the rest speed up to their SM's limit, which is what leaves a skewed grouped plan slow).
+# Split-K CTAs pay a per-CTA ramp in rows and a combine launch whose cost grows with the longest request's split
+# count; a grouped plan pays its ramp per warp group and the combine only when split. Fitted on the H200 (session 19,
+# `bench/decode_skew_*_h200_s19.*`: 156 skewed and equal-length shapes, 2-128 (request, KV head) pairs, bf16 and
+# FP8 at pages 16 and 64, each timed under both plans; log error median 6%). On 88 held-out skewed shapes the choice
+# lost 0.48 summed (at most 7% on one shape) against the better plan of each, the ratio limit it replaced 1.79 (at
+# most 45%). The constants are the H200's; another GPU moves both plans alike except through the bandwidth ratio.
+MODEL_DRAM_BYTES_PER_US = 4.13e6  # all SMs together (4.13 TB/s)
+MODEL_SM_BYTES_PER_US = 46e3  # one SM's warp groups together (46 GB/s)
+MODEL_COMBINE_US = 1.13
+MODEL_COMBINE_US_PER_SPLIT = 0.109
+MODEL_SPLIT_K_CTA_ROWS = 117
+MODEL_GROUPED_GROUP_ROWS = 52
 
 
 def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = SPLIT_K_OVERHEAD_ROWS, tile: int = 64) -> int:
@@ -115,6 +131,43 @@ def _best_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int, tile
     ctas = heads * (-(-lens[None, :] // chunks[:, None])).sum(axis=1)
     cost = -(-ctas // max(1, slots)) * (np.minimum(chunks, longest) + overhead)
     return int(chunks[cost == cost.min()].max()), int(cost.min())  # the longest chunk among the cheapest (fewer CTAs to merge)
+
+
+def fluid_time_us(rows: np.ndarray, row_bytes: int, streams_per_sm: float) -> float:
+    """Time for these streams of rows (one warp group each) to drain when each moves at its SM's bandwidth over
+    `streams_per_sm` and all that still run share the DRAM's bandwidth equally (MODEL_*_BYTES_PER_US)."""
+    left = np.sort(np.asarray(rows, dtype=np.float64))
+    left = left[left > 0]
+    if left.size == 0:
+        return 0.0
+    running = np.arange(left.size, 0, -1)  # streams still running while the next-shortest one finishes
+    per_stream = np.minimum(MODEL_SM_BYTES_PER_US / max(1.0, streams_per_sm), MODEL_DRAM_BYTES_PER_US / running)
+    return float((np.diff(left, prepend=0.0) * row_bytes / per_stream).sum())
+
+
+def grouped_time_us(lens: np.ndarray, heads: int, splits: int, groups: int, chunk: int, row_bytes: int) -> float:
+    """decode_time_us of a grouped plan: each (request, KV head) cut into splits x groups parts, equal parts of its
+    own length (chunk 0, the 16-bit kernels' device cut) or `chunk`-row parts (FP8), one CTA per SM."""
+    parts = splits * groups
+    if chunk == 0:
+        per_pair = np.repeat(-(-lens // parts), parts)
+    else:
+        per_pair = np.clip(lens[:, None] - chunk * np.arange(parts)[None, :], 0, chunk).ravel()
+    rows = np.tile(per_pair, heads) + MODEL_GROUPED_GROUP_ROWS
+    combine = MODEL_COMBINE_US + MODEL_COMBINE_US_PER_SPLIT * splits if splits > 1 else 0.0
+    return fluid_time_us(rows, row_bytes, groups) + combine
+
+
+def split_k_time_us(lens: np.ndarray, heads: int, chunk: int, slots: int, sms: int, row_bytes: int) -> float:
+    """decode_time_us of a split-K plan: one-group CTAs of `chunk` rows, `slots` at a time (a CTA past them runs
+    after the one `slots` earlier), and the combine."""
+    splits = -(-lens // chunk)
+    cta_rows = np.concatenate([np.clip(n - chunk * np.arange(s), 0, chunk) for n, s in zip(lens, splits)])
+    rows = np.tile(cta_rows + MODEL_SPLIT_K_CTA_ROWS, heads)
+    if rows.size > slots:
+        rows = np.bincount(np.arange(rows.size) % slots, weights=rows, minlength=slots)
+    combine = MODEL_COMBINE_US + MODEL_COMBINE_US_PER_SPLIT * int(splits.max())
+    return fluid_time_us(rows, row_bytes, min(slots, rows.size) / sms) + combine
 
 
 def grouped_groups(pairs: int, sms: int, max_groups: int) -> int:
@@ -152,7 +205,7 @@ def partial_grouping_pays(pairs: int, groups: int, sms: int, max_groups: int, lo
 # splits 9.5 against 4 splits' 10.3. Over those 16 shapes and session 17's 36 (`decode_splits_*_h200_s17.md`) the
 # summed regret against the best split count fell from 84% / 27% (256 rows, rounded up) to 16% / 5%.
 GROUPED_MIN_CTA_ROWS = 512
-# Skewed batches are judged on a finer cut (GROUPED_IMBALANCE_LIMIT below): the 512-row CTAs were measured on equal
+# Skewed batches are judged on a finer cut (GROUPED_SKEW_GATE above): the 512-row CTAs were measured on equal
 # lengths only, and at 256 rows a skewed small batch (a 2k request among short ones) kept the grouped plan the GPU
 # tests and sessions 16-17 ran with.
 GROUPED_SKEW_CTA_ROWS = 256
@@ -203,30 +256,30 @@ def grouped_splits(longest: int, pairs: int, sms: int, groups: int, tile: int = 
     return splits
 
 
-def plan_decode(cache: KVCache, splits: int | None = None, imbalance_limit: float = GROUPED_IMBALANCE_LIMIT) -> DecodePlan:
+def plan_decode(cache: KVCache, splits: int | None = None, skew_test: bool = True) -> DecodePlan:
     """Split-K plan of one step from the host mirror of the lengths (no sync).
 
     Small batches (at most one (request, KV head) pair per SM) get grouped CTAs: one CTA per pair and SM with
     every warp group the SM holds (DecodeGeometry.max_groups), its context cut among the groups, split further
     only to fill the SMs (grouped_splits); with one split the CTA writes the final output and the combine launch
     is skipped. Up to max_groups / 2 pairs per SM, CTAs of fewer groups (grouped_groups), one split, where that
-    measured faster than split-K (partial_grouping_pays), unless skewed lengths make the grouped plan's modelled
-    makespan GROUPED_IMBALANCE_LIMIT times split-K's. Otherwise
+    measured faster than split-K (partial_grouping_pays), unless the lengths are skewed (GROUPED_SKEW_GATE) and the
+    time model has split-K faster (decode_time_us). Otherwise
     `choose_chunk` over the resident one-group CTAs of this very kernel (decode_slots).
     splits: a fixed split count (CTAs per pair) instead, grouped when those CTAs fit one per SM, with chunk 0
     where the kernel supports it (16-bit caches): it cuts each request's context into splits x groups equal parts
     from the lengths on the device, so a CUDA graph captured once stays balanced while the contexts grow. FP8
     kernels get the chunk of this step's longest request (a replay keeps the capture's chunk: correct, less
-    balanced). imbalance_limit: GROUPED_IMBALANCE_LIMIT unless a benchmark asks what the other plan would do.
-    The plan records the skew test's modelled ratio (grouped makespan over split-K's) as `modelled_imbalance`
-    where it was computed."""
+    balanced). skew_test=False keeps the grouped plan whatever the lengths (a benchmark's view of the other plan).
+    The plan records the skew gate's ratio as `modelled_imbalance`, and the two modelled times (grouped, split-K)
+    as `modelled_us`, where they were computed."""
     b = int(cache.args.batch_size)
     lens = cache.host_lengths[:b].astype(np.int64) + 1  # the step's token is stored before decoding
     if cache.spec.attention.sliding_window and cache._window:
         lens = np.minimum(lens, cache._window)
     longest = int(lens.max(initial=1))
     geo, pairs, sms = cache._decode_geo, b * cache.num_heads, cache.sm_count()
-    imbalance = None
+    imbalance, times = None, None
     if splits is None:
         groups = grouped_groups(pairs, sms, geo.max_groups)
         if 0 < groups < geo.max_groups and not partial_grouping_pays(pairs, groups, sms, geo.max_groups, longest, geo.tma):
@@ -240,18 +293,23 @@ def plan_decode(cache: KVCache, splits: int | None = None, imbalance_limit: floa
             # that way, session 17 review), nor must the larger CTAs equal lengths measured faster with.
             fill = grouped_fill_splits(longest, pairs, sms, groups, cta_rows=GROUPED_SKEW_CTA_ROWS)
             imbalance = grouped_makespan(longest, fill, groups) / max(1, split_k_rows)
-            if imbalance > imbalance_limit:
-                groups = 0  # skewed lengths: balanced split-K chunks (GROUPED_IMBALANCE_LIMIT)
+            if imbalance > GROUPED_SKEW_GATE:
+                row_bytes, fp8_chunk = geo.kv_row_bytes, -(-longest // (splits * groups * 64)) * 64
+                times = (grouped_time_us(lens, cache.num_heads, splits, groups, 0 if geo.balanced else fp8_chunk,
+                                         row_bytes),
+                         split_k_time_us(lens, cache.num_heads, chunk, cache.decode_slots(), sms, row_bytes))
+                if skew_test and times[1] < times[0]:
+                    groups = 0  # skewed lengths: balanced split-K chunks
         if not groups:
             plan = split_k_plan(cache, lens, chunk)
-            plan.modelled_imbalance = imbalance
+            plan.modelled_imbalance, plan.modelled_us = imbalance, times
             return plan
     else:  # a fixed split count: grouped CTAs only where they fit one per SM
         groups = geo.max_groups if 0 < pairs * splits <= sms else 1
     # 16-bit: the kernel cuts each request from its length on the device; FP8: the chunk of this step's lengths.
     chunk = 0 if geo.balanced else -(-longest // (splits * groups * 64)) * 64
     plan = DecodePlan(cache, chunk, splits, b, groups, programmatic=launches_programmatically(longest))
-    plan.modelled_imbalance = imbalance
+    plan.modelled_imbalance, plan.modelled_us = imbalance, times
     return plan
 
 
