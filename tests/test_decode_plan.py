@@ -421,7 +421,7 @@ def test_skewed_lengths_leave_grouped_ctas_for_balanced_split_k(lengths: list[in
 ])
 def test_unsplit_grouped_plans_are_not_mistaken_for_skewed_ones(lengths: list[int], heads: int, max_groups: int,
                                                                 slots: int, groups: int, splits: int) -> None:
-    # The skew test (GROUPED_IMBALANCE_LIMIT) weighs the cut that fills the SMs. Weighing the unsplit cut instead
+    # The skew gate (GROUPED_SKEW_GATE) weighs the cut that fills the SMs. Weighing the unsplit cut instead
     # sent bf16 64 x 1k to split-K (4 splits and a combine): the opposite of what leaving it unsplit is for.
     from kvgen.runtime.decode_plan import plan_decode
 
@@ -429,6 +429,52 @@ def test_unsplit_grouped_plans_are_not_mistaken_for_skewed_ones(lengths: list[in
     cache.decode_slots = lambda: slots
     plan = plan_decode(cache)
     assert (plan.groups, plan.splits) == (groups, splits)
+
+
+def _h200_cache(lengths: list[int], dtype: str, heads: int):
+    """_fake_cache with the geometry of the H200 benchmark kernels (head 128, GQA 4 or 8): bf16 2 warp groups per
+    SM and the device cut, FP8 4 groups and a host chunk."""
+    fp8 = dtype == "fp8"
+    cache = _fake_cache(lengths, 4 if fp8 else 2, heads=heads)
+    cache._decode_geo.balanced, cache._decode_geo.kv_row_bytes = not fp8, 256 if fp8 else 512
+    cache.decode_slots = lambda: 528 if fp8 else 264
+    return cache
+
+
+# Batches measured on the H200 under both plans (session 19, bench/decode_skew_*_h200_s19.*): the plan the time model
+# picks, and the times of both (grouped, split-K) in µs.
+@pytest.mark.parametrize(("lengths", "dtype", "heads", "grouped", "measured"), [
+    ([1231, 3442, 7169, 12461, 15210, 24576], "fp8", 1, True, (14.8, 27.3)),  # the 1.5x rule took split-K: +84%
+    ([291, 317, 319, 353, 354, 486, 721, 761, 850, 1158, 1232, 1311, 1357, 1428, 1570, 2165, 2581, 2707, 3152, 5318],
+     "fp8", 1, True, (12.3, 19.3)),
+    ([484, 508, 629, 813, 825, 930, 1051, 1181, 1303, 1691, 1816, 2223, 3282, 3394, 5240, 5743], "bf16", 1, True,
+     (15.0, 18.4)),
+    ([491, 1621, 1867, 2799, 3246, 3496, 4051, 5182], "bf16", 8, False, (34.7, 30.4)),  # the rule kept grouped: +14%
+    ([2673, 4457, 6372, 6489, 8993], "bf16", 8, False, (41.1, 35.9)),
+    ([1, 15, 16, 17, 64, 129, 700, 2053], "bf16", 8, False, (15.5, 14.1)),  # the GPU tests' batch
+    ([1024] * 4, "fp8", 8, True, (9.0, 10.5)),  # equal lengths never reach the model (GROUPED_SKEW_GATE)
+])
+def test_skewed_batches_take_the_plan_the_time_model_finds_faster(lengths: list[int], dtype: str, heads: int,
+                                                                  grouped: bool, measured: tuple[float, float]) -> None:
+    from kvgen.runtime.decode_plan import plan_decode
+
+    assert (measured[0] < measured[1]) == grouped  # the expectation is the measured winner
+    plan = plan_decode(_h200_cache(lengths, dtype, heads))
+    assert (plan.groups > 1) == grouped, f"{plan.groups} groups, modelled (grouped, split-K) µs {plan.modelled_us}"
+
+
+def test_time_model_fluid_speeds_up_the_streams_left_and_charges_the_tail() -> None:
+    from kvgen.runtime.decode_plan import MODEL_DRAM_BYTES_PER_US, MODEL_SM_BYTES_PER_US, fluid_time_us
+
+    # One stream alone runs at its SM's (or its own) rate; a thousand equal ones share the DRAM.
+    one = fluid_time_us(np.array([1000]), 512, 1, 128)
+    assert one == pytest.approx(1000 * 512 / min(MODEL_SM_BYTES_PER_US, 23.4e3 * 2))
+    many = fluid_time_us(np.full(1000, 1000), 512, 4, 128)
+    assert many == pytest.approx(1000 * 1000 * 512 / MODEL_DRAM_BYTES_PER_US)
+    # A long stream among short ones costs its own tail: more than the bytes over the DRAM rate.
+    skewed = fluid_time_us(np.array([8000] + [100] * 999), 512, 4, 128)
+    assert skewed > (8000 + 99900) * 512 / MODEL_DRAM_BYTES_PER_US * 2
+    assert fluid_time_us(np.zeros(3), 512, 1, 128) == 0.0
 
 
 def test_grouped_and_split_k_makespans_are_modelled_in_the_same_rows() -> None:
@@ -439,3 +485,31 @@ def test_grouped_and_split_k_makespans_are_modelled_in_the_same_rows() -> None:
     assert split_k_makespan(np.array([1024] * 16), 8, 528) == 256 + 96
     lens = np.array(_lognormal())
     assert split_k_makespan(lens, 1, 528) * 2 < grouped_makespan(int(lens.max()), 2, 4)  # 672 against 1840 rows
+
+
+def test_gpu_decode_grid_runs_both_plans() -> None:
+    """The GPU decode tests' skewed batch (tests/gpu/test_decode.py, ending "plan") reaches both the grouped and the
+    split-K plan among the grid's 16-bit and FP8 variants (on 132 SMs, the driver's occupancy taken as the
+    geometry's), so a change to the time model cannot quietly leave one of them untested on the GPU."""
+    from pathlib import Path
+
+    from kvgen.derive import decode_geometry
+    from kvgen.grid import load_config
+    from kvgen.runtime.decode_plan import plan_decode
+
+    kinds: dict[tuple[bool, bool], int] = {}
+    for v in load_config(Path(__file__).parents[1] / "configs" / "gpu_decode.yaml").variants:
+        if v.spec.attention.sliding_window:
+            continue  # the window (300 tokens) leaves these batches balanced
+        geo = decode_geometry(v.spec, "sm_90a")
+        if geo.max_groups < 2:
+            continue
+        p = v.spec.cache.page_size or 64
+        lengths = [1, p - 1 if p > 1 else 2, p, p + 1, 700, 2053, 64, 129]
+        cache = _fake_cache(lengths, geo.max_groups, geo.tma, v.spec.cache.num_kv_heads)
+        cache._decode_geo, cache.head_size = geo, v.spec.cache.head_size
+        cache.decode_slots = lambda geo=geo: geo.min_blocks * 132
+        plan = plan_decode(cache)
+        key = (v.spec.cache.dtype.startswith("float8"), plan.groups > 1)
+        kinds[key] = kinds.get(key, 0) + 1
+    assert set(kinds) == {(False, False), (False, True), (True, False), (True, True)}, kinds

@@ -79,26 +79,30 @@ GROUPED_OVERHEAD_ROWS = 48  # a grouped CTA's: the ramp and its in-CTA merge, no
 # part; with skewed lengths and few (request, KV head) pairs that leaves most SMs idle (session 16, 8 query heads
 # over 1 KV head, 64 requests of log-normal lengths up to 24k: grouped CTAs 68-75 µs against FlashInfer's 39-50).
 # The skew gate: where the grouped plan's makespan in rows (grouped_makespan) exceeds split-K's (split_k_makespan)
-# by more than this factor, the two plans' times are modelled (decode_time_us) and the faster one runs; at or below
+# by more than this factor, the two plans' times are modelled (MODEL_* below) and the faster one runs; at or below
 # it the batch counts as balanced and stays grouped, where every measured equal-length shape had it ahead or within
 # noise.
 GROUPED_SKEW_GATE = 1.0
 
-# The time model of both plans (decode_time_us), in µs. Each warp group streams its rows of K and V; all of them
-# share the DRAM bandwidth equally, and the warp groups on one SM share that SM's bandwidth (a "fluid" of streams:
-# as the short ones finish, the rest speed up to their SM's limit, which is what leaves a skewed grouped plan slow).
-# Split-K CTAs pay a per-CTA ramp in rows and a combine launch whose cost grows with the longest request's split
-# count; a grouped plan pays its ramp per warp group and the combine only when split. Fitted on the H200 (session 19,
-# `bench/decode_skew_*_h200_s19.*`: 156 skewed and equal-length shapes, 2-128 (request, KV head) pairs, bf16 and
-# FP8 at pages 16 and 64, each timed under both plans; log error median 6%). On 88 held-out skewed shapes the choice
-# lost 0.48 summed (at most 7% on one shape) against the better plan of each, the ratio limit it replaced 1.79 (at
-# most 45%). The constants are the H200's; another GPU moves both plans alike except through the bandwidth ratio.
-MODEL_DRAM_BYTES_PER_US = 4.13e6  # all SMs together (4.13 TB/s)
-MODEL_SM_BYTES_PER_US = 46e3  # one SM's warp groups together (46 GB/s)
-MODEL_COMBINE_US = 1.13
+# The time model of both plans (grouped_time_us, split_k_time_us), in µs. Each warp group streams its rows of K and
+# V at most at its own rate (FP8 groups are slower per row: they dequantize), the warp groups on one SM share that
+# SM's bandwidth, and all share the DRAM's bandwidth equally: a "fluid" of streams, in which the rest speed up as
+# the short ones finish, up to their own limits; that tail is what leaves a skewed grouped plan slow. Split-K CTAs
+# pay a per-CTA ramp in rows and a combine launch whose cost grows with the longest request's split count; a grouped
+# plan pays its ramp per warp group and the combine only when split. Fitted on the H200 (session 19,
+# `bench/decode_skew_*_h200_s19.*`: 356 batches, skewed, equal-length and tiny, 2-128 (request, KV head) pairs,
+# bf16 and FP8 at pages 16 and 64, each timed under both plans). Two-fold cross-validated, the choice lost 3.5
+# summed relative regret against the better plan of each batch; the 1.5x row-ratio limit it replaced lost 10.2 (at
+# most 84% on one batch: a 24k request among five short ones over one KV head, FP8, 27.3 µs against 14.8).
+# The constants are the H200's, for head size 128; on another GPU both plans move alike except through the
+# bandwidths.
+MODEL_DRAM_BYTES_PER_US = 3.971e6  # all SMs together (3.97 TB/s)
+MODEL_SM_BYTES_PER_US = 67.0e3  # one SM's warp groups together (67 GB/s)
+MODEL_GROUP_ELEMENTS_PER_US = {1: 12.9e3, 2: 23.4e3}  # K and V elements one warp group reads, by element bytes
+MODEL_COMBINE_US = 1.363
 MODEL_COMBINE_US_PER_SPLIT = 0.109
-MODEL_SPLIT_K_CTA_ROWS = 117
-MODEL_GROUPED_GROUP_ROWS = 52
+MODEL_SPLIT_K_CTA_ROWS = 114
+MODEL_GROUPED_GROUP_ROWS = 101
 
 
 def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = SPLIT_K_OVERHEAD_ROWS, tile: int = 64) -> int:
@@ -133,21 +137,26 @@ def _best_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int, tile
     return int(chunks[cost == cost.min()].max()), int(cost.min())  # the longest chunk among the cheapest (fewer CTAs to merge)
 
 
-def fluid_time_us(rows: np.ndarray, row_bytes: int, streams_per_sm: float) -> float:
-    """Time for these streams of rows (one warp group each) to drain when each moves at its SM's bandwidth over
-    `streams_per_sm` and all that still run share the DRAM's bandwidth equally (MODEL_*_BYTES_PER_US)."""
+def fluid_time_us(rows: np.ndarray, row_bytes: int, streams_per_sm: float, head_size: int) -> float:
+    """Time for these streams of rows (one warp group each) to drain, each at most at its own rate
+    (MODEL_GROUP_ELEMENTS_PER_US) and at its SM's bandwidth over `streams_per_sm`, all that still run sharing the
+    DRAM's bandwidth equally."""
     left = np.sort(np.asarray(rows, dtype=np.float64))
     left = left[left > 0]
     if left.size == 0:
         return 0.0
+    elem_bytes = max(1, row_bytes // (2 * head_size))
+    own = min(MODEL_GROUP_ELEMENTS_PER_US[min(elem_bytes, 2)] * elem_bytes,
+              MODEL_SM_BYTES_PER_US / max(1.0, streams_per_sm))  # bytes per µs
     running = np.arange(left.size, 0, -1)  # streams still running while the next-shortest one finishes
-    per_stream = np.minimum(MODEL_SM_BYTES_PER_US / max(1.0, streams_per_sm), MODEL_DRAM_BYTES_PER_US / running)
+    per_stream = np.minimum(own, MODEL_DRAM_BYTES_PER_US / running)
     return float((np.diff(left, prepend=0.0) * row_bytes / per_stream).sum())
 
 
-def grouped_time_us(lens: np.ndarray, heads: int, splits: int, groups: int, chunk: int, row_bytes: int) -> float:
-    """decode_time_us of a grouped plan: each (request, KV head) cut into splits x groups parts, equal parts of its
-    own length (chunk 0, the 16-bit kernels' device cut) or `chunk`-row parts (FP8), one CTA per SM."""
+def grouped_time_us(lens: np.ndarray, heads: int, splits: int, groups: int, chunk: int, row_bytes: int,
+                    head_size: int) -> float:
+    """Modelled time of a grouped plan (see MODEL_*): each (request, KV head) cut into splits x groups parts, equal
+    parts of its own length (chunk 0, the 16-bit kernels' device cut) or `chunk`-row parts (FP8), one CTA per SM."""
     parts = splits * groups
     if chunk == 0:
         per_pair = np.repeat(-(-lens // parts), parts)
@@ -155,19 +164,20 @@ def grouped_time_us(lens: np.ndarray, heads: int, splits: int, groups: int, chun
         per_pair = np.clip(lens[:, None] - chunk * np.arange(parts)[None, :], 0, chunk).ravel()
     rows = np.tile(per_pair, heads) + MODEL_GROUPED_GROUP_ROWS
     combine = MODEL_COMBINE_US + MODEL_COMBINE_US_PER_SPLIT * splits if splits > 1 else 0.0
-    return fluid_time_us(rows, row_bytes, groups) + combine
+    return fluid_time_us(rows, row_bytes, groups, head_size) + combine
 
 
-def split_k_time_us(lens: np.ndarray, heads: int, chunk: int, slots: int, sms: int, row_bytes: int) -> float:
-    """decode_time_us of a split-K plan: one-group CTAs of `chunk` rows, `slots` at a time (a CTA past them runs
-    after the one `slots` earlier), and the combine."""
+def split_k_time_us(lens: np.ndarray, heads: int, chunk: int, slots: int, sms: int, row_bytes: int,
+                    head_size: int) -> float:
+    """Modelled time of a split-K plan (see MODEL_*): one-group CTAs of `chunk` rows, `slots` at a time (a CTA past
+    them runs after the one `slots` earlier), and the combine."""
     splits = -(-lens // chunk)
     cta_rows = np.concatenate([np.clip(n - chunk * np.arange(s), 0, chunk) for n, s in zip(lens, splits)])
     rows = np.tile(cta_rows + MODEL_SPLIT_K_CTA_ROWS, heads)
     if rows.size > slots:
         rows = np.bincount(np.arange(rows.size) % slots, weights=rows, minlength=slots)
     combine = MODEL_COMBINE_US + MODEL_COMBINE_US_PER_SPLIT * int(splits.max())
-    return fluid_time_us(rows, row_bytes, min(slots, rows.size) / sms) + combine
+    return fluid_time_us(rows, row_bytes, min(slots, rows.size) / sms, head_size) + combine
 
 
 def grouped_groups(pairs: int, sms: int, max_groups: int) -> int:
@@ -264,7 +274,7 @@ def plan_decode(cache: KVCache, splits: int | None = None, skew_test: bool = Tru
     only to fill the SMs (grouped_splits); with one split the CTA writes the final output and the combine launch
     is skipped. Up to max_groups / 2 pairs per SM, CTAs of fewer groups (grouped_groups), one split, where that
     measured faster than split-K (partial_grouping_pays), unless the lengths are skewed (GROUPED_SKEW_GATE) and the
-    time model has split-K faster (decode_time_us). Otherwise
+    time model has split-K faster (grouped_time_us, split_k_time_us). Otherwise
     `choose_chunk` over the resident one-group CTAs of this very kernel (decode_slots).
     splits: a fixed split count (CTAs per pair) instead, grouped when those CTAs fit one per SM, with chunk 0
     where the kernel supports it (16-bit caches): it cuts each request's context into splits x groups equal parts
@@ -296,8 +306,9 @@ def plan_decode(cache: KVCache, splits: int | None = None, skew_test: bool = Tru
             if imbalance > GROUPED_SKEW_GATE:
                 row_bytes, fp8_chunk = geo.kv_row_bytes, -(-longest // (splits * groups * 64)) * 64
                 times = (grouped_time_us(lens, cache.num_heads, splits, groups, 0 if geo.balanced else fp8_chunk,
-                                         row_bytes),
-                         split_k_time_us(lens, cache.num_heads, chunk, cache.decode_slots(), sms, row_bytes))
+                                         row_bytes, cache.head_size),
+                         split_k_time_us(lens, cache.num_heads, chunk, cache.decode_slots(), sms, row_bytes,
+                                         cache.head_size))
                 if skew_test and times[1] < times[0]:
                     groups = 0  # skewed lengths: balanced split-K chunks
         if not groups:

@@ -196,11 +196,12 @@ def decode_matches_float64(gen, name: str, ending: str):
         chunk = 0 if geo.balanced else -(-max(lengths) // (geo.max_groups * 64)) * 64
         plan = cache.decode_plan = DecodePlan(cache, chunk, 1, len(lengths), groups=geo.max_groups)
     elif ending == "plan" and cache._decode_geo.max_groups > 1:
-        # A batch this small gets grouped CTAs, unless its skew (2053 rows against a median of 66) leaves the grouped
-        # plan GROUPED_IMBALANCE_LIMIT times split-K's modelled makespan: with 8 KV heads (64 pairs cut into 2 splits
-        # each: 368 rows against 160); with 2 or 4 KV heads (4-8 splits each) it stays grouped.
-        want = 1 if spec.cache.num_kv_heads == 8 else cache._decode_geo.max_groups
-        assert plan.groups == want, f"{plan.groups} warp groups per CTA, expected {want}"
+        # A batch this small gets grouped CTAs, unless its skew (2053 rows against a median of 66) has the time model
+        # find split-K faster (decode_plan.py MODEL_*). Which variants take which plan, on the H200's SM count, is
+        # tests/test_decode_plan.py's test_gpu_decode_grid_runs_both_plans; here the plan must be the model's.
+        want = 1 if plan.modelled_us is not None and plan.modelled_us[1] < plan.modelled_us[0] else \
+            cache._decode_geo.max_groups
+        assert plan.groups == want, f"{plan.groups} warp groups per CTA, expected {want} ({plan.modelled_us})"
     plan.part_o.fill_(float("nan"))  # poison the workspace: unwritten partials must never be read
     plan.part_lse.fill_(float("nan"))
     cache.decode(1, q, out, lse=lse, **kw)
