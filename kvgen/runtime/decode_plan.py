@@ -137,20 +137,19 @@ def _best_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int, tile
     return int(chunks[cost == cost.min()].max()), int(cost.min())  # the longest chunk among the cheapest (fewer CTAs to merge)
 
 
-def fluid_time_us(rows: np.ndarray, row_bytes: int, streams_per_sm: float, head_size: int) -> float:
-    """Time for these streams of rows (one warp group each) to drain, each at most at its own rate
-    (MODEL_GROUP_ELEMENTS_PER_US) and at its SM's bandwidth over `streams_per_sm`, all that still run sharing the
-    DRAM's bandwidth equally."""
-    left = np.sort(np.asarray(rows, dtype=np.float64))
-    left = left[left > 0]
+def fluid_time_us(rows: np.ndarray, row_bytes: int, streams_per_sm: float, head_size: int, copies: int = 1) -> float:
+    """Time for these streams of rows (one warp group each; `copies` of each, e.g. one per KV head) to drain, each
+    at most at its own rate (MODEL_GROUP_ELEMENTS_PER_US) and at its SM's bandwidth over `streams_per_sm`, all that
+    still run sharing the DRAM's bandwidth equally."""
+    left = np.sort(rows.astype(np.float64))
     if left.size == 0:
         return 0.0
     elem_bytes = max(1, row_bytes // (2 * head_size))
     own = min(MODEL_GROUP_ELEMENTS_PER_US[min(elem_bytes, 2)] * elem_bytes,
               MODEL_SM_BYTES_PER_US / max(1.0, streams_per_sm))  # bytes per µs
-    running = np.arange(left.size, 0, -1)  # streams still running while the next-shortest one finishes
+    running = copies * np.arange(left.size, 0, -1)  # streams still running while the next-shortest one finishes
     per_stream = np.minimum(own, MODEL_DRAM_BYTES_PER_US / running)
-    return float((np.diff(left, prepend=0.0) * row_bytes / per_stream).sum())
+    return float((np.diff(left, prepend=0.0) / per_stream).sum()) * row_bytes
 
 
 def grouped_time_us(lens: np.ndarray, heads: int, splits: int, groups: int, chunk: int, row_bytes: int,
@@ -162,9 +161,8 @@ def grouped_time_us(lens: np.ndarray, heads: int, splits: int, groups: int, chun
         per_pair = np.repeat(-(-lens // parts), parts)
     else:
         per_pair = np.clip(lens[:, None] - chunk * np.arange(parts)[None, :], 0, chunk).ravel()
-    rows = np.tile(per_pair, heads) + MODEL_GROUPED_GROUP_ROWS
     combine = MODEL_COMBINE_US + MODEL_COMBINE_US_PER_SPLIT * splits if splits > 1 else 0.0
-    return fluid_time_us(rows, row_bytes, groups, head_size) + combine
+    return fluid_time_us(per_pair + MODEL_GROUPED_GROUP_ROWS, row_bytes, groups, head_size, copies=heads) + combine
 
 
 def split_k_time_us(lens: np.ndarray, heads: int, chunk: int, slots: int, sms: int, row_bytes: int,
@@ -172,12 +170,13 @@ def split_k_time_us(lens: np.ndarray, heads: int, chunk: int, slots: int, sms: i
     """Modelled time of a split-K plan (see MODEL_*): one-group CTAs of `chunk` rows, `slots` at a time (a CTA past
     them runs after the one `slots` earlier), and the combine."""
     splits = -(-lens // chunk)
-    cta_rows = np.concatenate([np.clip(n - chunk * np.arange(s), 0, chunk) for n, s in zip(lens, splits)])
-    rows = np.tile(cta_rows + MODEL_SPLIT_K_CTA_ROWS, heads)
-    if rows.size > slots:
-        rows = np.bincount(np.arange(rows.size) % slots, weights=rows, minlength=slots)
+    rows = np.full(int(splits.sum()), chunk + MODEL_SPLIT_K_CTA_ROWS, dtype=np.int64)  # each request's CTAs in order
+    rows[np.cumsum(splits) - 1] = lens - (splits - 1) * chunk + MODEL_SPLIT_K_CTA_ROWS  # its last one partial
     combine = MODEL_COMBINE_US + MODEL_COMBINE_US_PER_SPLIT * int(splits.max())
-    return fluid_time_us(rows, row_bytes, min(slots, rows.size) / sms, head_size) + combine
+    if rows.size * heads <= slots:
+        return fluid_time_us(rows, row_bytes, rows.size * heads / sms, head_size, copies=heads) + combine
+    rows = np.bincount(np.arange(rows.size * heads) % slots, weights=np.tile(rows, heads), minlength=slots)
+    return fluid_time_us(rows, row_bytes, slots / sms, head_size) + combine
 
 
 def grouped_groups(pairs: int, sms: int, max_groups: int) -> int:
