@@ -513,3 +513,13 @@ def test_gpu_decode_grid_runs_both_plans() -> None:
         key = (v.spec.cache.dtype.startswith("float8"), plan.groups > 1)
         kinds[key] = kinds.get(key, 0) + 1
     assert set(kinds) == {(False, False), (False, True), (True, False), (True, True)}, kinds
+
+
+def test_partial_grouping_keeps_the_row_ratio_rule_it_was_measured_with() -> None:
+    """133-264 pairs (CTAs of 2 of the SM's 4 FP8 warp groups) lie outside the time model's data: the GPU tests'
+    99 requests x 2 KV heads of 1-900 tokens keep their 2-group, unsplit plan (tests/gpu/test_decode.py)."""
+    from kvgen.runtime.decode_plan import plan_decode
+
+    lengths = [1, 15, 16, 17] + [int(x) for x in np.random.default_rng(11).integers(1, 900, 95)]
+    plan = plan_decode(_h200_cache(lengths, "fp8", 2))
+    assert (plan.groups, plan.splits, plan.modelled_us) == (2, 1, None)

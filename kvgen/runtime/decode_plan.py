@@ -90,12 +90,13 @@ GROUPED_SKEW_GATE = 1.0
 # the short ones finish, up to their own limits; that tail is what leaves a skewed grouped plan slow. Split-K CTAs
 # pay a per-CTA ramp in rows and a combine launch whose cost grows with the longest request's split count; a grouped
 # plan pays its ramp per warp group and the combine only when split. Fitted on the H200 (session 19,
-# `bench/decode_skew_*_h200_s19.*`: 356 batches, skewed, equal-length and tiny, 2-128 (request, KV head) pairs,
-# bf16 and FP8 at pages 16 and 64, each timed under both plans). Two-fold cross-validated, the choice lost 3.5
-# summed relative regret against the better plan of each batch; the 1.5x row-ratio limit it replaced lost 10.2 (at
-# most 84% on one batch: a 24k request among five short ones over one KV head, FP8, 27.3 µs against 14.8).
-# The constants are the H200's, for head size 128; on another GPU both plans move alike except through the
-# bandwidths.
+# bench/skew_s19/: 712 batches, skewed, equal-length and tiny, 2-128 (request, KV head) pairs, bf16 and FP8 at
+# pages 16 and 64, each timed under both plans; `bench/fit_decode_model.py` refits and scores). Two-fold
+# cross-validated, the choice lost 3.5 summed relative regret against the better plan of each batch; the 1.5x
+# row-ratio limit it replaced lost 10.2 (at most 84% on one batch: a 24k request among five short ones over one KV
+# head, FP8, 27.3 µs against 14.8). On 168 later batches (seed 3, not in the fit) 0.65 against 5.26, at most 11%
+# against 76%. The constants are the H200's, for head size 128; on another GPU both plans move alike except through
+# the bandwidths.
 MODEL_DRAM_BYTES_PER_US = 3.971e6  # all SMs together (3.97 TB/s)
 MODEL_SM_BYTES_PER_US = 67.0e3  # one SM's warp groups together (67 GB/s)
 MODEL_GROUP_ELEMENTS_PER_US = {1: 12.9e3, 2: 23.4e3}  # K and V elements one warp group reads, by element bytes
@@ -197,6 +198,10 @@ def grouped_groups(pairs: int, sms: int, max_groups: int) -> int:
 # empty); past that, cp.async with 16-token pages loses when many slots are empty (+11-13% at 20 requests, 61% of
 # the slots in use; +2-6% at 24, 73%) and wins from 85% on (-5.6% at 28 x 8k); TMA won or tied at every shape.
 PARTIAL_GROUPING_MAX_CONTEXT = 2048
+# The time model (MODEL_*) was fitted on up to 128 pairs: partial grouping keeps the rule it was measured with,
+# split-K where the grouped plan's modelled makespan in rows exceeds split-K's by more than this factor (the GPU tests'
+# 99 requests x 2 KV heads of 1-900 tokens stay in 2-group CTAs).
+PARTIAL_GROUPING_IMBALANCE_LIMIT = 1.5
 PARTIAL_GROUPING_MIN_SLOT_USE = 0.8
 
 
@@ -272,8 +277,9 @@ def plan_decode(cache: KVCache, splits: int | None = None, skew_test: bool = Tru
     every warp group the SM holds (DecodeGeometry.max_groups), its context cut among the groups, split further
     only to fill the SMs (grouped_splits); with one split the CTA writes the final output and the combine launch
     is skipped. Up to max_groups / 2 pairs per SM, CTAs of fewer groups (grouped_groups), one split, where that
-    measured faster than split-K (partial_grouping_pays), unless the lengths are skewed (GROUPED_SKEW_GATE) and the
-    time model has split-K faster (grouped_time_us, split_k_time_us). Otherwise
+    measured faster than split-K (partial_grouping_pays). Skewed lengths (GROUPED_SKEW_GATE) take split-K where the
+    time model has it faster (grouped_time_us, split_k_time_us), or, for those fewer-group CTAs, where the row ratio
+    exceeds PARTIAL_GROUPING_IMBALANCE_LIMIT. Otherwise
     `choose_chunk` over the resident one-group CTAs of this very kernel (decode_slots).
     splits: a fixed split count (CTAs per pair) instead, grouped when those CTAs fit one per SM, with chunk 0
     where the kernel supports it (16-bit caches): it cuts each request's context into splits x groups equal parts
@@ -302,7 +308,11 @@ def plan_decode(cache: KVCache, splits: int | None = None, skew_test: bool = Tru
             # that way, session 17 review), nor must the larger CTAs equal lengths measured faster with.
             fill = grouped_fill_splits(longest, pairs, sms, groups, cta_rows=GROUPED_SKEW_CTA_ROWS)
             imbalance = grouped_makespan(longest, fill, groups) / max(1, split_k_rows)
-            if imbalance > GROUPED_SKEW_GATE:
+            if imbalance > GROUPED_SKEW_GATE and groups < geo.max_groups:
+                # CTAs of fewer groups than the SM holds (133-264 pairs): outside the time model's data
+                if skew_test and imbalance > PARTIAL_GROUPING_IMBALANCE_LIMIT:
+                    groups = 0
+            elif imbalance > GROUPED_SKEW_GATE:
                 row_bytes, fp8_chunk = geo.kv_row_bytes, -(-longest // (splits * groups * 64)) * 64
                 times = (grouped_time_us(lens, cache.num_heads, splits, groups, 0 if geo.balanced else fp8_chunk,
                                          row_bytes, cache.head_size),
