@@ -69,6 +69,16 @@ def load_generated(loader: str = "auto", defines: tuple[str, ...] = (), tag: str
     return import_package(out, f"kvgen_bench_decode_{name}")
 
 
+def add_planned(label: str, views: list, sets: list, nbytes: int, first_views: dict, entries: list, make_plan) -> None:
+    """A timed entry on the same caches as `views`, each copy given the plan make_plan(copy, original) instead of
+    the planner's; its first copy joins the answers checked against the default build's."""
+    planned = [w.copy() for w in views]
+    for w, src in zip(planned, views):
+        w.decode_plan = make_plan(w, src)
+    first_views[label] = planned[0]
+    entries.append((label, [lambda c=c, q=q, o=o: c.decode(0, q, o) for c, (_, q, o) in zip(planned, sets)], nbytes))
+
+
 def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float, label: str, with_peers: bool,
               pdl_ab: bool = False, plan_ab: bool = False, fixed_splits: tuple[int, ...] = (),
               page_order_ab: bool = False, with_store: bool = False) -> list[tuple]:
@@ -119,36 +129,21 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
         default_launches = [lambda c=c, q=q, o=o: c.decode(0, q, o) for c, (_, q, o) in zip(views, sets)]
         entries.append((name, default_launches, nbytes))
         if plan_ab:  # same caches, the one-group split-K plan (what small batches ran before grouped CTAs)
-            thin = [w.copy() for w in views]
-            for w in thin:
-                w.decode_plan = split_k_plan(w, np.asarray(lengths, dtype=np.int64))
-            first_views[f"{name} split-K plan"] = thin[0]
-            entries.append((f"{name} split-K plan", [lambda c=c, q=q, o=o: c.decode(0, q, o)
-                                                     for c, (_, q, o) in zip(thin, sets)], nbytes))
+            add_planned(f"{name} split-K plan", views, sets, nbytes, first_views, entries,
+                        lambda w, src: split_k_plan(w, np.asarray(lengths, dtype=np.int64)))
             if views[0].decode_plan.groups == 1 and views[0].decode_plan.modelled_us is not None:
-                # the skew test chose split-K: the grouped plan it turned down, on the same caches
-                unskewed = [w.copy() for w in views]
-                for w in unskewed:
-                    w.decode_plan = plan_decode(w, skew_test=False)
-                first_views[f"{name} grouped plan"] = unskewed[0]
-                entries.append((f"{name} grouped plan", [lambda c=c, q=q, o=o: c.decode(0, q, o)
-                                                         for c, (_, q, o) in zip(unskewed, sets)], nbytes))
+                # the skew test chose split-K: the grouped plan it turned down
+                add_planned(f"{name} grouped plan", views, sets, nbytes, first_views, entries,
+                            lambda w, src: plan_decode(w, skew_test=False))
             if views[0].decode_plan.chunk == 0:  # a device-cut plan: the same plan with the host's chunk instead
-                hosted = [w.copy() for w in views]
-                for w, src in zip(hosted, views):
+                def host_chunk(w, src):
                     pl, longest = src.decode_plan, int(src.host_lengths[: len(lengths)].max()) + 1
                     chunk = -(-longest // (pl.splits * pl.groups * 64)) * 64
-                    w.decode_plan = DecodePlan(w, chunk, pl.splits, pl.batch, pl.groups, pl.programmatic)
-                first_views[f"{name} host chunk"] = hosted[0]
-                entries.append((f"{name} host chunk", [lambda c=c, q=q, o=o: c.decode(0, q, o)
-                                                       for c, (_, q, o) in zip(hosted, sets)], nbytes))
+                    return DecodePlan(w, chunk, pl.splits, pl.batch, pl.groups, pl.programmatic)
+                add_planned(f"{name} host chunk", views, sets, nbytes, first_views, entries, host_chunk)
         for n in fixed_splits:  # same caches, plan_decode(splits=n) instead of the planner's own choice
-            fixed = [w.copy() for w in views]
-            for w in fixed:
-                w.decode_plan = plan_decode(w, splits=n)
-            first_views[f"{name} {n} splits"] = fixed[0]
-            entries.append((f"{name} {n} splits", [lambda c=c, q=q, o=o: c.decode(0, q, o)
-                                                   for c, (_, q, o) in zip(fixed, sets)], nbytes))
+            add_planned(f"{name} {n} splits", views, sets, nbytes, first_views, entries,
+                        lambda w, src, n=n: plan_decode(w, splits=n))
         if page_order_ab and v is variant and spec.cache.page_size is not None:
             # Same blocks, but each request's pages in ascending, contiguous order (a fresh allocator's layout)
             # instead of a random permutation: how much the DRAM locality of the page order costs. The data
