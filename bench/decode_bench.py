@@ -121,8 +121,10 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
         ratio = "" if pl.modelled_imbalance is None else f", modelled grouped/split-K {pl.modelled_imbalance:.2f}"
         if pl.modelled_us is not None:
             ratio += f", modelled µs grouped {pl.modelled_us[0]:.1f} split-K {pl.modelled_us[1]:.1f}"
+        # The rows that follow belong to this line (bench/fit_decode_model.py reads them so): the lengths in request
+        # order, as the planner saw them (each context with the step's token).
         print(f"[plan] {label}, {name}: {pl.splits} splits x {pl.groups} groups, chunk {pl.chunk}{ratio}; "
-              f"lengths {sorted(lengths)}", flush=True)
+              f"lengths {list(lengths)}", flush=True)
         build_views[name] = views
         if not static and views[0].scales is sets[0][0].scales:  # other scales: other values, not comparable
             first_views[name] = views[0]
@@ -377,11 +379,12 @@ def main() -> None:
     shapes = [(b, c) for b in (16, 64, 128) for c in (1024, 4096, 16384)]
     if args.quick:
         shapes = [(16, 1024), (64, 4096)]
-    with_skewed = args.shapes is None or "skewed" in args.shapes
+    with_skewed = args.shapes is None or "skewed" in [t.lower() for t in args.shapes]
     skewed_shapes = [tuple(int(x) for x in t[len("skewed"):].lower().split("x")) for t in args.shapes or []
-                     if t.startswith("skewed") and t != "skewed"]
+                     if t.lower().startswith("skewed") and t.lower() != "skewed"]
     if args.shapes is not None:
-        shapes = [tuple(int(x) for x in text.lower().split("x")) for text in args.shapes if not text.startswith("skewed")]
+        shapes = [tuple(int(x) for x in text.lower().split("x")) for text in args.shapes
+                  if not text.lower().startswith("skewed")]
     lines = [f"Decode benchmark, {gpu}, {datetime.date.today()}; copy_ bandwidth {copy_bw / 1e12:.3f} TB/s "
              f"(256 MiB, read+write). Hq={HQ}, H={H}, D={D}.", "",
              "| cache | page | batch x context | kernel | µs | TB/s | % of copy |", "|---|---|---|---|---|---|---|"]

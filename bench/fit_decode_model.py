@@ -51,29 +51,35 @@ class Batch:
         return 2 * 128 * (1 if self.dtype.startswith("float8") else 2)
 
 
+def batch_of(plan: re.Match, rows: dict[str, tuple[str, float]], heads: int) -> Batch | None:
+    """One `[plan]` line and its rows (kernel -> (cache tag, µs)) as a batch timed under both plans, if it is."""
+    if plan[5] is None or "kvgen" not in rows:
+        return None  # no skew gate computed (not a grouped candidate), or no timing
+    tag, us = rows["kvgen"]
+    grouped = us if int(plan[3]) > 1 else rows.get("kvgen grouped plan", (None, None))[1]
+    split_k = rows.get("kvgen split-K plan", (None, None))[1]
+    if grouped is None or split_k is None:
+        return None
+    lens = np.array([int(x) for x in plan[6].split(",")], dtype=np.int64)  # as the planner saw them
+    return Batch(tag.split()[0], heads, lens, float(plan[5]), grouped, split_k)
+
+
 def load(paths: list[Path]) -> list[Batch]:
+    """Each `[plan]` line with the rows that follow it (one cache's rows for that batch): the planner's row, the
+    split-K plan's and, where the skew test chose split-K, the grouped plan's."""
     out = []
     for path in paths:
         text = path.read_text()
         heads = int(re.search(r"Hq=\d+, H=(\d+)", text)[1])
-        plans, times = {}, {}
+        groups: list[tuple[re.Match, dict]] = []
         for line in text.splitlines():
             if m := PLAN.match(line):
-                plans[m[1]] = m
-            elif line.startswith("| ") and not line.startswith("| cache"):
+                groups.append((m, {}))
+            elif line.startswith("| ") and not line.startswith("| cache") and groups:
                 cells = [c.strip() for c in line.split("|")]
-                times[(cells[1], cells[2], cells[3], cells[4])] = float(cells[5])
-        for (tag, page, shape, kernel), us in times.items():
-            m = plans.get(shape)
-            if kernel != "kvgen" or m is None or m[5] is None:
-                continue  # not the planner's row, or no skew gate computed (not a grouped candidate)
-            chosen_grouped = int(m[3]) > 1
-            split_k = times.get((tag, page, shape, "kvgen split-K plan"))
-            grouped = us if chosen_grouped else times.get((tag, page, shape, "kvgen grouped plan"))
-            if grouped is None or split_k is None:
-                continue
-            lens = np.array([int(x) for x in m[6].split(",")], dtype=np.int64) + 1
-            out.append(Batch(tag.split()[0], heads, lens, float(m[5]), grouped, split_k))
+                if cells[3] == groups[-1][0][1]:
+                    groups[-1][1][cells[4]] = (cells[1], float(cells[5]))
+        out += [b for b in (batch_of(m, rows, heads) for m, rows in groups) if b is not None]
     for b in out:  # both plans as the planner builds them
         pairs = len(b.lens) * b.heads
         b.groups = dp.grouped_groups(pairs, SMS, MAX_GROUPS[b.dtype])
@@ -119,9 +125,11 @@ def regret(batches: list[Batch], choose_grouped) -> np.ndarray:
                      for b in batches])
 
 
-def model_choice(p: np.ndarray):
+def model_choice(p: np.ndarray | None):
+    """The planner's choice with constants p (None: decode_plan's own)."""
     def choose(b: Batch) -> bool:
-        set_model(p)
+        if p is not None:
+            set_model(p)
         g, s = modelled(b, 0.0)
         return b.ratio <= dp.GROUPED_SKEW_GATE or g <= s
     return choose
@@ -130,16 +138,31 @@ def model_choice(p: np.ndarray):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("logs", nargs="+", type=Path)
+    ap.add_argument("--holdout", default="_v3_", help="logs whose name holds this are scored, never fitted")
+    ap.add_argument("--shipped", action="store_true", help="score decode_plan's constants as they are; fit nothing")
     args = ap.parse_args()
-    batches = load(args.logs)
-    print(f"{len(batches)} batches timed under both plans")
-    old = regret(batches, lambda b: b.ratio <= OLD_LIMIT)
+    fit_logs = [p for p in args.logs if args.holdout not in p.name]
+    batches, held = load(fit_logs), load([p for p in args.logs if args.holdout in p.name])
+    print(f"{len(batches)} batches to fit, {len(held)} held out, each timed under both plans")
+
+    def report(name: str, r: np.ndarray) -> None:
+        print(f"  {name}: summed regret {r.sum():.2f}, largest {100 * r.max():.0f}%, batches over 3% {(r > 0.03).sum()}")
+
+    for label, data in (("fitted logs", batches), ("held-out logs", held)):
+        if data:
+            print(label)
+            report("row-ratio limit 1.5", regret(data, lambda b: b.ratio <= OLD_LIMIT))
+            if args.shipped:
+                report("time model, shipped constants", regret(data, model_choice(None)))
+    if args.shipped:
+        return
     folds = [batches[0::2], batches[1::2]]
-    cv = np.concatenate([regret(folds[1 - i], model_choice(fit(folds[i]))) for i in (0, 1)])
+    report("fitted logs, time model 2-fold cross-validated",
+           np.concatenate([regret(folds[1 - i], model_choice(fit(folds[i]))) for i in (0, 1)]))
     p = fit(batches)
-    fitted = regret(batches, model_choice(p))
-    for name, r in (("row-ratio limit 1.5", old), ("time model, 2-fold cross-validated", cv), ("time model, all data", fitted)):
-        print(f"{name}: summed regret {r.sum():.2f}, largest {100 * r.max():.0f}%, batches over 3% {(r > 0.03).sum()}")
+    report("fitted logs, time model fitted on all of them", regret(batches, model_choice(p)))
+    if held:
+        report("held-out logs, time model fitted on the others", regret(held, model_choice(p)))
     print("constants:", ", ".join(f"{n} {v:.4g}" for n, v in zip(NAMES, p)))
 
 

@@ -461,20 +461,79 @@ def test_skewed_batches_take_the_plan_the_time_model_finds_faster(lengths: list[
     assert (measured[0] < measured[1]) == grouped  # the expectation is the measured winner
     plan = plan_decode(_h200_cache(lengths, dtype, heads))
     assert (plan.groups > 1) == grouped, f"{plan.groups} groups, modelled (grouped, split-K) µs {plan.modelled_us}"
+    assert (plan.modelled_us is None) == (len(set(lengths)) == 1)  # equal lengths skip the model
 
 
 def test_time_model_fluid_speeds_up_the_streams_left_and_charges_the_tail() -> None:
-    from kvgen.runtime.decode_plan import MODEL_DRAM_BYTES_PER_US, MODEL_SM_BYTES_PER_US, fluid_time_us
+    from kvgen.runtime.decode_plan import (
+        MODEL_DRAM_BYTES_PER_US,
+        MODEL_GROUP_ELEMENTS_PER_US,
+        MODEL_SM_BYTES_PER_US,
+        fluid_time_us,
+    )
 
     # One stream alone runs at its SM's (or its own) rate; a thousand equal ones share the DRAM.
     one = fluid_time_us(np.array([1000]), 512, 1, 128)
-    assert one == pytest.approx(1000 * 512 / min(MODEL_SM_BYTES_PER_US, 23.4e3 * 2))
+    assert one == pytest.approx(1000 * 512 / min(MODEL_SM_BYTES_PER_US, MODEL_GROUP_ELEMENTS_PER_US[2] * 2))
     many = fluid_time_us(np.full(1000, 1000), 512, 4, 128)
     assert many == pytest.approx(1000 * 1000 * 512 / MODEL_DRAM_BYTES_PER_US)
     # A long stream among short ones costs its own tail: more than the bytes over the DRAM rate.
     skewed = fluid_time_us(np.array([8000] + [100] * 999), 512, 4, 128)
     assert skewed > (8000 + 99900) * 512 / MODEL_DRAM_BYTES_PER_US * 2
     assert fluid_time_us(np.zeros(3), 512, 1, 128) == 0.0
+    # `copies` of each stream (one per KV head) are the streams tiled; empty streams are no streams.
+    rows = np.array([700, 64, 0, 2053, 129])
+    assert fluid_time_us(rows, 256, 4, 128, copies=8) == pytest.approx(fluid_time_us(np.tile(rows, 8), 256, 4, 128))
+    assert fluid_time_us(rows, 256, 4, 128) == pytest.approx(fluid_time_us(rows[rows > 0], 256, 4, 128))
+
+
+def test_time_model_cuts_the_plans_as_the_kernels_do() -> None:
+    from kvgen.runtime.decode_plan import (
+        MODEL_COMBINE_US,
+        MODEL_COMBINE_US_PER_SPLIT,
+        MODEL_GROUPED_GROUP_ROWS,
+        MODEL_SPLIT_K_CTA_ROWS,
+        fluid_time_us,
+        grouped_time_us,
+        split_k_time_us,
+    )
+
+    lens = np.array([1000, 130, 1], dtype=np.uint32)  # unsigned, as host_lengths: no wrap-around in the cuts
+    # 16-bit device cut over 2 splits x 2 groups: each request's own ceil(len / 4 tiles) tiles per part, the last
+    # parts short or empty (1000 -> 256, 256, 256, 232; 130 -> 64, 64, 2; 1 -> 1).
+    parts = np.array([256, 256, 256, 232, 64, 64, 2, 1])
+    want = fluid_time_us(parts + MODEL_GROUPED_GROUP_ROWS, 512, 2, 128, copies=8) + MODEL_COMBINE_US + 2 * MODEL_COMBINE_US_PER_SPLIT
+    assert grouped_time_us(lens, 8, 2, 2, 0, 512, 128) == pytest.approx(want)
+    # FP8's host chunk (the longest request's cut): 1000 -> 4 x 256 rows (the last 232), 130 -> 256 and empty ones.
+    parts = np.array([256, 256, 256, 232, 130, 1])
+    want = fluid_time_us(parts + MODEL_GROUPED_GROUP_ROWS, 256, 2, 128, copies=8) + MODEL_COMBINE_US + 2 * MODEL_COMBINE_US_PER_SPLIT
+    assert grouped_time_us(lens, 8, 2, 2, 256, 256, 128) == pytest.approx(want)
+    # Split-K past the resident slots: CTA i runs after CTA i - slots on the same slot.
+    ctas = np.array([256, 256, 256, 232, 130, 1]) + MODEL_SPLIT_K_CTA_ROWS
+    folded = np.bincount(np.arange(12) % 10, weights=np.tile(ctas, 2), minlength=10)
+    want = fluid_time_us(folded, 512, 10 / 132, 128) + MODEL_COMBINE_US + 4 * MODEL_COMBINE_US_PER_SPLIT
+    assert split_k_time_us(lens, 2, 256, 10, 132, 512, 128) == pytest.approx(want)
+
+
+def test_time_model_beats_the_row_ratio_rule_on_the_measured_batches() -> None:
+    """The batches of bench/skew_s19 (H200, each timed under both plans), scored as bench/fit_decode_model.py scores
+    them: the summed regret of the shipped constants stays where it was fitted, far below the old rule's."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("fit_decode_model", root / "bench" / "fit_decode_model.py")
+    fit = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = fit  # its dataclass resolves annotations through the module
+    spec.loader.exec_module(fit)
+    logs = sorted((root / "bench" / "skew_s19").glob("*.log"))
+    fitted, held = fit.load([p for p in logs if "_v3_" not in p.name]), fit.load([p for p in logs if "_v3_" in p.name])
+    assert (len(fitted), len(held)) == (712, 168)
+    for batches, model_max, old_min in ((fitted, 3.7, 10.0), (held, 0.6, 5.0)):
+        model = fit.regret(batches, fit.model_choice(None))
+        old = fit.regret(batches, lambda b: b.ratio <= fit.OLD_LIMIT)
+        assert model.sum() <= model_max and old.sum() >= old_min, (model.sum(), old.sum())
 
 
 def test_grouped_and_split_k_makespans_are_modelled_in_the_same_rows() -> None:

@@ -91,19 +91,19 @@ GROUPED_SKEW_GATE = 1.0
 # pay a per-CTA ramp in rows and a combine launch whose cost grows with the longest request's split count; a grouped
 # plan pays its ramp per warp group and the combine only when split. Fitted on the H200 (session 19,
 # bench/skew_s19/: 712 batches, skewed, equal-length and tiny, 2-128 (request, KV head) pairs, bf16 and FP8 at
-# pages 16 and 64, each timed under both plans; `bench/fit_decode_model.py` refits and scores). Two-fold
-# cross-validated, the choice lost 3.5 summed relative regret against the better plan of each batch; the 1.5x
-# row-ratio limit it replaced lost 10.2 (at most 84% on one batch: a 24k request among five short ones over one KV
-# head, FP8, 27.3 µs against 14.8). On 168 later batches (seed 3, not in the fit) 0.65 against 5.26, at most 11%
-# against 76%. The constants are the H200's, for head size 128; on another GPU both plans move alike except through
-# the bandwidths.
-MODEL_DRAM_BYTES_PER_US = 3.971e6  # all SMs together (3.97 TB/s)
-MODEL_SM_BYTES_PER_US = 67.0e3  # one SM's warp groups together (67 GB/s)
-MODEL_GROUP_ELEMENTS_PER_US = {1: 12.9e3, 2: 23.4e3}  # K and V elements one warp group reads, by element bytes
-MODEL_COMBINE_US = 1.363
-MODEL_COMBINE_US_PER_SPLIT = 0.109
-MODEL_SPLIT_K_CTA_ROWS = 114
-MODEL_GROUPED_GROUP_ROWS = 101
+# pages 16 and 64, each timed under both plans; `bench/fit_decode_model.py bench/skew_s19/*.log` refits these
+# constants and scores them). Two-fold cross-validated, the choice lost 3.7 summed relative regret against the better
+# plan of each batch; the 1.5x row-ratio limit it replaced lost 10.2 (at most 84% on one batch: a 24k request among
+# five short ones over one KV head, FP8, 27.3 µs against 14.8). On 168 later batches (seed 3, not in the fit) 0.55
+# against 5.26, at most 11% against 76%. The constants are the H200's, for head size 128; on another GPU both plans
+# move alike except through the bandwidths.
+MODEL_DRAM_BYTES_PER_US = 3.973e6  # all SMs together (3.97 TB/s)
+MODEL_SM_BYTES_PER_US = 67.5e3  # one SM's warp groups together (67.5 GB/s)
+MODEL_GROUP_ELEMENTS_PER_US = {1: 12.27e3, 2: 22.92e3}  # K and V elements one warp group reads, by element bytes
+MODEL_COMBINE_US = 1.569
+MODEL_COMBINE_US_PER_SPLIT = 0.1116
+MODEL_SPLIT_K_CTA_ROWS = 111
+MODEL_GROUPED_GROUP_ROWS = 111
 
 
 def choose_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int = SPLIT_K_OVERHEAD_ROWS, tile: int = 64) -> int:
@@ -142,7 +142,7 @@ def fluid_time_us(rows: np.ndarray, row_bytes: int, streams_per_sm: float, head_
     """Time for these streams of rows (one warp group each; `copies` of each, e.g. one per KV head) to drain, each
     at most at its own rate (MODEL_GROUP_ELEMENTS_PER_US) and at its SM's bandwidth over `streams_per_sm`, all that
     still run sharing the DRAM's bandwidth equally."""
-    left = np.sort(rows.astype(np.float64))
+    left = np.sort(rows[rows > 0].astype(np.float64))
     if left.size == 0:
         return 0.0
     elem_bytes = max(1, row_bytes // (2 * head_size))
@@ -155,21 +155,24 @@ def fluid_time_us(rows: np.ndarray, row_bytes: int, streams_per_sm: float, head_
 
 def grouped_time_us(lens: np.ndarray, heads: int, splits: int, groups: int, chunk: int, row_bytes: int,
                     head_size: int) -> float:
-    """Modelled time of a grouped plan (see MODEL_*): each (request, KV head) cut into splits x groups parts, equal
-    parts of its own length (chunk 0, the 16-bit kernels' device cut) or `chunk`-row parts (FP8), one CTA per SM."""
+    """Modelled time of a grouped plan (see MODEL_*): each (request, KV head) cut into splits x groups parts of
+    whole 64-row tiles, `chunk` rows each (FP8: the longest request's cut), or with chunk 0 (the 16-bit kernels'
+    device cut) each request's own length over the parts, rounded up to tiles; the last parts may be short or empty
+    (an empty warp group streams nothing), one CTA per SM."""
+    lens = np.asarray(lens, dtype=np.int64)
     parts = splits * groups
-    if chunk == 0:
-        per_pair = np.repeat(-(-lens // parts), parts)
-    else:
-        per_pair = np.clip(lens[:, None] - chunk * np.arange(parts)[None, :], 0, chunk).ravel()
+    part_rows = np.full(len(lens), chunk, dtype=np.int64) if chunk else -(-lens // (parts * 64)) * 64
+    per_part = np.clip(lens[:, None] - part_rows[:, None] * np.arange(parts)[None, :], 0, part_rows[:, None]).ravel()
+    rows = np.where(per_part > 0, per_part + MODEL_GROUPED_GROUP_ROWS, 0)
     combine = MODEL_COMBINE_US + MODEL_COMBINE_US_PER_SPLIT * splits if splits > 1 else 0.0
-    return fluid_time_us(per_pair + MODEL_GROUPED_GROUP_ROWS, row_bytes, groups, head_size, copies=heads) + combine
+    return fluid_time_us(rows, row_bytes, groups, head_size, copies=heads) + combine
 
 
 def split_k_time_us(lens: np.ndarray, heads: int, chunk: int, slots: int, sms: int, row_bytes: int,
                     head_size: int) -> float:
     """Modelled time of a split-K plan (see MODEL_*): one-group CTAs of `chunk` rows, `slots` at a time (a CTA past
     them runs after the one `slots` earlier), and the combine."""
+    lens = np.asarray(lens, dtype=np.int64)
     splits = -(-lens // chunk)
     rows = np.full(int(splits.sum()), chunk + MODEL_SPLIT_K_CTA_ROWS, dtype=np.int64)  # each request's CTAs in order
     rows[np.cumsum(splits) - 1] = lens - (splits - 1) * chunk + MODEL_SPLIT_K_CTA_ROWS  # its last one partial
