@@ -32,6 +32,7 @@ MAX_GROUPS = {"bfloat16": 2, "float8_e4m3fn": 4}  # the H200 benchmark kernels' 
 PLAN = re.compile(r"\[plan\] (.*?), kvgen: (\d+) splits x (\d+) groups, chunk (\d+)"
                   r"(?:, modelled grouped/split-K ([\d.]+))?(?:, modelled µs[^;]*)?; lengths \[(.*)\]")
 OLD_LIMIT = 1.5  # the rule the model replaced: split-K where the row ratio exceeded it
+HELD_OUT = ("_v3_", "_v4_")  # session 19's sweeps run after the fit (seeds 3 and 4): scored, never fitted
 
 
 @dataclass
@@ -138,11 +139,12 @@ def model_choice(p: np.ndarray | None):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("logs", nargs="+", type=Path)
-    ap.add_argument("--holdout", default="_v3_", help="logs whose name holds this are scored, never fitted")
+    ap.add_argument("--holdout", nargs="*", default=list(HELD_OUT),
+                    help="logs whose name holds one of these are scored, never fitted")
     ap.add_argument("--shipped", action="store_true", help="score decode_plan's constants as they are; fit nothing")
     args = ap.parse_args()
-    fit_logs = [p for p in args.logs if args.holdout not in p.name]
-    batches, held = load(fit_logs), load([p for p in args.logs if args.holdout in p.name])
+    held_out = [p for p in args.logs if any(h in p.name for h in args.holdout)]
+    batches, held = load([p for p in args.logs if p not in held_out]), load(held_out)
     print(f"{len(batches)} batches to fit, {len(held)} held out, each timed under both plans")
 
     def report(name: str, r: np.ndarray) -> None:

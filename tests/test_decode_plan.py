@@ -528,9 +528,10 @@ def test_time_model_beats_the_row_ratio_rule_on_the_measured_batches() -> None:
     sys.modules[spec.name] = fit  # its dataclass resolves annotations through the module
     spec.loader.exec_module(fit)
     logs = sorted((root / "bench" / "skew_s19").glob("*.log"))
-    fitted, held = fit.load([p for p in logs if "_v3_" not in p.name]), fit.load([p for p in logs if "_v3_" in p.name])
-    assert (len(fitted), len(held)) == (712, 168)
-    for batches, model_max, old_min in ((fitted, 3.7, 10.0), (held, 0.6, 5.0)):
+    held = [p for p in logs if any(h in p.name for h in fit.HELD_OUT)]
+    fitted, held = fit.load([p for p in logs if p not in held]), fit.load(held)
+    assert (len(fitted), len(held)) == (712, 292)
+    for batches, model_max, old_min in ((fitted, 3.7, 10.0), (held, 1.0, 8.0)):
         model = fit.regret(batches, fit.model_choice(None))
         old = fit.regret(batches, lambda b: b.ratio <= fit.OLD_LIMIT)
         assert model.sum() <= model_max and old.sum() >= old_min, (model.sum(), old.sum())

@@ -94,9 +94,9 @@ GROUPED_SKEW_GATE = 1.0
 # pages 16 and 64, each timed under both plans; `bench/fit_decode_model.py bench/skew_s19/*.log` refits these
 # constants and scores them). Two-fold cross-validated, the choice lost 3.7 summed relative regret against the better
 # plan of each batch; the 1.5x row-ratio limit it replaced lost 10.2 (at most 84% on one batch: a 24k request among
-# five short ones over one KV head, FP8, 27.3 µs against 14.8). On 168 later batches (seed 3, not in the fit) 0.55
-# against 5.26, at most 11% against 76%. The constants are the H200's, for head size 128; on another GPU both plans
-# move alike except through the bandwidths.
+# five short ones over one KV head, FP8, 27.3 µs against 14.8). On 292 later batches (seeds 3 and 4, not in the fit)
+# 0.96 against 8.18, at most 11% against 76%. The constants are the H200's, for head size 128; on another GPU both
+# plans move alike except through the bandwidths.
 MODEL_DRAM_BYTES_PER_US = 3.973e6  # all SMs together (3.97 TB/s)
 MODEL_SM_BYTES_PER_US = 67.5e3  # one SM's warp groups together (67.5 GB/s)
 MODEL_GROUP_ELEMENTS_PER_US = {1: 12.27e3, 2: 22.92e3}  # K and V elements one warp group reads, by element bytes
