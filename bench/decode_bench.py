@@ -133,7 +133,7 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
         if plan_ab:  # same caches, the one-group split-K plan (what small batches ran before grouped CTAs)
             add_planned(f"{name} split-K plan", views, sets, nbytes, first_views, entries,
                         lambda w, src: split_k_plan(w, np.asarray(lengths, dtype=np.int64)))
-            if views[0].decode_plan.groups == 1 and views[0].decode_plan.modelled_us is not None:
+            if views[0].decode_plan.groups == 1 and views[0].decode_plan.modelled_imbalance is not None:
                 # the skew test chose split-K: the grouped plan it turned down
                 add_planned(f"{name} grouped plan", views, sets, nbytes, first_views, entries,
                             lambda w, src: plan_decode(w, skew_test=False))
