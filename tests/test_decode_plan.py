@@ -503,11 +503,11 @@ def test_time_model_cuts_the_plans_as_the_kernels_do() -> None:
     # parts short or empty (1000 -> 256, 256, 256, 232; 130 -> 64, 64, 2; 1 -> 1).
     parts = np.array([256, 256, 256, 232, 64, 64, 2, 1])
     want = fluid_time_us(parts + MODEL_GROUPED_GROUP_ROWS, 512, 2, 128, copies=8) + MODEL_COMBINE_US + 2 * MODEL_COMBINE_US_PER_SPLIT
-    assert grouped_time_us(lens, 8, 2, 2, 0, 512, 128) == pytest.approx(want)
+    assert grouped_time_us(lens, 8, 2, 2, 0, 512, 128, 132) == pytest.approx(want)
     # FP8's host chunk (the longest request's cut): 1000 -> 4 x 256 rows (the last 232), 130 -> 256 and empty ones.
     parts = np.array([256, 256, 256, 232, 130, 1])
     want = fluid_time_us(parts + MODEL_GROUPED_GROUP_ROWS, 256, 2, 128, copies=8) + MODEL_COMBINE_US + 2 * MODEL_COMBINE_US_PER_SPLIT
-    assert grouped_time_us(lens, 8, 2, 2, 256, 256, 128) == pytest.approx(want)
+    assert grouped_time_us(lens, 8, 2, 2, 256, 256, 128, 132) == pytest.approx(want)
     # Split-K past the resident slots: CTA i runs after CTA i - slots on the same slot.
     ctas = np.array([256, 256, 256, 232, 130, 1]) + MODEL_SPLIT_K_CTA_ROWS
     folded = np.bincount(np.arange(12) % 10, weights=np.tile(ctas, 2), minlength=10)
@@ -530,8 +530,8 @@ def test_time_model_beats_the_row_ratio_rule_on_the_measured_batches() -> None:
     logs = sorted((root / "bench" / "skew_s19").glob("*.log"))
     held = [p for p in logs if any(h in p.name for h in fit.HELD_OUT)]
     fitted, held = fit.load([p for p in logs if p not in held]), fit.load(held)
-    assert (len(fitted), len(held)) == (712, 292)
-    for batches, model_max, old_min in ((fitted, 3.7, 10.0), (held, 1.0, 8.0)):
+    assert (len(fitted), len(held)) == (712, 334)
+    for batches, model_max, old_min in ((fitted, 3.7, 10.0), (held, 1.1, 8.0)):
         model = fit.regret(batches, fit.model_choice(None))
         old = fit.regret(batches, lambda b: b.ratio <= fit.OLD_LIMIT)
         assert model.sum() <= model_max and old.sum() >= old_min, (model.sum(), old.sum())
@@ -575,11 +575,14 @@ def test_gpu_decode_grid_runs_both_plans() -> None:
     assert set(kinds) == {(False, False), (False, True), (True, False), (True, True)}, kinds
 
 
-def test_partial_grouping_keeps_the_row_ratio_rule_it_was_measured_with() -> None:
-    """133-264 pairs (CTAs of 2 of the SM's 4 FP8 warp groups) lie outside the time model's data: the GPU tests'
-    99 requests x 2 KV heads of 1-900 tokens keep their 2-group, unsplit plan (tests/gpu/test_decode.py)."""
+def test_partial_grouping_follows_the_time_model_too() -> None:
+    """133-264 pairs run CTAs of 2 of the SM's 4 FP8 warp groups, two CTAs per SM (measured on the H200, session 19,
+    bench/skew_s19/decode_skew_pg_*: 42 batches, the model's choices lost 0.07 summed regret, as the ratio rule did)."""
     from kvgen.runtime.decode_plan import plan_decode
 
-    lengths = [1, 15, 16, 17] + [int(x) for x in np.random.default_rng(11).integers(1, 900, 95)]
-    plan = plan_decode(_h200_cache(lengths, "fp8", 2))
+    skewed = [1312, 1095, 1590, 1270, 1162, 593, 3988, 1407, 1541, 1564, 220, 2214, 1116, 1152, 1535, 667, 2851, 832,
+              704, 728, 1648, 2637, 902, 433, 3397, 619, 3777, 1390]  # grouped 48.9 µs, split-K 33.8
+    plan = plan_decode(_h200_cache(skewed, "fp8", 8))
+    assert plan.groups == 1 and plan.modelled_us[1] < plan.modelled_us[0]
+    plan = plan_decode(_h200_cache([1024] * 24, "fp8", 8))  # equal lengths: grouped 17.7-19.3 µs, split-K 20.0-21.5
     assert (plan.groups, plan.splits, plan.modelled_us) == (2, 1, None)

@@ -94,9 +94,9 @@ GROUPED_SKEW_GATE = 1.0
 # pages 16 and 64, each timed under both plans; `bench/fit_decode_model.py bench/skew_s19/*.log` refits these
 # constants and scores them). Two-fold cross-validated, the choice lost 3.7 summed relative regret against the better
 # plan of each batch; the 1.5x row-ratio limit it replaced lost 10.2 (at most 84% on one batch: a 24k request among
-# five short ones over one KV head, FP8, 27.3 µs against 14.8). On 292 later batches (seeds 3 and 4, not in the fit)
-# 0.96 against 8.18, at most 11% against 76%. The constants are the H200's, for head size 128; on another GPU both
-# plans move alike except through the bandwidths.
+# five short ones over one KV head, FP8, 27.3 µs against 14.8). On 334 later batches (seeds 3-5, not in the fit; 42
+# of them with 133-264 pairs, 2-group CTAs two per SM) 1.03 against 8.25, at most 11% against 76%. The constants
+# are the H200's, for head size 128; on another GPU both plans move alike except through the bandwidths.
 MODEL_DRAM_BYTES_PER_US = 3.973e6  # all SMs together (3.97 TB/s)
 MODEL_SM_BYTES_PER_US = 67.5e3  # one SM's warp groups together (67.5 GB/s)
 MODEL_GROUP_ELEMENTS_PER_US = {1: 12.27e3, 2: 22.92e3}  # K and V elements one warp group reads, by element bytes
@@ -154,18 +154,19 @@ def fluid_time_us(rows: np.ndarray, row_bytes: int, streams_per_sm: float, head_
 
 
 def grouped_time_us(lens: np.ndarray, heads: int, splits: int, groups: int, chunk: int, row_bytes: int,
-                    head_size: int) -> float:
+                    head_size: int, sms: int) -> float:
     """Modelled time of a grouped plan (see MODEL_*): each (request, KV head) cut into splits x groups parts of
     whole 64-row tiles, `chunk` rows each (FP8: the longest request's cut), or with chunk 0 (the 16-bit kernels'
     device cut) each request's own length over the parts, rounded up to tiles; the last parts may be short or empty
-    (an empty warp group streams nothing), one CTA per SM."""
+    (an empty warp group streams nothing). CTAs of fewer groups than the SM holds share an SM (133-264 pairs)."""
     lens = np.asarray(lens, dtype=np.int64)
     parts = splits * groups
     part_rows = np.full(len(lens), chunk, dtype=np.int64) if chunk else -(-lens // (parts * 64)) * 64
     per_part = np.clip(lens[:, None] - part_rows[:, None] * np.arange(parts)[None, :], 0, part_rows[:, None]).ravel()
     rows = np.where(per_part > 0, per_part + MODEL_GROUPED_GROUP_ROWS, 0)
     combine = MODEL_COMBINE_US + MODEL_COMBINE_US_PER_SPLIT * splits if splits > 1 else 0.0
-    return fluid_time_us(rows, row_bytes, groups, head_size, copies=heads) + combine
+    streams_per_sm = groups * max(1.0, len(lens) * heads * splits / sms)
+    return fluid_time_us(rows, row_bytes, streams_per_sm, head_size, copies=heads) + combine
 
 
 def split_k_time_us(lens: np.ndarray, heads: int, chunk: int, slots: int, sms: int, row_bytes: int,
@@ -201,10 +202,6 @@ def grouped_groups(pairs: int, sms: int, max_groups: int) -> int:
 # empty); past that, cp.async with 16-token pages loses when many slots are empty (+11-13% at 20 requests, 61% of
 # the slots in use; +2-6% at 24, 73%) and wins from 85% on (-5.6% at 28 x 8k); TMA won or tied at every shape.
 PARTIAL_GROUPING_MAX_CONTEXT = 2048
-# The time model (MODEL_*) was fitted on up to 128 pairs: partial grouping keeps the rule it was measured with,
-# split-K where the grouped plan's modelled makespan in rows exceeds split-K's by more than this factor (the GPU tests'
-# 99 requests x 2 KV heads of 1-900 tokens stay in 2-group CTAs).
-PARTIAL_GROUPING_IMBALANCE_LIMIT = 1.5
 PARTIAL_GROUPING_MIN_SLOT_USE = 0.8
 
 
@@ -281,8 +278,7 @@ def plan_decode(cache: KVCache, splits: int | None = None, skew_test: bool = Tru
     only to fill the SMs (grouped_splits); with one split the CTA writes the final output and the combine launch
     is skipped. Up to max_groups / 2 pairs per SM, CTAs of fewer groups (grouped_groups), one split, where that
     measured faster than split-K (partial_grouping_pays). Skewed lengths (GROUPED_SKEW_GATE) take split-K where the
-    time model has it faster (grouped_time_us, split_k_time_us), or, for those fewer-group CTAs, where the row ratio
-    exceeds PARTIAL_GROUPING_IMBALANCE_LIMIT. Otherwise
+    time model has it faster (grouped_time_us, split_k_time_us). Otherwise
     `choose_chunk` over the resident one-group CTAs of this very kernel (decode_slots).
     splits: a fixed split count (CTAs per pair) instead, grouped when those CTAs fit one per SM, with chunk 0
     where the kernel supports it (16-bit caches): it cuts each request's context into splits x groups equal parts
@@ -311,14 +307,10 @@ def plan_decode(cache: KVCache, splits: int | None = None, skew_test: bool = Tru
             # that way, session 17 review), nor must the larger CTAs equal lengths measured faster with.
             fill = grouped_fill_splits(longest, pairs, sms, groups, cta_rows=GROUPED_SKEW_CTA_ROWS)
             imbalance = grouped_makespan(longest, fill, groups) / max(1, split_k_rows)
-            if imbalance > GROUPED_SKEW_GATE and groups < geo.max_groups:
-                # CTAs of fewer groups than the SM holds (133-264 pairs): outside the time model's data
-                if skew_test and imbalance > PARTIAL_GROUPING_IMBALANCE_LIMIT:
-                    groups = 0
-            elif imbalance > GROUPED_SKEW_GATE:
+            if imbalance > GROUPED_SKEW_GATE:
                 row_bytes, fp8_chunk = geo.kv_row_bytes, -(-longest // (splits * groups * 64)) * 64
                 times = (grouped_time_us(lens, cache.num_heads, splits, groups, 0 if geo.balanced else fp8_chunk,
-                                         row_bytes, cache.head_size),
+                                         row_bytes, cache.head_size, sms),
                          split_k_time_us(lens, cache.num_heads, chunk, cache.decode_slots(), sms, row_bytes,
                                          cache.head_size))
                 if skew_test and times[1] < times[0]:

@@ -323,9 +323,11 @@ def test_decode_large_batch_skewed_and_graph(gen) -> None:
                                   and v.spec.attention.num_q_heads == 8 and v.spec.attention.ctas_per_sm is None])
 def test_decode_two_group_ctas_between_one_and_two_pairs_per_sm(gen, name: str) -> None:
     """More (request, KV head) pairs than SMs but at most two per SM: CTAs of 2 warp groups, one per pair, one
-    split, no combine (decode_plan.grouped_groups), against float64, then in a CUDA graph."""
+    split, no combine (decode_plan.grouped_groups), against float64, then in a CUDA graph. The grouped plan is
+    taken whatever the skew test says (for these lengths its modelled time is within 2% of split-K's; which plan
+    runs is tests/test_decode_plan.py's matter)."""
     from kvgen.derive import decode_geometry
-    from kvgen.runtime.decode_plan import grouped_groups
+    from kvgen.runtime.decode_plan import grouped_groups, plan_decode
 
     rng = np.random.default_rng(11)
     v = gen.VARIANTS[name]
@@ -337,7 +339,8 @@ def test_decode_two_group_ctas_between_one_and_two_pairs_per_sm(gen, name: str) 
     p = spec.cache.page_size
     lengths = page_edges(p) + [int(x) for x in rng.integers(1, 900, batch - 4)]
     cache, k, vv = setup_cache(v, lengths, rng)
-    plan = cache.plan_decode()
+    cache.plan_decode()
+    plan = cache.decode_plan = plan_decode(cache, skew_test=False)
     assert sms < 2 * batch <= 2 * sms and grouped_groups(2 * batch, sms, max_groups) == 2
     assert (plan.groups, plan.splits) == (2, 1), (plan.groups, plan.splits)
     q = torch.randn(batch, 8, 128, device="cuda", dtype=torch.bfloat16)
