@@ -1,4 +1,4 @@
-"""Fit and check the decode planner's time model (kvgen/runtime/decode_plan.py, MODEL_*) on batches timed under
+"""Fit and check the decode planner's time model (kvgen/runtime/decode_time_model.py) on batches timed under
 both plans.
 
 Input: logs of `bench/decode_bench.py --no-peers --plan-ab` (its `[plan]` lines give each batch's lengths; its rows
@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kvgen.runtime import decode_plan as dp  # noqa: E402
+from kvgen.runtime import decode_time_model as tm  # noqa: E402
 
 SMS = 132
 MAX_GROUPS = {"bfloat16": 2, "float8_e4m3fn": 4}  # the H200 benchmark kernels' geometry (head 128)
@@ -94,17 +95,17 @@ NAMES = ("launch_us", "dram_tb_s", "sm_gb_s", "group_el_per_us_8bit", "group_el_
 
 
 def set_model(p: np.ndarray) -> None:
-    """Write the constants into decode_plan (launch_us is common to both plans: it cancels in the choice)."""
-    dp.MODEL_DRAM_BYTES_PER_US, dp.MODEL_SM_BYTES_PER_US = p[1] * 1e6, p[2] * 1e3
-    dp.MODEL_GROUP_ELEMENTS_PER_US = {1: p[3] * 1e3, 2: p[4] * 1e3}
-    dp.MODEL_COMBINE_US, dp.MODEL_COMBINE_US_PER_SPLIT = p[5], p[6]
-    dp.MODEL_SPLIT_K_CTA_ROWS, dp.MODEL_GROUPED_GROUP_ROWS = p[7], p[8]
+    """Write the constants into decode_time_model (launch_us is common to both plans: it cancels in the choice)."""
+    tm.MODEL_DRAM_BYTES_PER_US, tm.MODEL_SM_BYTES_PER_US = p[1] * 1e6, p[2] * 1e3
+    tm.MODEL_GROUP_ELEMENTS_PER_US = {1: p[3] * 1e3, 2: p[4] * 1e3}
+    tm.MODEL_COMBINE_US, tm.MODEL_COMBINE_US_PER_SPLIT = p[5], p[6]
+    tm.MODEL_SPLIT_K_CTA_ROWS, tm.MODEL_GROUPED_GROUP_ROWS = p[7], p[8]
 
 
 def modelled(b: Batch, launch_us: float) -> tuple[float, float]:
     fp8_chunk = 0 if b.dtype == "bfloat16" else -(-int(b.lens.max()) // (b.splits * b.groups * 64)) * 64
-    g = dp.grouped_time_us(b.lens, b.heads, b.splits, b.groups, fp8_chunk, b.row_bytes, 128, SMS)
-    s = dp.split_k_time_us(b.lens, b.heads, b.chunk, SMS * MAX_GROUPS[b.dtype], SMS, b.row_bytes, 128)
+    g = tm.grouped_time_us(b.lens, b.heads, b.splits, b.groups, fp8_chunk, b.row_bytes, 128, SMS)
+    s = tm.split_k_time_us(b.lens, b.heads, b.chunk, SMS * MAX_GROUPS[b.dtype], SMS, b.row_bytes, 128)
     return launch_us + g, launch_us + s
 
 

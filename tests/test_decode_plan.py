@@ -465,7 +465,7 @@ def test_skewed_batches_take_the_plan_the_time_model_finds_faster(lengths: list[
 
 
 def test_time_model_fluid_speeds_up_the_streams_left_and_charges_the_tail() -> None:
-    from kvgen.runtime.decode_plan import (
+    from kvgen.runtime.decode_time_model import (
         MODEL_DRAM_BYTES_PER_US,
         MODEL_GROUP_ELEMENTS_PER_US,
         MODEL_SM_BYTES_PER_US,
@@ -488,7 +488,7 @@ def test_time_model_fluid_speeds_up_the_streams_left_and_charges_the_tail() -> N
 
 
 def test_time_model_cuts_the_plans_as_the_kernels_do() -> None:
-    from kvgen.runtime.decode_plan import (
+    from kvgen.runtime.decode_time_model import (
         MODEL_COMBINE_US,
         MODEL_COMBINE_US_PER_SPLIT,
         MODEL_GROUPED_GROUP_ROWS,
