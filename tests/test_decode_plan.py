@@ -586,3 +586,12 @@ def test_partial_grouping_follows_the_time_model_too() -> None:
     assert plan.groups == 1 and plan.modelled_us[1] < plan.modelled_us[0]
     plan = plan_decode(_h200_cache([1024] * 24, "fp8", 8))  # equal lengths: grouped 17.7-19.3 µs, split-K 20.0-21.5
     assert (plan.groups, plan.splits, plan.modelled_us) == (2, 1, None)
+
+
+def test_a_plan_says_what_it_is() -> None:
+    from kvgen.runtime.decode_plan import plan_decode
+
+    skewed = plan_decode(_h200_cache([491, 1621, 1867, 2799, 3246, 3496, 4051, 5182], "bf16", 8))
+    assert repr(skewed).startswith("DecodePlan(split-K, ") and "modelled grouped" in repr(skewed)
+    equal = plan_decode(_h200_cache([1024] * 16, "bf16", 8))
+    assert repr(equal) == "DecodePlan(grouped, 2 warp groups per CTA, 1 split(s) per (request, KV head), chunk cut on the device, batch 16)"

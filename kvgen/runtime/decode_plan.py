@@ -52,6 +52,13 @@ class DecodePlan:
         self.part_o = ws.part_o[: batch * hq * splits * cache.head_size].view(batch, hq, splits, cache.head_size)
         self.part_lse = ws.part_lse[: batch * hq * splits].view(batch, hq, splits)
 
+    def __repr__(self) -> str:
+        kind = f"grouped, {self.groups} warp groups per CTA" if self.groups > 1 else "split-K"
+        model = "" if self.modelled_us is None else \
+            f", modelled grouped {self.modelled_us[0]:.1f} µs / split-K {self.modelled_us[1]:.1f} µs"
+        return (f"DecodePlan({kind}, {self.splits} split(s) per (request, KV head), chunk "
+                f"{self.chunk or 'cut on the device'}, batch {self.batch}{model})")
+
 
 class DecodeWorkspace:
     """The partial results of split-K decode, shared by every plan of a cache. A plan used to allocate its own
