@@ -43,7 +43,7 @@ from kvgen.benchmark import (  # noqa: E402
 )
 from kvgen.build import build, import_package  # noqa: E402
 from kvgen.grid import ConfigFile, load_config, make_variant  # noqa: E402
-from kvgen.runtime.decode_plan import DecodePlan, plan_decode, split_k_plan  # noqa: E402
+from kvgen.runtime.decode_plan import DecodePlan, host_chunk, plan_decode, split_k_plan  # noqa: E402
 
 HQ, H, D = 32, 8, 128  # the attention shape of --config's variants (set in main; all variants must share it)
 
@@ -138,11 +138,11 @@ def run_shape(variants: dict[str, type], lengths: list[int], rng, copy_bw: float
                 add_planned(f"{name} grouped plan", views, sets, nbytes, first_views, entries,
                             lambda w, src: plan_decode(w, skew_test=False))
             if views[0].decode_plan.chunk == 0:  # a device-cut plan: the same plan with the host's chunk instead
-                def host_chunk(w, src):
+                def with_host_chunk(w, src):
                     pl, longest = src.decode_plan, int(src.host_lengths[: len(lengths)].max()) + 1
-                    chunk = -(-longest // (pl.splits * pl.groups * 64)) * 64
-                    return DecodePlan(w, chunk, pl.splits, pl.batch, pl.groups, pl.programmatic)
-                add_planned(f"{name} host chunk", views, sets, nbytes, first_views, entries, host_chunk)
+                    return DecodePlan(w, host_chunk(longest, pl.splits, pl.groups), pl.splits, pl.batch, pl.groups,
+                                      pl.programmatic)
+                add_planned(f"{name} host chunk", views, sets, nbytes, first_views, entries, with_host_chunk)
         for n in fixed_splits:  # same caches, plan_decode(splits=n) instead of the planner's own choice
             add_planned(f"{name} {n} splits", views, sets, nbytes, first_views, entries,
                         lambda w, src, n=n: plan_decode(w, splits=n))

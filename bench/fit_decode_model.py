@@ -103,7 +103,7 @@ def set_model(p: np.ndarray) -> None:
 
 
 def modelled(b: Batch, launch_us: float) -> tuple[float, float]:
-    fp8_chunk = 0 if b.dtype == "bfloat16" else -(-int(b.lens.max()) // (b.splits * b.groups * 64)) * 64
+    fp8_chunk = 0 if b.dtype == "bfloat16" else dp.host_chunk(int(b.lens.max()), b.splits, b.groups)
     g = tm.grouped_time_us(b.lens, b.heads, b.splits, b.groups, fp8_chunk, b.row_bytes, 128, SMS)
     s = tm.split_k_time_us(b.lens, b.heads, b.chunk, SMS * MAX_GROUPS[b.dtype], SMS, b.row_bytes, 128)
     return launch_us + g, launch_us + s

@@ -108,9 +108,15 @@ def split_k_makespan(lengths: np.ndarray, heads: int, slots: int, overhead: int 
     return _best_chunk(lengths, heads, slots, overhead, tile)[1]
 
 
+def host_chunk(longest: int, splits: int, groups: int, tile: int = 64) -> int:
+    """Rows per warp group when the longest request is cut into splits x groups parts of whole tiles (the FP8
+    kernels' chunk, which the host gives them; 16-bit kernels cut each request on the device)."""
+    return -(-longest // (splits * groups * tile)) * tile
+
+
 def grouped_makespan(longest: int, splits: int, groups: int, overhead: int = GROUPED_OVERHEAD_ROWS, tile: int = 64) -> int:
     """A grouped plan's modelled makespan in the same units: the warp group with the longest request's part."""
-    return -(-longest // (splits * groups * tile)) * tile + overhead
+    return host_chunk(longest, splits, groups, tile) + overhead
 
 
 def _best_chunk(lengths: np.ndarray, heads: int, slots: int, overhead: int, tile: int) -> tuple[int, int]:
@@ -249,37 +255,35 @@ def plan_decode(cache: KVCache, splits: int | None = None, skew_test: bool = Tru
         lens = np.minimum(lens, cache._window)
     longest = int(lens.max(initial=1))
     geo, pairs, sms = cache._decode_geo, b * cache.num_heads, cache.sm_count()
-    imbalance, times = None, None
+    imbalance, times, plan = None, None, None
     if splits is None:
         groups = grouped_groups(pairs, sms, geo.max_groups)
         if 0 < groups < geo.max_groups and not partial_grouping_pays(pairs, groups, sms, geo.max_groups, longest, geo.tma):
             groups = 0
         chunk = None  # split-K's, once computed
         if groups:
-            splits = grouped_splits(longest, pairs, sms, groups)
-            chunk, split_k_rows = _best_chunk(lens, cache.num_heads, cache.decode_slots(), SPLIT_K_OVERHEAD_ROWS, 64)
+            splits, slots = grouped_splits(longest, pairs, sms, groups), cache.decode_slots()
+            chunk, split_k_rows = _best_chunk(lens, cache.num_heads, slots, SPLIT_K_OVERHEAD_ROWS, 64)
             # Skew is judged on a cut that fills the SMs with CTAs of GROUPED_SKEW_CTA_ROWS: an unsplit plan, taken
             # for the combine it saves, must not read as a skewed one (bf16 64 x 1k over 1 KV head went to split-K
             # that way, session 17 review), nor must the larger CTAs equal lengths measured faster with.
             fill = grouped_fill_splits(longest, pairs, sms, groups, cta_rows=GROUPED_SKEW_CTA_ROWS)
             imbalance = grouped_makespan(longest, fill, groups) / max(1, split_k_rows)
             if imbalance > GROUPED_SKEW_GATE:
-                row_bytes, fp8_chunk = geo.kv_row_bytes, -(-longest // (splits * groups * 64)) * 64
-                times = (grouped_time_us(lens, cache.num_heads, splits, groups, 0 if geo.balanced else fp8_chunk,
-                                         row_bytes, cache.head_size, sms),
-                         split_k_time_us(lens, cache.num_heads, chunk, cache.decode_slots(), sms, row_bytes,
-                                         cache.head_size))
+                grouped_chunk = 0 if geo.balanced else host_chunk(longest, splits, groups)
+                times = (grouped_time_us(lens, cache.num_heads, splits, groups, grouped_chunk, geo.kv_row_bytes,
+                                         cache.head_size, sms),
+                         split_k_time_us(lens, cache.num_heads, chunk, slots, sms, geo.kv_row_bytes, cache.head_size))
                 if skew_test and times[1] < times[0]:
                     groups = 0  # skewed lengths: balanced split-K chunks
         if not groups:
             plan = split_k_plan(cache, lens, chunk)
-            plan.modelled_imbalance, plan.modelled_us = imbalance, times
-            return plan
     else:  # a fixed split count: grouped CTAs only where they fit one per SM
         groups = geo.max_groups if 0 < pairs * splits <= sms else 1
-    # 16-bit: the kernel cuts each request from its length on the device; FP8: the chunk of this step's lengths.
-    chunk = 0 if geo.balanced else -(-longest // (splits * groups * 64)) * 64
-    plan = DecodePlan(cache, chunk, splits, b, groups, programmatic=launches_programmatically(longest))
+    if plan is None:
+        # 16-bit: the kernel cuts each request from its length on the device; FP8: the chunk of this step's lengths.
+        chunk = 0 if geo.balanced else host_chunk(longest, splits, groups)
+        plan = DecodePlan(cache, chunk, splits, b, groups, programmatic=launches_programmatically(longest))
     plan.modelled_imbalance, plan.modelled_us = imbalance, times
     return plan
 
